@@ -1,0 +1,239 @@
+//! A small gRPC echo service shared by the examples and the integration tests.
+//!
+//! Examples use it with `mod common;`, tests with
+//! `#[path = "../examples/common/mod.rs"] mod common;`.
+//!
+//! The service works with and without `tower-stream-guard` in front of it:
+//! when the guard is present its [`StreamHandle`] (found in the request
+//! extensions) is used to stop background work as soon as a stream ends.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tower_stream_guard::{EndReason, StreamHandle};
+
+use self::echo::echo_server::Echo;
+use self::echo::{EchoReply, EchoRequest, StreamRequest};
+
+/// Code generated from `proto/echo.proto` (see `tests/codegen.rs`).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::nursery,
+    missing_docs,
+    dead_code
+)]
+pub mod echo {
+    include!("../../proto/echo.rs");
+}
+
+/// Capacity of the channels feeding the response streams.
+const CHANNEL_CAPACITY: usize = 4;
+
+/// Echo service implementation; see `proto/echo.proto` for the RPC semantics.
+///
+/// Clones share their counters, so a test can keep a clone and watch
+/// [`EchoService::live_producers`] / [`EchoService::live_handlers`] while the
+/// server owns another.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Default)]
+pub struct EchoService {
+    live_producers: Arc<AtomicUsize>,
+    live_handlers: Arc<AtomicUsize>,
+}
+
+#[allow(dead_code)]
+impl EchoService {
+    /// Creates a service with both counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of `ServerStream` producer tasks that have not finished yet.
+    pub fn live_producers(&self) -> usize {
+        self.live_producers.load(Ordering::SeqCst)
+    }
+
+    /// Number of `ClientStream` handlers and `Bidi` echo tasks that have not
+    /// finished yet.
+    pub fn live_handlers(&self) -> usize {
+        self.live_handlers.load(Ordering::SeqCst)
+    }
+}
+
+/// Increments a counter on creation and decrements it when dropped, so the
+/// count stays right however a task ends (return, panic, abort, runtime
+/// shutdown).
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The guard's handle for this request, if the service runs behind the guard.
+fn stream_handle<T>(request: &Request<T>) -> Option<StreamHandle> {
+    request.extensions().get::<StreamHandle>().cloned()
+}
+
+/// Resolves when the guarded stream ends (for any reason); without a guard it
+/// never resolves and callers rely on their channel closing instead.
+///
+/// Takes the handle by value so the returned future owns it (and works
+/// whether or not the future returned by `cancelled()` borrows the handle).
+async fn stream_ended(handle: Option<StreamHandle>) -> EndReason {
+    match handle {
+        Some(handle) => handle.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+type ReplySender = mpsc::Sender<Result<EchoReply, Status>>;
+
+/// Body of the `ServerStream` producer task.
+async fn produce(
+    tx: ReplySender,
+    request: StreamRequest,
+    ended: impl Future<Output = EndReason> + Send,
+    _live: LiveGuard,
+) {
+    tokio::pin!(ended);
+    // The first reply goes out at once, the following ones every `interval_ms`.
+    let mut ticker = (request.interval_ms > 0).then(|| {
+        let mut ticker = tokio::time::interval(Duration::from_millis(request.interval_ms.into()));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    let payload = vec![0_u8; request.size as usize];
+    let mut index: u64 = 0;
+
+    while request.count == 0 || index < u64::from(request.count) {
+        if let Some(ticker) = ticker.as_mut() {
+            tokio::select! {
+                biased;
+                _ = &mut ended => return,
+                // The response stream was dropped (client gone, server shut down).
+                () = tx.closed() => return,
+                _ = ticker.tick() => {}
+            }
+        }
+        let reply = EchoReply {
+            message: index.to_string(),
+            payload: payload.clone(),
+        };
+        tokio::select! {
+            biased;
+            _ = &mut ended => return,
+            sent = tx.send(Ok(reply)) => {
+                if sent.is_err() {
+                    return;
+                }
+            }
+        }
+        index += 1;
+    }
+}
+
+/// Body of the `Bidi` echo task.
+async fn echo_each(
+    mut inbound: Streaming<EchoRequest>,
+    tx: ReplySender,
+    ended: impl Future<Output = EndReason> + Send,
+    _live: LiveGuard,
+) {
+    tokio::pin!(ended);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = &mut ended => return,
+            () = tx.closed() => return,
+            next = inbound.message() => next,
+        };
+        let item = match next {
+            Ok(Some(request)) => Ok(EchoReply {
+                message: request.message,
+                payload: Vec::new(),
+            }),
+            Ok(None) => return,
+            Err(status) => Err(status),
+        };
+        let is_err = item.is_err();
+        tokio::select! {
+            biased;
+            _ = &mut ended => return,
+            sent = tx.send(item) => {
+                if sent.is_err() || is_err {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Ok(Response::new(EchoReply {
+            message: request.into_inner().message,
+            payload: Vec::new(),
+        }))
+    }
+
+    type ServerStreamStream = ReceiverStream<Result<EchoReply, Status>>;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        let ended = stream_ended(stream_handle(&request));
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        // Counted before spawning so that the count is never observed as 0
+        // between the handler returning and the task starting.
+        let live = LiveGuard::enter(&self.live_producers);
+        tokio::spawn(produce(tx, request.into_inner(), ended, live));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        let _live = LiveGuard::enter(&self.live_handlers);
+        let mut inbound = request.into_inner();
+        let mut count: u64 = 0;
+        // An error (e.g. a guard's DEADLINE_EXCEEDED) is returned as is.
+        while inbound.message().await?.is_some() {
+            count += 1;
+        }
+        Ok(Response::new(EchoReply {
+            message: count.to_string(),
+            payload: Vec::new(),
+        }))
+    }
+
+    type BidiStream = ReceiverStream<Result<EchoReply, Status>>;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        let ended = stream_ended(stream_handle(&request));
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let live = LiveGuard::enter(&self.live_handlers);
+        tokio::spawn(echo_each(request.into_inner(), tx, ended, live));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,318 @@
+//! The request and response body wrappers: where frames are counted and where
+//! a fired guard becomes an error or gRPC trailers.
+//!
+//! Per data frame a guarded body does this and nothing more: one atomic load
+//! to see whether the stream has ended, the inner poll, and three relaxed
+//! load/store pairs (frame count, byte count, coarse activity time). No timer,
+//! no lock, no allocation. Wakers are registered only when the inner body is
+//! pending, so that the sweeper can wake whoever waits on this body.
+//!
+//! When guard layers are stacked, only the outermost wraps for real; the inner
+//! ones pass frames through untouched (one branch per frame).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::{
+    error::{BoxError, GuardError, describe},
+    event::EndReason,
+    grpc,
+    state::StreamState,
+};
+
+pin_project! {
+    /// A request body whose frames count as request-side activity, and which
+    /// yields a [`GuardError`] once a guard ends its stream.
+    ///
+    /// The handler sees the error from its next read; with tonic, a
+    /// `Streaming::message()` returns `Status::deadline_exceeded` naming the
+    /// guard. After the error the body ends. Frames, `is_end_stream` and
+    /// `size_hint` of the inner body pass through otherwise unchanged.
+    pub struct RequestBody<B> {
+        #[pin]
+        inner: B,
+        state: Option<Arc<StreamState>>,
+        done: bool,
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn guarded(inner: B, state: Arc<StreamState>) -> Self {
+        RequestBody {
+            inner,
+            state: Some(state),
+            done: false,
+        }
+    }
+
+    /// A body an outer guard layer already watches.
+    pub(crate) fn pass_through(inner: B) -> Self {
+        RequestBody {
+            inner,
+            state: None,
+            done: false,
+        }
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+/// The error a guard-ended stream's bodies yield, if a guard ended it.
+fn guard_error(state: &StreamState) -> Option<GuardError> {
+    let reason = state.end_reason().filter(|r| r.is_guard())?;
+    Some(GuardError::new(reason, state.limit(reason)))
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let Some(state) = this.state.as_deref() else {
+            return this.inner.poll_frame(cx).map_err(Into::into);
+        };
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if state.is_ended()
+            && let Some(err) = guard_error(state)
+        {
+            *this.done = true;
+            return Poll::Ready(Some(Err(err.into())));
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                state.request_waker.register(cx.waker());
+                // The guard may have fired between the inner poll and the
+                // registration; it would have woken nobody.
+                if state.is_ended()
+                    && let Some(err) = guard_error(state)
+                {
+                    *this.done = true;
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    state.note_request_frame(bytes::Buf::remaining(data));
+                    if this.inner.is_end_stream() {
+                        state.mark_request_done();
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => {
+                *this.done = true;
+                state.mark_request_done();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            None => self.inner.is_end_stream(),
+            Some(state) => {
+                self.done
+                    || (self.inner.is_end_stream()
+                        && !state.end_reason().is_some_and(|r| r.is_guard()))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+pin_project! {
+    /// A response body whose frames count as response-side activity, and which
+    /// ends the way a peer can read once a guard ends its stream: with
+    /// `grpc-status: 4` trailers for gRPC responses, with a [`GuardError`]
+    /// (an HTTP/2 reset) otherwise.
+    ///
+    /// Its end ends the stream: the end event is emitted when it yields its
+    /// last frame, and a body dropped before that counts as
+    /// [`EndReason::Cancelled`]. `is_end_stream` and `size_hint` are forwarded.
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: Option<B>,
+        state: Option<Arc<StreamState>>,
+        grpc: bool,
+        closed: bool,
+    }
+
+    impl<B> PinnedDrop for ResponseBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(state) = this.state.take() && !*this.closed {
+                state.end(EndReason::Cancelled);
+            }
+        }
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn guarded(inner: B, state: Arc<StreamState>, grpc: bool) -> Self {
+        // hyper never polls a body that is already at its end: it sends the
+        // headers with END_STREAM and drops it. That is a normal end.
+        let closed = inner.is_end_stream();
+        if closed {
+            state.end(EndReason::Completed);
+        }
+        ResponseBody {
+            inner: Some(inner),
+            state: Some(state),
+            grpc,
+            closed,
+        }
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// A body an outer guard layer already watches.
+    pub(crate) fn pass_through(inner: B) -> Self {
+        ResponseBody {
+            inner: Some(inner),
+            state: None,
+            grpc: false,
+            closed: false,
+        }
+    }
+
+    /// The empty body of a response the guard made itself.
+    pub(crate) fn empty() -> Self {
+        ResponseBody {
+            inner: None,
+            state: None,
+            grpc: false,
+            closed: true,
+        }
+    }
+
+    /// The wrapped body; `None` for a response the guard made itself.
+    pub fn get_ref(&self) -> Option<&B> {
+        self.inner.as_ref()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        if *this.closed {
+            return Poll::Ready(None);
+        }
+        let Some(state) = this.state.as_deref() else {
+            return match this.inner.as_pin_mut() {
+                Some(inner) => inner.poll_frame(cx).map_err(Into::into),
+                None => Poll::Ready(None),
+            };
+        };
+        if !state.is_ended() {
+            let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
+                return Poll::Ready(None);
+            };
+            match inner.as_mut().poll_frame(cx) {
+                Poll::Pending => {
+                    state.response_waker.register(cx.waker());
+                    if !state.is_ended() {
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        state.note_response_frame(bytes::Buf::remaining(data));
+                        // hyper stops polling once the body says it is at
+                        // its end, so this is where such a body completes.
+                        if inner.is_end_stream() {
+                            *this.closed = true;
+                            state.end(EndReason::Completed);
+                        }
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        if let Some(code) = grpc::status_of(trailers) {
+                            state.set_grpc_status(code);
+                        }
+                        *this.closed = true;
+                        state.end(EndReason::Completed);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    *this.closed = true;
+                    state.end(EndReason::Error);
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+                Poll::Ready(None) => {
+                    *this.closed = true;
+                    state.end(EndReason::Completed);
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        // The stream ended while this body was open: a guard fired. Let go of
+        // the inner body (and whatever the handler feeds it) at once.
+        *this.closed = true;
+        this.inner.set(None);
+        let Some(reason) = state.end_reason().filter(|r| r.is_guard()) else {
+            return Poll::Ready(None);
+        };
+        let limit = state.limit(reason);
+        if *this.grpc {
+            let trailers = grpc::trailers(grpc::DEADLINE_EXCEEDED, &describe(reason, limit));
+            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        } else {
+            Poll::Ready(Some(Err(GuardError::new(reason, limit).into())))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.closed {
+            return true;
+        }
+        match (&self.inner, &self.state) {
+            (None, _) => true,
+            (Some(_), Some(state)) if state.is_ended() => false,
+            (Some(inner), _) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(inner) if !self.closed => inner.size_hint(),
+            _ => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The error a guarded body yields when a guard ends its stream.
+
+use std::{error::Error, fmt, time::Duration};
+
+use crate::{event::EndReason, policy::IdleDirection};
+
+/// A boxed error, as bodies of this crate return.
+pub type BoxError = Box<dyn Error + Send + Sync>;
+
+/// A guard ended the stream.
+///
+/// Yielded by a guarded request body (the handler sees it from its next read)
+/// and by a guarded plain-HTTP response body (hyper then resets the stream).
+/// Find it with `downcast_ref::<GuardError>()` on a body error. With the
+/// `tonic` feature its [`source`](Error::source) is a
+/// `tonic::Status::deadline_exceeded`, so tonic's `Streaming::message()`
+/// returns exactly that status to the handler.
+#[derive(Debug)]
+pub struct GuardError {
+    reason: EndReason,
+    limit: Duration,
+    #[cfg(feature = "tonic")]
+    status: tonic::Status,
+}
+
+impl GuardError {
+    pub(crate) fn new(reason: EndReason, limit: Duration) -> Self {
+        GuardError {
+            reason,
+            limit,
+            #[cfg(feature = "tonic")]
+            status: tonic::Status::deadline_exceeded(describe(reason, limit)),
+        }
+    }
+
+    /// Which guard ended the stream.
+    pub fn reason(&self) -> EndReason {
+        self.reason
+    }
+
+    /// The configured limit that was reached.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+}
+
+/// The sentence users see, in errors, `grpc-message` and logs.
+pub(crate) fn describe(reason: EndReason, limit: Duration) -> String {
+    match reason {
+        EndReason::IdleTimeout(IdleDirection::Both) => {
+            format!("stream idle: no frame moved either way for {limit:?} (idle_timeout)")
+        }
+        EndReason::IdleTimeout(IdleDirection::Request) => {
+            format!("stream idle: no request frame for {limit:?} (request_idle_timeout)")
+        }
+        EndReason::IdleTimeout(IdleDirection::Response) => {
+            format!("stream idle: no response frame for {limit:?} (response_idle_timeout)")
+        }
+        EndReason::LifetimeExceeded => {
+            format!("stream exceeded its maximum lifetime of {limit:?} (max_lifetime)")
+        }
+        other => format!("stream ended: {other}"),
+    }
+}
+
+impl fmt::Display for GuardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(self.reason, self.limit))
+    }
+}
+
+impl Error for GuardError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        #[cfg(feature = "tonic")]
+        return Some(&self.status);
+        #[cfg(not(feature = "tonic"))]
+        None
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl From<GuardError> for tonic::Status {
+    fn from(err: GuardError) -> Self {
+        err.status
+    }
+}
+
+#[cfg(all(test, feature = "tonic"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonic_finds_deadline_exceeded_in_the_source_chain() {
+        let err: BoxError = Box::new(GuardError::new(
+            EndReason::IdleTimeout(IdleDirection::Request),
+            Duration::from_secs(2),
+        ));
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            status.message(),
+            "stream idle: no request frame for 2s (request_idle_timeout)"
+        );
+    }
+}

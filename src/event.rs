@@ -1,0 +1,376 @@
+//! End events: exactly one per stream, whatever ended it.
+//!
+//! A guard layer keeps a [`tokio::sync::broadcast`] channel of [`EndEvent`]s;
+//! [`StreamGuardLayer::subscribe`](crate::StreamGuardLayer::subscribe) hands out
+//! receivers, and [`StreamGuardBuilder::on_end`](crate::StreamGuardBuilder::on_end)
+//! registers callbacks. Emitting never waits: with no receiver nothing is
+//! cloned; a receiver that falls more than the channel's capacity behind gets
+//! [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)
+//! with the number of events it missed, and the streams never notice.
+//!
+//! Every end is also a `tracing` event under the target `tower_stream_guard`:
+//! `INFO` when a guard ended the stream, `DEBUG` otherwise.
+
+use std::{
+    fmt,
+    fmt::Write as _,
+    net::SocketAddr,
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use http::{Method, Uri};
+use tokio::sync::broadcast;
+
+use crate::{handle::StreamId, policy::IdleDirection};
+
+/// Why a stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The response body ended normally (end of stream or trailers).
+    Completed,
+    /// The stream was abandoned before it completed: the server dropped the
+    /// response future or body, usually because the peer reset the stream or
+    /// the connection went away.
+    Cancelled,
+    /// No frame moved in the given direction for the idle timeout.
+    IdleTimeout(IdleDirection),
+    /// The stream reached its maximum lifetime.
+    LifetimeExceeded,
+    /// The service or the response body returned an error.
+    Error,
+}
+
+impl EndReason {
+    /// A short snake-case name, as used in JSON event lines: `completed`,
+    /// `cancelled`, `idle_timeout`, `lifetime_exceeded` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Completed => "completed",
+            EndReason::Cancelled => "cancelled",
+            EndReason::IdleTimeout(_) => "idle_timeout",
+            EndReason::LifetimeExceeded => "lifetime_exceeded",
+            EndReason::Error => "error",
+        }
+    }
+
+    /// Whether a guard of this crate ended the stream (as opposed to the
+    /// stream ending by itself).
+    pub fn is_guard(self) -> bool {
+        matches!(
+            self,
+            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded
+        )
+    }
+
+    /// The idle direction, for [`EndReason::IdleTimeout`].
+    pub fn direction(self) -> Option<IdleDirection> {
+        match self {
+            EndReason::IdleTimeout(direction) => Some(direction),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            EndReason::Completed => 1,
+            EndReason::Cancelled => 2,
+            EndReason::IdleTimeout(IdleDirection::Request) => 3,
+            EndReason::IdleTimeout(IdleDirection::Response) => 4,
+            EndReason::IdleTimeout(IdleDirection::Both) => 5,
+            EndReason::LifetimeExceeded => 6,
+            EndReason::Error => 7,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => EndReason::Completed,
+            2 => EndReason::Cancelled,
+            3 => EndReason::IdleTimeout(IdleDirection::Request),
+            4 => EndReason::IdleTimeout(IdleDirection::Response),
+            5 => EndReason::IdleTimeout(IdleDirection::Both),
+            6 => EndReason::LifetimeExceeded,
+            7 => EndReason::Error,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::IdleTimeout(direction) => write!(f, "idle timeout ({direction})"),
+            EndReason::LifetimeExceeded => f.write_str("maximum lifetime exceeded"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// Frames and bytes that moved in one direction of a stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Data frames.
+    pub frames: u64,
+    /// Bytes of data in those frames.
+    pub bytes: u64,
+}
+
+/// What one stream did, emitted once when it ends.
+#[derive(Clone, Debug)]
+pub struct EndEvent {
+    pub(crate) id: StreamId,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) started_at: SystemTime,
+    pub(crate) duration: Duration,
+    pub(crate) reason: EndReason,
+    pub(crate) limit: Option<Duration>,
+    pub(crate) request: Traffic,
+    pub(crate) response: Traffic,
+    pub(crate) grpc_status: Option<u32>,
+}
+
+impl EndEvent {
+    /// The stream's id, the same as its [`StreamHandle::id`](crate::StreamHandle::id).
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// The request method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request path (for gRPC, `/package.Service/Method`), without query.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The peer's address, when the request extensions carried one
+    /// ([`PeerAddr`](crate::PeerAddr), or tonic's `TcpConnectInfo`).
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Wall-clock time at which the request reached the guard.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// How long the stream lived.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// Why the stream ended.
+    pub fn reason(&self) -> EndReason {
+        self.reason
+    }
+
+    /// The configured limit that fired, when a guard ended the stream.
+    pub fn limit(&self) -> Option<Duration> {
+        self.limit
+    }
+
+    /// Data the peer sent (the request body).
+    pub fn request(&self) -> Traffic {
+        self.request
+    }
+
+    /// Data the service sent (the response body).
+    pub fn response(&self) -> Traffic {
+        self.response
+    }
+
+    /// The gRPC status the stream ended with, when one was sent: from the
+    /// response trailers (or headers, for a trailers-only response), or the
+    /// status the guard sent.
+    pub fn grpc_status(&self) -> Option<u32> {
+        self.grpc_status
+    }
+
+    /// The event as one line of JSON (no trailing newline), with the keys
+    /// `id`, `method`, `route`, `peer`, `reason`, `direction` (idle timeouts
+    /// only), `limit_ms` (guard ends only), `started_at_ms` (Unix time),
+    /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
+    /// `response_bytes` and `grpc_status` (`null` when none).
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(256);
+        let _ = write!(out, "{{\"id\":{},\"method\":", self.id.get());
+        json_string(&mut out, self.method.as_str());
+        out.push_str(",\"route\":");
+        json_string(&mut out, self.path());
+        out.push_str(",\"peer\":");
+        match self.peer {
+            Some(peer) => json_string(&mut out, &peer.to_string()),
+            None => out.push_str("null"),
+        }
+        let _ = write!(out, ",\"reason\":\"{}\"", self.reason.as_str());
+        if let Some(direction) = self.reason.direction() {
+            let _ = write!(out, ",\"direction\":\"{direction}\"");
+        }
+        if let Some(limit) = self.limit {
+            let _ = write!(out, ",\"limit_ms\":{}", limit.as_millis());
+        }
+        let started = self
+            .started_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            ",\"started_at_ms\":{},\"duration_ms\":{},\"request_frames\":{},\"request_bytes\":{},\"response_frames\":{},\"response_bytes\":{},\"grpc_status\":",
+            started.as_millis(),
+            self.duration.as_millis(),
+            self.request.frames,
+            self.request.bytes,
+            self.response.frames,
+            self.response.bytes,
+        );
+        match self.grpc_status {
+            Some(code) => {
+                let _ = write!(out, "{code}");
+            }
+            None => out.push_str("null"),
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A callback run for every end event.
+pub(crate) type EndCallback = Arc<dyn Fn(&EndEvent) + Send + Sync>;
+
+/// Where one guard layer sends its end events.
+pub(crate) struct EventHub {
+    sender: broadcast::Sender<EndEvent>,
+    callbacks: Vec<EndCallback>,
+}
+
+impl EventHub {
+    pub(crate) fn new(capacity: usize, callbacks: Vec<EndCallback>) -> Self {
+        EventHub {
+            sender: broadcast::channel(capacity).0,
+            callbacks,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<EndEvent> {
+        self.sender.subscribe()
+    }
+
+    /// Hands `event` to every callback and receiver without waiting. A
+    /// callback that panics is reported and otherwise ignored: the stream that
+    /// ended may be inside `Drop`.
+    pub(crate) fn emit(&self, event: &EndEvent) {
+        for callback in &self.callbacks {
+            if catch_unwind(AssertUnwindSafe(|| callback(event))).is_err() {
+                tracing::error!(
+                    target: "tower_stream_guard",
+                    stream_id = event.id.get(),
+                    "an end-event callback panicked; the panic was caught"
+                );
+            }
+        }
+        if self.sender.receiver_count() > 0 {
+            // Fails only when every receiver went away meanwhile.
+            let _ = self.sender.send(event.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> EndEvent {
+        EndEvent {
+            id: StreamId::for_tests(7),
+            method: Method::POST,
+            uri: Uri::from_static("/echo.Echo/Bidi?x=1"),
+            peer: Some("127.0.0.1:4000".parse().unwrap()),
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1500),
+            duration: Duration::from_millis(2500),
+            reason: EndReason::IdleTimeout(IdleDirection::Request),
+            limit: Some(Duration::from_secs(2)),
+            request: Traffic {
+                frames: 3,
+                bytes: 30,
+            },
+            response: Traffic::default(),
+            grpc_status: Some(4),
+        }
+    }
+
+    #[test]
+    fn json_line_has_every_field() {
+        assert_eq!(
+            event().to_json(),
+            r#"{"id":7,"method":"POST","route":"/echo.Echo/Bidi","peer":"127.0.0.1:4000","reason":"idle_timeout","direction":"request","limit_ms":2000,"started_at_ms":1500,"duration_ms":2500,"request_frames":3,"request_bytes":30,"response_frames":0,"response_bytes":0,"grpc_status":4}"#
+        );
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_and_control_characters() {
+        let mut out = String::new();
+        json_string(&mut out, "a\"b\\c\n\u{1}é");
+        assert_eq!(out, r#""a\"b\\c\n\u0001é""#);
+    }
+
+    #[test]
+    fn reason_codes_round_trip() {
+        for reason in [
+            EndReason::Completed,
+            EndReason::Cancelled,
+            EndReason::IdleTimeout(IdleDirection::Request),
+            EndReason::IdleTimeout(IdleDirection::Response),
+            EndReason::IdleTimeout(IdleDirection::Both),
+            EndReason::LifetimeExceeded,
+            EndReason::Error,
+        ] {
+            assert_eq!(EndReason::from_code(reason.code()), Some(reason));
+        }
+        assert_eq!(EndReason::from_code(0), None);
+    }
+
+    #[test]
+    fn panicking_callback_does_not_stop_the_others() {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&seen);
+        let hub = EventHub::new(
+            4,
+            vec![
+                Arc::new(|_: &EndEvent| panic!("subscriber bug")),
+                Arc::new(move |_: &EndEvent| {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }),
+            ],
+        );
+        let mut rx = hub.subscribe();
+        hub.emit(&event());
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(rx.try_recv().unwrap().id(), StreamId::for_tests(7));
+    }
+}

@@ -1,0 +1,118 @@
+//! Endings a gRPC client can read.
+//!
+//! A response body that errors makes hyper reset the HTTP/2 stream, and a tonic
+//! client then reports `Internal "h2 protocol error"`. So when a guard ends a
+//! gRPC response (content-type `application/grpc*`) it sends trailers instead:
+//! `grpc-status: 4` (`DEADLINE_EXCEEDED`) and a `grpc-message` naming the guard.
+//! Before response headers exist, it answers with a trailers-only response
+//! carrying the same status. Plain HTTP responses get a body error (RST_STREAM
+//! on HTTP/2), or a `504 Gateway Timeout` before headers.
+
+use std::fmt::Write as _;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header::CONTENT_TYPE};
+
+/// `DEADLINE_EXCEEDED`.
+pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
+
+/// Whether headers announce a gRPC message stream.
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The `grpc-status` in `headers`, if any and well formed.
+pub(crate) fn status_of(headers: &HeaderMap) -> Option<u32> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse().ok()
+}
+
+/// Percent-encodes a `grpc-message` value as the gRPC HTTP/2 spec asks:
+/// bytes outside printable ASCII, and `%` itself, become `%XX`.
+pub(crate) fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Writes `grpc-status` and `grpc-message` into `headers`.
+pub(crate) fn put_status(headers: &mut HeaderMap, code: u32, message: &str) {
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // Percent-encoding leaves only visible ASCII, which is always a valid
+    // header value.
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+}
+
+/// Trailers that end a gRPC response with `code` and `message`.
+pub(crate) fn trailers(code: u32, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(2);
+    put_status(&mut headers, code, message);
+    headers
+}
+
+/// A response made by the guard before the service produced one: trailers-only
+/// for gRPC, `504 Gateway Timeout` otherwise.
+pub(crate) fn early_response<B>(grpc: bool, code: u32, message: &str, body: B) -> Response<B> {
+    let mut response = Response::new(body);
+    if grpc {
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        put_status(headers, code, message);
+    } else {
+        *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_keeps_visible_ascii_and_escapes_the_rest() {
+        assert_eq!(percent_encode("idle 5s"), "idle 5s");
+        assert_eq!(percent_encode("100%"), "100%25");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_content_types_are_recognised() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_grpc(&h));
+    }
+
+    #[test]
+    fn malformed_status_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", HeaderValue::from_static("x"));
+        assert_eq!(status_of(&h), None);
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        assert_eq!(status_of(&h), Some(14));
+    }
+
+    #[test]
+    fn early_grpc_response_is_trailers_only() {
+        let r = early_response(true, DEADLINE_EXCEEDED, "too long", ());
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(status_of(r.headers()), Some(4));
+        assert_eq!(r.headers()["grpc-message"], "too long");
+        let r = early_response(false, DEADLINE_EXCEEDED, "too long", ());
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+}

@@ -1,0 +1,104 @@
+//! Tower middleware that stops long-lived HTTP/2 streams from leaking.
+//!
+//! gRPC streaming calls, server-sent events and long polls leak when one side
+//! goes quiet or vanishes: a server's receive loop blocks for hours after a
+//! client's network dropped, a producer task runs on after its client left, a
+//! client that stopped reading pins a stream forever. This crate wraps request
+//! and response bodies to enforce, per stream:
+//!
+//! - **idle timeouts**: no frame moved for a while, on the request side, the
+//!   response side, or both ([`IdleDirection`]);
+//! - a **maximum lifetime**, from the moment the request reached the guard;
+//!
+//! and gives every stream
+//!
+//! - a [`StreamHandle`] in the request extensions, whose
+//!   [`cancelled()`](StreamHandle::cancelled) resolves when the stream ends
+//!   for any reason: the disconnect callback tonic lacks;
+//! - exactly one [`EndEvent`]: why it ended, how long it lived, what it moved.
+//!
+//! # Quick start (tonic)
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_stream_guard::StreamGuardLayer;
+//!
+//! # async fn run(router: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
+//! let guard = StreamGuardLayer::builder()
+//!     .idle_timeout(Duration::from_secs(30))
+//!     .max_lifetime(Duration::from_secs(30 * 60))
+//!     .build()?;
+//! let mut events = guard.subscribe();
+//! tokio::spawn(async move {
+//!     while let Ok(event) = events.recv().await {
+//!         println!("{}", event.to_json());
+//!     }
+//! });
+//! tonic::transport::Server::builder()
+//!     .layer(guard.for_tonic())
+//!     .add_routes(router)
+//!     .serve("127.0.0.1:50051".parse()?)
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What happens when a guard fires
+//!
+//! | situation | gRPC response | plain HTTP response |
+//! |---|---|---|
+//! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (RST_STREAM on HTTP/2) |
+//! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `504 Gateway Timeout` |
+//! | peer stopped reading (hyper no longer polls the body) | handle cancelled, event emitted, state released at once; the trailers go out if the peer ever reads again | same |
+//! | request body awaited by the handler | the read fails with [`GuardError`]; tonic handlers see `Status::deadline_exceeded` from `message()` | the read fails with [`GuardError`] |
+//!
+//! In every case the [`StreamHandle`] is cancelled and the end event is
+//! emitted when the guard fires. What stays with hyper after a stalled reader
+//! is released: the HTTP/2 stream itself and its unsent buffered data (at most
+//! the flow-control window), until the peer reads, resets the stream, or the
+//! connection closes; the guarded body holds only its small shared record.
+//!
+//! # Costs
+//!
+//! Per data frame: no timer, no lock, no allocation, no clock read; an atomic
+//! load and a few relaxed stores. Per stream: one allocation for its shared
+//! record and two insertions into the guard's timer map. Per guard: one timer
+//! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
+//! (10 ms) while it has streams and exits when it has none. Deadlines fire at
+//! most one resolution late (idle timeouts two), never early.
+//!
+//! # Features
+//!
+//! - `tonic` (default): [`TonicBody`] and [`StreamGuardLayer::for_tonic`]
+//!   for `tonic::transport::Server::layer`, `tonic::Status` inside
+//!   [`GuardError`], peer addresses from tonic's `TcpConnectInfo`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod body;
+mod error;
+mod event;
+mod grpc;
+mod handle;
+mod layer;
+mod policy;
+mod service;
+mod state;
+mod timer;
+
+pub use body::{RequestBody, ResponseBody};
+pub use error::{BoxError, GuardError};
+pub use event::{EndEvent, EndReason, Traffic};
+pub use handle::{PeerAddr, StreamHandle, StreamId};
+pub use layer::{
+    DEFAULT_EVENT_CAPACITY, IdleTimeoutLayer, MaxLifetimeLayer, StreamGuardBuilder,
+    StreamGuardLayer,
+};
+pub use policy::{
+    ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_TIMER_RESOLUTION,
+    MIN_TIMER_RESOLUTION, Policy,
+};
+#[cfg(feature = "tonic")]
+pub use service::TonicBody;
+pub use service::{PlainBody, ResponseFuture, StreamGuard, WrapRequestBody};

@@ -1,0 +1,388 @@
+//! The one record every part of a stream shares, and its once-only end.
+//!
+//! The request-body wrapper, the response future, the response-body wrapper,
+//! the handler's [`StreamHandle`](crate::StreamHandle) and the sweeper all reach
+//! the same [`StreamState`]. Data-path fields are written by one body each, with
+//! relaxed loads and stores (no locked instruction). The end is decided by one
+//! compare-and-swap: whoever wins it wakes everybody and emits the event.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use atomic_waker::AtomicWaker;
+use http::{Method, Request, Uri};
+use tokio::{sync::Notify, time::Instant};
+
+use crate::{
+    event::{EndEvent, EndReason, EventHub, Traffic},
+    grpc,
+    handle::StreamId,
+    policy::{IdleDirection, Policy},
+    timer::{NEVER, Sweeper},
+};
+
+/// What one guard layer instance shares with all of its streams.
+pub(crate) struct Core {
+    pub(crate) sweeper: Arc<Sweeper>,
+    pub(crate) events: EventHub,
+    pub(crate) active: AtomicUsize,
+}
+
+/// Counters of one direction, written only by that direction's body.
+#[derive(Default)]
+pub(crate) struct Side {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    /// Coarse time of the last frame, ns since the sweeper's origin.
+    last: AtomicU64,
+}
+
+impl Side {
+    fn traffic(&self) -> Traffic {
+        Traffic {
+            frames: self.frames.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+const ACTIVE: u8 = 0;
+const NO_STATUS: u32 = u32::MAX;
+
+pub(crate) enum Verdict {
+    Expired(EndReason),
+    Later,
+}
+
+pub(crate) struct StreamState {
+    pub(crate) id: StreamId,
+    core: Arc<Core>,
+    started: Instant,
+    start_ns: u64,
+    /// `ACTIVE` or the code of the end reason.
+    phase: AtomicU8,
+    idle_both: AtomicU64,
+    idle_request: AtomicU64,
+    idle_response: AtomicU64,
+    lifetime_deadline: AtomicU64,
+    request: Side,
+    response: Side,
+    request_done: AtomicBool,
+    pub(crate) grpc: bool,
+    grpc_status: AtomicU32,
+    /// Where the sweeper filed this stream; written under the sweeper's lock.
+    pub(crate) timer_key: AtomicU64,
+    pub(crate) request_waker: AtomicWaker,
+    pub(crate) response_waker: AtomicWaker,
+    pub(crate) future_waker: AtomicWaker,
+    cancelled: Notify,
+    /// Inner guard layers stacked under the one that owns this stream.
+    stacked: Mutex<Vec<Arc<Core>>>,
+    method: Method,
+    uri: Uri,
+    peer: Option<SocketAddr>,
+}
+
+fn ns(d: Option<Duration>) -> u64 {
+    d.map_or(NEVER, |d| u64::try_from(d.as_nanos()).unwrap_or(NEVER))
+}
+
+impl StreamState {
+    pub(crate) fn new<B>(core: &Arc<Core>, policy: &Policy, request: &Request<B>) -> Arc<Self> {
+        let started = Instant::now();
+        let start_ns = core.sweeper.ns_of(started);
+        core.active.fetch_add(1, Ordering::Relaxed);
+        let state = StreamState {
+            id: StreamId::next(),
+            core: Arc::clone(core),
+            started,
+            start_ns,
+            phase: AtomicU8::new(ACTIVE),
+            idle_both: AtomicU64::new(NEVER),
+            idle_request: AtomicU64::new(NEVER),
+            idle_response: AtomicU64::new(NEVER),
+            lifetime_deadline: AtomicU64::new(NEVER),
+            request: Side::default(),
+            response: Side::default(),
+            request_done: AtomicBool::new(false),
+            grpc: grpc::is_grpc(request.headers()),
+            grpc_status: AtomicU32::new(NO_STATUS),
+            timer_key: AtomicU64::new(NEVER),
+            request_waker: AtomicWaker::new(),
+            response_waker: AtomicWaker::new(),
+            future_waker: AtomicWaker::new(),
+            cancelled: Notify::new(),
+            stacked: Mutex::new(Vec::new()),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            peer: peer_addr(request.extensions()),
+        };
+        state.merge(policy);
+        Arc::new(state)
+    }
+
+    fn merge(&self, policy: &Policy) {
+        self.idle_both
+            .fetch_min(ns(policy.idle_both), Ordering::Relaxed);
+        self.idle_request
+            .fetch_min(ns(policy.idle_request), Ordering::Relaxed);
+        self.idle_response
+            .fetch_min(ns(policy.idle_response), Ordering::Relaxed);
+        let lifetime = ns(policy.max_lifetime);
+        if lifetime != NEVER {
+            self.lifetime_deadline
+                .fetch_min(self.start_ns.saturating_add(lifetime), Ordering::Relaxed);
+        }
+    }
+
+    /// An inner guard layer met this stream: its limits apply too, and its
+    /// subscribers hear of the end.
+    pub(crate) fn attach(self: &Arc<Self>, core: &Arc<Core>, policy: &Policy) {
+        self.merge(policy);
+        if !Arc::ptr_eq(core, &self.core) {
+            let mut stacked = self.stacked.lock().unwrap_or_else(PoisonError::into_inner);
+            if !stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
+                core.active.fetch_add(1, Ordering::Relaxed);
+                stacked.push(Arc::clone(core));
+            }
+        }
+        if self.timer_key.load(Ordering::Relaxed) != NEVER {
+            self.core.sweeper.arm(self);
+        }
+    }
+
+    pub(crate) fn arm(self: &Arc<Self>) {
+        self.core.sweeper.arm(self);
+    }
+
+    #[inline]
+    pub(crate) fn note_request_frame(&self, bytes: usize) {
+        note(&self.request, bytes, self.core.sweeper.stamp());
+    }
+
+    #[inline]
+    pub(crate) fn note_response_frame(&self, bytes: usize) {
+        note(&self.response, bytes, self.core.sweeper.stamp());
+    }
+
+    pub(crate) fn mark_request_done(&self) {
+        self.request_done.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_grpc_status(&self, code: u32) {
+        self.grpc_status.store(code, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn is_ended(&self) -> bool {
+        self.phase.load(Ordering::Acquire) != ACTIVE
+    }
+
+    pub(crate) fn end_reason(&self) -> Option<EndReason> {
+        EndReason::from_code(self.phase.load(Ordering::Acquire))
+    }
+
+    /// The earliest instant at which a limit could fire, and which one.
+    pub(crate) fn next_deadline(&self) -> (u64, Option<EndReason>) {
+        let mut best = (NEVER, None);
+        let mut consider = |deadline: u64, reason: EndReason| {
+            if deadline < best.0 {
+                best = (deadline, Some(reason));
+            }
+        };
+        consider(
+            self.lifetime_deadline.load(Ordering::Relaxed),
+            EndReason::LifetimeExceeded,
+        );
+        let last_request = self.request.last.load(Ordering::Relaxed).max(self.start_ns);
+        let last_response = self
+            .response
+            .last
+            .load(Ordering::Relaxed)
+            .max(self.start_ns);
+        let after = |last: u64, idle: &AtomicU64| match idle.load(Ordering::Relaxed) {
+            NEVER => NEVER,
+            idle => last.saturating_add(idle),
+        };
+        consider(
+            after(last_request.max(last_response), &self.idle_both),
+            EndReason::IdleTimeout(IdleDirection::Both),
+        );
+        if !self.request_done.load(Ordering::Relaxed) {
+            consider(
+                after(last_request, &self.idle_request),
+                EndReason::IdleTimeout(IdleDirection::Request),
+            );
+        }
+        consider(
+            after(last_response, &self.idle_response),
+            EndReason::IdleTimeout(IdleDirection::Response),
+        );
+        best
+    }
+
+    pub(crate) fn check(&self, now_ns: u64) -> Verdict {
+        match self.next_deadline() {
+            (deadline, Some(reason)) if deadline <= now_ns => Verdict::Expired(reason),
+            _ => Verdict::Later,
+        }
+    }
+
+    /// The limit behind a guard-made end, for messages.
+    pub(crate) fn limit(&self, reason: EndReason) -> Duration {
+        let nanos = match reason {
+            EndReason::IdleTimeout(IdleDirection::Both) => self.idle_both.load(Ordering::Relaxed),
+            EndReason::IdleTimeout(IdleDirection::Request) => {
+                self.idle_request.load(Ordering::Relaxed)
+            }
+            EndReason::IdleTimeout(IdleDirection::Response) => {
+                self.idle_response.load(Ordering::Relaxed)
+            }
+            EndReason::LifetimeExceeded => self
+                .lifetime_deadline
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.start_ns),
+            _ => 0,
+        };
+        Duration::from_nanos(nanos)
+    }
+
+    pub(crate) fn remaining_lifetime(&self) -> Option<Duration> {
+        match self.lifetime_deadline.load(Ordering::Relaxed) {
+            NEVER => None,
+            deadline => Some(
+                self.core
+                    .sweeper
+                    .instant_of(deadline)
+                    .saturating_duration_since(Instant::now()),
+            ),
+        }
+    }
+
+    /// Waits until the stream has ended and returns why.
+    pub(crate) async fn ended(&self) -> EndReason {
+        loop {
+            let notified = self.cancelled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.end_reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends the stream if it has not ended yet. Returns whether this call ended
+    /// it. Wakes every part of the stream, releases its timer and emits its one
+    /// end event. Never panics: it runs from `Drop`.
+    pub(crate) fn end(&self, reason: EndReason) -> bool {
+        if self
+            .phase
+            .compare_exchange(ACTIVE, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.core.sweeper.disarm(self);
+        if reason.is_guard() && self.grpc {
+            self.set_grpc_status(grpc::DEADLINE_EXCEEDED);
+        }
+        self.future_waker.wake();
+        self.response_waker.wake();
+        self.request_waker.wake();
+        self.cancelled.notify_waiters();
+
+        let event = self.event(reason);
+        trace_end(&event);
+        self.core.active.fetch_sub(1, Ordering::Relaxed);
+        self.core.events.emit(&event);
+        let stacked =
+            std::mem::take(&mut *self.stacked.lock().unwrap_or_else(PoisonError::into_inner));
+        for core in stacked {
+            core.active.fetch_sub(1, Ordering::Relaxed);
+            core.events.emit(&event);
+        }
+        true
+    }
+
+    fn event(&self, reason: EndReason) -> EndEvent {
+        let duration = self.started.elapsed();
+        let status = self.grpc_status.load(Ordering::Relaxed);
+        EndEvent {
+            id: self.id,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            peer: self.peer,
+            started_at: SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            duration,
+            reason,
+            limit: reason.is_guard().then(|| self.limit(reason)),
+            request: self.request.traffic(),
+            response: self.response.traffic(),
+            grpc_status: (status != NO_STATUS).then_some(status),
+        }
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        // Every path that lets go of a stream ends it first; this is the net
+        // under them, so that a stream can never vanish without its event.
+        self.end(EndReason::Cancelled);
+    }
+}
+
+#[inline]
+fn note(side: &Side, bytes: usize, stamp: u64) {
+    // One writer per side: plain load and store, no locked instruction.
+    let frames = side.frames.load(Ordering::Relaxed);
+    side.frames.store(frames.wrapping_add(1), Ordering::Relaxed);
+    let total = side.bytes.load(Ordering::Relaxed);
+    side.bytes
+        .store(total.wrapping_add(bytes as u64), Ordering::Relaxed);
+    side.last.store(stamp, Ordering::Relaxed);
+}
+
+fn trace_end(event: &EndEvent) {
+    let duration_ms = event.duration.as_millis() as u64;
+    if event.reason.is_guard() {
+        tracing::info!(
+            target: "tower_stream_guard",
+            stream_id = event.id.get(),
+            route = event.path(),
+            reason = event.reason.as_str(),
+            duration_ms,
+            "stream ended by guard: {}",
+            event.reason
+        );
+    } else {
+        tracing::debug!(
+            target: "tower_stream_guard",
+            stream_id = event.id.get(),
+            route = event.path(),
+            reason = event.reason.as_str(),
+            duration_ms,
+            "stream ended"
+        );
+    }
+}
+
+/// The peer's address, from extensions the server put on the request.
+fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+    if let Some(crate::PeerAddr(addr)) = extensions.get() {
+        return Some(*addr);
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(info) = extensions.get::<tonic::transport::server::TcpConnectInfo>() {
+        return info.remote_addr();
+    }
+    None
+}

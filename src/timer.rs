@@ -1,0 +1,206 @@
+//! Deadlines without timer work on the data path.
+//!
+//! Each guard layer owns one [`Sweeper`]: a single tokio task that wakes every
+//! *resolution* (10 ms by default) while the guard has streams, and otherwise
+//! does not exist. Streams sit in an ordered map keyed by their earliest
+//! possible expiry. Per frame a body does no timer work at all: it copies the
+//! sweeper's coarse clock into the stream state (two relaxed atomic operations).
+//! When an entry comes due, the sweeper asks the stream for its real deadline
+//! (the stream may have moved meanwhile) and either ends it or files it again.
+//!
+//! Costs: one map insertion and one removal per stream (under the sweeper's
+//! lock), one more per idle period of an active stream, and one wake-up per
+//! resolution per guard, however many streams there are. Precision: a deadline
+//! fires on the first tick at or after it, so at most one resolution late;
+//! because frames are stamped with the next tick's time, an idle timeout never
+//! fires early and at most two resolutions late.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::state::{StreamState, Verdict};
+
+/// Stand-in for "no deadline" in nanosecond fields.
+pub(crate) const NEVER: u64 = u64::MAX;
+
+pub(crate) struct Sweeper {
+    /// Origin of every nanosecond timestamp of this guard.
+    base: Instant,
+    resolution: Duration,
+    /// An upper bound on "now" in nanoseconds since `base`: the time of the
+    /// next tick. Bodies copy it on every frame.
+    coarse: AtomicU64,
+    wheel: Mutex<Wheel>,
+    warned_no_runtime: AtomicBool,
+}
+
+#[derive(Default)]
+struct Wheel {
+    /// (deadline ns, stream id) -> stream.
+    entries: BTreeMap<(u64, u64), Weak<StreamState>>,
+    running: bool,
+}
+
+impl Sweeper {
+    pub(crate) fn new(resolution: Duration) -> Self {
+        Sweeper {
+            base: Instant::now(),
+            resolution,
+            coarse: AtomicU64::new(0),
+            wheel: Mutex::new(Wheel::default()),
+            warned_no_runtime: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Wheel> {
+        // Nothing under this lock can panic half-way through an update that
+        // matters, so a poisoned lock is still consistent.
+        self.wheel.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The exact time in nanoseconds since this guard's origin.
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.ns_of(Instant::now())
+    }
+
+    pub(crate) fn ns_of(&self, t: Instant) -> u64 {
+        let ns = t.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(ns).unwrap_or(NEVER - 1)
+    }
+
+    pub(crate) fn instant_of(&self, ns: u64) -> Instant {
+        self.base + Duration::from_nanos(ns)
+    }
+
+    /// The coarse clock frames are stamped with: never behind real time while
+    /// the sweeper runs on schedule.
+    #[inline]
+    pub(crate) fn stamp(&self) -> u64 {
+        self.coarse.load(Ordering::Relaxed)
+    }
+
+    fn resolution_ns(&self) -> u64 {
+        u64::try_from(self.resolution.as_nanos()).unwrap_or(NEVER)
+    }
+
+    /// Files `state` under its current earliest deadline, replacing any earlier
+    /// filing. Starts the sweeper task when it is not running.
+    pub(crate) fn arm(self: &Arc<Self>, state: &Arc<StreamState>) {
+        let deadline = state.next_deadline().0;
+        let mut wheel = self.lock();
+        let old = state.timer_key.swap(deadline, Ordering::Relaxed);
+        if old != NEVER {
+            wheel.entries.remove(&(old, state.id.get()));
+        }
+        if deadline == NEVER || state.is_ended() {
+            state.timer_key.store(NEVER, Ordering::Relaxed);
+            return;
+        }
+        wheel
+            .entries
+            .insert((deadline, state.id.get()), Arc::downgrade(state));
+        if !wheel.running {
+            self.start(&mut wheel);
+        }
+    }
+
+    /// Removes `state`'s filing, if any.
+    pub(crate) fn disarm(&self, state: &StreamState) {
+        if state.timer_key.load(Ordering::Relaxed) == NEVER {
+            return;
+        }
+        let mut wheel = self.lock();
+        let old = state.timer_key.swap(NEVER, Ordering::Relaxed);
+        if old != NEVER {
+            wheel.entries.remove(&(old, state.id.get()));
+        }
+    }
+
+    fn start(self: &Arc<Self>, wheel: &mut Wheel) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            if !self.warned_no_runtime.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tower_stream_guard",
+                    "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced"
+                );
+            }
+            return;
+        };
+        wheel.running = true;
+        self.coarse
+            .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
+        runtime.spawn(run(Arc::clone(self)));
+    }
+}
+
+/// Marks the sweeper stopped if its task goes away for any reason (including
+/// the runtime shutting down), so the next stream starts a new one.
+struct StopOnDrop {
+    sweeper: Arc<Sweeper>,
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.sweeper.lock().running = false;
+        }
+    }
+}
+
+async fn run(sweeper: Arc<Sweeper>) {
+    let mut stop = StopOnDrop {
+        sweeper,
+        armed: true,
+    };
+    let sweeper = Arc::clone(&stop.sweeper);
+    let mut ticks = tokio::time::interval(sweeper.resolution);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut due: Vec<Arc<StreamState>> = Vec::new();
+    loop {
+        ticks.tick().await;
+        let now = sweeper.now_ns();
+        sweeper.coarse.store(
+            now.saturating_add(sweeper.resolution_ns()),
+            Ordering::Relaxed,
+        );
+        {
+            let mut wheel = sweeper.lock();
+            while let Some(entry) = wheel.entries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let weak = entry.remove();
+                if let Some(state) = weak.upgrade() {
+                    state.timer_key.store(NEVER, Ordering::Relaxed);
+                    due.push(state);
+                }
+            }
+        }
+        // Ending a stream wakes tasks and emits its event: never under the lock.
+        for state in due.drain(..) {
+            match state.check(now) {
+                Verdict::Expired(reason) => {
+                    state.end(reason);
+                }
+                Verdict::Later => sweeper.arm(&state),
+            }
+        }
+        let mut wheel = sweeper.lock();
+        if wheel.entries.is_empty() {
+            // Stopped under the lock, so a stream filed after this starts a
+            // new task rather than relying on this one.
+            wheel.running = false;
+            stop.armed = false;
+            return;
+        }
+    }
+}
