@@ -11,6 +11,7 @@
 //! ones pass frames through untouched (one branch per frame).
 
 use std::{
+    fmt,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -314,5 +315,24 @@ where
             Some(inner) if !self.closed => inner.size_hint(),
             _ => SizeHint::with_exact(0),
         }
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("inner", &self.inner)
+            .field("stream", &self.state.as_ref().map(|s| s.id))
+            .finish()
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .field("stream", &self.state.as_ref().map(|s| s.id))
+            .field("closed", &self.closed)
+            .finish()
     }
 }

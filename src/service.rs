@@ -252,3 +252,11 @@ where
         }
     }
 }
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("stream", &self.state.as_ref().map(|s| s.id))
+            .finish_non_exhaustive()
+    }
+}
