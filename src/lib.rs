@@ -102,3 +102,8 @@ pub use policy::{
 #[cfg(feature = "tonic")]
 pub use service::TonicBody;
 pub use service::{PlainBody, ResponseFuture, StreamGuard, WrapRequestBody};
+
+// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
