@@ -113,7 +113,12 @@ where
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    state.note_request_frame(bytes::Buf::remaining(data));
+                    // An empty frame is only an end-of-stream marker (tonic
+                    // clients close their side with one): not activity.
+                    let len = bytes::Buf::remaining(data);
+                    if len > 0 {
+                        state.note_request_frame(len);
+                    }
                     if this.inner.is_end_stream() {
                         state.mark_request_done();
                     }
@@ -255,7 +260,10 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
-                        state.note_response_frame(bytes::Buf::remaining(data));
+                        let len = bytes::Buf::remaining(data);
+                        if len > 0 {
+                            state.note_response_frame(len);
+                        }
                         // hyper stops polling once the body says it is at
                         // its end, so this is where such a body completes.
                         if inner.is_end_stream() {

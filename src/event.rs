@@ -30,6 +30,10 @@ use crate::{handle::StreamId, policy::IdleDirection};
 #[non_exhaustive]
 pub enum EndReason {
     /// The response body ended normally (end of stream or trailers).
+    ///
+    /// This says how the stream ended, not whether the call succeeded: a gRPC
+    /// call that failed with a status of its own (`INTERNAL`, `UNIMPLEMENTED`,
+    /// …) also completes; look at [`EndEvent::grpc_status`] for that.
     Completed,
     /// The stream was abandoned before it completed: the server dropped the
     /// response future or body, usually because the peer reset the stream or
@@ -112,7 +116,8 @@ impl fmt::Display for EndReason {
 /// Frames and bytes that moved in one direction of a stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
-    /// Data frames.
+    /// Data frames that carried data (empty end-of-stream frames are not
+    /// counted).
     pub frames: u64,
     /// Bytes of data in those frames.
     pub bytes: u64,
@@ -186,9 +191,10 @@ impl EndEvent {
         self.response
     }
 
-    /// The gRPC status the stream ended with, when one was sent: from the
-    /// response trailers (or headers, for a trailers-only response), or the
-    /// status the guard sent.
+    /// The gRPC status the stream ended with: from the response trailers (or
+    /// headers, for a trailers-only response), or the status a guard ends it
+    /// with. For a stalled reader the guard's trailers go out only if the peer
+    /// reads again; the status is reported all the same.
     pub fn grpc_status(&self) -> Option<u32> {
         self.grpc_status
     }
