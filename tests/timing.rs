@@ -651,3 +651,27 @@ fn bad_configuration_fails_when_the_layer_is_built() {
             .is_err()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn lagging_subscriber_is_told_how_many_events_it_missed() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .response_idle_timeout(SECOND)
+            .event_capacity(2),
+    );
+    let mut slow = guard.subscribe();
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(open(&guard, true).await.answer().await);
+    }
+    // Nobody reads `slow` while all five streams expire together.
+    sleep(2 * SECOND).await;
+    assert_eq!(guard.active_streams(), 0);
+    assert_eq!(
+        slow.recv().await.unwrap_err(),
+        broadcast::error::RecvError::Lagged(3)
+    );
+    assert!(slow.recv().await.is_ok());
+    assert!(slow.recv().await.is_ok());
+    assert_no_more_events(&mut slow);
+}
