@@ -14,7 +14,7 @@ use std::{
     fmt,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use http_body::{Body, Frame, SizeHint};
@@ -39,6 +39,8 @@ pin_project! {
         #[pin]
         inner: B,
         state: Option<Arc<StreamState>>,
+        // The waker last handed to `state.request_waker` (see ResponseBody).
+        registered: Option<Waker>,
         done: bool,
     }
 }
@@ -48,6 +50,7 @@ impl<B> RequestBody<B> {
         RequestBody {
             inner,
             state: Some(state),
+            registered: None,
             done: false,
         }
     }
@@ -57,6 +60,7 @@ impl<B> RequestBody<B> {
         RequestBody {
             inner,
             state: None,
+            registered: None,
             done: false,
         }
     }
@@ -100,7 +104,14 @@ where
         }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Pending => {
-                state.request_waker.register(cx.waker());
+                if !this
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    state.request_waker.register(cx.waker());
+                    *this.registered = Some(cx.waker().clone());
+                }
                 // The guard may have fired between the inner poll and the
                 // registration; it would have woken nobody.
                 if state.is_ended()
@@ -111,20 +122,23 @@ where
                 }
                 Poll::Pending
             }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+            // Taken apart and rebuilt, not inspected through a reference:
+            // see ResponseBody::poll_frame.
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
                     // An empty frame is only an end-of-stream marker (tonic
                     // clients close their side with one): not activity.
-                    let len = bytes::Buf::remaining(data);
+                    let len = bytes::Buf::remaining(&data);
                     if len > 0 {
                         state.note_request_frame(len);
                     }
                     if this.inner.is_end_stream() {
                         state.mark_request_done();
                     }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
             Poll::Ready(None) => {
                 *this.done = true;
@@ -167,6 +181,9 @@ pin_project! {
         #[pin]
         inner: Option<B>,
         state: Option<Arc<StreamState>>,
+        // The waker last handed to `state.response_waker`: only `end` takes
+        // it out again, so registering the same waker twice is wasted work.
+        registered: Option<Waker>,
         grpc: bool,
         closed: bool,
     }
@@ -192,6 +209,7 @@ impl<B: Body> ResponseBody<B> {
         ResponseBody {
             inner: Some(inner),
             state: Some(state),
+            registered: None,
             grpc,
             closed,
         }
@@ -204,6 +222,7 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             inner: Some(inner),
             state: None,
+            registered: None,
             grpc: false,
             closed: false,
         }
@@ -214,6 +233,7 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             inner: None,
             state: None,
+            registered: None,
             grpc: false,
             closed: true,
         }
@@ -225,6 +245,58 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// Records a waker the sweeper can wake this body through. Out of line:
+/// about once per stream (see `registered`).
+#[cold]
+#[inline(never)]
+fn register_waker(state: &StreamState, registered: &mut Option<Waker>, waker: &Waker) {
+    state.response_waker.register(waker);
+    *registered = Some(waker.clone());
+}
+
+/// Ends the stream from its response body. Out of line: once per stream.
+#[cold]
+#[inline(never)]
+fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) {
+    *closed = true;
+    state.end(reason);
+}
+
+/// Ends the stream on its trailers. Out of line: once per stream.
+#[cold]
+#[inline(never)]
+fn end_on_trailers(state: &StreamState, closed: &mut bool, trailers: &http::HeaderMap) {
+    if let Some(code) = grpc::status_of(trailers) {
+        state.set_grpc_status(code);
+    }
+    end_from_body(state, closed, EndReason::Completed);
+}
+
+/// A guard-ended stream's body: let go of the inner body (and whatever the
+/// handler feeds it) at once and end the way a peer can read. Out of line:
+/// once per stream.
+#[cold]
+#[inline(never)]
+fn end_fired<B: Body>(
+    closed: &mut bool,
+    mut inner: Pin<&mut Option<B>>,
+    state: &StreamState,
+    grpc: bool,
+) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+    *closed = true;
+    inner.set(None);
+    let Some(reason) = state.end_reason().filter(|r| r.is_guard()) else {
+        return Poll::Ready(None);
+    };
+    let limit = state.limit(reason);
+    if grpc {
+        let trailers = grpc::trailers(grpc::DEADLINE_EXCEEDED, &describe(reason, limit));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    } else {
+        Poll::Ready(Some(Err(GuardError::new(reason, limit).into())))
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body,
@@ -233,6 +305,9 @@ where
     type Data = B::Data;
     type Error = BoxError;
 
+    // Small enough to inline into the caller's poll loop: the once-per-stream
+    // work is out of line.
+    #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -247,64 +322,57 @@ where
                 None => Poll::Ready(None),
             };
         };
-        if !state.is_ended() {
-            let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
-                return Poll::Ready(None);
-            };
+        if !state.is_ended()
+            && let Some(mut inner) = this.inner.as_mut().as_pin_mut()
+        {
             match inner.as_mut().poll_frame(cx) {
                 Poll::Pending => {
-                    state.response_waker.register(cx.waker());
+                    if !this
+                        .registered
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        register_waker(state, this.registered, cx.waker());
+                    }
                     if !state.is_ended() {
                         return Poll::Pending;
                     }
                 }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let len = bytes::Buf::remaining(data);
+                // Taken apart and rebuilt rather than inspected through a
+                // reference: the data (a few words) stays in registers and
+                // the frame is written once, into the caller's slot.
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let len = bytes::Buf::remaining(&data);
                         if len > 0 {
                             state.note_response_frame(len);
                         }
                         // hyper stops polling once the body says it is at
                         // its end, so this is where such a body completes.
                         if inner.is_end_stream() {
-                            *this.closed = true;
-                            state.end(EndReason::Completed);
+                            end_from_body(state, this.closed, EndReason::Completed);
                         }
-                    } else if let Some(trailers) = frame.trailers_ref() {
-                        if let Some(code) = grpc::status_of(trailers) {
-                            state.set_grpc_status(code);
-                        }
-                        *this.closed = true;
-                        state.end(EndReason::Completed);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
+                    Err(frame) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            end_on_trailers(state, this.closed, trailers);
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
                 Poll::Ready(Some(Err(err))) => {
-                    *this.closed = true;
-                    state.end(EndReason::Error);
+                    end_from_body(state, this.closed, EndReason::Error);
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 Poll::Ready(None) => {
-                    *this.closed = true;
-                    state.end(EndReason::Completed);
+                    end_from_body(state, this.closed, EndReason::Completed);
                     return Poll::Ready(None);
                 }
             }
         }
-        // The stream ended while this body was open: a guard fired. Let go of
-        // the inner body (and whatever the handler feeds it) at once.
-        *this.closed = true;
-        this.inner.set(None);
-        let Some(reason) = state.end_reason().filter(|r| r.is_guard()) else {
-            return Poll::Ready(None);
-        };
-        let limit = state.limit(reason);
-        if *this.grpc {
-            let trailers = grpc::trailers(grpc::DEADLINE_EXCEEDED, &describe(reason, limit));
-            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-        } else {
-            Poll::Ready(Some(Err(GuardError::new(reason, limit).into())))
-        }
+        // The stream ended while this body was open: a guard fired.
+        end_fired(this.closed, this.inner, state, *this.grpc)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -78,6 +78,8 @@ pub(crate) struct StreamState {
     grpc_status: AtomicU32,
     /// Where the sweeper filed this stream; written under the sweeper's lock.
     pub(crate) timer_key: AtomicU64,
+    // Only `end` takes these wakers out (by waking them): the bodies rely on
+    // that to skip registering a waker they already registered.
     pub(crate) request_waker: AtomicWaker,
     pub(crate) response_waker: AtomicWaker,
     pub(crate) future_waker: AtomicWaker,
