@@ -10,7 +10,14 @@
 
 use std::fmt::Write as _;
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header::CONTENT_TYPE};
+use http::{
+    HeaderMap, HeaderValue, Response, StatusCode,
+    header::{CONTENT_TYPE, HeaderName},
+};
+
+// Parsed once, not on every lookup.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// `DEADLINE_EXCEEDED`.
 pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
@@ -24,7 +31,7 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The `grpc-status` in `headers`, if any and well formed.
 pub(crate) fn status_of(headers: &HeaderMap) -> Option<u32> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
+    let value = headers.get(&GRPC_STATUS)?.to_str().ok()?;
     value.parse().ok()
 }
 
@@ -44,11 +51,11 @@ pub(crate) fn percent_encode(message: &str) -> String {
 
 /// Writes `grpc-status` and `grpc-message` into `headers`.
 pub(crate) fn put_status(headers: &mut HeaderMap, code: u32, message: &str) {
-    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code));
     // Percent-encoding leaves only visible ASCII, which is always a valid
     // header value.
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", value);
+        headers.insert(GRPC_MESSAGE, value);
     }
 }
 
