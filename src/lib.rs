@@ -54,9 +54,13 @@
 //!
 //! In every case the [`StreamHandle`] is cancelled and the end event is
 //! emitted when the guard fires. What stays with hyper after a stalled reader
-//! is released: the HTTP/2 stream itself and its unsent buffered data (at most
-//! the flow-control window), until the peer reads, resets the stream, or the
-//! connection closes; the guarded body holds only its small shared record.
+//! is released, until the peer reads, resets the stream or the connection
+//! closes: the HTTP/2 stream and its unsent buffered data (at most the
+//! flow-control window), and the response body, with the inner body it wraps
+//! and whatever feeds that (a handler's channel and its buffered items). A
+//! producer blocked on `send` into such a channel is stuck until then, unless
+//! it also selects on [`StreamHandle::cancelled`]: that is what the handle is
+//! for.
 //!
 //! # Costs
 //!
@@ -65,7 +69,10 @@
 //! record and two insertions into the guard's timer map. Per guard: one timer
 //! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
 //! (10 ms) while it has streams and exits when it has none. Deadlines fire at
-//! most one resolution late (idle timeouts two), never early.
+//! most one resolution late (idle timeouts two), never early while the timer
+//! task runs on schedule; a runtime so overloaded that the task's tick is late
+//! can make an idle timeout fire early by that delay. The runtime needs its
+//! time driver (`enable_time`, on by default with `#[tokio::main]`).
 //!
 //! # Features
 //!

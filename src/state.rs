@@ -149,14 +149,20 @@ impl StreamState {
         self.merge(policy);
         if !Arc::ptr_eq(core, &self.core) {
             let mut stacked = self.stacked.lock().unwrap_or_else(PoisonError::into_inner);
+            // `end` sets the phase before it empties this list under the same
+            // lock: a layer that arrives after the end is not counted.
+            if self.is_ended() {
+                return;
+            }
             if !stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
                 core.active.fetch_add(1, Ordering::Relaxed);
                 stacked.push(Arc::clone(core));
             }
         }
-        if self.timer_key.load(Ordering::Relaxed) != NEVER {
-            self.core.sweeper.arm(self);
-        }
+        // The inner layer may run after the owner filed the stream (a buffer,
+        // a spawn in between), or the owner may have no deadline of its own:
+        // file it again under the merged limits either way.
+        self.core.sweeper.arm(self);
     }
 
     pub(crate) fn arm(self: &Arc<Self>) {

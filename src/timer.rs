@@ -107,16 +107,22 @@ impl Sweeper {
         wheel
             .entries
             .insert((deadline, state.id.get()), Arc::downgrade(state));
-        if !wheel.running {
-            self.start(&mut wheel);
+        if wheel.running {
+            return;
         }
+        wheel.running = true;
+        self.coarse
+            .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
+        // Spawned without the lock: a runtime that is shutting down drops the
+        // task on the spot, and its `StopOnDrop` takes the lock.
+        drop(wheel);
+        self.start();
     }
 
     /// Removes `state`'s filing, if any.
     pub(crate) fn disarm(&self, state: &StreamState) {
-        if state.timer_key.load(Ordering::Relaxed) == NEVER {
-            return;
-        }
+        // Always under the lock: a lock-free "not filed" check could miss a
+        // concurrent re-filing by the sweeper on weakly ordered CPUs.
         let mut wheel = self.lock();
         let old = state.timer_key.swap(NEVER, Ordering::Relaxed);
         if old != NEVER {
@@ -124,20 +130,29 @@ impl Sweeper {
         }
     }
 
-    fn start(self: &Arc<Self>, wheel: &mut Wheel) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            if !self.warned_no_runtime.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    target: "tower_stream_guard",
-                    "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced"
-                );
-            }
-            return;
+    /// Spawns the sweeper task; `running` is already set.
+    fn start(self: &Arc<Self>) {
+        // The guard exists before the task does, so that a task dropped
+        // before its first poll (runtime shutting down) still clears
+        // `running` and the next stream starts a new one.
+        let stop = StopOnDrop {
+            sweeper: Arc::clone(self),
+            armed: true,
         };
-        wheel.running = true;
-        self.coarse
-            .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
-        runtime.spawn(run(Arc::clone(self)));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(run(stop));
+            }
+            Err(_) => {
+                drop(stop);
+                if !self.warned_no_runtime.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        target: "tower_stream_guard",
+                        "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -156,11 +171,7 @@ impl Drop for StopOnDrop {
     }
 }
 
-async fn run(sweeper: Arc<Sweeper>) {
-    let mut stop = StopOnDrop {
-        sweeper,
-        armed: true,
-    };
+async fn run(mut stop: StopOnDrop) {
     let sweeper = Arc::clone(&stop.sweeper);
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -675,3 +675,105 @@ async fn lagging_subscriber_is_told_how_many_events_it_missed() {
     assert!(slow.recv().await.is_ok());
     assert_no_more_events(&mut slow);
 }
+
+/// A service that never answers, for whatever request body.
+fn never_answers<B>() -> impl Service<
+    Request<B>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<String>, Infallible>> + Send,
+> + Clone {
+    tower::service_fn(|_: Request<B>| std::future::pending())
+}
+
+#[test]
+fn a_layer_outlives_the_runtime_that_started_its_timer() {
+    let guard = guard(StreamGuardLayer::builder().max_lifetime(2 * SECOND));
+    let mut svc = guard.layer(never_answers());
+    // Runtime A files a stream (spawning the timer task) and shuts down
+    // before that task ever runs.
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pending = {
+        let _entered = first.enter();
+        svc.call(Request::new(String::new()))
+    };
+    drop(first);
+    drop(pending);
+    // Runtime B must get a working timer of its own.
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let started = Instant::now();
+        let response = tokio::time::timeout(3600 * SECOND, svc.call(Request::new(String::new())))
+            .await
+            .expect("the lifetime fires on the second runtime")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(started.elapsed(), 2 * SECOND);
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_layer_called_later_still_gets_its_limit_enforced() {
+    // The outer layer has no limit of its own, and something between the
+    // layers calls the inner one only after the outer call returned.
+    let outer = guard(StreamGuardLayer::builder());
+    let lifetime = MaxLifetimeLayer::new(SECOND).unwrap();
+    let inner = lifetime.layer(never_answers());
+    let deferring = tower::service_fn(move |request| {
+        let mut inner = inner.clone();
+        async move {
+            tokio::task::yield_now().await;
+            inner.call(request).await
+        }
+    });
+    let started = Instant::now();
+    let response = tokio::time::timeout(
+        3600 * SECOND,
+        outer.layer(deferring).oneshot(Request::new(String::new())),
+    )
+    .await
+    .expect("the inner layer's lifetime fires")
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(started.elapsed(), SECOND);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_layer_reached_after_the_end_is_not_counted() {
+    let outer = guard(StreamGuardLayer::builder().max_lifetime(SECOND));
+    let idle = IdleTimeoutLayer::new(SECOND, IdleDirection::Both).unwrap();
+    let mut inner_events = idle.subscribe();
+    let inner = idle.layer(never_answers());
+    let (called_tx, called) = oneshot::channel();
+    let called_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(called_tx)));
+    let deferring = tower::service_fn(move |request| {
+        let mut inner = inner.clone();
+        let called_tx = called_tx.clone();
+        // The inner layer is reached only after the outer stream ended.
+        tokio::spawn(async move {
+            sleep(2 * SECOND).await;
+            drop(inner.call(request));
+            if let Some(tx) = called_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        });
+        std::future::pending::<Result<Response<String>, Infallible>>()
+    });
+    let response = outer
+        .layer(deferring)
+        .oneshot(Request::new(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    called.await.unwrap();
+    assert_eq!(outer.active_streams(), 0);
+    assert_eq!(idle.active_streams(), 0);
+    assert_no_more_events(&mut inner_events);
+}
