@@ -24,10 +24,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{
-        broadcast::{self, error::TryRecvError},
-        mpsc,
-    },
+    sync::{broadcast, mpsc},
     task::JoinHandle,
     time::timeout,
 };
@@ -38,10 +35,8 @@ use tower_stream_guard::{
     StreamHandle,
 };
 
-const PATIENCE: Duration = Duration::from_secs(5);
-const QUIET: Duration = Duration::from_millis(200);
-/// How late a guard may be seen to fire on a loaded machine.
-const SLACK: Duration = Duration::from_secs(2);
+mod support;
+use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_until};
 
 type ResBody = BoxBody<Bytes, BoxError>;
 
@@ -226,34 +221,6 @@ async fn send(
         .await
         .expect("response headers in time")
         .expect("request failed")
-}
-
-async fn next_event(events: &mut broadcast::Receiver<EndEvent>) -> EndEvent {
-    timeout(PATIENCE, events.recv())
-        .await
-        .expect("no end event within 5 s")
-        .expect("event channel failed")
-}
-
-async fn assert_no_more_events(events: &mut broadcast::Receiver<EndEvent>) {
-    match events.try_recv() {
-        Err(TryRecvError::Empty) => {}
-        other => panic!("unexpected extra end event: {other:?}"),
-    }
-    if let Ok(extra) = timeout(QUIET, events.recv()).await {
-        panic!("unexpected extra end event: {extra:?}");
-    }
-}
-
-async fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "timed out after {PATIENCE:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Checks a `/full` exchange end to end and returns its event.

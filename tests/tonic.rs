@@ -24,10 +24,7 @@ use common::{
 };
 use tokio::{
     net::TcpListener,
-    sync::{
-        broadcast::{self, error::TryRecvError},
-        mpsc, oneshot,
-    },
+    sync::{broadcast::error::TryRecvError, mpsc, oneshot},
     task::JoinHandle,
     time::timeout,
 };
@@ -35,17 +32,11 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Status, transport::Channel};
 use tower::ServiceBuilder;
 use tower_stream_guard::{
-    EndEvent, EndReason, IdleDirection, IdleTimeoutLayer, MaxLifetimeLayer, StreamGuardLayer,
+    EndReason, IdleDirection, IdleTimeoutLayer, MaxLifetimeLayer, StreamGuardLayer,
 };
 
-/// How long a test waits for something that should happen (an event, a
-/// counter reaching zero, a client error) before it fails.
-const PATIENCE: Duration = Duration::from_secs(5);
-/// How long a test listens for an event that must not come.
-const QUIET: Duration = Duration::from_millis(200);
-/// How late a guard may be seen to fire on a loaded machine (its own
-/// precision is one or two timer resolutions, 10-20 ms).
-const SLACK: Duration = Duration::from_secs(2);
+mod support;
+use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_until};
 
 struct TestServer {
     addr: SocketAddr,
@@ -103,37 +94,6 @@ macro_rules! serve {
             task,
         }
     }};
-}
-
-/// The next end event, or a failure after [`PATIENCE`].
-async fn next_event(events: &mut broadcast::Receiver<EndEvent>) -> EndEvent {
-    timeout(PATIENCE, events.recv())
-        .await
-        .expect("no end event within 5 s")
-        .expect("event channel failed")
-}
-
-/// Fails if any further event is queued or arrives within [`QUIET`].
-async fn assert_no_more_events(events: &mut broadcast::Receiver<EndEvent>) {
-    match events.try_recv() {
-        Err(TryRecvError::Empty) => {}
-        other => panic!("unexpected extra end event: {other:?}"),
-    }
-    if let Ok(extra) = timeout(QUIET, events.recv()).await {
-        panic!("unexpected extra end event: {extra:?}");
-    }
-}
-
-/// Polls `condition` every 10 ms until it holds; fails after [`PATIENCE`].
-async fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "timed out after {PATIENCE:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn msg(text: &str) -> EchoRequest {
