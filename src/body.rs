@@ -20,16 +20,11 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::{
-    error::{BoxError, GuardError, describe},
-    event::EndReason,
-    grpc,
-    state::StreamState,
-};
+use crate::{error::BoxError, event::EndReason, grpc, state::StreamState};
 
 pin_project! {
     /// A request body whose frames count as request-side activity, and which
-    /// yields a [`GuardError`] once a guard ends its stream.
+    /// yields a [`GuardError`](crate::GuardError) once a guard ends its stream.
     ///
     /// The handler sees the error from its next read; with tonic, a
     /// `Streaming::message()` returns `Status::deadline_exceeded` naming the
@@ -71,12 +66,6 @@ impl<B> RequestBody<B> {
     }
 }
 
-/// The error a guard-ended stream's bodies yield, if a guard ended it.
-fn guard_error(state: &StreamState) -> Option<GuardError> {
-    let reason = state.end_reason().filter(|r| r.is_guard())?;
-    Some(GuardError::new(reason, state.limit(reason)))
-}
-
 impl<B> Body for RequestBody<B>
 where
     B: Body,
@@ -97,7 +86,7 @@ where
             return Poll::Ready(None);
         }
         if state.is_ended()
-            && let Some(err) = guard_error(state)
+            && let Some(err) = state.guard_error()
         {
             *this.done = true;
             return Poll::Ready(Some(Err(err.into())));
@@ -115,7 +104,7 @@ where
                 // The guard may have fired between the inner poll and the
                 // registration; it would have woken nobody.
                 if state.is_ended()
-                    && let Some(err) = guard_error(state)
+                    && let Some(err) = state.guard_error()
                 {
                     *this.done = true;
                     return Poll::Ready(Some(Err(err.into())));
@@ -171,7 +160,7 @@ where
 pin_project! {
     /// A response body whose frames count as response-side activity, and which
     /// ends the way a peer can read once a guard ends its stream: with
-    /// `grpc-status: 4` trailers for gRPC responses, with a [`GuardError`]
+    /// `grpc-status: 4` trailers for gRPC responses, with a [`GuardError`](crate::GuardError)
     /// (an HTTP/2 reset) otherwise.
     ///
     /// Its end ends the stream: the end event is emitted when it yields its
@@ -285,15 +274,15 @@ fn end_fired<B: Body>(
 ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
     *closed = true;
     inner.set(None);
-    let Some(reason) = state.end_reason().filter(|r| r.is_guard()) else {
+    let Some(err) = state.guard_error() else {
         return Poll::Ready(None);
     };
-    let limit = state.limit(reason);
-    if grpc {
-        let trailers = grpc::trailers(grpc::DEADLINE_EXCEEDED, &describe(reason, limit));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    } else {
-        Poll::Ready(Some(Err(GuardError::new(reason, limit).into())))
+    match err.reason().grpc_code() {
+        Some(code) if grpc => {
+            let trailers = grpc::trailers(code, &err.to_string());
+            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        }
+        _ => Poll::Ready(Some(Err(err.into()))),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::{error::Error, fmt, time::Duration};
 
-use crate::{event::EndReason, policy::IdleDirection};
+use crate::{cap::StreamCap, event::EndReason, policy::IdleDirection};
 
 /// A boxed error, as bodies of this crate return.
 pub type BoxError = Box<dyn Error + Send + Sync>;
@@ -12,24 +12,30 @@ pub type BoxError = Box<dyn Error + Send + Sync>;
 /// Yielded by a guarded request body (the handler sees it from its next read)
 /// and by a guarded plain-HTTP response body (hyper then resets the stream).
 /// Find it with `downcast_ref::<GuardError>()` on a body error. With the
-/// `tonic` feature its [`source`](Error::source) is a
-/// `tonic::Status::deadline_exceeded`, so tonic's `Streaming::message()`
-/// returns exactly that status to the handler.
+/// `tonic` feature its [`source`](Error::source) is a `tonic::Status` with
+/// the reason's code ([`EndReason::grpc_code`]: `DEADLINE_EXCEEDED` for a
+/// limit), so tonic's `Streaming::message()` returns exactly that status to
+/// the handler.
 #[derive(Debug)]
 pub struct GuardError {
     reason: EndReason,
     limit: Duration,
+    message: String,
     #[cfg(feature = "tonic")]
     status: tonic::Status,
 }
 
 impl GuardError {
-    pub(crate) fn new(reason: EndReason, limit: Duration) -> Self {
+    pub(crate) fn new(reason: EndReason, limit: Duration, message: String) -> Self {
         GuardError {
             reason,
             limit,
             #[cfg(feature = "tonic")]
-            status: tonic::Status::deadline_exceeded(describe(reason, limit)),
+            status: tonic::Status::new(
+                tonic::Code::from_i32(reason.grpc_code().unwrap_or(4) as i32),
+                message.clone(),
+            ),
+            message,
         }
     }
 
@@ -38,10 +44,23 @@ impl GuardError {
         self.reason
     }
 
-    /// The configured limit that was reached.
+    /// The configured limit that was reached (zero for a rejection).
     pub fn limit(&self) -> Duration {
         self.limit
     }
+}
+
+/// The sentence users see when a client's `grpc-timeout` ended its stream.
+pub(crate) fn describe_client_deadline(limit: Duration) -> String {
+    format!("stream passed the deadline of {limit:?} the client set (grpc-timeout)")
+}
+
+/// The sentence users see when a cap refused a stream.
+pub(crate) fn describe_rejection(cap: StreamCap, limit: usize) -> String {
+    format!(
+        "stream refused: at most {limit} concurrent streams {cap} ({})",
+        cap.setting()
+    )
 }
 
 /// The sentence users see, in errors, `grpc-message` and logs.
@@ -65,7 +84,7 @@ pub(crate) fn describe(reason: EndReason, limit: Duration) -> String {
 
 impl fmt::Display for GuardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&describe(self.reason, self.limit))
+        f.write_str(&self.message)
     }
 }
 
@@ -91,10 +110,9 @@ mod tests {
 
     #[test]
     fn tonic_finds_deadline_exceeded_in_the_source_chain() {
-        let err: BoxError = Box::new(GuardError::new(
-            EndReason::IdleTimeout(IdleDirection::Request),
-            Duration::from_secs(2),
-        ));
+        let reason = EndReason::IdleTimeout(IdleDirection::Request);
+        let limit = Duration::from_secs(2);
+        let err: BoxError = Box::new(GuardError::new(reason, limit, describe(reason, limit)));
         let status = tonic::Status::from_error(err);
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(

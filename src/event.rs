@@ -23,7 +23,11 @@ use std::{
 use http::{Method, Uri};
 use tokio::sync::broadcast;
 
-use crate::{handle::StreamId, policy::IdleDirection};
+use crate::{
+    cap::{ConnectionKey, StreamCap},
+    handle::StreamId,
+    policy::IdleDirection,
+};
 
 /// Why a stream ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,11 +49,15 @@ pub enum EndReason {
     LifetimeExceeded,
     /// The service or the response body returned an error.
     Error,
+    /// A stream cap refused the stream: the service never saw it. gRPC
+    /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503`.
+    Rejected(StreamCap),
 }
 
 impl EndReason {
     /// A short snake-case name, as used in JSON event lines: `completed`,
-    /// `cancelled`, `idle_timeout`, `lifetime_exceeded` or `error`.
+    /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error` or
+    /// `rejected`.
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Completed => "completed",
@@ -57,16 +65,39 @@ impl EndReason {
             EndReason::IdleTimeout(_) => "idle_timeout",
             EndReason::LifetimeExceeded => "lifetime_exceeded",
             EndReason::Error => "error",
+            EndReason::Rejected(_) => "rejected",
         }
     }
 
     /// Whether a guard of this crate ended the stream (as opposed to the
-    /// stream ending by itself).
+    /// stream ending by itself): a limit fired or a cap refused it.
     pub fn is_guard(self) -> bool {
         matches!(
             self,
-            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded
+            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded | EndReason::Rejected(_)
         )
+    }
+
+    /// The cap, for [`EndReason::Rejected`].
+    pub fn cap(self) -> Option<StreamCap> {
+        match self {
+            EndReason::Rejected(cap) => Some(cap),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status code a guard-made end carries: `4`
+    /// (`DEADLINE_EXCEEDED`) for idle timeouts and lifetimes, `8`
+    /// (`RESOURCE_EXHAUSTED`) for rejections; `None` for ends the guard did
+    /// not make.
+    pub fn grpc_code(self) -> Option<u32> {
+        match self {
+            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded => {
+                Some(crate::grpc::DEADLINE_EXCEEDED)
+            }
+            EndReason::Rejected(_) => Some(crate::grpc::RESOURCE_EXHAUSTED),
+            _ => None,
+        }
     }
 
     /// The idle direction, for [`EndReason::IdleTimeout`].
@@ -86,6 +117,9 @@ impl EndReason {
             EndReason::IdleTimeout(IdleDirection::Both) => 5,
             EndReason::LifetimeExceeded => 6,
             EndReason::Error => 7,
+            EndReason::Rejected(StreamCap::PerConnection) => 8,
+            EndReason::Rejected(StreamCap::PerPeer) => 9,
+            EndReason::Rejected(StreamCap::Total) => 10,
         }
     }
 
@@ -98,6 +132,9 @@ impl EndReason {
             5 => EndReason::IdleTimeout(IdleDirection::Both),
             6 => EndReason::LifetimeExceeded,
             7 => EndReason::Error,
+            8 => EndReason::Rejected(StreamCap::PerConnection),
+            9 => EndReason::Rejected(StreamCap::PerPeer),
+            10 => EndReason::Rejected(StreamCap::Total),
             _ => return None,
         })
     }
@@ -108,6 +145,7 @@ impl fmt::Display for EndReason {
         match self {
             EndReason::IdleTimeout(direction) => write!(f, "idle timeout ({direction})"),
             EndReason::LifetimeExceeded => f.write_str("maximum lifetime exceeded"),
+            EndReason::Rejected(cap) => write!(f, "rejected (stream cap {cap})"),
             other => f.write_str(other.as_str()),
         }
     }
@@ -130,10 +168,12 @@ pub struct EndEvent {
     pub(crate) method: Method,
     pub(crate) uri: Uri,
     pub(crate) peer: Option<SocketAddr>,
+    pub(crate) connection: Option<ConnectionKey>,
     pub(crate) started_at: SystemTime,
     pub(crate) duration: Duration,
     pub(crate) reason: EndReason,
     pub(crate) limit: Option<Duration>,
+    pub(crate) cap_limit: Option<usize>,
     pub(crate) request: Traffic,
     pub(crate) response: Traffic,
     pub(crate) grpc_status: Option<u32>,
@@ -161,6 +201,12 @@ impl EndEvent {
         self.peer
     }
 
+    /// The connection the stream came on, as the caps saw it (see
+    /// [`ConnectionKey`]).
+    pub fn connection(&self) -> Option<ConnectionKey> {
+        self.connection
+    }
+
     /// Wall-clock time at which the request reached the guard.
     pub fn started_at(&self) -> SystemTime {
         self.started_at
@@ -176,9 +222,17 @@ impl EndEvent {
         self.reason
     }
 
-    /// The configured limit that fired, when a guard ended the stream.
+    /// The configured limit that fired, when an idle timeout or the lifetime
+    /// ended the stream (for a lifetime cut short by the client's
+    /// `grpc-timeout`, that timeout).
     pub fn limit(&self) -> Option<Duration> {
         self.limit
+    }
+
+    /// The cap's limit, when a cap refused the stream
+    /// ([`EndReason::Rejected`]).
+    pub fn cap_limit(&self) -> Option<usize> {
+        self.cap_limit
     }
 
     /// Data the peer sent (the request body).
@@ -200,8 +254,9 @@ impl EndEvent {
     }
 
     /// The event as one line of JSON (no trailing newline), with the keys
-    /// `id`, `method`, `route`, `peer`, `reason`, `direction` (idle timeouts
-    /// only), `limit_ms` (guard ends only), `started_at_ms` (Unix time),
+    /// `id`, `method`, `route`, `peer`, `connection`, `reason`, `direction`
+    /// (idle timeouts only), `limit_ms` (idle timeouts and lifetimes only),
+    /// `cap` and `cap_limit` (rejections only), `started_at_ms` (Unix time),
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
     /// `response_bytes` and `grpc_status` (`null` when none).
     pub fn to_json(&self) -> String {
@@ -215,12 +270,23 @@ impl EndEvent {
             Some(peer) => json_string(&mut out, &peer.to_string()),
             None => out.push_str("null"),
         }
+        out.push_str(",\"connection\":");
+        match self.connection {
+            Some(connection) => json_string(&mut out, &connection.to_string()),
+            None => out.push_str("null"),
+        }
         let _ = write!(out, ",\"reason\":\"{}\"", self.reason.as_str());
         if let Some(direction) = self.reason.direction() {
             let _ = write!(out, ",\"direction\":\"{direction}\"");
         }
         if let Some(limit) = self.limit {
             let _ = write!(out, ",\"limit_ms\":{}", limit.as_millis());
+        }
+        if let Some(cap) = self.reason.cap() {
+            let _ = write!(out, ",\"cap\":\"{}\"", cap.as_str());
+        }
+        if let Some(cap_limit) = self.cap_limit {
+            let _ = write!(out, ",\"cap_limit\":{cap_limit}");
         }
         let started = self
             .started_at
@@ -317,10 +383,12 @@ mod tests {
             method: Method::POST,
             uri: Uri::from_static("/echo.Echo/Bidi?x=1"),
             peer: Some("127.0.0.1:4000".parse().unwrap()),
+            connection: Some(ConnectionKey::from_id(3)),
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1500),
             duration: Duration::from_millis(2500),
             reason: EndReason::IdleTimeout(IdleDirection::Request),
             limit: Some(Duration::from_secs(2)),
+            cap_limit: None,
             request: Traffic {
                 frames: 3,
                 bytes: 30,
@@ -334,7 +402,7 @@ mod tests {
     fn json_line_has_every_field() {
         assert_eq!(
             event().to_json(),
-            r#"{"id":7,"method":"POST","route":"/echo.Echo/Bidi","peer":"127.0.0.1:4000","reason":"idle_timeout","direction":"request","limit_ms":2000,"started_at_ms":1500,"duration_ms":2500,"request_frames":3,"request_bytes":30,"response_frames":0,"response_bytes":0,"grpc_status":4}"#
+            r##"{"id":7,"method":"POST","route":"/echo.Echo/Bidi","peer":"127.0.0.1:4000","connection":"#3","reason":"idle_timeout","direction":"request","limit_ms":2000,"started_at_ms":1500,"duration_ms":2500,"request_frames":3,"request_bytes":30,"response_frames":0,"response_bytes":0,"grpc_status":4}"##
         );
     }
 
@@ -355,6 +423,9 @@ mod tests {
             EndReason::IdleTimeout(IdleDirection::Both),
             EndReason::LifetimeExceeded,
             EndReason::Error,
+            EndReason::Rejected(StreamCap::PerConnection),
+            EndReason::Rejected(StreamCap::PerPeer),
+            EndReason::Rejected(StreamCap::Total),
         ] {
             assert_eq!(EndReason::from_code(reason.code()), Some(reason));
         }

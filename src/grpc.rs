@@ -8,7 +8,7 @@
 //! carrying the same status. Plain HTTP responses get a body error (RST_STREAM
 //! on HTTP/2), or a `504 Gateway Timeout` before headers.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use http::{
     HeaderMap, HeaderValue, Response, StatusCode,
@@ -19,8 +19,36 @@ use http::{
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
 /// `DEADLINE_EXCEEDED`.
 pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
+
+/// `RESOURCE_EXHAUSTED`.
+pub(crate) const RESOURCE_EXHAUSTED: u32 = 8;
+
+/// The client's deadline from a `grpc-timeout` header: up to eight ASCII
+/// digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`). Anything else is
+/// ignored, as if the header were absent.
+pub(crate) fn timeout_of(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(&GRPC_TIMEOUT)?.as_bytes();
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
 
 /// Whether headers announce a gRPC message stream.
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
@@ -66,8 +94,18 @@ pub(crate) fn trailers(code: u32, message: &str) -> HeaderMap {
     headers
 }
 
+/// The HTTP status a plain-HTTP response made by the guard carries for a
+/// given gRPC code: `503` for a refusal, `504` for a limit.
+fn http_status(code: u32) -> StatusCode {
+    match code {
+        RESOURCE_EXHAUSTED => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
 /// A response made by the guard before the service produced one: trailers-only
-/// for gRPC, `504 Gateway Timeout` otherwise.
+/// for gRPC, `504 Gateway Timeout` (a limit) or `503 Service Unavailable` (a
+/// refusal) otherwise.
 pub(crate) fn early_response<B>(grpc: bool, code: u32, message: &str, body: B) -> Response<B> {
     let mut response = Response::new(body);
     if grpc {
@@ -75,7 +113,7 @@ pub(crate) fn early_response<B>(grpc: bool, code: u32, message: &str, body: B) -
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         put_status(headers, code, message);
     } else {
-        *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+        *response.status_mut() = http_status(code);
     }
     response
 }
@@ -121,5 +159,30 @@ mod tests {
         assert_eq!(r.headers()["grpc-message"], "too long");
         let r = early_response(false, DEADLINE_EXCEEDED, "too long", ());
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        let r = early_response(false, RESOURCE_EXHAUSTED, "full", ());
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn grpc_timeout_header_is_parsed_or_ignored() {
+        let parse = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "grpc-timeout",
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
+            timeout_of(&h)
+        };
+        assert_eq!(parse("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "100", "100x", "123456789S", "-1S", "1.5S", "１S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(timeout_of(&HeaderMap::new()), None);
     }
 }

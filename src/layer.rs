@@ -11,10 +11,13 @@ use tokio::sync::broadcast;
 use tower_layer::Layer;
 
 use crate::{
+    cap::{CapLimits, CapSet, ConnectionKey, KeyFn, StreamCap},
     event::{EndCallback, EndEvent, EventHub},
-    policy::{ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, Policy},
+    policy::{ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, Policy},
+    route::{Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
     service::{PlainBody, StreamGuard},
     state::Core,
+    stats::{Counters, GuardStats},
     timer::Sweeper,
 };
 
@@ -74,7 +77,32 @@ impl<W> StreamGuardLayer<W> {
         self.core.active.load(Ordering::Relaxed)
     }
 
-    /// The limits this guard enforces.
+    /// A snapshot of this guard's counters: active streams and ended
+    /// streams per reason (rejections per cap). A few atomic loads; the
+    /// counters agree with the end events.
+    pub fn stats(&self) -> GuardStats {
+        self.core
+            .counters
+            .snapshot(self.core.active.load(Ordering::Relaxed))
+    }
+
+    /// Open streams per connection, for every connection with at least one
+    /// (connections are keyed as [`ConnectionKey`] describes). Takes a lock
+    /// that streams take when they start and end: for dashboards and tests,
+    /// not for every request.
+    pub fn connection_streams(&self) -> Vec<(ConnectionKey, usize)> {
+        self.core.caps.connection_streams()
+    }
+
+    /// Open streams per peer IP address, for every peer with at least one;
+    /// counted only when [`max_streams_per_peer`](StreamGuardBuilder::max_streams_per_peer)
+    /// is set (empty otherwise). Takes a lock, like
+    /// [`connection_streams`](Self::connection_streams).
+    pub fn peer_streams(&self) -> Vec<(std::net::IpAddr, usize)> {
+        self.core.caps.peer_streams()
+    }
+
+    /// The limits this guard enforces on streams no route matches.
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -128,6 +156,11 @@ impl<S, W> Layer<S> for StreamGuardLayer<W> {
 #[derive(Clone)]
 pub struct StreamGuardBuilder {
     policy: Policy,
+    caps: CapLimits,
+    cap_wait: Option<Duration>,
+    routes: Vec<RouteSpec>,
+    connection_key: Option<KeyFn>,
+    honor_grpc_timeout: bool,
     resolution: Duration,
     capacity: usize,
     callbacks: Vec<EndCallback>,
@@ -137,6 +170,11 @@ impl Default for StreamGuardBuilder {
     fn default() -> Self {
         StreamGuardBuilder {
             policy: Policy::default(),
+            caps: CapLimits::default(),
+            cap_wait: None,
+            routes: Vec::new(),
+            connection_key: None,
+            honor_grpc_timeout: false,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
             callbacks: Vec::new(),
@@ -148,6 +186,11 @@ impl fmt::Debug for StreamGuardBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StreamGuardBuilder")
             .field("policy", &self.policy)
+            .field("caps", &self.caps)
+            .field("cap_wait", &self.cap_wait)
+            .field("routes", &self.routes)
+            .field("connection_key", &self.connection_key.is_some())
+            .field("honor_grpc_timeout", &self.honor_grpc_timeout)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
             .field("callbacks", &self.callbacks.len())
@@ -188,6 +231,119 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Lets a client's `grpc-timeout` header shorten the lifetime of its
+    /// stream: the stream ends at whichever comes first, the lifetime this
+    /// guard sets or the client's deadline (a client cannot lengthen it).
+    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason)
+    /// and the `grpc-message` names `grpc-timeout`. Malformed headers are
+    /// ignored.
+    ///
+    /// tonic's own `Server::timeout` also reads `grpc-timeout`, but bounds only
+    /// the time until the handler returns its response (for a streaming call,
+    /// until the stream *starts*); this bounds the whole stream, messages
+    /// included.
+    pub fn honor_grpc_timeout(mut self, honor: bool) -> Self {
+        self.honor_grpc_timeout = honor;
+        self
+    }
+
+    /// At most `limit` open streams per connection. A stream holds its slot
+    /// from the moment its request reaches the guard until it ends (body
+    /// finished or dropped, guard fired, stalled reader released), unlike
+    /// tonic's `concurrency_limit_per_connection`, which frees its slot when
+    /// the response headers are ready.
+    ///
+    /// A stream over the cap is refused at once (see
+    /// [`cap_wait`](Self::cap_wait)): gRPC clients get `RESOURCE_EXHAUSTED`
+    /// with a message naming the cap, plain HTTP clients `503`, and its end
+    /// event says [`EndReason::Rejected`](crate::EndReason::Rejected).
+    /// Connections are told apart as [`ConnectionKey`] describes.
+    pub fn max_streams_per_connection(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::PerConnection, limit);
+        self
+    }
+
+    /// At most `limit` open streams per peer IP address, over all of its
+    /// connections. Requests whose peer address is unknown (no tonic
+    /// `TcpConnectInfo`, [`PeerAddr`](crate::PeerAddr) or address-based
+    /// [`ConnectionKey`]) are not held to it.
+    pub fn max_streams_per_peer(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::PerPeer, limit);
+        self
+    }
+
+    /// At most `limit` open streams through this guard in total.
+    pub fn max_streams(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::Total, limit);
+        self
+    }
+
+    /// A stream over a cap waits up to `patience` for a slot instead of being
+    /// refused at once; it is refused if none comes free in time. The
+    /// service is called at once but its future is not polled while the
+    /// stream waits, and the stream's lifetime runs meanwhile. Caps of inner
+    /// stacked guard layers refuse at once regardless.
+    pub fn cap_wait(mut self, patience: Duration) -> Self {
+        self.cap_wait = Some(patience);
+        self
+    }
+
+    /// How to tell a request's connection from its extensions, for servers
+    /// that neither insert a [`ConnectionKey`] nor are tonic over TCP; e.g.
+    /// axum's `ConnectInfo`:
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use tower_stream_guard::{ConnectionKey, StreamGuardLayer};
+    ///
+    /// # #[derive(Clone)] struct ConnectInfo<T>(T);
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams_per_connection(16)
+    ///     .connection_key(|extensions| {
+    ///         let ConnectInfo(remote) = extensions.get::<ConnectInfo<SocketAddr>>()?;
+    ///         Some(ConnectionKey::from_remote(*remote))
+    ///     })
+    ///     .build()?;
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connection_key<F>(mut self, key: F) -> Self
+    where
+        F: Fn(&http::Extensions) -> Option<ConnectionKey> + Send + Sync + 'static,
+    {
+        self.connection_key = Some(Arc::new(key));
+        self
+    }
+
+    /// Applies `policy` to requests whose path is exactly `path` (for gRPC,
+    /// `/package.Service/Method`). Routes are tried in the order they were
+    /// added; the first match wins. See [`RoutePolicy`].
+    pub fn route(self, path: impl Into<String>, policy: RoutePolicy) -> Self {
+        self.push_route(Matcher::Exact(path.into()), policy)
+    }
+
+    /// Applies `policy` to requests whose path starts with `prefix` (for a
+    /// whole gRPC service, `/package.Service/`).
+    pub fn route_prefix(self, prefix: impl Into<String>, policy: RoutePolicy) -> Self {
+        self.push_route(Matcher::Prefix(prefix.into()), policy)
+    }
+
+    /// Applies `policy` to requests for which `predicate` returns `true`; it
+    /// runs once per request, before the service is called.
+    pub fn route_when<F>(self, predicate: F, policy: RoutePolicy) -> Self
+    where
+        F: Fn(&RouteRequest<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.push_route(Matcher::When(Arc::new(predicate)), policy)
+    }
+
+    fn push_route(mut self, matcher: Matcher, policy: RoutePolicy) -> Self {
+        self.routes.push(RouteSpec { matcher, policy });
+        self
+    }
+
     /// How often deadlines are checked (default 10 ms, between 1 ms and 1 s).
     /// A guard fires at most one resolution after its deadline (an idle
     /// timeout at most two), never before. Each guard with open streams wakes
@@ -222,19 +378,47 @@ impl StreamGuardBuilder {
     /// A [`ConfigError`] when a duration is zero, longer than
     /// [`MAX_DURATION`](crate::MAX_DURATION) or shorter than the timer
     /// resolution, when an idle timeout is not shorter than the maximum
-    /// lifetime, when the resolution is out of range, or when the event
-    /// capacity is zero.
+    /// lifetime, when the resolution is out of range, when the event
+    /// capacity or a cap is zero, or when a route's path does not start with
+    /// `/` or its settings laid over the layer's break one of these rules
+    /// ([`ConfigError::Route`] names the route).
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
         if self.capacity == 0 {
             return Err(ConfigError::ZeroEventCapacity);
         }
+        validate_caps(&self.caps)?;
+        if let Some(patience) = self.cap_wait {
+            if patience.is_zero() {
+                return Err(ConfigError::Zero {
+                    setting: "cap_wait",
+                });
+            }
+            if patience > MAX_DURATION {
+                return Err(ConfigError::TooLong {
+                    setting: "cap_wait",
+                    value: patience,
+                });
+            }
+        }
+        let routes = self
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| spec.compile(index, self.policy, self.resolution))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(StreamGuardLayer {
             policy: self.policy,
             core: Arc::new(Core {
                 sweeper: Arc::new(Sweeper::new(self.resolution)),
                 events: EventHub::new(self.capacity, self.callbacks),
                 active: Default::default(),
+                counters: Counters::default(),
+                caps: Arc::new(CapSet::new(self.caps, true)),
+                routes,
+                connection_key: self.connection_key,
+                honor_grpc_timeout: self.honor_grpc_timeout,
+                cap_wait: self.cap_wait,
             }),
             _wrap: PhantomData,
         })

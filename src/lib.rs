@@ -84,17 +84,21 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod body;
+mod cap;
 mod error;
 mod event;
 mod grpc;
 mod handle;
 mod layer;
 mod policy;
+mod route;
 mod service;
 mod state;
+mod stats;
 mod timer;
 
 pub use body::{RequestBody, ResponseBody};
+pub use cap::{ConnectionKey, StreamCap};
 pub use error::{BoxError, GuardError};
 pub use event::{EndEvent, EndReason, Traffic};
 pub use handle::{PeerAddr, StreamHandle, StreamId};
@@ -106,9 +110,11 @@ pub use policy::{
     ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_TIMER_RESOLUTION,
     MIN_TIMER_RESOLUTION, Policy,
 };
+pub use route::{RoutePolicy, RouteRequest};
 #[cfg(feature = "tonic")]
 pub use service::TonicBody;
 pub use service::{PlainBody, ResponseFuture, StreamGuard, WrapRequestBody};
+pub use stats::GuardStats;
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]

@@ -180,6 +180,25 @@ pub enum ConfigError {
     },
     /// The end-event channel was given a capacity of zero.
     ZeroEventCapacity,
+    /// A stream cap is zero: no stream could ever be admitted.
+    ZeroCap {
+        /// The setting that was given zero.
+        setting: &'static str,
+    },
+    /// A route path or prefix does not start with `/`, so it could never
+    /// match a request path.
+    InvalidRoute {
+        /// The route as given.
+        route: String,
+    },
+    /// A route's settings, laid over the layer's, cannot work.
+    Route {
+        /// The route: its path, its prefix followed by `*`, or
+        /// `route_when #N` for the N-th route (counting from 0).
+        route: String,
+        /// What is wrong with it.
+        error: Box<ConfigError>,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -216,6 +235,15 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroEventCapacity => f.write_str(
                 "`event_capacity` is zero; the end-event channel needs room for at least one event",
             ),
+            ConfigError::ZeroCap { setting } => write!(
+                f,
+                "`{setting}` is zero; no stream could ever be admitted (leave it unset for no cap)"
+            ),
+            ConfigError::InvalidRoute { route } => write!(
+                f,
+                "route `{route}` does not start with `/`, so it could never match a request path"
+            ),
+            ConfigError::Route { route, error } => write!(f, "route `{route}`: {error}"),
         }
     }
 }

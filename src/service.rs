@@ -4,8 +4,12 @@ use std::{
     fmt,
     future::Future,
     marker::PhantomData,
+    net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -16,12 +20,14 @@ use tower_service::Service;
 
 use crate::{
     body::{RequestBody, ResponseBody},
-    error::{BoxError, describe},
+    cap::{self, CapPermit, ConnectionKey, Origin, Refusal},
+    error::BoxError,
     event::EndReason,
     grpc,
     handle::StreamHandle,
     policy::Policy,
-    state::{Core, StreamState},
+    route::{self, RouteRequest},
+    state::{Core, StreamState, peer_addr},
 };
 
 /// How a guard hands the wrapped request body to the service it wraps.
@@ -84,17 +90,40 @@ pub struct StreamGuard<S, W = PlainBody> {
     inner: S,
     policy: Policy,
     core: Arc<Core>,
+    /// Which `Layer::layer` call made this service (clones share it): the
+    /// connection key of last resort.
+    instance: u64,
     _wrap: PhantomData<fn() -> W>,
 }
 
 impl<S, W> StreamGuard<S, W> {
     pub(crate) fn new(inner: S, policy: Policy, core: Arc<Core>) -> Self {
+        static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
         StreamGuard {
             inner,
             policy,
             core,
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             _wrap: PhantomData,
         }
+    }
+
+    /// Where `request` came from: its connection and peer, as far as the
+    /// extensions tell.
+    fn origin<B>(&self, request: &Request<B>) -> (Origin, Option<SocketAddr>) {
+        let extensions = request.extensions();
+        let connection = extensions
+            .get::<ConnectionKey>()
+            .copied()
+            .or_else(|| self.core.connection_key.as_ref()?(extensions))
+            .or_else(|| tonic_connection(extensions))
+            .unwrap_or_else(|| ConnectionKey::instance(self.instance));
+        let peer = peer_addr(extensions).or_else(|| connection.remote_addr());
+        let origin = Origin {
+            connection,
+            peer: peer.map(|p| p.ip()),
+        };
+        (origin, peer)
     }
 
     /// The wrapped service.
@@ -119,9 +148,25 @@ impl<S: Clone, W> Clone for StreamGuard<S, W> {
             inner: self.inner.clone(),
             policy: self.policy,
             core: Arc::clone(&self.core),
+            instance: self.instance,
             _wrap: PhantomData,
         }
     }
+}
+
+/// The connection tonic's `TcpConnectInfo` describes.
+fn tonic_connection(extensions: &http::Extensions) -> Option<ConnectionKey> {
+    #[cfg(feature = "tonic")]
+    if let Some(info) = extensions.get::<tonic::transport::server::TcpConnectInfo>() {
+        let remote = info.remote_addr()?;
+        return Some(match info.local_addr() {
+            Some(local) => ConnectionKey::from_addrs(local, remote),
+            None => ConnectionKey::from_remote(remote),
+        });
+    }
+    #[cfg(not(feature = "tonic"))]
+    let _ = extensions;
+    None
 }
 
 impl<S: fmt::Debug, W> fmt::Debug for StreamGuard<S, W> {
@@ -149,17 +194,73 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
-        // An outer guard layer already owns this stream: add our limits and
-        // subscribers to it instead of wrapping the bodies a second time.
+        let core = &self.core;
+        let route = if core.routes.is_empty() {
+            None
+        } else {
+            route::select(
+                &core.routes,
+                &RouteRequest {
+                    method: request.method(),
+                    uri: request.uri(),
+                    headers: request.headers(),
+                    extensions: request.extensions(),
+                },
+            )
+        };
+        let policy = route.map_or(self.policy, |route| route.policy);
+        let client_deadline = core
+            .honor_grpc_timeout
+            .then(|| grpc::timeout_of(request.headers()))
+            .flatten();
+        let (origin, peer) = self.origin(&request);
+        let mut caps = Vec::with_capacity(2);
+        caps.push(Arc::clone(&core.caps));
+        if let Some(route_caps) = route.and_then(|route| route.caps.as_ref()) {
+            caps.push(Arc::clone(route_caps));
+        }
+
+        // An outer guard layer already owns this stream: add our limits,
+        // caps and subscribers to it instead of wrapping the bodies a second
+        // time. An inner layer's caps refuse at once, without waiting.
         if let Some(handle) = request.extensions().get::<StreamHandle>() {
-            handle.state.attach(&self.core, &self.policy);
+            let state = Arc::clone(&handle.state);
+            state.attach(core, &policy);
+            state.limit_lifetime(client_deadline, true);
+            match cap::try_acquire_all(&caps, &origin) {
+                Ok(permits) => state.hold(permits),
+                Err(refusal) => {
+                    state.reject(refusal.cap, refusal.limit);
+                    return ResponseFuture::answered(state);
+                }
+            }
             let future = self.inner.call(request.map(W::pass_through));
             return ResponseFuture {
-                inner: future,
+                inner: Some(future),
                 state: None,
+                admission: None,
             };
         }
-        let state = StreamState::new(&self.core, &self.policy, &request);
+
+        let state = StreamState::new(core, &policy, &request, &origin, peer);
+        state.limit_lifetime(client_deadline, true);
+        let admission = match cap::try_acquire_all(&caps, &origin) {
+            Ok(permits) => {
+                state.hold(permits);
+                None
+            }
+            Err(refusal) => match core.cap_wait {
+                None => {
+                    state.reject(refusal.cap, refusal.limit);
+                    return ResponseFuture::answered(state);
+                }
+                // The service is called now, but its future is polled only
+                // once the slots are ours.
+                Some(patience) => {
+                    Some(Box::pin(cap::acquire_all_within(caps, origin, patience)) as Admission)
+                }
+            },
+        };
         request.extensions_mut().insert(StreamHandle {
             state: Arc::clone(&state),
         });
@@ -169,11 +270,15 @@ where
         // layers are already merged in.
         state.arm();
         ResponseFuture {
-            inner: future,
+            inner: Some(future),
             state: Some(state),
+            admission,
         }
     }
 }
+
+/// Waiting for cap slots (only with `cap_wait`, only while caps are full).
+type Admission = Pin<Box<dyn Future<Output = Result<Vec<CapPermit>, Refusal>> + Send>>;
 
 pin_project! {
     /// The response future of [`StreamGuard`].
@@ -181,12 +286,15 @@ pin_project! {
     /// If a guard fires before the service has answered, it resolves at once
     /// with a response of the guard's own (trailers-only `grpc-status: 4` for
     /// gRPC, `504` otherwise) and drops the service's future, which cancels a
-    /// handler still running. Dropping it before it resolves ends the stream
-    /// as [`EndReason::Cancelled`].
+    /// handler still running. A stream a cap refuses gets `grpc-status: 8`
+    /// (`RESOURCE_EXHAUSTED`) or `503` the same way. Dropping it before it
+    /// resolves ends the stream as [`EndReason::Cancelled`].
     pub struct ResponseFuture<F> {
+        // `None` when the guard answers without the service (a refusal).
         #[pin]
-        inner: F,
+        inner: Option<F>,
         state: Option<Arc<StreamState>>,
+        admission: Option<Admission>,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -198,13 +306,23 @@ pin_project! {
     }
 }
 
+impl<F> ResponseFuture<F> {
+    /// A future that answers for the guard: `state` has already ended.
+    fn answered(state: Arc<StreamState>) -> Self {
+        ResponseFuture {
+            inner: None,
+            state: Some(state),
+            admission: None,
+        }
+    }
+}
+
 fn early_response<B>(state: &StreamState) -> Option<Response<ResponseBody<B>>> {
     let reason = state.end_reason()?;
-    let message = describe(reason, state.limit(reason));
     Some(grpc::early_response(
         state.grpc,
-        grpc::DEADLINE_EXCEEDED,
-        &message,
+        reason.grpc_code().unwrap_or(grpc::DEADLINE_EXCEEDED),
+        &state.describe(reason),
         ResponseBody::empty(),
     ))
 }
@@ -219,15 +337,47 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(state) = this.state.take() else {
-            return this
-                .inner
-                .poll(cx)
-                .map_ok(|response| response.map(ResponseBody::pass_through));
+            return match this.inner.as_pin_mut() {
+                Some(inner) => inner
+                    .poll(cx)
+                    .map_ok(|response| response.map(ResponseBody::pass_through)),
+                // Never built this way; and polled again after completion.
+                None => Poll::Pending,
+            };
         };
         if let Some(response) = early_response(&state) {
             return Poll::Ready(Ok(response));
         }
-        match this.inner.poll(cx) {
+        if let Some(admission) = this.admission.as_mut() {
+            match admission.as_mut().poll(cx) {
+                Poll::Pending => {
+                    state.future_waker.register(cx.waker());
+                    if let Some(response) = early_response(&state) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    *this.state = Some(state);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(permits)) => {
+                    *this.admission = None;
+                    state.hold(permits);
+                }
+                Poll::Ready(Err(refusal)) => {
+                    *this.admission = None;
+                    state.reject(refusal.cap, refusal.limit);
+                    return match early_response(&state) {
+                        Some(response) => Poll::Ready(Ok(response)),
+                        None => Poll::Pending,
+                    };
+                }
+            }
+        }
+        let Some(inner) = this.inner.as_pin_mut() else {
+            // Only answered futures have no service future, and their
+            // stream has ended: early_response answered above.
+            return Poll::Pending;
+        };
+        match inner.poll(cx) {
             Poll::Pending => {
                 state.future_waker.register(cx.waker());
                 if let Some(response) = early_response(&state) {

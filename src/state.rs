@@ -20,10 +20,14 @@ use http::{Method, Request, Uri};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
+    cap::{CapPermit, CapSet, ConnectionKey, KeyFn, Origin, StreamCap},
+    error::{self, GuardError},
     event::{EndEvent, EndReason, EventHub, Traffic},
     grpc,
     handle::StreamId,
     policy::{IdleDirection, Policy},
+    route::Route,
+    stats::Counters,
     timer::{NEVER, Sweeper},
 };
 
@@ -32,6 +36,22 @@ pub(crate) struct Core {
     pub(crate) sweeper: Arc<Sweeper>,
     pub(crate) events: EventHub,
     pub(crate) active: AtomicUsize,
+    pub(crate) counters: Counters,
+    /// The layer's own caps; it also counts streams per connection.
+    pub(crate) caps: Arc<CapSet>,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) connection_key: Option<KeyFn>,
+    pub(crate) honor_grpc_timeout: bool,
+    pub(crate) cap_wait: Option<Duration>,
+}
+
+/// What a stream holds until it ends besides its own record.
+#[derive(Default)]
+struct Held {
+    /// Inner guard layers stacked under the one that owns this stream.
+    stacked: Vec<Arc<Core>>,
+    /// Cap slots, given back when the stream ends.
+    permits: Vec<CapPermit>,
 }
 
 /// Counters of one direction, written only by that direction's body.
@@ -84,11 +104,15 @@ pub(crate) struct StreamState {
     pub(crate) response_waker: AtomicWaker,
     pub(crate) future_waker: AtomicWaker,
     cancelled: Notify,
-    /// Inner guard layers stacked under the one that owns this stream.
-    stacked: Mutex<Vec<Arc<Core>>>,
+    held: Mutex<Held>,
+    /// The lifetime deadline is the client's `grpc-timeout`, not a setting.
+    client_deadline: AtomicBool,
+    /// The limit of the cap that refused this stream.
+    cap_limit: AtomicUsize,
     method: Method,
     uri: Uri,
     peer: Option<SocketAddr>,
+    connection: Option<ConnectionKey>,
 }
 
 fn ns(d: Option<Duration>) -> u64 {
@@ -96,7 +120,13 @@ fn ns(d: Option<Duration>) -> u64 {
 }
 
 impl StreamState {
-    pub(crate) fn new<B>(core: &Arc<Core>, policy: &Policy, request: &Request<B>) -> Arc<Self> {
+    pub(crate) fn new<B>(
+        core: &Arc<Core>,
+        policy: &Policy,
+        request: &Request<B>,
+        origin: &Origin,
+        peer: Option<SocketAddr>,
+    ) -> Arc<Self> {
         let started = Instant::now();
         let start_ns = core.sweeper.ns_of(started);
         core.active.fetch_add(1, Ordering::Relaxed);
@@ -120,10 +150,13 @@ impl StreamState {
             response_waker: AtomicWaker::new(),
             future_waker: AtomicWaker::new(),
             cancelled: Notify::new(),
-            stacked: Mutex::new(Vec::new()),
+            held: Mutex::new(Held::default()),
+            client_deadline: AtomicBool::new(false),
+            cap_limit: AtomicUsize::new(0),
             method: request.method().clone(),
             uri: request.uri().clone(),
-            peer: peer_addr(request.extensions()),
+            peer,
+            connection: Some(origin.connection),
         };
         state.merge(policy);
         Arc::new(state)
@@ -136,11 +169,50 @@ impl StreamState {
             .fetch_min(ns(policy.idle_request), Ordering::Relaxed);
         self.idle_response
             .fetch_min(ns(policy.idle_response), Ordering::Relaxed);
-        let lifetime = ns(policy.max_lifetime);
-        if lifetime != NEVER {
-            self.lifetime_deadline
-                .fetch_min(self.start_ns.saturating_add(lifetime), Ordering::Relaxed);
+        self.limit_lifetime(policy.max_lifetime, false);
+    }
+
+    /// Brings the lifetime deadline forward to `lifetime` after the start, if
+    /// that is earlier; `client` says whether the client's `grpc-timeout`
+    /// asked for it.
+    pub(crate) fn limit_lifetime(&self, lifetime: Option<Duration>, client: bool) {
+        let lifetime = ns(lifetime);
+        if lifetime == NEVER {
+            return;
         }
+        let deadline = self.start_ns.saturating_add(lifetime);
+        let before = self
+            .lifetime_deadline
+            .fetch_min(deadline, Ordering::Relaxed);
+        if deadline < before {
+            self.client_deadline.store(client, Ordering::Relaxed);
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps cap slots until the stream ends; gives them back at once if it
+    /// already has.
+    pub(crate) fn hold(&self, permits: Vec<CapPermit>) {
+        if permits.is_empty() {
+            return;
+        }
+        let mut held = self.held();
+        // `end` sets the phase before it empties `held` under the same lock.
+        if self.is_ended() {
+            drop(held);
+            permits.into_iter().for_each(CapPermit::release);
+            return;
+        }
+        held.permits.extend(permits);
+    }
+
+    /// Ends the stream as refused by `cap`, whose limit is `limit`.
+    pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
+        self.cap_limit.store(limit, Ordering::Relaxed);
+        self.end(EndReason::Rejected(cap));
     }
 
     /// An inner guard layer met this stream: its limits apply too, and its
@@ -148,15 +220,15 @@ impl StreamState {
     pub(crate) fn attach(self: &Arc<Self>, core: &Arc<Core>, policy: &Policy) {
         self.merge(policy);
         if !Arc::ptr_eq(core, &self.core) {
-            let mut stacked = self.stacked.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut held = self.held();
             // `end` sets the phase before it empties this list under the same
             // lock: a layer that arrives after the end is not counted.
             if self.is_ended() {
                 return;
             }
-            if !stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
+            if !held.stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
                 core.active.fetch_add(1, Ordering::Relaxed);
-                stacked.push(Arc::clone(core));
+                held.stacked.push(Arc::clone(core));
             }
         }
         // The inner layer may run after the owner filed the stream (a buffer,
@@ -242,6 +314,30 @@ impl StreamState {
         }
     }
 
+    /// The sentence a guard-made end is explained with, in `grpc-message`,
+    /// errors and logs.
+    pub(crate) fn describe(&self, reason: EndReason) -> String {
+        match reason {
+            EndReason::Rejected(cap) => {
+                error::describe_rejection(cap, self.cap_limit.load(Ordering::Relaxed))
+            }
+            EndReason::LifetimeExceeded if self.client_deadline.load(Ordering::Relaxed) => {
+                error::describe_client_deadline(self.limit(reason))
+            }
+            _ => error::describe(reason, self.limit(reason)),
+        }
+    }
+
+    /// The error a guard-ended stream's bodies yield.
+    pub(crate) fn guard_error(&self) -> Option<GuardError> {
+        let reason = self.end_reason().filter(|r| r.is_guard())?;
+        Some(GuardError::new(
+            reason,
+            self.limit(reason),
+            self.describe(reason),
+        ))
+    }
+
     /// The limit behind a guard-made end, for messages.
     pub(crate) fn limit(&self, reason: EndReason) -> Duration {
         let nanos = match reason {
@@ -298,21 +394,24 @@ impl StreamState {
             return false;
         }
         self.core.sweeper.disarm(self);
-        if reason.is_guard() && self.grpc {
-            self.set_grpc_status(grpc::DEADLINE_EXCEEDED);
+        if self.grpc
+            && let Some(code) = reason.grpc_code()
+        {
+            self.set_grpc_status(code);
         }
         self.future_waker.wake();
         self.response_waker.wake();
         self.request_waker.wake();
         self.cancelled.notify_waiters();
 
+        let held = std::mem::take(&mut *self.held());
+        // Slots first: a stream waiting for one should not wait for
+        // subscribers.
+        held.permits.into_iter().for_each(CapPermit::release);
         let event = self.event(reason);
         trace_end(&event);
-        self.core.active.fetch_sub(1, Ordering::Relaxed);
-        self.core.events.emit(&event);
-        let stacked =
-            std::mem::take(&mut *self.stacked.lock().unwrap_or_else(PoisonError::into_inner));
-        for core in stacked {
+        for core in std::iter::once(&self.core).chain(&held.stacked) {
+            core.counters.count(reason);
             core.active.fetch_sub(1, Ordering::Relaxed);
             core.events.emit(&event);
         }
@@ -327,12 +426,14 @@ impl StreamState {
             method: self.method.clone(),
             uri: self.uri.clone(),
             peer: self.peer,
+            connection: self.connection,
             started_at: SystemTime::now()
                 .checked_sub(duration)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
             duration,
             reason,
-            limit: reason.is_guard().then(|| self.limit(reason)),
+            limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(reason)),
+            cap_limit: reason.cap().map(|_| self.cap_limit.load(Ordering::Relaxed)),
             request: self.request.traffic(),
             response: self.response.traffic(),
             grpc_status: (status != NO_STATUS).then_some(status),
@@ -384,7 +485,7 @@ fn trace_end(event: &EndEvent) {
 }
 
 /// The peer's address, from extensions the server put on the request.
-fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
     if let Some(crate::PeerAddr(addr)) = extensions.get() {
         return Some(*addr);
     }
