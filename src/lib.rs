@@ -8,14 +8,19 @@
 //!
 //! - **idle timeouts**: no frame moved for a while, on the request side, the
 //!   response side, or both ([`IdleDirection`]);
-//! - a **maximum lifetime**, from the moment the request reached the guard;
+//! - a **maximum lifetime**, from the moment the request reached the guard
+//!   (optionally shortened by the client's `grpc-timeout`);
+//! - **stream caps** per connection, per peer and in total, whose slots are
+//!   held until the stream really ends ([`StreamCap`]);
+//! - different limits per route ([`RoutePolicy`]);
 //!
 //! and gives every stream
 //!
 //! - a [`StreamHandle`] in the request extensions, whose
 //!   [`cancelled()`](StreamHandle::cancelled) resolves when the stream ends
 //!   for any reason: the disconnect callback tonic lacks;
-//! - exactly one [`EndEvent`]: why it ended, how long it lived, what it moved.
+//! - exactly one [`EndEvent`]: why it ended, how long it lived, what it moved;
+//!   and a cheap snapshot of counters, [`StreamGuardLayer::stats`].
 //!
 //! # Quick start (tonic)
 //!
@@ -66,7 +71,8 @@
 //!
 //! Per data frame: no timer, no lock, no allocation, no clock read; an atomic
 //! load and a few relaxed stores. Per stream: one allocation for its shared
-//! record and two insertions into the guard's timer map. Per guard: one timer
+//! record, two insertions into the guard's timer map, and a short lock of the
+//! per-connection count on the way in and out (plus one per keyed cap set). Per guard: one timer
 //! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
 //! (10 ms) while it has streams and exits when it has none. Deadlines fire at
 //! most one resolution late (idle timeouts two), never early while the timer

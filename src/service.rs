@@ -225,8 +225,9 @@ where
         // time. An inner layer's caps refuse at once, without waiting.
         if let Some(handle) = request.extensions().get::<StreamHandle>() {
             let state = Arc::clone(&handle.state);
-            state.attach(core, &policy);
+            // Before `attach` files the stream under the merged limits.
             state.limit_lifetime(client_deadline, true);
+            state.attach(core, &policy);
             match cap::try_acquire_all(&caps, &origin) {
                 Ok(permits) => state.hold(permits),
                 Err(refusal) => {

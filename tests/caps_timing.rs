@@ -1,0 +1,567 @@
+//! Caps, routes and the client's deadline under paused time: exact timings,
+//! the guard's own answers, slots given back however a stream ends, and the
+//! counters agreeing with the events (a property test).
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty};
+use proptest::prelude::*;
+use tokio::{
+    sync::{broadcast, mpsc},
+    time::{Instant, sleep},
+};
+use tower::{Layer, Service, ServiceExt};
+use tower_stream_guard::{
+    ConnectionKey, EndEvent, EndReason, IdleDirection, RoutePolicy,
+    StreamCap, StreamGuardBuilder, StreamGuardLayer,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(10);
+
+/// A response body fed by the test; dropping the sender ends it.
+struct Feed(mpsc::Receiver<Bytes>);
+
+impl Body for Feed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
+    }
+}
+
+/// The service behind the guard: counts the handlers that ran and hands the
+/// test the feeder of each response body.
+#[derive(Clone)]
+struct App {
+    handled: Arc<AtomicUsize>,
+    feeders: mpsc::UnboundedSender<mpsc::Sender<Bytes>>,
+}
+
+impl App {
+    fn new() -> (Self, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+        let (feeders, rx) = mpsc::unbounded_channel();
+        let app = App {
+            handled: Arc::new(AtomicUsize::new(0)),
+            feeders,
+        };
+        (app, rx)
+    }
+
+    /// The service, for whatever request body the guard layers hand it.
+    fn service<B>(
+        &self,
+    ) -> impl Service<
+        Request<B>,
+        Response = Response<Feed>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<Feed>, Infallible>> + Send + use<B>,
+    > + Clone
+    + use<B> {
+        let app = self.clone();
+        tower::service_fn(move |request: Request<B>| {
+            let app = app.clone();
+            let content_type = request.headers().get("content-type").cloned();
+            async move {
+                app.handled.fetch_add(1, Ordering::SeqCst);
+                let (tx, rx) = mpsc::channel(4);
+                let _ = app.feeders.send(tx);
+                let mut response = Response::new(Feed(rx));
+                if let Some(ct) = content_type {
+                    response.headers_mut().insert("content-type", ct);
+                }
+                Ok(response)
+            }
+        })
+    }
+}
+
+fn request(path: &str, connection: u64, grpc: bool) -> Request<Empty<Bytes>> {
+    let mut request = Request::post(path)
+        .extension(ConnectionKey::from_id(connection))
+        .body(Empty::new())
+        .unwrap();
+    if grpc {
+        request.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc"),
+        );
+    }
+    request
+}
+
+async fn call<S, B>(svc: &mut S, request: Request<Empty<Bytes>>) -> Response<B>
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+{
+    svc.ready().await.unwrap().call(request).await.unwrap()
+}
+
+async fn next_event(events: &mut broadcast::Receiver<EndEvent>) -> EndEvent {
+    tokio::time::timeout(Duration::from_secs(3600), events.recv())
+        .await
+        .expect("an end event within an hour of paused time")
+        .expect("no events missed")
+}
+
+fn guard(builder: StreamGuardBuilder) -> StreamGuardLayer {
+    builder.build().expect("valid configuration")
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_plain_stream_gets_503_and_never_reaches_the_service() {
+    let guard = guard(StreamGuardLayer::builder().max_streams_per_connection(1));
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let first = call(&mut svc, request("/a", 1, false)).await;
+    let refused = call(&mut svc, request("/a", 1, false)).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.body().is_end_stream());
+    assert_eq!(app.handled.load(Ordering::SeqCst), 1);
+    // Another connection is not affected.
+    let other = call(&mut svc, request("/a", 2, false)).await;
+    assert_eq!(other.status(), StatusCode::OK);
+
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::Rejected(StreamCap::PerConnection)
+    );
+    assert_eq!(event.cap_limit(), Some(1));
+    assert_eq!(event.limit(), None);
+    assert_eq!(event.connection(), Some(ConnectionKey::from_id(1)));
+    assert!(event.to_json().contains(r#""cap":"per_connection","cap_limit":1"#));
+    let mut counts = guard.connection_streams();
+    counts.sort_by_key(|(key, _)| key.to_string());
+    assert_eq!(
+        counts,
+        vec![
+            (ConnectionKey::from_id(1), 1),
+            (ConnectionKey::from_id(2), 1)
+        ]
+    );
+    drop((first, other));
+    assert_eq!(guard.active_streams(), 0);
+    assert!(guard.connection_streams().is_empty());
+    let stats = guard.stats();
+    assert_eq!(stats.rejected(StreamCap::PerConnection), 1);
+    assert_eq!(stats.ended(EndReason::Cancelled), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_grpc_stream_gets_resource_exhausted_trailers_only() {
+    let guard = guard(StreamGuardLayer::builder().max_streams(1));
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let _held = call(&mut svc, request("/echo.Echo/Bidi", 1, true)).await;
+    let refused = call(&mut svc, request("/echo.Echo/Bidi", 2, true)).await;
+    assert_eq!(refused.status(), StatusCode::OK);
+    assert_eq!(refused.headers()["content-type"], "application/grpc");
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    assert_eq!(
+        refused.headers()["grpc-message"],
+        "stream refused: at most 1 concurrent streams in total (max_streams)"
+    );
+    let mut body = refused.into_body();
+    assert!(body.frame().await.is_none());
+
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+    assert_eq!(event.grpc_status(), Some(8));
+    assert_eq!(event.duration(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_reader_gives_its_slot_back_when_the_idle_timer_fires() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .response_idle_timeout(SECOND)
+            .max_streams_per_connection(1),
+    );
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let started = Instant::now();
+    // Its body is never polled: a peer that stopped reading.
+    let stalled = call(&mut svc, request("/watch", 1, true)).await;
+    let refused = call(&mut svc, request("/watch", 1, true)).await;
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    assert_eq!(
+        next_event(&mut events).await.reason(),
+        EndReason::Rejected(StreamCap::PerConnection)
+    );
+
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response)
+    );
+    assert_eq!(started.elapsed(), SECOND);
+    assert!(guard.connection_streams().is_empty(), "slot given back");
+    let admitted = call(&mut svc, request("/watch", 1, true)).await;
+    assert!(admitted.headers().get("grpc-status").is_none());
+    assert_eq!(app.handled.load(Ordering::SeqCst), 2);
+    drop((stalled, admitted));
+    assert_eq!(guard.stats().active(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_stream_is_admitted_when_a_slot_frees_and_only_then_handled() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_streams_per_peer(1)
+            .cap_wait(5 * SECOND),
+    );
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let peer = |port| {
+        let mut r = request("/a", port, false);
+        r.extensions_mut().insert(tower_stream_guard::PeerAddr(
+            ([10, 0, 0, 1], port as u16).into(),
+        ));
+        r
+    };
+
+    let first = call(&mut svc, peer(1)).await;
+    let waiting = tokio::spawn(svc.ready().await.unwrap().call(peer(2)));
+    sleep(2 * SECOND).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(app.handled.load(Ordering::SeqCst), 1, "not handled while waiting");
+    assert_eq!(guard.peer_streams(), vec![([10, 0, 0, 1].into(), 1)]);
+
+    let feeder = feeders.recv().await.unwrap();
+    drop(feeder);
+    let mut body = first.into_body();
+    assert!(body.frame().await.is_none(), "first stream completes");
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Completed);
+
+    let second = waiting.await.unwrap().unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(app.handled.load(Ordering::SeqCst), 2);
+    drop(second);
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Cancelled);
+    assert_eq!(event.duration(), 2 * SECOND, "lived from its arrival");
+    assert!(guard.peer_streams().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_waits_for_a_slot_no_longer_than_cap_wait() {
+    let guard = guard(StreamGuardLayer::builder().max_streams(1).cap_wait(3 * SECOND));
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let _held = call(&mut svc, request("/a", 1, true)).await;
+    let started = Instant::now();
+    let refused = call(&mut svc, request("/a", 1, true)).await;
+    assert_eq!(started.elapsed(), 3 * SECOND);
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+    assert_eq!(event.duration(), 3 * SECOND);
+    assert_eq!(app.handled.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lifetime_runs_while_a_stream_waits_for_a_slot() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_lifetime(2 * SECOND)
+            .route("/long", RoutePolicy::new().max_lifetime(100 * SECOND))
+            .max_streams(1)
+            .cap_wait(10 * SECOND),
+    );
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let held = call(&mut svc, request("/long", 1, true)).await;
+    let started = Instant::now();
+    let expired = call(&mut svc, request("/a", 1, true)).await;
+    assert_eq!(started.elapsed(), 2 * SECOND);
+    assert_eq!(expired.headers()["grpc-status"], "4");
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::LifetimeExceeded);
+    assert_eq!(event.path(), "/a");
+    assert_eq!(app.handled.load(Ordering::SeqCst), 1, "never handled");
+    drop(held);
+    assert_eq!(guard.stats().active(), 0);
+    assert!(guard.connection_streams().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_stacked_layers_cap_refuses_a_stream_the_outer_layer_owns() {
+    let outer = guard(StreamGuardLayer::builder().max_lifetime(60 * SECOND));
+    let inner = guard(StreamGuardLayer::builder().max_streams(1));
+    let mut outer_events = outer.subscribe();
+    let mut inner_events = inner.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = outer.layer(inner.layer(app.service()));
+
+    let held = call(&mut svc, request("/a", 1, true)).await;
+    let refused = call(&mut svc, request("/a", 1, true)).await;
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    for events in [&mut outer_events, &mut inner_events] {
+        let event = next_event(events).await;
+        assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+        assert!(events.try_recv().is_err(), "one event per stream");
+    }
+    assert_eq!(outer.stats().rejected(StreamCap::Total), 1);
+    assert_eq!(inner.stats().rejected(StreamCap::Total), 1);
+    drop(held);
+    assert_eq!(outer.active_streams() + inner.active_streams(), 0);
+    let admitted = call(&mut svc, request("/a", 1, true)).await;
+    assert!(admitted.headers().get("grpc-status").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_honoured_grpc_timeout_shortens_the_lifetime_but_never_lengthens_it() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_lifetime(10 * SECOND)
+            .honor_grpc_timeout(true),
+    );
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    for (header, fires_after, names) in [
+        ("2S", 2 * SECOND, "grpc-timeout"),
+        ("20S", 10 * SECOND, "max_lifetime"),
+        ("garbage", 10 * SECOND, "max_lifetime"),
+    ] {
+        let mut r = request("/echo.Echo/ServerStream", 1, true);
+        r.headers_mut()
+            .insert("grpc-timeout", HeaderValue::from_static(header));
+        let started = Instant::now();
+        let response = call(&mut svc, r).await;
+        let mut body = response.into_body();
+        let trailers = body.frame().await.unwrap().unwrap().into_trailers().unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= fires_after && elapsed <= fires_after + TICK,
+            "{header}: fired after {elapsed:?}"
+        );
+        let message = trailers["grpc-message"].to_str().unwrap();
+        assert!(message.contains(names), "{header}: {message}");
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::LifetimeExceeded);
+        assert_eq!(event.limit(), Some(fires_after));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_timeout_is_ignored_unless_honoured() {
+    let guard = guard(StreamGuardLayer::builder().max_lifetime(10 * SECOND));
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let mut r = request("/echo.Echo/ServerStream", 1, true);
+    r.headers_mut()
+        .insert("grpc-timeout", HeaderValue::from_static("1S"));
+    let started = Instant::now();
+    let _response = call(&mut svc, r).await;
+    let event = next_event(&mut events).await;
+    assert_eq!(started.elapsed(), 10 * SECOND);
+    assert_eq!(event.limit(), Some(10 * SECOND));
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_pick_their_policy_by_path_prefix_and_predicate() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_lifetime(10 * SECOND)
+            .route("/svc.S/Watch", RoutePolicy::new().max_lifetime(100 * SECOND))
+            .route_when(
+                |r| r.headers().contains_key("x-batch"),
+                RoutePolicy::new().max_lifetime(5 * SECOND),
+            )
+            .route_prefix(
+                "/svc.S/",
+                RoutePolicy::new()
+                    .max_lifetime(3 * SECOND)
+                    .max_streams_per_connection(1),
+            ),
+    );
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let mut batch = request("/other.O/Get", 1, true);
+    batch
+        .headers_mut()
+        .insert("x-batch", HeaderValue::from_static("1"));
+    let mut responses = Vec::new();
+    for r in [
+        request("/svc.S/Watch", 1, true),
+        request("/svc.S/Get", 1, true),
+        batch,
+        request("/other.O/Get", 1, true),
+    ] {
+        responses.push(call(&mut svc, r).await);
+    }
+    // The prefix route's own cap counts only its streams.
+    let refused = call(&mut svc, request("/svc.S/List", 1, true)).await;
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    let event = next_event(&mut events).await;
+    assert_eq!(event.path(), "/svc.S/List");
+    assert_eq!(event.cap_limit(), Some(1));
+
+    let started = Instant::now();
+    let mut ended = Vec::new();
+    for _ in 0..4 {
+        let event = next_event(&mut events).await;
+        ended.push((event.path().to_owned(), started.elapsed().as_secs()));
+    }
+    assert_eq!(
+        ended,
+        [
+            ("/svc.S/Get".to_owned(), 3),
+            ("/other.O/Get".to_owned(), 5),
+            ("/other.O/Get".to_owned(), 10),
+            ("/svc.S/Watch".to_owned(), 100),
+        ]
+    );
+    drop(responses);
+}
+
+#[test]
+fn bad_configuration_fails_at_build_time_with_the_setting_named() {
+    let err = StreamGuardLayer::builder()
+        .max_streams_per_peer(0)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("`max_streams_per_peer` is zero"), "{err}");
+    let err = StreamGuardLayer::builder()
+        .cap_wait(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("`cap_wait` is zero"), "{err}");
+    let err = StreamGuardLayer::builder()
+        .max_lifetime(SECOND)
+        .route("/svc.S/Upload", RoutePolicy::new().idle_timeout(2 * SECOND))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "route `/svc.S/Upload`: `idle_timeout` (2s) is not shorter than `max_lifetime` (1s), so it could never fire"
+    );
+    let err = StreamGuardLayer::builder()
+        .route_prefix("svc.S", RoutePolicy::new())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("does not start with `/`"), "{err}");
+}
+
+/// What happens to one stream in the property test.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    Complete,
+    Cancel,
+    /// Never polled again: the idle timeout (or lifetime) releases it.
+    Stall,
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![Just(Fate::Complete), Just(Fate::Cancel), Just(Fate::Stall)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Streams on a few connections against small caps, each with a random
+    /// fate and start time: once all have ended, every slot is back, nothing
+    /// is active, there was one event per stream, and the counters equal the
+    /// events per reason.
+    #[test]
+    fn stats_agree_with_events_and_every_slot_comes_back(
+        plan in prop::collection::vec((0u64..3, 0u64..2000, fate()), 1..24),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let guard = guard(
+                StreamGuardLayer::builder()
+                    .response_idle_timeout(SECOND)
+                    .max_lifetime(5 * SECOND)
+                    .max_streams_per_connection(2)
+                    .max_streams(5)
+                    .event_capacity(1024),
+            );
+            let mut events = guard.subscribe();
+            let (app, mut feeders) = App::new();
+            let mut svc = guard.layer(app.service());
+            let mut plan = plan;
+            plan.sort_by_key(|(_, at, _)| *at);
+            let origin = Instant::now();
+            let mut stalled = Vec::new();
+            for (connection, at, fate) in &plan {
+                tokio::time::sleep_until(origin + Duration::from_millis(*at)).await;
+                let response = call(&mut svc, request("/p", *connection, true)).await;
+                if response.headers().contains_key("grpc-status") {
+                    continue; // refused
+                }
+                let feeder = feeders.recv().await.unwrap();
+                match fate {
+                    Fate::Complete => {
+                        feeder.send(Bytes::from_static(b"x")).await.unwrap();
+                        drop(feeder);
+                        let mut body = response.into_body();
+                        while body.frame().await.is_some() {}
+                    }
+                    Fate::Cancel => drop((response, feeder)),
+                    Fate::Stall => stalled.push((response, feeder)),
+                }
+            }
+            sleep(10 * SECOND).await;
+            let stats = guard.stats();
+            assert_eq!(stats.active(), 0);
+            assert!(guard.connection_streams().is_empty());
+            let mut seen = Vec::new();
+            while let Ok(event) = events.try_recv() {
+                seen.push(event.reason());
+            }
+            assert_eq!(seen.len(), plan.len(), "one event per stream");
+            assert_eq!(stats.ended_total(), plan.len() as u64);
+            for reason in [
+                EndReason::Completed,
+                EndReason::Cancelled,
+                EndReason::IdleTimeout(IdleDirection::Response),
+                EndReason::LifetimeExceeded,
+                EndReason::Rejected(StreamCap::PerConnection),
+                EndReason::Rejected(StreamCap::Total),
+            ] {
+                let events = seen.iter().filter(|r| **r == reason).count() as u64;
+                assert_eq!(stats.ended(reason), events, "{reason:?}");
+            }
+            drop(stalled);
+            assert_eq!(guard.stats().ended_total(), plan.len() as u64, "no second end");
+        });
+    }
+}
