@@ -24,8 +24,8 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt};
 use tower_stream_guard::{
-    ConnectionKey, EndEvent, EndReason, IdleDirection, RoutePolicy,
-    StreamCap, StreamGuardBuilder, StreamGuardLayer,
+    ConnectionKey, EndEvent, EndReason, IdleDirection, RoutePolicy, StreamCap, StreamGuardBuilder,
+    StreamGuardLayer,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -98,10 +98,9 @@ fn request(path: &str, connection: u64, grpc: bool) -> Request<Empty<Bytes>> {
         .body(Empty::new())
         .unwrap();
     if grpc {
-        request.headers_mut().insert(
-            "content-type",
-            HeaderValue::from_static("application/grpc"),
-        );
+        request
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
     }
     request
 }
@@ -148,7 +147,11 @@ async fn refused_plain_stream_gets_503_and_never_reaches_the_service() {
     assert_eq!(event.cap_limit(), Some(1));
     assert_eq!(event.limit(), None);
     assert_eq!(event.connection(), Some(ConnectionKey::from_id(1)));
-    assert!(event.to_json().contains(r#""cap":"per_connection","cap_limit":1"#));
+    assert!(
+        event
+            .to_json()
+            .contains(r#""cap":"per_connection","cap_limit":1"#)
+    );
     let mut counts = guard.connection_streams();
     counts.sort_by_key(|(key, _)| key.to_string());
     assert_eq!(
@@ -248,7 +251,11 @@ async fn a_waiting_stream_is_admitted_when_a_slot_frees_and_only_then_handled() 
     let waiting = tokio::spawn(svc.ready().await.unwrap().call(peer(2)));
     sleep(2 * SECOND).await;
     assert!(!waiting.is_finished());
-    assert_eq!(app.handled.load(Ordering::SeqCst), 1, "not handled while waiting");
+    assert_eq!(
+        app.handled.load(Ordering::SeqCst),
+        1,
+        "not handled while waiting"
+    );
     assert_eq!(guard.peer_streams(), vec![([10, 0, 0, 1].into(), 1)]);
 
     let feeder = feeders.recv().await.unwrap();
@@ -269,7 +276,11 @@ async fn a_waiting_stream_is_admitted_when_a_slot_frees_and_only_then_handled() 
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_waits_for_a_slot_no_longer_than_cap_wait() {
-    let guard = guard(StreamGuardLayer::builder().max_streams(1).cap_wait(3 * SECOND));
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_streams(1)
+            .cap_wait(3 * SECOND),
+    );
     let mut events = guard.subscribe();
     let (app, _feeders) = App::new();
     let mut svc = guard.layer(app.service());
@@ -359,7 +370,13 @@ async fn an_honoured_grpc_timeout_shortens_the_lifetime_but_never_lengthens_it()
         let started = Instant::now();
         let response = call(&mut svc, r).await;
         let mut body = response.into_body();
-        let trailers = body.frame().await.unwrap().unwrap().into_trailers().unwrap();
+        let trailers = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
         let elapsed = started.elapsed();
         assert!(
             elapsed >= fires_after && elapsed <= fires_after + TICK,
@@ -394,7 +411,10 @@ async fn routes_pick_their_policy_by_path_prefix_and_predicate() {
     let guard = guard(
         StreamGuardLayer::builder()
             .max_lifetime(10 * SECOND)
-            .route("/svc.S/Watch", RoutePolicy::new().max_lifetime(100 * SECOND))
+            .route(
+                "/svc.S/Watch",
+                RoutePolicy::new().max_lifetime(100 * SECOND),
+            )
             .route_when(
                 |r| r.headers().contains_key("x-batch"),
                 RoutePolicy::new().max_lifetime(5 * SECOND),
@@ -454,7 +474,10 @@ fn bad_configuration_fails_at_build_time_with_the_setting_named() {
         .max_streams_per_peer(0)
         .build()
         .unwrap_err();
-    assert!(err.to_string().contains("`max_streams_per_peer` is zero"), "{err}");
+    assert!(
+        err.to_string().contains("`max_streams_per_peer` is zero"),
+        "{err}"
+    );
     let err = StreamGuardLayer::builder()
         .cap_wait(Duration::ZERO)
         .build()
