@@ -180,8 +180,11 @@ pin_project! {
     impl<B> PinnedDrop for ResponseBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(state) = this.state.take() && !*this.closed {
-                state.end(EndReason::Cancelled);
+            if let Some(state) = this.state.take() {
+                state.response_closed();
+                if !*this.closed {
+                    state.end(EndReason::Cancelled);
+                }
             }
         }
     }
@@ -194,6 +197,8 @@ impl<B: Body> ResponseBody<B> {
         let closed = inner.is_end_stream();
         if closed {
             state.end(EndReason::Completed);
+        } else {
+            state.response_opened();
         }
         ResponseBody {
             inner: Some(inner),
@@ -248,6 +253,7 @@ fn register_waker(state: &StreamState, registered: &mut Option<Waker>, waker: &W
 #[inline(never)]
 fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) {
     *closed = true;
+    state.response_closed();
     state.end(reason);
 }
 
@@ -273,6 +279,7 @@ fn end_fired<B: Body>(
     grpc: bool,
 ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
     *closed = true;
+    state.response_closed();
     inner.set(None);
     let Some(err) = state.guard_error() else {
         return Poll::Ready(None);

@@ -55,6 +55,11 @@ pub(crate) fn describe_client_deadline(limit: Duration) -> String {
     format!("stream passed the deadline of {limit:?} the client set (grpc-timeout)")
 }
 
+/// The sentence users see when a drain refused a new stream.
+pub(crate) fn describe_drain_refusal() -> String {
+    "stream refused: the server is draining and accepts no new streams (drain)".to_owned()
+}
+
 /// The sentence users see when a cap refused a stream.
 pub(crate) fn describe_rejection(cap: StreamCap, limit: usize) -> String {
     format!(
@@ -77,6 +82,11 @@ pub(crate) fn describe(reason: EndReason, limit: Duration) -> String {
         }
         EndReason::LifetimeExceeded => {
             format!("stream exceeded its maximum lifetime of {limit:?} (max_lifetime)")
+        }
+        EndReason::Drained => {
+            format!(
+                "stream cut: the server is draining and its {limit:?} grace period ended (drain)"
+            )
         }
         other => format!("stream ended: {other}"),
     }

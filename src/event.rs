@@ -52,12 +52,17 @@ pub enum EndReason {
     /// A stream cap refused the stream: the service never saw it. gRPC
     /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503`.
     Rejected(StreamCap),
+    /// The server drained: the stream was still open when the drain's grace
+    /// period ended, or it arrived after the drain began. gRPC clients get
+    /// `UNAVAILABLE`, plain HTTP clients a reset stream (or `503` before
+    /// headers). See [`Drain`](crate::Drain).
+    Drained,
 }
 
 impl EndReason {
     /// A short snake-case name, as used in JSON event lines: `completed`,
-    /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error` or
-    /// `rejected`.
+    /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
+    /// `rejected` or `drained`.
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Completed => "completed",
@@ -66,15 +71,20 @@ impl EndReason {
             EndReason::LifetimeExceeded => "lifetime_exceeded",
             EndReason::Error => "error",
             EndReason::Rejected(_) => "rejected",
+            EndReason::Drained => "drained",
         }
     }
 
     /// Whether a guard of this crate ended the stream (as opposed to the
-    /// stream ending by itself): a limit fired or a cap refused it.
+    /// stream ending by itself): a limit fired, a cap refused it or a drain
+    /// cut it.
     pub fn is_guard(self) -> bool {
         matches!(
             self,
-            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded | EndReason::Rejected(_)
+            EndReason::IdleTimeout(_)
+                | EndReason::LifetimeExceeded
+                | EndReason::Rejected(_)
+                | EndReason::Drained
         )
     }
 
@@ -88,14 +98,15 @@ impl EndReason {
 
     /// The gRPC status code a guard-made end carries: `4`
     /// (`DEADLINE_EXCEEDED`) for idle timeouts and lifetimes, `8`
-    /// (`RESOURCE_EXHAUSTED`) for rejections; `None` for ends the guard did
-    /// not make.
+    /// (`RESOURCE_EXHAUSTED`) for rejections, `14` (`UNAVAILABLE`) for drains;
+    /// `None` for ends the guard did not make.
     pub fn grpc_code(self) -> Option<u32> {
         match self {
             EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded => {
                 Some(crate::grpc::DEADLINE_EXCEEDED)
             }
             EndReason::Rejected(_) => Some(crate::grpc::RESOURCE_EXHAUSTED),
+            EndReason::Drained => Some(crate::grpc::UNAVAILABLE),
             _ => None,
         }
     }
@@ -120,6 +131,7 @@ impl EndReason {
             EndReason::Rejected(StreamCap::PerConnection) => 8,
             EndReason::Rejected(StreamCap::PerPeer) => 9,
             EndReason::Rejected(StreamCap::Total) => 10,
+            EndReason::Drained => 11,
         }
     }
 
@@ -135,6 +147,7 @@ impl EndReason {
             8 => EndReason::Rejected(StreamCap::PerConnection),
             9 => EndReason::Rejected(StreamCap::PerPeer),
             10 => EndReason::Rejected(StreamCap::Total),
+            11 => EndReason::Drained,
             _ => return None,
         })
     }
@@ -426,6 +439,7 @@ mod tests {
             EndReason::Rejected(StreamCap::PerConnection),
             EndReason::Rejected(StreamCap::PerPeer),
             EndReason::Rejected(StreamCap::Total),
+            EndReason::Drained,
         ] {
             assert_eq!(EndReason::from_code(reason.code()), Some(reason));
         }

@@ -27,6 +27,9 @@ pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
 /// `RESOURCE_EXHAUSTED`.
 pub(crate) const RESOURCE_EXHAUSTED: u32 = 8;
 
+/// `UNAVAILABLE`.
+pub(crate) const UNAVAILABLE: u32 = 14;
+
 /// The client's deadline from a `grpc-timeout` header: up to eight ASCII
 /// digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`). Anything else is
 /// ignored, as if the header were absent.
@@ -98,14 +101,14 @@ pub(crate) fn trailers(code: u32, message: &str) -> HeaderMap {
 /// given gRPC code: `503` for a refusal, `504` for a limit.
 fn http_status(code: u32) -> StatusCode {
     match code {
-        RESOURCE_EXHAUSTED => StatusCode::SERVICE_UNAVAILABLE,
+        RESOURCE_EXHAUSTED | UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
 /// A response made by the guard before the service produced one: trailers-only
 /// for gRPC, `504 Gateway Timeout` (a limit) or `503 Service Unavailable` (a
-/// refusal) otherwise.
+/// refusal or a drain) otherwise.
 pub(crate) fn early_response<B>(grpc: bool, code: u32, message: &str, body: B) -> Response<B> {
     let mut response = Response::new(body);
     if grpc {

@@ -104,6 +104,32 @@ impl StreamHandle {
         async move { state.ended().await }
     }
 
+    /// Resolves when the server begins to drain (see [`Drain`](crate::Drain)),
+    /// at once if it has: time to tell the client to reconnect elsewhere and
+    /// finish up before the grace period ends. Never resolves when the
+    /// guard was built without a drain. `'static`, like
+    /// [`cancelled`](Self::cancelled).
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + use<> {
+        let drain = self.state.core().drain.clone();
+        async move {
+            match drain {
+                Some(drain) => drain.began().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Whether the server has begun to drain.
+    pub fn is_draining(&self) -> bool {
+        self.state.core().is_draining()
+    }
+
+    /// The connection the stream came on, when a
+    /// [`ConnectionGuard`](crate::ConnectionGuard) wraps it.
+    pub fn connection(&self) -> Option<&crate::ConnectionHandle> {
+        self.state.connection()
+    }
+
     /// Whether the stream has ended (for any reason).
     pub fn is_cancelled(&self) -> bool {
         self.state.is_ended()

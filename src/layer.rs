@@ -3,7 +3,10 @@
 use std::{
     fmt,
     marker::PhantomData,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -12,6 +15,7 @@ use tower_layer::Layer;
 
 use crate::{
     cap::{CapLimits, CapSet, ConnectionKey, KeyFn, StreamCap},
+    drain::Drain,
     event::{EndCallback, EndEvent, EventHub},
     policy::{ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, Policy},
     route::{Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
@@ -161,6 +165,7 @@ pub struct StreamGuardBuilder {
     routes: Vec<RouteSpec>,
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
+    drain: Option<Drain>,
     resolution: Duration,
     capacity: usize,
     callbacks: Vec<EndCallback>,
@@ -175,6 +180,7 @@ impl Default for StreamGuardBuilder {
             routes: Vec::new(),
             connection_key: None,
             honor_grpc_timeout: false,
+            drain: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
             callbacks: Vec::new(),
@@ -191,6 +197,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
+            .field("drain", &self.drain)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
             .field("callbacks", &self.callbacks.len())
@@ -344,6 +351,20 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Lets `drain` shut this guard's streams down: when it starts, handles'
+    /// [`draining`](crate::StreamHandle::draining) resolves and new streams
+    /// are refused with `UNAVAILABLE` (`503`); when its grace period ends,
+    /// streams still open end with `UNAVAILABLE` and reason
+    /// [`Drained`](crate::EndReason::Drained). See [`Drain`].
+    ///
+    /// With a drain, streams that have no deadline of their own are filed in
+    /// the guard's timer map too (one map insertion and removal per stream),
+    /// so that the drain can reach them.
+    pub fn drain(mut self, drain: &Drain) -> Self {
+        self.drain = Some(drain.clone());
+        self
+    }
+
     /// How often deadlines are checked (default 10 ms, between 1 ms and 1 s).
     /// A guard fires at most one resolution after its deadline (an idle
     /// timeout at most two), never before. Each guard with open streams wakes
@@ -407,19 +428,26 @@ impl StreamGuardBuilder {
             .enumerate()
             .map(|(index, spec)| spec.compile(index, self.policy, self.resolution))
             .collect::<Result<Vec<_>, _>>()?;
+        let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
+        let core = Arc::new(Core {
+            sweeper: Arc::new(Sweeper::new(self.resolution, drain.is_some())),
+            events: EventHub::new(self.capacity, self.callbacks),
+            active: Default::default(),
+            counters: Counters::default(),
+            caps: Arc::new(CapSet::new(self.caps, true)),
+            routes,
+            connection_key: self.connection_key,
+            honor_grpc_timeout: self.honor_grpc_timeout,
+            cap_wait: self.cap_wait,
+            drain: drain.clone(),
+            drain_deadline: AtomicU64::new(u64::MAX),
+        });
+        if let Some(drain) = drain {
+            drain.register_core(&core);
+        }
         Ok(StreamGuardLayer {
             policy: self.policy,
-            core: Arc::new(Core {
-                sweeper: Arc::new(Sweeper::new(self.resolution)),
-                events: EventHub::new(self.capacity, self.callbacks),
-                active: Default::default(),
-                counters: Counters::default(),
-                caps: Arc::new(CapSet::new(self.caps, true)),
-                routes,
-                connection_key: self.connection_key,
-                honor_grpc_timeout: self.honor_grpc_timeout,
-                cap_wait: self.cap_wait,
-            }),
+            core,
             _wrap: PhantomData,
         })
     }

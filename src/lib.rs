@@ -91,6 +91,8 @@
 
 mod body;
 mod cap;
+pub mod conn;
+pub mod drain;
 mod error;
 mod event;
 mod grpc;
@@ -105,6 +107,11 @@ mod timer;
 
 pub use body::{RequestBody, ResponseBody};
 pub use cap::{ConnectionKey, StreamCap};
+pub use conn::{
+    ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionGuardBuilder, ConnectionHandle,
+    DEFAULT_CONNECTION_RESOLUTION, GuardedConnectInfo, GuardedIncoming, GuardedIo, PeerOf,
+};
+pub use drain::{DEFAULT_CLOSE_CONNECTIONS_AFTER, Drain, DrainReport};
 pub use error::{BoxError, GuardError};
 pub use event::{EndEvent, EndReason, Traffic};
 pub use handle::{PeerAddr, StreamHandle, StreamId};

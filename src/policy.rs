@@ -191,6 +191,8 @@ pub enum ConfigError {
         /// The route as given.
         route: String,
     },
+    /// A connection guard's `max_age_grace` is set without `max_age`.
+    GraceWithoutMaxAge,
     /// A route's settings, laid over the layer's, cannot work.
     Route {
         /// The route: its path, its prefix followed by `*`, or
@@ -244,6 +246,9 @@ impl fmt::Display for ConfigError {
                 "route `{route}` does not start with `/`, so it could never match a request path"
             ),
             ConfigError::Route { route, error } => write!(f, "route `{route}`: {error}"),
+            ConfigError::GraceWithoutMaxAge => f.write_str(
+                "`max_age_grace` is set without `max_age`; the grace follows the maximum age",
+            ),
         }
     }
 }

@@ -21,6 +21,7 @@ use tower_service::Service;
 use crate::{
     body::{RequestBody, ResponseBody},
     cap::{self, CapPermit, ConnectionKey, Origin, Refusal},
+    conn::{self, ConnectionHandle},
     error::BoxError,
     event::EndReason,
     grpc,
@@ -110,20 +111,27 @@ impl<S, W> StreamGuard<S, W> {
 
     /// Where `request` came from: its connection and peer, as far as the
     /// extensions tell.
-    fn origin<B>(&self, request: &Request<B>) -> (Origin, Option<SocketAddr>) {
+    fn origin<B>(
+        &self,
+        request: &mut Request<B>,
+    ) -> (Origin, Option<SocketAddr>, Option<ConnectionHandle>) {
+        let handle = conn::handle_of(request.extensions_mut());
         let extensions = request.extensions();
         let connection = extensions
             .get::<ConnectionKey>()
             .copied()
+            .or_else(|| handle.as_ref().map(ConnectionHandle::key))
             .or_else(|| self.core.connection_key.as_ref()?(extensions))
             .or_else(|| tonic_connection(extensions))
             .unwrap_or_else(|| ConnectionKey::instance(self.instance));
-        let peer = peer_addr(extensions).or_else(|| connection.remote_addr());
+        let peer = peer_addr(extensions)
+            .or_else(|| connection.remote_addr())
+            .or_else(|| handle.as_ref()?.peer());
         let origin = Origin {
             connection,
             peer: peer.map(|p| p.ip()),
         };
-        (origin, peer)
+        (origin, peer, handle)
     }
 
     /// The wrapped service.
@@ -213,7 +221,7 @@ where
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
-        let (origin, peer) = self.origin(&request);
+        let (origin, peer, connection) = self.origin(&mut request);
         let mut caps = Vec::with_capacity(2);
         caps.push(Arc::clone(&core.caps));
         if let Some(route_caps) = route.and_then(|route| route.caps.as_ref()) {
@@ -228,6 +236,10 @@ where
             // Before `attach` files the stream under the merged limits.
             state.limit_lifetime(client_deadline, true);
             state.attach(core, &policy);
+            if core.is_draining() {
+                state.refuse_draining();
+                return ResponseFuture::answered(state);
+            }
             match cap::try_acquire_all(&caps, &origin) {
                 Ok(permits) => state.hold(permits),
                 Err(refusal) => {
@@ -243,7 +255,11 @@ where
             };
         }
 
-        let state = StreamState::new(core, &policy, &request, &origin, peer);
+        let state = StreamState::new(core, &policy, &request, &origin, peer, connection);
+        if core.is_draining() {
+            state.refuse_draining();
+            return ResponseFuture::answered(state);
+        }
         state.limit_lifetime(client_deadline, true);
         let admission = match cap::try_acquire_all(&caps, &origin) {
             Ok(permits) => {

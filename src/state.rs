@@ -21,6 +21,8 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     cap::{CapPermit, CapSet, ConnectionKey, KeyFn, Origin, StreamCap},
+    conn::ConnectionHandle,
+    drain::DrainShared,
     error::{self, GuardError},
     event::{EndEvent, EndReason, EventHub, Traffic},
     grpc,
@@ -43,7 +45,31 @@ pub(crate) struct Core {
     pub(crate) connection_key: Option<KeyFn>,
     pub(crate) honor_grpc_timeout: bool,
     pub(crate) cap_wait: Option<Duration>,
+    pub(crate) drain: Option<Arc<DrainShared>>,
+    /// When a drain cuts the streams still open, ns on the sweeper's clock.
+    pub(crate) drain_deadline: AtomicU64,
 }
+
+impl Core {
+    /// A drain began: every stream of this guard ends at `deadline` at the
+    /// latest.
+    pub(crate) fn begin_drain(&self, deadline: Instant) {
+        self.drain_deadline
+            .store(self.sweeper.ns_of(deadline), Ordering::Release);
+        self.sweeper.refile_all();
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.drain.as_ref().is_some_and(|drain| drain.is_draining())
+    }
+}
+
+/// The response body's side of a stream, for spotting stalled readers.
+const BODY_NONE: u8 = 0;
+const BODY_OPEN: u8 = 1;
+/// A guard ended the stream while its response body was open: until the
+/// body is read or dropped, the peer is a stalled reader.
+const BODY_STALLED: u8 = 2;
 
 /// What a stream holds until it ends besides its own record.
 #[derive(Default)]
@@ -109,6 +135,10 @@ pub(crate) struct StreamState {
     client_deadline: AtomicBool,
     /// The limit of the cap that refused this stream.
     cap_limit: AtomicUsize,
+    /// A drain refused this stream (rather than cutting it).
+    refused_by_drain: AtomicBool,
+    body: AtomicU8,
+    conn: Option<ConnectionHandle>,
     method: Method,
     uri: Uri,
     peer: Option<SocketAddr>,
@@ -126,7 +156,11 @@ impl StreamState {
         request: &Request<B>,
         origin: &Origin,
         peer: Option<SocketAddr>,
+        conn: Option<ConnectionHandle>,
     ) -> Arc<Self> {
+        if let Some(conn) = &conn {
+            conn.stream_started();
+        }
         let started = Instant::now();
         let start_ns = core.sweeper.ns_of(started);
         core.active.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +187,9 @@ impl StreamState {
             held: Mutex::new(Held::default()),
             client_deadline: AtomicBool::new(false),
             cap_limit: AtomicUsize::new(0),
+            refused_by_drain: AtomicBool::new(false),
+            body: AtomicU8::new(BODY_NONE),
+            conn,
             method: request.method().clone(),
             uri: request.uri().clone(),
             peer,
@@ -213,6 +250,40 @@ impl StreamState {
     pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
         self.cap_limit.store(limit, Ordering::Relaxed);
         self.end(EndReason::Rejected(cap));
+    }
+
+    /// Ends the stream as refused by a drain in progress.
+    pub(crate) fn refuse_draining(&self) {
+        self.refused_by_drain.store(true, Ordering::Relaxed);
+        if self.end(EndReason::Drained)
+            && let Some(drain) = &self.core.drain
+        {
+            drain.count_refused();
+        }
+    }
+
+    /// The response body exists and hyper may poll it.
+    pub(crate) fn response_opened(&self) {
+        self.body.store(BODY_OPEN, Ordering::Release);
+    }
+
+    /// The response body ended, was read to its guard-made end, or was
+    /// dropped.
+    pub(crate) fn response_closed(&self) {
+        if self.body.swap(BODY_NONE, Ordering::AcqRel) == BODY_STALLED
+            && let Some(conn) = &self.conn
+        {
+            conn.stream_unstalled();
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// The connection this stream came on, if a connection guard wraps it.
+    pub(crate) fn connection(&self) -> Option<&ConnectionHandle> {
+        self.conn.as_ref()
     }
 
     /// An inner guard layer met this stream: its limits apply too, and its
@@ -280,6 +351,10 @@ impl StreamState {
             self.lifetime_deadline.load(Ordering::Relaxed),
             EndReason::LifetimeExceeded,
         );
+        consider(
+            self.core.drain_deadline.load(Ordering::Acquire),
+            EndReason::Drained,
+        );
         let last_request = self.request.last.load(Ordering::Relaxed).max(self.start_ns);
         let last_response = self
             .response
@@ -324,6 +399,9 @@ impl StreamState {
             EndReason::LifetimeExceeded if self.client_deadline.load(Ordering::Relaxed) => {
                 error::describe_client_deadline(self.limit(reason))
             }
+            EndReason::Drained if self.refused_by_drain.load(Ordering::Relaxed) => {
+                error::describe_drain_refusal()
+            }
             _ => error::describe(reason, self.limit(reason)),
         }
     }
@@ -352,6 +430,13 @@ impl StreamState {
                 .lifetime_deadline
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.start_ns),
+            EndReason::Drained => {
+                return self
+                    .core
+                    .drain
+                    .as_ref()
+                    .map_or(Duration::ZERO, |drain| drain.grace());
+            }
             _ => 0,
         };
         Duration::from_nanos(nanos)
@@ -408,12 +493,34 @@ impl StreamState {
         // Slots first: a stream waiting for one should not wait for
         // subscribers.
         held.permits.into_iter().for_each(CapPermit::release);
+        if let Some(conn) = &self.conn {
+            if reason.is_guard()
+                && self
+                    .body
+                    .compare_exchange(BODY_OPEN, BODY_STALLED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                // Until the body is read or dropped, hyper keeps the stream:
+                // the connection guard closes the connection if that lasts.
+                conn.stream_stalled();
+            }
+            conn.stream_ended();
+        }
+        if reason == EndReason::Drained
+            && !self.refused_by_drain.load(Ordering::Relaxed)
+            && let Some(drain) = &self.core.drain
+        {
+            drain.count_cut();
+        }
         let event = self.event(reason);
         trace_end(&event);
         for core in std::iter::once(&self.core).chain(&held.stacked) {
             core.counters.count(reason);
-            core.active.fetch_sub(1, Ordering::Relaxed);
+            core.active.fetch_sub(1, Ordering::AcqRel);
             core.events.emit(&event);
+            if let Some(drain) = &core.drain {
+                drain.ended_one();
+            }
         }
         true
     }

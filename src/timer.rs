@@ -40,6 +40,9 @@ pub(crate) struct Sweeper {
     coarse: AtomicU64,
     wheel: Mutex<Wheel>,
     warned_no_runtime: AtomicBool,
+    /// File streams without a deadline too (under `NEVER`), so that a drain
+    /// can reach every stream.
+    file_all: bool,
 }
 
 #[derive(Default)]
@@ -50,13 +53,28 @@ struct Wheel {
 }
 
 impl Sweeper {
-    pub(crate) fn new(resolution: Duration) -> Self {
+    pub(crate) fn new(resolution: Duration, file_all: bool) -> Self {
         Sweeper {
             base: Instant::now(),
             resolution,
             coarse: AtomicU64::new(0),
             wheel: Mutex::new(Wheel::default()),
             warned_no_runtime: AtomicBool::new(false),
+            file_all,
+        }
+    }
+
+    /// Files every stream again under its current deadline (a drain just
+    /// brought them all forward).
+    pub(crate) fn refile_all(self: &Arc<Self>) {
+        let filed: Vec<Arc<StreamState>> = self
+            .lock()
+            .entries
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for state in filed {
+            self.arm(&state);
         }
     }
 
@@ -97,17 +115,19 @@ impl Sweeper {
         let deadline = state.next_deadline().0;
         let mut wheel = self.lock();
         let old = state.timer_key.swap(deadline, Ordering::Relaxed);
-        if old != NEVER {
+        // With `file_all`, `NEVER` is a filing too, not only "not filed".
+        if old != NEVER || self.file_all {
             wheel.entries.remove(&(old, state.id.get()));
         }
-        if deadline == NEVER || state.is_ended() {
+        if (deadline == NEVER && !self.file_all) || state.is_ended() {
             state.timer_key.store(NEVER, Ordering::Relaxed);
             return;
         }
         wheel
             .entries
             .insert((deadline, state.id.get()), Arc::downgrade(state));
-        if wheel.running {
+        // Streams filed under `NEVER` need no timer.
+        if wheel.running || deadline == NEVER {
             return;
         }
         wheel.running = true;
@@ -125,7 +145,7 @@ impl Sweeper {
         // concurrent re-filing by the sweeper on weakly ordered CPUs.
         let mut wheel = self.lock();
         let old = state.timer_key.swap(NEVER, Ordering::Relaxed);
-        if old != NEVER {
+        if old != NEVER || self.file_all {
             wheel.entries.remove(&(old, state.id.get()));
         }
     }
@@ -206,7 +226,12 @@ async fn run(mut stop: StopOnDrop) {
             }
         }
         let mut wheel = sweeper.lock();
-        if wheel.entries.is_empty() {
+        // Nothing filed, or only streams without a deadline.
+        if wheel
+            .entries
+            .first_key_value()
+            .is_none_or(|(key, _)| key.0 == NEVER)
+        {
             // Stopped under the lock, so a stream filed after this starts a
             // new task rather than relying on this one.
             wheel.running = false;

@@ -2,126 +2,22 @@
 //! the guard's own answers, slots given back however a stream ends, and the
 //! counters agreeing with the events (a property test).
 
-use std::{
-    convert::Infallible,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Empty};
+use http::{HeaderValue, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
 use proptest::prelude::*;
-use tokio::{
-    sync::{broadcast, mpsc},
-    time::{Instant, sleep},
-};
+use tokio::time::{Instant, sleep};
 use tower::{Layer, Service, ServiceExt};
+
+#[path = "support/paused.rs"]
+mod paused;
+use paused::{App, SECOND, TICK, call, guard, next_event, request};
 use tower_stream_guard::{
-    ConnectionKey, EndEvent, EndReason, IdleDirection, RoutePolicy, StreamCap, StreamGuardBuilder,
-    StreamGuardLayer,
+    ConnectionKey, EndReason, IdleDirection, RoutePolicy, StreamCap, StreamGuardLayer,
 };
-
-const SECOND: Duration = Duration::from_secs(1);
-const TICK: Duration = Duration::from_millis(10);
-
-/// A response body fed by the test; dropping the sender ends it.
-struct Feed(mpsc::Receiver<Bytes>);
-
-impl Body for Feed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
-    }
-}
-
-/// The service behind the guard: counts the handlers that ran and hands the
-/// test the feeder of each response body.
-#[derive(Clone)]
-struct App {
-    handled: Arc<AtomicUsize>,
-    feeders: mpsc::UnboundedSender<mpsc::Sender<Bytes>>,
-}
-
-impl App {
-    fn new() -> (Self, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
-        let (feeders, rx) = mpsc::unbounded_channel();
-        let app = App {
-            handled: Arc::new(AtomicUsize::new(0)),
-            feeders,
-        };
-        (app, rx)
-    }
-
-    /// The service, for whatever request body the guard layers hand it.
-    fn service<B>(
-        &self,
-    ) -> impl Service<
-        Request<B>,
-        Response = Response<Feed>,
-        Error = Infallible,
-        Future = impl Future<Output = Result<Response<Feed>, Infallible>> + Send + use<B>,
-    > + Clone
-    + use<B> {
-        let app = self.clone();
-        tower::service_fn(move |request: Request<B>| {
-            let app = app.clone();
-            let content_type = request.headers().get("content-type").cloned();
-            async move {
-                app.handled.fetch_add(1, Ordering::SeqCst);
-                let (tx, rx) = mpsc::channel(4);
-                let _ = app.feeders.send(tx);
-                let mut response = Response::new(Feed(rx));
-                if let Some(ct) = content_type {
-                    response.headers_mut().insert("content-type", ct);
-                }
-                Ok(response)
-            }
-        })
-    }
-}
-
-fn request(path: &str, connection: u64, grpc: bool) -> Request<Empty<Bytes>> {
-    let mut request = Request::post(path)
-        .extension(ConnectionKey::from_id(connection))
-        .body(Empty::new())
-        .unwrap();
-    if grpc {
-        request
-            .headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
-    }
-    request
-}
-
-async fn call<S, B>(svc: &mut S, request: Request<Empty<Bytes>>) -> Response<B>
-where
-    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
-{
-    svc.ready().await.unwrap().call(request).await.unwrap()
-}
-
-async fn next_event(events: &mut broadcast::Receiver<EndEvent>) -> EndEvent {
-    tokio::time::timeout(Duration::from_secs(3600), events.recv())
-        .await
-        .expect("an end event within an hour of paused time")
-        .expect("no events missed")
-}
-
-fn guard(builder: StreamGuardBuilder) -> StreamGuardLayer {
-    builder.build().expect("valid configuration")
-}
 
 #[tokio::test(start_paused = true)]
 async fn refused_plain_stream_gets_503_and_never_reaches_the_service() {

@@ -1,0 +1,396 @@
+//! Graceful shutdown with a deadline, and a notice to handlers that it began.
+//!
+//! tonic's `serve_with_shutdown` (like grpc-go's `GracefulStop`) waits for
+//! every open stream to finish, so one endless stream keeps a server alive
+//! forever. A [`Drain`] bounds that wait:
+//!
+//! 1. [`Drain::start`] begins the drain: every stream's
+//!    [`StreamHandle::draining`](crate::StreamHandle::draining) resolves, so a
+//!    handler can tell its client to reconnect elsewhere, and new streams are
+//!    refused with gRPC `UNAVAILABLE` (HTTP `503`).
+//! 2. When the grace period ends, every stream still open ends with
+//!    `UNAVAILABLE` trailers (a body error for plain HTTP) and an end event
+//!    saying [`EndReason::Drained`](crate::EndReason::Drained).
+//! 3. A little later ([`Drain::close_connections_after`], 500 ms by default),
+//!    connections a [`ConnectionGuard`](crate::ConnectionGuard) wraps that
+//!    are still open are closed: those of peers that stopped reading, whose
+//!    streams hyper would otherwise keep until the peer reads.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tokio_stream::wrappers::TcpListenerStream;
+//! use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer};
+//!
+//! # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
+//! let drain = Drain::new();
+//! let guard = StreamGuardLayer::builder()
+//!     .idle_timeout(Duration::from_secs(30))
+//!     .drain(&drain)
+//!     .build()?;
+//! let connections = ConnectionGuard::builder().drain(&drain).build()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//!
+//! let on_signal = drain.clone();
+//! tokio::spawn(async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     let report = on_signal.start(Duration::from_secs(5)).await;
+//!     println!("{}", report.to_json());
+//! });
+//! tonic::transport::Server::builder()
+//!     .layer(guard.for_tonic())
+//!     .add_routes(routes)
+//!     // Stops accepting and sends GOAWAY as soon as the drain begins; returns
+//!     // within the grace period plus `close_connections_after`.
+//!     .serve_with_incoming_shutdown(
+//!         connections.wrap_incoming(TcpListenerStream::new(listener)),
+//!         drain.started(),
+//!     )
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+
+use crate::{conn::Connections, state::Core};
+
+/// The default delay between the end of the grace period and the closing of
+/// connections still open: 500 ms.
+pub const DEFAULT_CLOSE_CONNECTIONS_AFTER: Duration = Duration::from_millis(500);
+
+/// Starts and bounds a graceful shutdown of every guard layer and connection
+/// guard it was given to (see the [module docs](crate::drain) for the
+/// sequence). Clones share the drain.
+#[derive(Clone)]
+pub struct Drain {
+    shared: Arc<DrainShared>,
+}
+
+pub(crate) struct DrainShared {
+    draining: AtomicBool,
+    /// Wakes `draining()` and `started()` waiters when the drain begins.
+    began: Notify,
+    /// Wakes the drain task when a stream or guarded connection ends while
+    /// draining.
+    idle: Notify,
+    cores: Mutex<Vec<Weak<Core>>>,
+    connections: Mutex<Vec<Weak<Connections>>>,
+    grace_ns: AtomicU64,
+    close_after_ns: AtomicU64,
+    open_at_start: AtomicU64,
+    refused: AtomicU64,
+    cut: AtomicU64,
+    report: watch::Sender<Option<DrainReport>>,
+}
+
+/// What a drain did, from [`Drain::start`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainReport {
+    open_at_start: u64,
+    cut: u64,
+    refused: u64,
+    connections_closed: u64,
+    elapsed: Duration,
+}
+
+impl DrainReport {
+    /// Streams open when the drain began.
+    pub fn open_at_start(&self) -> u64 {
+        self.open_at_start
+    }
+
+    /// Of those, the streams that ended by themselves within the grace
+    /// period (handlers that finished early on
+    /// [`draining`](crate::StreamHandle::draining) count here).
+    pub fn finished_within_grace(&self) -> u64 {
+        self.open_at_start.saturating_sub(self.cut)
+    }
+
+    /// Streams still open when the grace period ended, ended by the drain.
+    pub fn cut(&self) -> u64 {
+        self.cut
+    }
+
+    /// Streams that arrived during the drain and were refused.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Guarded connections still open after the grace period (plus
+    /// [`Drain::close_connections_after`]), closed by the drain.
+    pub fn connections_closed(&self) -> u64 {
+        self.connections_closed
+    }
+
+    /// From the start of the drain until every stream had ended and the
+    /// connections left were closed.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// The report as one line of JSON: `event` (`"drain"`),
+    /// `open_at_start`, `finished_within_grace`, `cut`, `refused`,
+    /// `connections_closed` and `elapsed_ms`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"event\":\"drain\",\"open_at_start\":{},\"finished_within_grace\":{},\"cut\":{},\"refused\":{},\"connections_closed\":{},\"elapsed_ms\":{}}}",
+            self.open_at_start,
+            self.finished_within_grace(),
+            self.cut,
+            self.refused,
+            self.connections_closed,
+            self.elapsed.as_millis()
+        )
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
+impl fmt::Debug for Drain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drain")
+            .field("draining", &self.is_draining())
+            .field("active_streams", &self.shared.active())
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing under these locks can leave their lists half-updated.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Drain {
+    /// A drain not yet started. Give it to
+    /// [`StreamGuardBuilder::drain`](crate::StreamGuardBuilder::drain) and
+    /// [`ConnectionGuardBuilder::drain`](crate::ConnectionGuardBuilder::drain).
+    pub fn new() -> Self {
+        Drain {
+            shared: Arc::new(DrainShared {
+                draining: AtomicBool::new(false),
+                began: Notify::new(),
+                idle: Notify::new(),
+                cores: Mutex::new(Vec::new()),
+                connections: Mutex::new(Vec::new()),
+                grace_ns: AtomicU64::new(0),
+                close_after_ns: AtomicU64::new(ns(DEFAULT_CLOSE_CONNECTIONS_AFTER)),
+                open_at_start: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                cut: AtomicU64::new(0),
+                report: watch::channel(None).0,
+            }),
+        }
+    }
+
+    /// How long after the grace period guarded connections still open are
+    /// closed (default [`DEFAULT_CLOSE_CONNECTIONS_AFTER`]): time for the
+    /// `UNAVAILABLE` trailers of cut streams to reach their peers.
+    pub fn close_connections_after(self, delay: Duration) -> Self {
+        self.shared
+            .close_after_ns
+            .store(ns(delay), Ordering::Relaxed);
+        self
+    }
+
+    /// Whether the drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
+    }
+
+    /// Resolves when the drain begins (at once if it has). Hand it to tonic's
+    /// `serve_with_shutdown` / `serve_with_incoming_shutdown`, so that the
+    /// server stops accepting and sends GOAWAY when the drain begins.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move { shared.began().await }
+    }
+
+    /// Streams of the guard layers given this drain that have not ended.
+    pub fn active_streams(&self) -> usize {
+        self.shared.active()
+    }
+
+    /// Begins the drain now, with `grace` for open streams to finish, and
+    /// returns a future of its report: it resolves once every stream has
+    /// ended and the connections left have been closed, at the latest
+    /// `grace` plus [`close_connections_after`](Self::close_connections_after)
+    /// plus one timer resolution from now.
+    ///
+    /// The drain runs on a task of its own, so it proceeds whether or not
+    /// the future is awaited. Calling `start` again does not restart it; the
+    /// future resolves with the first drain's report. Must be called within a
+    /// tokio runtime.
+    pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
+        let shared = &self.shared;
+        let mut report = shared.report.subscribe();
+        if !shared.draining.swap(true, Ordering::AcqRel) {
+            let deadline = Instant::now() + grace;
+            shared.grace_ns.store(ns(grace), Ordering::Relaxed);
+            shared
+                .open_at_start
+                .store(shared.active() as u64, Ordering::Relaxed);
+            shared.began.notify_waiters();
+            for core in shared.cores() {
+                core.begin_drain(deadline);
+            }
+            tokio::spawn(run(Arc::clone(shared), deadline));
+        }
+        async move {
+            loop {
+                if let Some(done) = *report.borrow_and_update() {
+                    return done;
+                }
+                if report.changed().await.is_err() {
+                    // The drain task cannot go away before it reports,
+                    // unless the runtime shuts down.
+                    return DrainReport {
+                        open_at_start: 0,
+                        cut: 0,
+                        refused: 0,
+                        connections_closed: 0,
+                        elapsed: Duration::ZERO,
+                    };
+                }
+            }
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<DrainShared> {
+        &self.shared
+    }
+}
+
+impl DrainShared {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn began(&self) {
+        loop {
+            let began = self.began.notified();
+            tokio::pin!(began);
+            began.as_mut().enable();
+            if self.is_draining() {
+                return;
+            }
+            began.await;
+        }
+    }
+
+    pub(crate) fn register_core(&self, core: &Arc<Core>) {
+        lock(&self.cores).push(Arc::downgrade(core));
+    }
+
+    pub(crate) fn register_connections(&self, connections: &Arc<Connections>) {
+        lock(&self.connections).push(Arc::downgrade(connections));
+    }
+
+    fn cores(&self) -> Vec<Arc<Core>> {
+        lock(&self.cores).iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn connections(&self) -> Vec<Arc<Connections>> {
+        lock(&self.connections)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    fn active(&self) -> usize {
+        self.cores()
+            .iter()
+            .map(|core| core.active.load(Ordering::Acquire))
+            .sum()
+    }
+
+    fn open_connections(&self) -> usize {
+        self.connections().iter().map(|c| c.open()).sum()
+    }
+
+    pub(crate) fn grace(&self) -> Duration {
+        Duration::from_nanos(self.grace_ns.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn count_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_cut(&self) {
+        self.cut.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A stream or connection ended: the drain task may be done.
+    pub(crate) fn ended_one(&self) {
+        if self.is_draining() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until `done` holds or `deadline` passes; whether it held.
+    async fn wait_until(&self, deadline: Instant, done: impl Fn(&Self) -> bool) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if done(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return done(self);
+            }
+        }
+    }
+}
+
+async fn run(shared: Arc<DrainShared>, deadline: Instant) {
+    let started = Instant::now();
+    // Streams end by themselves until the deadline; then the guards' timers
+    // cut the rest (within one resolution).
+    let close_after = Duration::from_nanos(shared.close_after_ns.load(Ordering::Relaxed));
+    let all_gone = |s: &DrainShared| s.active() == 0 && s.open_connections() == 0;
+    if !shared.wait_until(deadline, all_gone).await {
+        shared.wait_until(deadline + close_after, all_gone).await;
+    }
+    let mut connections_closed = 0;
+    for connections in shared.connections() {
+        connections_closed += connections.close_all();
+    }
+    let report = DrainReport {
+        open_at_start: shared.open_at_start.load(Ordering::Relaxed),
+        cut: shared.cut.load(Ordering::Relaxed),
+        refused: shared.refused.load(Ordering::Relaxed),
+        connections_closed,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        target: "tower_stream_guard",
+        open_at_start = report.open_at_start,
+        cut = report.cut,
+        refused = report.refused,
+        connections_closed = report.connections_closed,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "drain finished"
+    );
+    shared.report.send_replace(Some(report));
+}

@@ -1,0 +1,187 @@
+//! Drains under paused time: the notice, refusals, the cut at the end of the
+//! grace period (stalled readers included) and the report.
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::time::{Instant, sleep};
+use tower::Layer;
+use tower_stream_guard::{Drain, EndReason, StreamGuardLayer, StreamHandle};
+
+#[path = "support/paused.rs"]
+mod paused;
+use paused::{App, SECOND, TICK, call, guard, next_event, request};
+
+#[tokio::test(start_paused = true)]
+async fn new_streams_are_refused_once_the_drain_begins() {
+    let drain = Drain::new();
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let mut events = guard.subscribe();
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    assert!(!drain.is_draining());
+
+    let report = drain.start(5 * SECOND);
+    assert!(drain.is_draining());
+    let grpc = call(&mut svc, request("/echo.Echo/Bidi", 1, true)).await;
+    assert_eq!(grpc.headers()["grpc-status"], "14");
+    let message = grpc.headers()["grpc-message"].to_str().unwrap();
+    assert!(message.contains("draining"), "{message}");
+    let plain = call(&mut svc, request("/page", 1, false)).await;
+    assert_eq!(plain.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.handled.load(std::sync::atomic::Ordering::SeqCst), 0);
+    for _ in 0..2 {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::Drained);
+    }
+
+    let started = Instant::now();
+    let report = report.await;
+    assert!(started.elapsed() < TICK, "nothing open: done at once");
+    assert_eq!(report.open_at_start(), 0);
+    assert_eq!(report.refused(), 2);
+    assert_eq!(report.cut(), 0);
+    assert_eq!(guard.stats().ended(EndReason::Drained), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_open_when_the_grace_ends_are_cut_with_unavailable() {
+    let drain = Drain::new();
+    // No limit at all: the drain must reach streams the timer never filed.
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let finishing = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let finishing_feed = feeders.recv().await.unwrap();
+    let polled = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _polled_feed = feeders.recv().await.unwrap();
+    // Its body is never polled: a peer that stopped reading.
+    let stalled = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _stalled_feed = feeders.recv().await.unwrap();
+    let (mut finishing, mut polled) = (finishing.into_body(), polled.into_body());
+
+    let started = Instant::now();
+    let report = tokio::spawn(drain.start(3 * SECOND));
+    sleep(SECOND).await;
+    finishing_feed
+        .send(Bytes::from_static(b"bye"))
+        .await
+        .unwrap();
+    drop(finishing_feed);
+    assert!(finishing.frame().await.unwrap().unwrap().is_data());
+    assert!(finishing.frame().await.is_none());
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Completed);
+
+    let trailers = tokio::time::timeout(3600 * SECOND, polled.frame())
+        .await
+        .expect("cut within an hour of paused time")
+        .unwrap()
+        .unwrap()
+        .into_trailers()
+        .unwrap();
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= 3 * SECOND && cut_after <= 3 * SECOND + TICK,
+        "cut after {cut_after:?}"
+    );
+    assert_eq!(trailers["grpc-status"], "14");
+    assert!(
+        trailers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("grace period ended (drain)")
+    );
+    for _ in 0..2 {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::Drained);
+        assert_eq!(event.limit(), Some(3 * SECOND));
+        assert_eq!(event.grpc_status(), Some(14));
+    }
+    let report = report.await.unwrap();
+    assert_eq!(report.open_at_start(), 3);
+    assert_eq!(report.finished_within_grace(), 1);
+    assert_eq!(report.cut(), 2);
+    assert_eq!(report.refused(), 0);
+    assert!(report.elapsed() <= 3 * SECOND + TICK, "{report:?}");
+    assert!(report.to_json().contains(r#""cut":2"#));
+    assert_eq!(guard.active_streams(), 0);
+    drop(stalled);
+    assert!(events.try_recv().is_err(), "one event per stream");
+}
+
+#[tokio::test(start_paused = true)]
+async fn handlers_that_stop_on_draining_count_as_finished_within_grace() {
+    let drain = Drain::new();
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_lifetime(3600 * SECOND)
+            .drain(&drain),
+    );
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let feed = feeders.recv().await.unwrap();
+    let handle: StreamHandle = app.last_handle().expect("the handler saw its handle");
+    // The handler's producer: says goodbye when the drain begins.
+    let producer = tokio::spawn(async move {
+        handle.draining().await;
+        feed.send(Bytes::from_static(b"reconnect elsewhere"))
+            .await
+            .unwrap();
+    });
+
+    let started = Instant::now();
+    let report = drain.start(10 * SECOND);
+    let mut body = response.into_body();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "reconnect elsewhere"
+    );
+    assert!(body.frame().await.is_none(), "producer done, body ends");
+    producer.await.unwrap();
+    let report = report.await;
+    assert!(started.elapsed() < TICK, "{:?}", started.elapsed());
+    assert_eq!(report.open_at_start(), 1);
+    assert_eq!(report.finished_within_grace(), 1);
+    assert_eq!(report.cut(), 0);
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Completed);
+    assert!(body.is_end_stream());
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_resolves_for_every_open_stream_and_never_without_a_drain() {
+    let drain = Drain::new();
+    let with = guard(StreamGuardLayer::builder().drain(&drain));
+    let without = guard(StreamGuardLayer::builder());
+    let (app, _feeders) = App::new();
+    let mut with_svc = with.layer(app.service());
+    let mut without_svc = without.layer(app.service());
+
+    let mut handles = Vec::new();
+    let mut responses = Vec::new();
+    for _ in 0..3 {
+        responses.push(call(&mut with_svc, request("/a", 1, true)).await);
+        handles.push(app.last_handle().unwrap());
+    }
+    let _other = call(&mut without_svc, request("/a", 1, true)).await;
+    let lone = app.last_handle().unwrap();
+
+    let waiters: Vec<_> = handles.iter().map(|h| tokio::spawn(h.draining())).collect();
+    let lone_waiter = tokio::spawn(lone.draining());
+    sleep(SECOND).await;
+    assert!(waiters.iter().all(|w| !w.is_finished()));
+    let _report = drain.start(60 * SECOND);
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    assert!(handles.iter().all(StreamHandle::is_draining));
+    sleep(SECOND).await;
+    assert!(!lone_waiter.is_finished());
+    assert!(!lone.is_draining());
+    drop(responses);
+}
