@@ -640,6 +640,11 @@ impl ConnectionGuard {
     pub fn open_connections(&self) -> usize {
         self.connections.open()
     }
+
+    #[cfg(feature = "hyper")]
+    pub(crate) fn drain_shared(&self) -> Option<Arc<crate::drain::DrainShared>> {
+        self.connections.drain.clone()
+    }
 }
 
 impl ConnectionGuardBuilder {

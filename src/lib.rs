@@ -84,7 +84,11 @@
 //!
 //! - `tonic` (default): [`TonicBody`] and [`StreamGuardLayer::for_tonic`]
 //!   for `tonic::transport::Server::layer`, `tonic::Status` inside
-//!   [`GuardError`], peer addresses from tonic's `TcpConnectInfo`.
+//!   [`GuardError`], peer addresses from tonic's `TcpConnectInfo`, and
+//!   tonic's `Connected` for [`GuardedIo`].
+//! - `hyper`: [`ConnectionGuard::serve_connection`], which drives accepted
+//!   connections with hyper-util and sends GOAWAY at their maximum age and
+//!   when a drain begins.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -100,6 +104,8 @@ mod handle;
 mod layer;
 mod policy;
 mod route;
+#[cfg(feature = "hyper")]
+mod serve;
 mod service;
 mod state;
 mod stats;

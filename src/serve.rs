@@ -1,0 +1,132 @@
+//! Driving accepted connections with hyper-util, for hand-written accept
+//! loops (feature `hyper`).
+
+use std::{
+    future::{Future, pending, poll_fn},
+    pin::Pin,
+};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower_service::Service;
+
+use crate::{BoxError, ConnectionGuard, ConnectionHandle, PeerOf};
+
+impl ConnectionGuard {
+    /// Serves one accepted connection with hyper-util (HTTP/1 or HTTP/2,
+    /// detected from the client's first bytes), guarded like
+    /// [`wrap`](Self::wrap) and more: the connection's
+    /// [`ConnectionHandle`](crate::ConnectionHandle) is in every request's
+    /// extensions, and when the connection reaches its
+    /// [`max_age`](crate::ConnectionGuardBuilder::max_age) or a
+    /// [`Drain`](crate::Drain) given to this guard begins, hyper is asked for
+    /// a graceful shutdown (HTTP/2 GOAWAY: the client opens no new stream here
+    /// and reconnects). The guard's timer closes the connection hard after
+    /// `max_age_grace`, or at the drain's end.
+    ///
+    /// The future it returns resolves when the connection is done; spawn
+    /// one per accepted connection:
+    ///
+    /// ```no_run
+    /// use std::convert::Infallible;
+    /// use tower_stream_guard::{ConnectionGuard, StreamGuardLayer};
+    /// use tower::{Layer, service_fn};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder()
+    ///     .max_age(std::time::Duration::from_secs(600))
+    ///     .max_age_grace(std::time::Duration::from_secs(30))
+    ///     .build()?;
+    /// let guard = StreamGuardLayer::builder().build()?;
+    /// let service = guard.layer(service_fn(|_request: http::Request<_>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(String::from("hello")))
+    /// }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// loop {
+    ///     let (io, _) = listener.accept().await?;
+    ///     let (connections, service) = (connections.clone(), service.clone());
+    ///     tokio::spawn(async move { connections.serve_connection(io, service).await });
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// What hyper reports when the connection fails, including when the
+    /// guard closed it.
+    pub fn serve_connection<IO, S, B>(
+        &self,
+        io: IO,
+        service: S,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>
+    where
+        IO: AsyncRead + AsyncWrite + PeerOf + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let io = self.wrap(io);
+        let handle = io.handle().clone();
+        let goaway = handle.goaway();
+        let drain = self.drain_shared();
+        let service = WithHandle { service, handle };
+        Box::pin(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let draining = async {
+                match drain {
+                    Some(drain) => drain.began().await,
+                    None => pending().await,
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                () = goaway => {}
+                () = draining => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        })
+    }
+}
+
+/// Hands each request the connection's handle, as a hyper service. A named
+/// type with a boxed future, not a closure in an `async fn`: the latter trips
+/// rust-lang/rust#102211 when the caller spawns the connection.
+struct WithHandle<S> {
+    service: S,
+    handle: ConnectionHandle,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for WithHandle<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<B>>;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.handle.clone());
+        let mut service = self.service.clone();
+        Box::pin(async move {
+            poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            service.call(request).await.map_err(Into::into)
+        })
+    }
+}
