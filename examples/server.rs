@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --example server -- [--addr 127.0.0.1:50051] [--idle-timeout 2s]
 //!     [--max-lifetime 30s] [--request-idle-timeout 5s] [--response-idle-timeout 5s]
+//!     [--max-streams-per-connection N] [--max-streams-per-peer N] [--max-streams N]
+//!     [--cap-wait 100ms] [--drain-grace 5s]
 //! cargo run --example server -- --help
 //! ```
 //!
@@ -35,9 +37,15 @@
 //!     -o /dev/null -D - http://127.0.0.1:50051/echo.Echo/ServerStream
 //! ```
 //!
-//! Ctrl-C or SIGTERM shuts the server down gracefully: it stops accepting
-//! connections and waits up to 10 s for the open ones to finish (streams end
-//! within the maximum lifetime anyway); a second signal exits at once.
+//! Streams over a cap are refused with `RESOURCE_EXHAUSTED`; their end events
+//! say `"reason":"rejected"` with the cap.
+//!
+//! Ctrl-C or SIGTERM drains the server: it stops accepting connections (GOAWAY
+//! on open ones), refuses new streams with `UNAVAILABLE`, lets open streams
+//! finish for `--drain-grace`, then cuts the rest with `UNAVAILABLE` (their
+//! end events say `"reason":"drained"`) and closes the connections left, even
+//! those of clients that stopped reading. The drain's report is the last JSON
+//! line (`"event":"drain"`). A second signal exits at once.
 
 mod common;
 
@@ -53,7 +61,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use tower_stream_guard::{StreamGuardBuilder, StreamGuardLayer};
+use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardBuilder, StreamGuardLayer};
 use tracing_subscriber::EnvFilter;
 
 use common::{EchoService, echo::echo_server::EchoServer};
@@ -76,15 +84,22 @@ Options:
                                     for this long [default: off]
   --max-lifetime <DURATION>         end any stream this long after it started
                                     [default: 30s]
+  --max-streams-per-connection <N>  refuse streams beyond N open on one
+                                    connection [default: no cap]
+  --max-streams-per-peer <N>        refuse streams beyond N open from one client
+                                    IP address [default: no cap]
+  --max-streams <N>                 refuse streams beyond N open in total
+                                    [default: no cap]
+  --cap-wait <DURATION>             let a stream over a cap wait this long for
+                                    a slot before it is refused [default: off]
+  --drain-grace <DURATION>          on Ctrl-C or SIGTERM, how long open streams
+                                    may run before they are cut [default: 5s]
   -h, --help                        print this help
 
 DURATION is a whole number followed by ms, s, m or h (500ms, 2s, 1m, 1h), or
 `off` for no limit. Exit codes: 0 after a clean shutdown (Ctrl-C, SIGTERM),
 1 when the server cannot run, 2 for bad arguments or configuration.
 ";
-
-/// How long a graceful shutdown may wait for open streams.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The command line, parsed.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,6 +109,11 @@ struct Args {
     request_idle_timeout: Option<Duration>,
     response_idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
+    max_streams_per_connection: Option<usize>,
+    max_streams_per_peer: Option<usize>,
+    max_streams: Option<usize>,
+    cap_wait: Option<Duration>,
+    drain_grace: Duration,
 }
 
 impl Default for Args {
@@ -104,6 +124,11 @@ impl Default for Args {
             request_idle_timeout: None,
             response_idle_timeout: None,
             max_lifetime: Some(Duration::from_secs(30)),
+            max_streams_per_connection: None,
+            max_streams_per_peer: None,
+            max_streams: None,
+            cap_wait: None,
+            drain_grace: Duration::from_secs(5),
         }
     }
 }
@@ -123,17 +148,37 @@ impl Args {
         if let Some(lifetime) = self.max_lifetime {
             builder = builder.max_lifetime(lifetime);
         }
+        if let Some(limit) = self.max_streams_per_connection {
+            builder = builder.max_streams_per_connection(limit);
+        }
+        if let Some(limit) = self.max_streams_per_peer {
+            builder = builder.max_streams_per_peer(limit);
+        }
+        if let Some(limit) = self.max_streams {
+            builder = builder.max_streams(limit);
+        }
+        if let Some(patience) = self.cap_wait {
+            builder = builder.cap_wait(patience);
+        }
         builder
     }
 
     fn describe(&self) -> String {
         let show = |d: Option<Duration>| d.map_or_else(|| "off".to_string(), |d| format!("{d:?}"));
+        let cap = |n: Option<usize>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
         format!(
-            "idle_timeout {}, request_idle_timeout {}, response_idle_timeout {}, max_lifetime {}",
+            "idle_timeout {}, request_idle_timeout {}, response_idle_timeout {}, max_lifetime {}, \
+             max_streams_per_connection {}, max_streams_per_peer {}, max_streams {}, cap_wait {}, \
+             drain_grace {:?}",
             show(self.idle_timeout),
             show(self.request_idle_timeout),
             show(self.response_idle_timeout),
             show(self.max_lifetime),
+            cap(self.max_streams_per_connection),
+            cap(self.max_streams_per_peer),
+            cap(self.max_streams),
+            show(self.cap_wait),
+            self.drain_grace,
         )
     }
 }
@@ -159,6 +204,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             "--request-idle-timeout",
             "--response-idle-timeout",
             "--max-lifetime",
+            "--max-streams-per-connection",
+            "--max-streams-per-peer",
+            "--max-streams",
+            "--cap-wait",
+            "--drain-grace",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown argument `{flag}`"));
@@ -184,10 +234,34 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                 parsed.response_idle_timeout = parse_duration(&flag, &value)?
             }
             "--max-lifetime" => parsed.max_lifetime = parse_duration(&flag, &value)?,
+            "--max-streams-per-connection" => {
+                parsed.max_streams_per_connection = Some(parse_count(&flag, &value)?)
+            }
+            "--max-streams-per-peer" => {
+                parsed.max_streams_per_peer = Some(parse_count(&flag, &value)?)
+            }
+            "--max-streams" => parsed.max_streams = Some(parse_count(&flag, &value)?),
+            "--cap-wait" => parsed.cap_wait = parse_duration(&flag, &value)?,
+            "--drain-grace" => {
+                parsed.drain_grace = parse_duration(&flag, &value)?.unwrap_or(Duration::ZERO)
+            }
             _ => unreachable!("checked against the known flags above"),
         }
     }
     Ok(Some(parsed))
+}
+
+/// A stream count of at least 1.
+fn parse_count(flag: &str, value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err(format!(
+            "{flag} must be at least 1 (leave it out for no cap)"
+        )),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "invalid count `{value}` for {flag}: expected a whole number, e.g. 100"
+        )),
+    }
 }
 
 /// `500ms`, `2s`, `1m`, `1h`, or `off` (no limit).
@@ -234,8 +308,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let guard = match args.guard().build() {
-        Ok(guard) => guard.for_tonic(),
+    let drain = Drain::new();
+    let built = args.guard().drain(&drain).build().and_then(|guard| {
+        let connections = ConnectionGuard::builder().drain(&drain).build()?;
+        Ok((guard.for_tonic(), connections))
+    });
+    let (guard, connections) = match built {
+        Ok(built) => built,
         Err(err) => {
             eprintln!("error: the guard rejects this configuration: {err}");
             return ExitCode::from(2);
@@ -306,32 +385,30 @@ async fn main() -> ExitCode {
         }
     });
 
-    let (stop, stopped) = oneshot::channel::<()>();
+    // The server stops accepting (and sends GOAWAY) when the drain starts.
     let server = Server::builder()
         .layer(guard.clone())
         .add_service(EchoServer::new(EchoService::new()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stopped.await;
-        });
+        .serve_with_incoming_shutdown(
+            connections.wrap_incoming(TcpListenerStream::new(listener)),
+            drain.started(),
+        );
     tokio::pin!(server);
 
+    let grace = args.drain_grace;
+    let mut report = None;
     let result = tokio::select! {
         result = &mut server => result,
         signal = shutdown_signal() => {
             tracing::info!(
-                "{signal} received: shutting down; waiting up to {SHUTDOWN_GRACE:?} for open connections ({} guarded streams active)",
+                "{signal} received: draining; open streams may finish within {grace:?} ({} guarded streams active)",
                 guard.active_streams()
             );
-            let _ = stop.send(());
+            report = Some(drain.start(grace));
             tokio::select! {
+                // Returns within the grace period plus the drain's delay
+                // before it closes the connections left.
                 result = &mut server => result,
-                () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-                    tracing::warn!(
-                        "connections still open after {SHUTDOWN_GRACE:?} ({} guarded streams active); exiting anyway",
-                        guard.active_streams()
-                    );
-                    Ok(())
-                }
                 signal = shutdown_signal() => {
                     tracing::warn!("second {signal}: exiting at once");
                     Ok(())
@@ -352,6 +429,13 @@ async fn main() -> ExitCode {
         .is_err()
     {
         tracing::warn!("could not write every end event to stdout in time");
+    }
+    if let Some(report) = report
+        && let Ok(report) = tokio::time::timeout(Duration::from_secs(1), report).await
+    {
+        let mut line = report.to_json();
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes());
     }
 
     match result {
