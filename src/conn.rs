@@ -16,7 +16,7 @@
 //!   closed [`max_age_grace`](ConnectionGuardBuilder::max_age_grace) later
 //!   (GOAWAY first, where the code that drives the connection asks for it
 //!   through [`ConnectionHandle::goaway`]);
-//! - **drained**: still open after a [`Drain`](crate::Drain)'s grace period.
+//! - **drained**: still open after a [`Drain`]'s grace period.
 //!
 //! Each connection gets an id, visible to guards and handlers as a
 //! [`ConnectionHandle`] in the request extensions (tonic inserts the
@@ -649,6 +649,9 @@ impl ConnectionGuard {
 
 impl ConnectionGuardBuilder {
     /// Closes a connection that had no guarded stream open for `timeout`.
+    ///
+    /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
+    /// in front of the service: without one, every connection looks idle.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.policy.idle = Some(timeout);
         self

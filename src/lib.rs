@@ -22,6 +22,14 @@
 //! - exactly one [`EndEvent`]: why it ended, how long it lived, what it moved;
 //!   and a cheap snapshot of counters, [`StreamGuardLayer::stats`].
 //!
+//! and bounds shutdown and connections:
+//!
+//! - a [`Drain`] gives graceful shutdown a deadline and handlers a
+//!   [`draining`](StreamHandle::draining) notice;
+//! - a [`ConnectionGuard`] gives each accepted connection an id and closes
+//!   the ones hyper would keep forever (peers that stopped reading, idle or
+//!   over-age connections).
+//!
 //! # Quick start (tonic)
 //!
 //! ```no_run

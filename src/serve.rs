@@ -21,7 +21,7 @@ impl ConnectionGuard {
     /// Serves one accepted connection with hyper-util (HTTP/1 or HTTP/2,
     /// detected from the client's first bytes), guarded like
     /// [`wrap`](Self::wrap) and more: the connection's
-    /// [`ConnectionHandle`](crate::ConnectionHandle) is in every request's
+    /// [`ConnectionHandle`] is in every request's
     /// extensions, and when the connection reaches its
     /// [`max_age`](crate::ConnectionGuardBuilder::max_age) or a
     /// [`Drain`](crate::Drain) given to this guard begins, hyper is asked for
