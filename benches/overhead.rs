@@ -18,7 +18,13 @@
 //!   into the inner body cannot be inlined then, and each frame travels
 //!   through memory, as in a real server.
 //! - `per-stream`: one whole stream through a service: call, response body
-//!   polled to its end (4 data frames), end event.
+//!   polled to its end (4 data frames), end event. Besides the contestants
+//!   below: `guard+subscriber` (an end-event receiver drains every event),
+//!   `guard+caps` (per-connection, per-peer and total caps, none full: slots
+//!   taken and given back per stream; its requests carry a `ConnectionKey`
+//!   and a `PeerAddr`, as a server's would), `guard+caps-baseline` (the same
+//!   requests without caps) and `guard+drain` (a drain configured, not
+//!   started).
 //!
 //! The per-frame benchmarks poll [`FRAMES_PER_ITER`] frames per iteration and
 //! report throughput in frames: with 1000 frames per iteration, the time per
@@ -63,7 +69,9 @@ use http_body_util::{BodyExt, Empty, combinators::UnsyncBoxBody};
 use tokio::{runtime::Runtime, time::Sleep};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_http::timeout::{DeadlineBody, ResponseBodyTimeoutLayer, TimeoutBody};
-use tower_stream_guard::{BoxError, ResponseBody, StreamGuardLayer};
+use tower_stream_guard::{
+    BoxError, ConnectionKey, Drain, PeerAddr, ResponseBody, StreamGuardLayer,
+};
 
 /// Frames polled per iteration of a per-frame benchmark.
 const FRAMES_PER_ITER: u64 = 1000;
@@ -326,8 +334,17 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let response =
-        ready_now(service.call(Request::new(Empty::new()))).unwrap_or_else(|never| match never {});
+    one_stream_of(service, Request::new(Empty::new()))
+}
+
+/// [`one_stream`] with a request of the caller's.
+fn one_stream_of<S, B>(service: &mut S, request: Request<Empty<Bytes>>) -> usize
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let response = ready_now(service.call(request)).unwrap_or_else(|never| match never {});
     let mut body = pin!(response.into_body());
     let mut cx = Context::from_waker(Waker::noop());
     let mut bytes = 0;
@@ -377,6 +394,48 @@ fn per_stream(c: &mut Criterion) {
             black_box(event);
             bytes
         });
+    });
+
+    // Every cap at once, each far from full; the request carries what a
+    // server's accept loop would give it: a connection key and a peer.
+    let layer = StreamGuardLayer::builder()
+        .idle_timeout(IDLE)
+        .max_lifetime(LIFETIME)
+        .max_streams_per_connection(1_000_000)
+        .max_streams_per_peer(1_000_000)
+        .max_streams(1_000_000)
+        .build()
+        .expect("valid configuration");
+    let mut guard = layer.layer(service_fn(respond));
+    let peer = std::net::SocketAddr::from(([10, 0, 0, 7], 50_000));
+    let request = || {
+        let mut request = Request::new(Empty::new());
+        request.extensions_mut().insert(ConnectionKey::from_id(7));
+        request.extensions_mut().insert(PeerAddr(peer));
+        request
+    };
+    group.bench_function("guard+caps", |b| {
+        b.iter(|| one_stream_of(&mut guard, request()));
+    });
+    // The same requests without caps: what building them costs.
+    let mut uncapped = guard_layer().layer(service_fn(respond));
+    group.bench_function("guard+caps-baseline", |b| {
+        b.iter(|| one_stream_of(&mut uncapped, request()));
+    });
+    assert_eq!(layer.active_streams(), 0, "every stream has ended");
+    assert!(layer.connection_streams().is_empty(), "every slot is back");
+
+    // A drain files streams in the timer map even without a deadline.
+    let drain = Drain::new();
+    let layer = StreamGuardLayer::builder()
+        .idle_timeout(IDLE)
+        .max_lifetime(LIFETIME)
+        .drain(&drain)
+        .build()
+        .expect("valid configuration");
+    let mut guard = layer.layer(service_fn(respond));
+    group.bench_function("guard+drain", |b| {
+        b.iter(|| one_stream(&mut guard));
     });
 
     // tower-http's `TimeoutBody` does not forward `is_end_stream`, so its

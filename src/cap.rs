@@ -200,25 +200,15 @@ impl CapLimits {
 
 /// Counts keyed by connection or peer; an entry lives while its count is not
 /// zero.
-struct Counts<K>(Mutex<HashMap<K, usize>>);
+struct Counts<K>(HashMap<K, usize>);
 
 impl<K: Hash + Eq + Copy> Counts<K> {
-    fn new() -> Self {
-        Counts(Mutex::new(HashMap::new()))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
-        // Nothing under this lock can leave the map half-updated.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Takes a slot for `key` unless it already holds `limit`.
-    fn take(&self, key: K, limit: Option<usize>) -> bool {
-        let mut map = self.lock();
-        let count = map.entry(key).or_insert(0);
+    fn take(&mut self, key: K, limit: Option<usize>) -> bool {
+        let count = self.0.entry(key).or_insert(0);
         if limit.is_some_and(|limit| *count >= limit) {
             if *count == 0 {
-                map.remove(&key);
+                self.0.remove(&key);
             }
             return false;
         }
@@ -226,24 +216,25 @@ impl<K: Hash + Eq + Copy> Counts<K> {
         true
     }
 
-    fn give_back(&self, key: K) {
-        let mut map = self.lock();
-        if let Some(count) = map.get_mut(&key) {
+    fn give_back(&mut self, key: K) {
+        if let Some(count) = self.0.get_mut(&key) {
             *count -= 1;
             if *count == 0 {
-                map.remove(&key);
+                self.0.remove(&key);
             }
         }
     }
 
     fn snapshot(&self) -> Vec<(K, usize)> {
-        self.lock().iter().map(|(k, v)| (*k, *v)).collect()
+        self.0.iter().map(|(k, v)| (*k, *v)).collect()
     }
+}
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
+/// Both keyed counts of a cap set, under one lock: a stream takes it once
+/// on the way in and once on the way out.
+struct Maps {
+    connections: Counts<ConnectionKey>,
+    peers: Counts<IpAddr>,
 }
 
 /// One set of caps with its counters: a guard layer's own, or a route's.
@@ -253,8 +244,7 @@ pub(crate) struct CapSet {
     /// set does, for `connection_streams`).
     track_connections: bool,
     total: AtomicUsize,
-    connections: Counts<ConnectionKey>,
-    peers: Counts<IpAddr>,
+    maps: Mutex<Maps>,
     /// Streams waiting for a slot; releases notify only when there are some.
     waiters: AtomicUsize,
     freed: Notify,
@@ -280,8 +270,10 @@ impl CapSet {
             limits,
             track_connections: track_connections || limits.per_connection.is_some(),
             total: AtomicUsize::new(0),
-            connections: Counts::new(),
-            peers: Counts::new(),
+            maps: Mutex::new(Maps {
+                connections: Counts(HashMap::new()),
+                peers: Counts(HashMap::new()),
+            }),
             waiters: AtomicUsize::new(0),
             freed: Notify::new(),
         }
@@ -300,42 +292,52 @@ impl CapSet {
             connection: None,
             peer: None,
         };
-        if self.track_connections {
-            if !self
-                .connections
-                .take(origin.connection, self.limits.per_connection)
-            {
-                permit.release_quietly();
-                return Err(StreamCap::PerConnection);
+        let peer = origin.peer.filter(|_| self.limits.per_peer.is_some());
+        if self.track_connections || peer.is_some() {
+            let mut maps = self.maps();
+            if self.track_connections {
+                if !maps
+                    .connections
+                    .take(origin.connection, self.limits.per_connection)
+                {
+                    drop(maps);
+                    permit.release_quietly();
+                    return Err(StreamCap::PerConnection);
+                }
+                permit.connection = Some(origin.connection);
             }
-            permit.connection = Some(origin.connection);
-        }
-        if self.limits.per_peer.is_some()
-            && let Some(ip) = origin.peer
-        {
-            if !self.peers.take(ip, self.limits.per_peer) {
-                permit.release_quietly();
-                return Err(StreamCap::PerPeer);
+            if let Some(ip) = peer {
+                if !maps.peers.take(ip, self.limits.per_peer) {
+                    drop(maps);
+                    permit.release_quietly();
+                    return Err(StreamCap::PerPeer);
+                }
+                permit.peer = Some(ip);
             }
-            permit.peer = Some(ip);
         }
         Ok(permit)
     }
 
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // Nothing under this lock can leave the maps half-updated.
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Streams holding a slot here, per connection.
     pub(crate) fn connection_streams(&self) -> Vec<(ConnectionKey, usize)> {
-        self.connections.snapshot()
+        self.maps().connections.snapshot()
     }
 
     /// Streams holding a slot here, per peer (only with a per-peer cap).
     pub(crate) fn peer_streams(&self) -> Vec<(IpAddr, usize)> {
-        self.peers.snapshot()
+        self.maps().peers.snapshot()
     }
 
     /// Map entries held: connections plus peers (for leak checks).
     #[cfg(test)]
     pub(crate) fn entries(&self) -> usize {
-        self.connections.len() + self.peers.len()
+        let maps = self.maps();
+        maps.connections.0.len() + maps.peers.0.len()
     }
 }
 
@@ -352,6 +354,9 @@ pub(crate) fn try_acquire_all(
     sets: &[Arc<CapSet>],
     origin: &Origin,
 ) -> Result<Vec<CapPermit>, Refusal> {
+    if sets.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut permits = Vec::with_capacity(sets.len());
     for (set, caps) in sets.iter().enumerate() {
         match caps.try_acquire(origin) {
@@ -430,11 +435,14 @@ impl CapPermit {
     }
 
     fn release_quietly(self) {
-        if let Some(key) = self.connection {
-            self.caps.connections.give_back(key);
-        }
-        if let Some(ip) = self.peer {
-            self.caps.peers.give_back(ip);
+        if self.connection.is_some() || self.peer.is_some() {
+            let mut maps = self.caps.maps();
+            if let Some(key) = self.connection {
+                maps.connections.give_back(key);
+            }
+            if let Some(ip) = self.peer {
+                maps.peers.give_back(ip);
+            }
         }
         self.caps.total.fetch_sub(1, Ordering::AcqRel);
     }

@@ -91,11 +91,17 @@ impl<W> StreamGuardLayer<W> {
     }
 
     /// Open streams per connection, for every connection with at least one
-    /// (connections are keyed as [`ConnectionKey`] describes). Takes a lock
-    /// that streams take when they start and end: for dashboards and tests,
-    /// not for every request.
+    /// (connections are keyed as [`ConnectionKey`] describes). Counted only
+    /// with a [`max_streams_per_connection`](StreamGuardBuilder::max_streams_per_connection)
+    /// cap or [`track_connections`](StreamGuardBuilder::track_connections)
+    /// (empty otherwise). Takes a lock that streams take when they start and
+    /// end: for dashboards and tests, not for every request.
     pub fn connection_streams(&self) -> Vec<(ConnectionKey, usize)> {
-        self.core.caps.connection_streams()
+        self.core
+            .caps
+            .as_ref()
+            .map(|caps| caps.connection_streams())
+            .unwrap_or_default()
     }
 
     /// Open streams per peer IP address, for every peer with at least one;
@@ -103,7 +109,11 @@ impl<W> StreamGuardLayer<W> {
     /// is set (empty otherwise). Takes a lock, like
     /// [`connection_streams`](Self::connection_streams).
     pub fn peer_streams(&self) -> Vec<(std::net::IpAddr, usize)> {
-        self.core.caps.peer_streams()
+        self.core
+            .caps
+            .as_ref()
+            .map(|caps| caps.peer_streams())
+            .unwrap_or_default()
     }
 
     /// The limits this guard enforces on streams no route matches.
@@ -165,6 +175,7 @@ pub struct StreamGuardBuilder {
     routes: Vec<RouteSpec>,
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
+    track_connections: bool,
     drain: Option<Drain>,
     resolution: Duration,
     capacity: usize,
@@ -180,6 +191,7 @@ impl Default for StreamGuardBuilder {
             routes: Vec::new(),
             connection_key: None,
             honor_grpc_timeout: false,
+            track_connections: false,
             drain: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
@@ -197,6 +209,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
+            .field("track_connections", &self.track_connections)
             .field("drain", &self.drain)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
@@ -282,6 +295,14 @@ impl StreamGuardBuilder {
     /// At most `limit` open streams through this guard in total.
     pub fn max_streams(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::Total, limit);
+        self
+    }
+
+    /// Counts open streams per connection for
+    /// [`StreamGuardLayer::connection_streams`] even without a per-connection
+    /// cap: a short lock on a hash map when each stream starts and ends.
+    pub fn track_connections(mut self, track: bool) -> Self {
+        self.track_connections = track;
         self
     }
 
@@ -434,7 +455,8 @@ impl StreamGuardBuilder {
             events: EventHub::new(self.capacity, self.callbacks),
             active: Default::default(),
             counters: Counters::default(),
-            caps: Arc::new(CapSet::new(self.caps, true)),
+            caps: (!self.caps.is_empty() || self.track_connections)
+                .then(|| Arc::new(CapSet::new(self.caps, self.track_connections))),
             routes,
             connection_key: self.connection_key,
             honor_grpc_timeout: self.honor_grpc_timeout,

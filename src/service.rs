@@ -20,7 +20,7 @@ use tower_service::Service;
 
 use crate::{
     body::{RequestBody, ResponseBody},
-    cap::{self, CapPermit, ConnectionKey, Origin, Refusal},
+    cap::{self, CapPermit, CapSet, ConnectionKey, Origin, Refusal},
     conn::{self, ConnectionHandle},
     error::BoxError,
     event::EndReason,
@@ -222,11 +222,13 @@ where
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
         let (origin, peer, connection) = self.origin(&mut request);
-        let mut caps = Vec::with_capacity(2);
-        caps.push(Arc::clone(&core.caps));
-        if let Some(route_caps) = route.and_then(|route| route.caps.as_ref()) {
-            caps.push(Arc::clone(route_caps));
-        }
+        // Empty (no allocation) unless some cap applies.
+        let caps: Vec<Arc<CapSet>> = core
+            .caps
+            .iter()
+            .chain(route.and_then(|route| route.caps.as_ref()))
+            .cloned()
+            .collect();
 
         // An outer guard layer already owns this stream: add our limits,
         // caps and subscribers to it instead of wrapping the bodies a second

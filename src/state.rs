@@ -39,8 +39,8 @@ pub(crate) struct Core {
     pub(crate) events: EventHub,
     pub(crate) active: AtomicUsize,
     pub(crate) counters: Counters,
-    /// The layer's own caps; it also counts streams per connection.
-    pub(crate) caps: Arc<CapSet>,
+    /// The layer's own caps (and connection counts), if it has any.
+    pub(crate) caps: Option<Arc<CapSet>>,
     pub(crate) routes: Vec<Route>,
     pub(crate) connection_key: Option<KeyFn>,
     pub(crate) honor_grpc_timeout: bool,

@@ -172,6 +172,7 @@ async fn peer_and_total_caps_count_across_connections() {
     let guard = StreamGuardLayer::builder()
         .max_streams_per_peer(3)
         .max_streams(4)
+        .track_connections(true)
         .build()
         .unwrap();
     let mut events = guard.subscribe();
