@@ -284,12 +284,11 @@ fn end_fired<B: Body>(
     let Some(err) = state.guard_error() else {
         return Poll::Ready(None);
     };
-    match err.reason().grpc_code() {
-        Some(code) if grpc => {
-            let trailers = grpc::trailers(code, &err.to_string());
-            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-        }
-        _ => Poll::Ready(Some(Err(err.into()))),
+    if grpc {
+        let trailers = grpc::trailers(err.grpc_code(), &err.to_string());
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    } else {
+        Poll::Ready(Some(Err(err.into())))
     }
 }
 

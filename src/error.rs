@@ -21,25 +21,32 @@ pub struct GuardError {
     reason: EndReason,
     limit: Duration,
     message: String,
+    code: u32,
     #[cfg(feature = "tonic")]
     status: tonic::Status,
 }
 
 impl GuardError {
-    pub(crate) fn new(reason: EndReason, limit: Duration, message: String) -> Self {
+    pub(crate) fn new(reason: EndReason, limit: Duration, message: String, code: u32) -> Self {
         GuardError {
             reason,
             limit,
             #[cfg(feature = "tonic")]
-            status: tonic::Status::new(
-                tonic::Code::from_i32(reason.grpc_code().unwrap_or(4) as i32),
-                message.clone(),
-            ),
+            status: tonic::Status::new(tonic::Code::from_i32(code as i32), message.clone()),
             message,
+            code,
         }
     }
 
-    /// Which guard ended the stream.
+    /// The gRPC status code the stream ends with: `4` (`DEADLINE_EXCEEDED`)
+    /// for a limit, `8` for a cap, `14` for a drain, `1` (`CANCELLED`) for
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel).
+    pub fn grpc_code(&self) -> u32 {
+        self.code
+    }
+
+    /// Which guard ended the stream ([`EndReason::Cancelled`] when its
+    /// handle did).
     pub fn reason(&self) -> EndReason {
         self.reason
     }
@@ -122,7 +129,7 @@ mod tests {
     fn tonic_finds_deadline_exceeded_in_the_source_chain() {
         let reason = EndReason::IdleTimeout(IdleDirection::Request);
         let limit = Duration::from_secs(2);
-        let err: BoxError = Box::new(GuardError::new(reason, limit, describe(reason, limit)));
+        let err: BoxError = Box::new(GuardError::new(reason, limit, describe(reason, limit), 4));
         let status = tonic::Status::from_error(err);
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(

@@ -21,6 +21,9 @@ const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
+/// `CANCELLED`.
+pub(crate) const CANCELLED: u32 = 1;
+
 /// `DEADLINE_EXCEEDED`.
 pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
 

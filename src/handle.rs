@@ -130,6 +130,17 @@ impl StreamHandle {
         self.state.connection()
     }
 
+    /// Ends the stream now, as [`EndReason::Cancelled`], the way a guard
+    /// would: a gRPC response ends with `grpc-status: 1` (`CANCELLED`), a
+    /// plain one with a body error, and reads of the request body fail with
+    /// `CANCELLED`. On a client ([`response_handle`](crate::StreamGuardBuilder::response_handle)),
+    /// the pending `message().await` returns `Code::Cancelled` and the HTTP/2
+    /// stream is reset, so the server sees the client go. Returns whether this
+    /// call ended the stream (`false` if it had ended already).
+    pub fn cancel(&self) -> bool {
+        self.state.cancel_by_handle()
+    }
+
     /// Whether the stream has ended (for any reason).
     pub fn is_cancelled(&self) -> bool {
         self.state.is_ended()

@@ -176,6 +176,7 @@ pub struct StreamGuardBuilder {
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
     track_connections: bool,
+    response_handle: bool,
     drain: Option<Drain>,
     resolution: Duration,
     capacity: usize,
@@ -192,6 +193,7 @@ impl Default for StreamGuardBuilder {
             connection_key: None,
             honor_grpc_timeout: false,
             track_connections: false,
+            response_handle: false,
             drain: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
@@ -210,6 +212,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
             .field("track_connections", &self.track_connections)
+            .field("response_handle", &self.response_handle)
             .field("drain", &self.drain)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
@@ -303,6 +306,17 @@ impl StreamGuardBuilder {
     /// cap: a short lock on a hash map when each stream starts and ends.
     pub fn track_connections(mut self, track: bool) -> Self {
         self.track_connections = track;
+        self
+    }
+
+    /// Also puts the [`StreamHandle`](crate::StreamHandle) into the
+    /// *response* extensions: for clients, whose requests are built before
+    /// the guard sees them. A tonic client finds it with
+    /// `response.extensions().get::<StreamHandle>()` and can observe the call
+    /// or [`cancel`](crate::StreamHandle::cancel) it. Costs an extension
+    /// insertion per stream, so it is off by default.
+    pub fn response_handle(mut self, enabled: bool) -> Self {
+        self.response_handle = enabled;
         self
     }
 
@@ -462,6 +476,7 @@ impl StreamGuardBuilder {
             honor_grpc_timeout: self.honor_grpc_timeout,
             cap_wait: self.cap_wait,
             drain: drain.clone(),
+            handle_in_response: self.response_handle,
             drain_deadline: AtomicU64::new(u64::MAX),
         });
         if let Some(drain) = drain {

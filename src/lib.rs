@@ -102,6 +102,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod body;
+mod builder;
 mod cap;
 pub mod conn;
 pub mod drain;
@@ -120,6 +121,7 @@ mod stats;
 mod timer;
 
 pub use body::{RequestBody, ResponseBody};
+pub use builder::ServiceBuilderExt;
 pub use cap::{ConnectionKey, StreamCap};
 pub use conn::{
     ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionGuardBuilder, ConnectionHandle,

@@ -340,7 +340,7 @@ fn early_response<B>(state: &StreamState) -> Option<Response<ResponseBody<B>>> {
     let reason = state.end_reason()?;
     Some(grpc::early_response(
         state.grpc,
-        reason.grpc_code().unwrap_or(grpc::DEADLINE_EXCEEDED),
+        state.end_code(reason).unwrap_or(grpc::DEADLINE_EXCEEDED),
         &state.describe(reason),
         ResponseBody::empty(),
     ))
@@ -405,7 +405,12 @@ where
                 *this.state = Some(state);
                 Poll::Pending
             }
-            Poll::Ready(Ok(response)) => {
+            Poll::Ready(Ok(mut response)) => {
+                if state.core().handle_in_response {
+                    response.extensions_mut().insert(StreamHandle {
+                        state: Arc::clone(&state),
+                    });
+                }
                 let grpc = grpc::is_grpc(response.headers());
                 if let Some(code) = grpc::status_of(response.headers()) {
                     state.set_grpc_status(code);

@@ -46,6 +46,8 @@ pub(crate) struct Core {
     pub(crate) honor_grpc_timeout: bool,
     pub(crate) cap_wait: Option<Duration>,
     pub(crate) drain: Option<Arc<DrainShared>>,
+    /// Put the handle into response extensions too (clients).
+    pub(crate) handle_in_response: bool,
     /// When a drain cuts the streams still open, ns on the sweeper's clock.
     pub(crate) drain_deadline: AtomicU64,
 }
@@ -99,6 +101,9 @@ impl Side {
 }
 
 const ACTIVE: u8 = 0;
+/// The phase of a stream `StreamHandle::cancel` ended: reason `Cancelled`,
+/// ended the way a guard ends a stream. Past every `EndReason` code.
+const CANCELLED_BY_HANDLE: u8 = 200;
 const NO_STATUS: u32 = u32::MAX;
 
 pub(crate) enum Verdict {
@@ -137,6 +142,7 @@ pub(crate) struct StreamState {
     cap_limit: AtomicUsize,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
+
     body: AtomicU8,
     conn: Option<ConnectionHandle>,
     method: Method,
@@ -188,6 +194,7 @@ impl StreamState {
             client_deadline: AtomicBool::new(false),
             cap_limit: AtomicUsize::new(0),
             refused_by_drain: AtomicBool::new(false),
+
             body: AtomicU8::new(BODY_NONE),
             conn,
             method: request.method().clone(),
@@ -250,6 +257,26 @@ impl StreamState {
     pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
         self.cap_limit.store(limit, Ordering::Relaxed);
         self.end(EndReason::Rejected(cap));
+    }
+
+    /// Ends the stream on its handle's request: the bodies end the way a
+    /// guard's do, with `CANCELLED`.
+    pub(crate) fn cancel_by_handle(&self) -> bool {
+        self.end_as(EndReason::Cancelled, CANCELLED_BY_HANDLE)
+    }
+
+    /// Whether `StreamHandle::cancel` ended the stream.
+    fn by_handle(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == CANCELLED_BY_HANDLE
+    }
+
+    /// The gRPC status a stream that ended this way carries, when the guard
+    /// ends it (a limit, a cap, a drain, or its handle).
+    pub(crate) fn end_code(&self, reason: EndReason) -> Option<u32> {
+        match reason {
+            EndReason::Cancelled if self.by_handle() => Some(grpc::CANCELLED),
+            other => other.grpc_code(),
+        }
     }
 
     /// Ends the stream as refused by a drain in progress.
@@ -336,7 +363,10 @@ impl StreamState {
     }
 
     pub(crate) fn end_reason(&self) -> Option<EndReason> {
-        EndReason::from_code(self.phase.load(Ordering::Acquire))
+        match self.phase.load(Ordering::Acquire) {
+            CANCELLED_BY_HANDLE => Some(EndReason::Cancelled),
+            code => EndReason::from_code(code),
+        }
     }
 
     /// The earliest instant at which a limit could fire, and which one.
@@ -402,17 +432,22 @@ impl StreamState {
             EndReason::Drained if self.refused_by_drain.load(Ordering::Relaxed) => {
                 error::describe_drain_refusal()
             }
+            EndReason::Cancelled if self.by_handle() => {
+                "stream cancelled through its handle (StreamHandle::cancel)".to_owned()
+            }
             _ => error::describe(reason, self.limit(reason)),
         }
     }
 
     /// The error a guard-ended stream's bodies yield.
     pub(crate) fn guard_error(&self) -> Option<GuardError> {
-        let reason = self.end_reason().filter(|r| r.is_guard())?;
+        let reason = self.end_reason()?;
+        let code = self.end_code(reason)?;
         Some(GuardError::new(
             reason,
             self.limit(reason),
             self.describe(reason),
+            code,
         ))
     }
 
@@ -471,16 +506,23 @@ impl StreamState {
     /// it. Wakes every part of the stream, releases its timer and emits its one
     /// end event. Never panics: it runs from `Drop`.
     pub(crate) fn end(&self, reason: EndReason) -> bool {
+        self.end_as(reason, reason.code())
+    }
+
+    /// [`end`](Self::end), recording `phase` (the reason's code, or a finer
+    /// one such as `CANCELLED_BY_HANDLE`) in the same step that decides the
+    /// end, so that whoever sees the stream ended sees how.
+    fn end_as(&self, reason: EndReason, phase: u8) -> bool {
         if self
             .phase
-            .compare_exchange(ACTIVE, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(ACTIVE, phase, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
             return false;
         }
         self.core.sweeper.disarm(self);
         if self.grpc
-            && let Some(code) = reason.grpc_code()
+            && let Some(code) = self.end_code(reason)
         {
             self.set_grpc_status(code);
         }
