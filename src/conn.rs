@@ -935,6 +935,7 @@ impl<T> GuardedConnectInfo<T> {
 }
 
 #[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected
     for GuardedIo<IO>
 {

@@ -124,6 +124,7 @@ impl<W> StreamGuardLayer<W> {
     /// The same guard, handing the inner service a `tonic::body::Body`, as
     /// tonic's `Server::layer` requires.
     #[cfg(feature = "tonic")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
     pub fn for_tonic(self) -> StreamGuardLayer<crate::TonicBody> {
         self.wrap_request_body()
     }

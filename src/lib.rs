@@ -99,7 +99,8 @@
 //!   when a drain begins.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
-#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![deny(missing_docs)]
+#![warn(unreachable_pub, missing_debug_implementations)]
 
 mod body;
 mod builder;

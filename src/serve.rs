@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use crate::{BoxError, ConnectionGuard, ConnectionHandle, PeerOf};
 
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 impl ConnectionGuard {
     /// Serves one accepted connection with hyper-util (HTTP/1 or HTTP/2,
     /// detected from the client's first bytes), guarded like

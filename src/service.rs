@@ -70,6 +70,7 @@ impl<B> WrapRequestBody<B> for PlainBody {
 /// Hands the inner service a `tonic::body::Body`, as tonic's
 /// `Server::layer` requires: the guarded body is boxed once per stream.
 #[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TonicBody;
 

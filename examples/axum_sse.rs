@@ -1,0 +1,143 @@
+//! A guarded server-sent-events endpoint in axum.
+//!
+//! ```text
+//! cargo run --example axum_sse
+//! ```
+//!
+//! axum's `Router::layer` hands its routes `axum::body::Body` only, so the
+//! guard is given a marker type (`AxumBody`, in `examples/common`) that boxes its guarded
+//! request body back into that type (the same job [`TonicBody`] does for
+//! tonic). The SSE handler takes the [`StreamHandle`] from the request
+//! extensions and stops producing the moment its stream ends.
+//!
+//! Two clients, over plain TCP: one reads its events; one sends its request
+//! and never reads, so the socket buffers fill, hyper stops polling the body,
+//! and no body timer of the usual kind would ever run. The guard's
+//! `response_idle_timeout` releases it anyway: handle cancelled, producer
+//! stopped, end event emitted. The example prints the end events as JSON
+//! lines and finishes by itself in about a second.
+//!
+//! [`TonicBody`]: tower_stream_guard::TonicBody
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use axum::{
+    Extension, Router,
+    response::sse::{Event, Sse},
+    routing::get,
+};
+use futures_util::Stream;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tower_stream_guard::{StreamGuardLayer, StreamHandle};
+
+use common::AxumBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Producers still running.
+static PRODUCERS: AtomicUsize = AtomicUsize::new(0);
+
+struct Producing;
+
+impl Producing {
+    fn start() -> Self {
+        PRODUCERS.fetch_add(1, Ordering::SeqCst);
+        Producing
+    }
+}
+
+impl Drop for Producing {
+    fn drop(&mut self) {
+        PRODUCERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An event every millisecond, each 16 KiB, from a producer task that stops
+/// when the stream ends: the usual shape of a handler fed by a channel.
+async fn events(
+    Extension(handle): Extension<StreamHandle>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let _producing = Producing::start();
+        let payload = "x".repeat(16 * 1024);
+        let mut ticks = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            tokio::select! {
+                // Ends the producer with the stream, stalled reader or not:
+                // hyper no longer polls a stalled reader's body, so the
+                // channel alone would keep this task blocked on `send`.
+                _ = handle.cancelled() => return,
+                _ = ticks.tick() => {
+                    let event = Event::default().data(payload.as_str());
+                    tokio::select! {
+                        _ = handle.cancelled() => return,
+                        sent = tx.send(Ok(event)) => if sent.is_err() { return },
+                    }
+                }
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+}
+
+async fn request(addr: std::net::SocketAddr) -> Result<TcpStream, BoxError> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nhost: example\r\naccept: text/event-stream\r\n\r\n")
+        .await?;
+    Ok(stream)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(Duration::from_millis(300))
+        .build()?;
+    let mut end_events = guard.subscribe();
+    let app = Router::new()
+        .route("/events", get(events))
+        .layer(guard.clone().wrap_request_body::<AxumBody>());
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // A reader: takes what comes for half a second, then hangs up.
+    let mut reader = request(addr).await?;
+    let mut read = 0;
+    let mut buf = vec![0; 64 * 1024];
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until, reader.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    println!("reader read {} KiB, then hung up", read / 1024);
+    drop(reader);
+    println!("{}", end_events.recv().await?.to_json());
+
+    // A stalled reader: asks, then never reads.
+    let stalled = request(addr).await?;
+    println!("stalled reader connected; waiting for the guard");
+    println!("{}", end_events.recv().await?.to_json());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    println!(
+        "producers running: {}, guarded streams open: {}",
+        PRODUCERS.load(Ordering::SeqCst),
+        guard.active_streams()
+    );
+    drop(stalled);
+    Ok(())
+}

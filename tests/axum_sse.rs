@@ -1,0 +1,147 @@
+//! The guard as an axum `Router::layer`, in front of a server-sent-events
+//! endpoint, with clients over loopback TCP that read or stop reading.
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Extension, Router,
+    response::sse::{Event, Sse},
+    routing::get,
+};
+use common::AxumBody;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tower_stream_guard::{EndReason, IdleDirection, StreamGuardLayer, StreamHandle};
+
+#[allow(dead_code)]
+mod support;
+use support::{SLACK, next_event, wait_until};
+
+/// Producer tasks still running.
+#[derive(Clone, Default)]
+struct Producers(Arc<AtomicUsize>);
+
+/// Large events as fast as the client takes them, from a task that stops
+/// when the stream ends.
+async fn events(
+    Extension(handle): Extension<StreamHandle>,
+    Extension(producers): Extension<Producers>,
+) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel(8);
+    producers.0.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let payload = "x".repeat(16 * 1024);
+        loop {
+            tokio::select! {
+                _ = handle.cancelled() => break,
+                sent = tx.send(Ok(Event::default().data(payload.as_str()))) => {
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        producers.0.fetch_sub(1, Ordering::SeqCst);
+    });
+    Sse::new(ReceiverStream::new(rx))
+}
+
+async fn serve(guard: &StreamGuardLayer, producers: &Producers) -> std::net::SocketAddr {
+    let app = Router::new()
+        .route("/events", get(events))
+        .layer(Extension(producers.clone()))
+        .layer(guard.clone().wrap_request_body::<AxumBody>());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+async fn subscribe(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_sse_is_released_by_the_guard() {
+    let idle = Duration::from_millis(300);
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(idle)
+        .build()
+        .unwrap();
+    let mut end_events = guard.subscribe();
+    let producers = Producers::default();
+    let addr = serve(&guard, &producers).await;
+
+    let started = Instant::now();
+    let stalled = subscribe(addr).await;
+    let event = next_event(&mut end_events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response)
+    );
+    assert_eq!(event.path(), "/events");
+    assert!(event.response().bytes > 0, "{event:?}");
+    assert!(
+        started.elapsed() < idle + SLACK * 2,
+        "{:?}",
+        started.elapsed()
+    );
+    wait_until("the producer stopped", || {
+        producers.0.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(guard.active_streams(), 0);
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_sse_client_is_left_alone_and_its_hang_up_is_seen() {
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut end_events = guard.subscribe();
+    let producers = Producers::default();
+    let addr = serve(&guard, &producers).await;
+
+    let mut reader = subscribe(addr).await;
+    let mut buf = vec![0; 64 * 1024];
+    let mut read = 0;
+    // Reads for longer than the idle timeout: the guard must not fire.
+    let until = tokio::time::Instant::now() + Duration::from_millis(600);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until, reader.read(&mut buf)).await {
+        assert!(n > 0, "the server closed a busy stream");
+        read += n;
+    }
+    assert!(read > 64 * 1024, "read only {read} bytes");
+    assert!(
+        end_events.try_recv().is_err(),
+        "no end while the client reads"
+    );
+    drop(reader);
+    let event = next_event(&mut end_events).await;
+    assert_eq!(event.reason(), EndReason::Cancelled);
+    wait_until("the producer stopped", || {
+        producers.0.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
