@@ -29,8 +29,11 @@ use tokio::{
     sync::mpsc,
     time::{Instant, sleep},
 };
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Server, server::TcpIncoming},
+};
 use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer, StreamHandle};
 
 use common::echo::{
@@ -169,7 +172,7 @@ async fn main() -> Result<(), BoxError> {
             .layer(guard.clone().for_tonic())
             .add_service(EchoServer::new(Watch))
             .serve_with_incoming_shutdown(
-                connections.wrap_incoming(TcpListenerStream::new(listener)),
+                connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
                 drain.started(),
             ),
     );

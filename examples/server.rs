@@ -59,8 +59,7 @@ use tokio::{
         oneshot,
     },
 };
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardBuilder, StreamGuardLayer};
 use tracing_subscriber::EnvFilter;
 
@@ -390,7 +389,8 @@ async fn main() -> ExitCode {
         .layer(guard.clone())
         .add_service(EchoServer::new(EchoService::new()))
         .serve_with_incoming_shutdown(
-            connections.wrap_incoming(TcpListenerStream::new(listener)),
+            // TCP_NODELAY, as `Server::serve` would set it.
+            connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
             drain.started(),
         );
     tokio::pin!(server);

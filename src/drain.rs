@@ -18,7 +18,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use tokio_stream::wrappers::TcpListenerStream;
+//! use tonic::transport::server::TcpIncoming;
 //! use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer};
 //!
 //! # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
@@ -42,7 +42,8 @@
 //!     // Stops accepting and sends GOAWAY as soon as the drain begins; returns
 //!     // within the grace period plus `close_connections_after`.
 //!     .serve_with_incoming_shutdown(
-//!         connections.wrap_incoming(TcpListenerStream::new(listener)),
+//!         // TCP_NODELAY, as tonic's `serve(addr)` sets it.
+//!         connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
 //!         drain.started(),
 //!     )
 //!     .await?;

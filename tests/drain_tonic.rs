@@ -38,7 +38,9 @@ async fn serve(
         .layer(guard.for_tonic())
         .add_service(EchoServer::new(EchoService::new()));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
-        connections.wrap_incoming(TcpListenerStream::new(listener)),
+        connections.wrap_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        ),
         drain.started(),
     ));
     (addr, server)

@@ -1,0 +1,217 @@
+//! 100,000 concurrent idle guarded streams in one process: memory per
+//! guarded stream beyond a bare one, CPU spent while they are all idle, and
+//! how long after their deadline the last of them has ended.
+//!
+//! ```text
+//! cargo bench --bench scale                 # 100,000 streams
+//! STREAMS=20000 cargo bench --bench scale   # fewer
+//! ```
+//!
+//! Streams are opened through the layer as a server opens them (service
+//! call, response body kept, never polled: idle, and for the guard's timer
+//! the same as stalled readers). Memory is the process's resident set size
+//! (`/proc/self/statm`, Linux only) before and after, so allocator slack is
+//! included, as it is in production. CPU is the process's user + system time
+//! (`/proc/self/stat`) over one idle second. Prints one table; no timing
+//! assertion.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::Empty;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_stream_guard::{Drain, StreamGuardLayer};
+
+/// A body that never yields: an idle stream.
+struct Idle;
+
+impl Body for Idle {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Pending
+    }
+}
+
+async fn respond<B>(_: Request<B>) -> Result<Response<Idle>, Infallible> {
+    Ok(Response::new(Idle))
+}
+
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// User + system CPU time of this process, in clock ticks (1/100 s).
+fn cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Opens `n` streams through `service` and keeps their responses.
+async fn open<S, B>(service: &mut S, n: usize) -> Vec<Response<B>>
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+{
+    let mut kept = Vec::with_capacity(n);
+    for _ in 0..n {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(Empty::new()))
+            .await
+            .unwrap();
+        kept.push(response);
+    }
+    kept
+}
+
+fn main() {
+    let n: usize = std::env::var("STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    // `cargo bench` passes `--bench`; a bare run of the binary with `--list`
+    // (as `cargo test --benches` does) has nothing to list.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(n));
+}
+
+async fn run(n: usize) {
+    let lifetime = Duration::from_secs(3);
+
+    // Bare: the responses alone.
+    let before = rss();
+    let mut bare = service_fn(respond);
+    let kept = open(&mut bare, n).await;
+    let bare_bytes = rss().saturating_sub(before);
+    drop(kept);
+
+    // Guarded: a lifetime, every end counted by a callback.
+    let ended = Arc::new(AtomicUsize::new(0));
+    let last_end = Arc::new(Mutex::new(None::<Instant>));
+    let guard = {
+        let (ended, last_end) = (Arc::clone(&ended), Arc::clone(&last_end));
+        StreamGuardLayer::builder()
+            .max_lifetime(lifetime)
+            .event_capacity(16)
+            .on_end(move |_| {
+                ended.fetch_add(1, Ordering::Relaxed);
+                *last_end.lock().unwrap() = Some(Instant::now());
+            })
+            .build()
+            .expect("valid configuration")
+    };
+    let mut guarded = guard.layer(service_fn(respond));
+    let before = rss();
+    let opened_at = Instant::now();
+    let kept = open(&mut guarded, n).await;
+    let open_time = opened_at.elapsed();
+    let last_deadline = Instant::now() + lifetime;
+    let guarded_bytes = rss().saturating_sub(before);
+    assert_eq!(guard.active_streams(), n);
+
+    // One idle second: what does the process spend?
+    let cpu_before = cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_cpu_ms = (cpu_ticks() - cpu_before) * 10;
+
+    // Every stream's lifetime ends; the last one's deadline is
+    // `last_deadline`.
+    while ended.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let last = last_end.lock().unwrap().expect("events");
+    let after_deadline = last.saturating_duration_since(last_deadline);
+    drop(kept);
+
+    // A drain: one common deadline for a second batch.
+    let drain = Drain::new();
+    let ended = Arc::new(AtomicUsize::new(0));
+    let last_end = Arc::new(Mutex::new(None::<Instant>));
+    let guard = {
+        let (ended, last_end) = (Arc::clone(&ended), Arc::clone(&last_end));
+        StreamGuardLayer::builder()
+            .drain(&drain)
+            .on_end(move |_| {
+                ended.fetch_add(1, Ordering::Relaxed);
+                *last_end.lock().unwrap() = Some(Instant::now());
+            })
+            .build()
+            .expect("valid configuration")
+    };
+    let mut guarded = guard.layer(service_fn(respond));
+    let kept = open(&mut guarded, n).await;
+    let grace = Duration::from_millis(500);
+    let drain_deadline = Instant::now() + grace;
+    let report = drain.start(grace).await;
+    let last = last_end.lock().unwrap().expect("events");
+    let drain_after = last.saturating_duration_since(drain_deadline);
+    assert_eq!(ended.load(Ordering::Relaxed), n);
+    drop(kept);
+
+    let per_stream = |bytes: u64| bytes as f64 / n as f64;
+    println!("scale: {n} idle streams, one guard, timer resolution 10 ms");
+    println!(
+        "  open {n} guarded streams:            {:>8.1} ms ({:.0} ns per stream)",
+        open_time.as_secs_f64() * 1e3,
+        open_time.as_nanos() as f64 / n as f64
+    );
+    println!(
+        "  memory per bare stream:              {:>8.0} B",
+        per_stream(bare_bytes)
+    );
+    println!(
+        "  memory per guarded stream:           {:>8.0} B",
+        per_stream(guarded_bytes)
+    );
+    println!(
+        "  guard's extra memory per stream:     {:>8.0} B",
+        per_stream(guarded_bytes) - per_stream(bare_bytes)
+    );
+    println!(
+        "  CPU while all idle, over 1 s:        {idle_cpu_ms:>8} ms (one timer task, 100 ticks/s)"
+    );
+    println!(
+        "  last end after the last deadline:    {:>8.1} ms (lifetime)",
+        after_deadline.as_secs_f64() * 1e3
+    );
+    println!(
+        "  last end after the drain's deadline: {:>8.1} ms ({} cut)",
+        drain_after.as_secs_f64() * 1e3,
+        report.cut()
+    );
+}
