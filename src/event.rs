@@ -20,7 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http::{Method, Uri};
+use http::{Method, uri::PathAndQuery};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -179,7 +179,7 @@ pub struct Traffic {
 pub struct EndEvent {
     pub(crate) id: StreamId,
     pub(crate) method: Method,
-    pub(crate) uri: Uri,
+    pub(crate) path: Option<PathAndQuery>,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) connection: Option<ConnectionKey>,
     pub(crate) started_at: SystemTime,
@@ -205,7 +205,7 @@ impl EndEvent {
 
     /// The request path (for gRPC, `/package.Service/Method`), without query.
     pub fn path(&self) -> &str {
-        self.uri.path()
+        self.path.as_ref().map_or("", PathAndQuery::path)
     }
 
     /// The peer's address, when the request extensions carried one
@@ -394,7 +394,7 @@ mod tests {
         EndEvent {
             id: StreamId::for_tests(7),
             method: Method::POST,
-            uri: Uri::from_static("/echo.Echo/Bidi?x=1"),
+            path: Some(PathAndQuery::from_static("/echo.Echo/Bidi?x=1")),
             peer: Some("127.0.0.1:4000".parse().unwrap()),
             connection: Some(ConnectionKey::from_id(3)),
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1500),

@@ -371,7 +371,7 @@ where
         if let Some(admission) = this.admission.as_mut() {
             match admission.as_mut().poll(cx) {
                 Poll::Pending => {
-                    state.future_waker.register(cx.waker());
+                    state.response_waker.register(cx.waker());
                     if let Some(response) = early_response(&state) {
                         return Poll::Ready(Ok(response));
                     }
@@ -399,7 +399,7 @@ where
         };
         match inner.poll(cx) {
             Poll::Pending => {
-                state.future_waker.register(cx.waker());
+                state.response_waker.register(cx.waker());
                 if let Some(response) = early_response(&state) {
                     return Poll::Ready(Ok(response));
                 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use atomic_waker::AtomicWaker;
-use http::{Method, Request, Uri};
+use http::{Method, Request, uri::PathAndQuery};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
@@ -114,7 +114,7 @@ pub(crate) enum Verdict {
 pub(crate) struct StreamState {
     pub(crate) id: StreamId,
     core: Arc<Core>,
-    started: Instant,
+    /// Start, ns on the sweeper's clock.
     start_ns: u64,
     /// `ACTIVE` or the code of the end reason.
     phase: AtomicU8,
@@ -132,21 +132,23 @@ pub(crate) struct StreamState {
     // Only `end` takes these wakers out (by waking them): the bodies rely on
     // that to skip registering a waker they already registered.
     pub(crate) request_waker: AtomicWaker,
+    /// The response future's waker, then (once the future has resolved into
+    /// the body) the response body's: the two never wait at the same time.
     pub(crate) response_waker: AtomicWaker,
-    pub(crate) future_waker: AtomicWaker,
     cancelled: Notify,
-    held: Mutex<Held>,
+    /// Boxed: most streams hold nothing, and an empty box costs no allocation.
+    held: Mutex<Option<Box<Held>>>,
     /// The lifetime deadline is the client's `grpc-timeout`, not a setting.
     client_deadline: AtomicBool,
     /// The limit of the cap that refused this stream.
-    cap_limit: AtomicUsize,
+    cap_limit: AtomicU32,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
 
     body: AtomicU8,
     conn: Option<ConnectionHandle>,
     method: Method,
-    uri: Uri,
+    path: Option<PathAndQuery>,
     peer: Option<SocketAddr>,
     connection: Option<ConnectionKey>,
 }
@@ -167,13 +169,11 @@ impl StreamState {
         if let Some(conn) = &conn {
             conn.stream_started();
         }
-        let started = Instant::now();
-        let start_ns = core.sweeper.ns_of(started);
+        let start_ns = core.sweeper.ns_of(Instant::now());
         core.active.fetch_add(1, Ordering::Relaxed);
         let state = StreamState {
             id: StreamId::next(),
             core: Arc::clone(core),
-            started,
             start_ns,
             phase: AtomicU8::new(ACTIVE),
             idle_both: AtomicU64::new(NEVER),
@@ -188,17 +188,16 @@ impl StreamState {
             timer_key: AtomicU64::new(NEVER),
             request_waker: AtomicWaker::new(),
             response_waker: AtomicWaker::new(),
-            future_waker: AtomicWaker::new(),
             cancelled: Notify::new(),
-            held: Mutex::new(Held::default()),
+            held: Mutex::new(None),
             client_deadline: AtomicBool::new(false),
-            cap_limit: AtomicUsize::new(0),
+            cap_limit: AtomicU32::new(0),
             refused_by_drain: AtomicBool::new(false),
 
             body: AtomicU8::new(BODY_NONE),
             conn,
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            path: request.uri().path_and_query().cloned(),
             peer,
             connection: Some(origin.connection),
         };
@@ -233,7 +232,7 @@ impl StreamState {
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Box<Held>>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -250,11 +249,13 @@ impl StreamState {
             permits.into_iter().for_each(CapPermit::release);
             return;
         }
-        held.permits.extend(permits);
+        held.get_or_insert_default().permits.extend(permits);
     }
 
     /// Ends the stream as refused by `cap`, whose limit is `limit`.
     pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
+        // A limit past u32::MAX is reported as u32::MAX.
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
         self.cap_limit.store(limit, Ordering::Relaxed);
         self.end(EndReason::Rejected(cap));
     }
@@ -324,6 +325,7 @@ impl StreamState {
             if self.is_ended() {
                 return;
             }
+            let held = held.get_or_insert_default();
             if !held.stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
                 core.active.fetch_add(1, Ordering::Relaxed);
                 held.stacked.push(Arc::clone(core));
@@ -424,7 +426,7 @@ impl StreamState {
     pub(crate) fn describe(&self, reason: EndReason) -> String {
         match reason {
             EndReason::Rejected(cap) => {
-                error::describe_rejection(cap, self.cap_limit.load(Ordering::Relaxed))
+                error::describe_rejection(cap, self.cap_limit.load(Ordering::Relaxed) as usize)
             }
             EndReason::LifetimeExceeded if self.client_deadline.load(Ordering::Relaxed) => {
                 error::describe_client_deadline(self.limit(reason))
@@ -526,12 +528,11 @@ impl StreamState {
         {
             self.set_grpc_status(code);
         }
-        self.future_waker.wake();
         self.response_waker.wake();
         self.request_waker.wake();
         self.cancelled.notify_waiters();
 
-        let held = std::mem::take(&mut *self.held());
+        let held = self.held().take().map(|held| *held).unwrap_or_default();
         // Slots first: a stream waiting for one should not wait for
         // subscribers.
         held.permits.into_iter().for_each(CapPermit::release);
@@ -568,12 +569,13 @@ impl StreamState {
     }
 
     fn event(&self, reason: EndReason) -> EndEvent {
-        let duration = self.started.elapsed();
+        let started = self.core.sweeper.instant_of(self.start_ns);
+        let duration = Instant::now().saturating_duration_since(started);
         let status = self.grpc_status.load(Ordering::Relaxed);
         EndEvent {
             id: self.id,
             method: self.method.clone(),
-            uri: self.uri.clone(),
+            path: self.path.clone(),
             peer: self.peer,
             connection: self.connection,
             started_at: SystemTime::now()
@@ -582,7 +584,9 @@ impl StreamState {
             duration,
             reason,
             limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(reason)),
-            cap_limit: reason.cap().map(|_| self.cap_limit.load(Ordering::Relaxed)),
+            cap_limit: reason
+                .cap()
+                .map(|_| self.cap_limit.load(Ordering::Relaxed) as usize),
             request: self.request.traffic(),
             response: self.response.traffic(),
             grpc_status: (status != NO_STATUS).then_some(status),
@@ -643,4 +647,14 @@ pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
         return info.remote_addr();
     }
     None
+}
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size {
+    /// Every open stream costs one `StreamState`: a field added by accident
+    /// shows here first (see BENCHMARKS.md for the memory per stream).
+    #[test]
+    fn stream_state_stays_small() {
+        let size = std::mem::size_of::<super::StreamState>();
+        assert!(size <= 392, "StreamState grew to {size} bytes");
+    }
 }
