@@ -742,9 +742,7 @@ impl ConnectionGuardBuilder {
         if !policy.max_age_grace.is_zero() && policy.max_age.is_none() {
             return Err(ConfigError::GraceWithoutMaxAge);
         }
-        if self.capacity == 0 {
-            return Err(ConfigError::ZeroEventCapacity);
-        }
+        crate::policy::validate_event_capacity(self.capacity)?;
         let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
         let connections = Arc::new(Connections {
             policy,

@@ -66,7 +66,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{conn::Connections, state::Core};
+use crate::{MAX_DURATION, conn::Connections, state::Core};
 
 /// The default delay between the end of the grace period and the closing of
 /// connections still open: 500 ms.
@@ -178,8 +178,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Nanoseconds of `d`, at most [`MAX_DURATION`]'s.
 fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(d.min(MAX_DURATION).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Drain {
@@ -206,7 +207,8 @@ impl Drain {
 
     /// How long after the grace period guarded connections still open are
     /// closed (default [`DEFAULT_CLOSE_CONNECTIONS_AFTER`]): time for the
-    /// `UNAVAILABLE` trailers of cut streams to reach their peers.
+    /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
+    /// longer than [`MAX_DURATION`] counts as `MAX_DURATION`.
     pub fn close_connections_after(self, delay: Duration) -> Self {
         self.shared
             .close_after_ns
@@ -240,12 +242,14 @@ impl Drain {
     ///
     /// The drain runs on a task of its own, so it proceeds whether or not
     /// the future is awaited. Calling `start` again does not restart it; the
-    /// future resolves with the first drain's report. Must be called within a
+    /// future resolves with the first drain's report. A grace longer than
+    /// [`MAX_DURATION`] counts as `MAX_DURATION`. Must be called within a
     /// tokio runtime.
     pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = &self.shared;
         let mut report = shared.report.subscribe();
         if !shared.draining.swap(true, Ordering::AcqRel) {
+            let grace = grace.min(MAX_DURATION);
             let deadline = Instant::now() + grace;
             shared.grace_ns.store(ns(grace), Ordering::Relaxed);
             shared

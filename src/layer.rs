@@ -441,9 +441,7 @@ impl StreamGuardBuilder {
     /// ([`ConfigError::Route`] names the route).
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
-        if self.capacity == 0 {
-            return Err(ConfigError::ZeroEventCapacity);
-        }
+        crate::policy::validate_event_capacity(self.capacity)?;
         validate_caps(&self.caps)?;
         if let Some(patience) = self.cap_wait {
             if patience.is_zero() {

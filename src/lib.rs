@@ -137,8 +137,8 @@ pub use layer::{
     StreamGuardLayer,
 };
 pub use policy::{
-    ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_TIMER_RESOLUTION,
-    MIN_TIMER_RESOLUTION, Policy,
+    ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_EVENT_CAPACITY,
+    MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION, Policy,
 };
 pub use route::{RoutePolicy, RouteRequest};
 #[cfg(feature = "tonic")]

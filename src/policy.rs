@@ -9,6 +9,14 @@ use std::{error::Error, fmt, time::Duration};
 /// seconds); use no limit at all instead.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
+/// The largest end-event (and connection-event) channel capacity accepted:
+/// 65,536 events.
+///
+/// The channel allocates its slots up front; a lagging receiver skips the
+/// events it missed rather than holding up streams, so more room buys
+/// little.
+pub const MAX_EVENT_CAPACITY: usize = 1 << 16;
+
 /// The default timer resolution: deadlines are checked every 10 ms.
 pub const DEFAULT_TIMER_RESOLUTION: Duration = Duration::from_millis(10);
 
@@ -136,6 +144,15 @@ impl Policy {
     }
 }
 
+/// Checks an event channel capacity.
+pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError> {
+    match capacity {
+        0 => Err(ConfigError::ZeroEventCapacity),
+        value if value > MAX_EVENT_CAPACITY => Err(ConfigError::EventCapacityTooLarge { value }),
+        _ => Ok(()),
+    }
+}
+
 /// A guard configuration that cannot work, reported when the layer is built.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -180,6 +197,12 @@ pub enum ConfigError {
     },
     /// The end-event channel was given a capacity of zero.
     ZeroEventCapacity,
+    /// The end-event channel was given a capacity above
+    /// [`MAX_EVENT_CAPACITY`].
+    EventCapacityTooLarge {
+        /// The value given.
+        value: usize,
+    },
     /// A stream cap is zero: no stream could ever be admitted.
     ZeroCap {
         /// The setting that was given zero.
@@ -236,6 +259,10 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::ZeroEventCapacity => f.write_str(
                 "`event_capacity` is zero; the end-event channel needs room for at least one event",
+            ),
+            ConfigError::EventCapacityTooLarge { value } => write!(
+                f,
+                "`event_capacity` is {value}, more than the {MAX_EVENT_CAPACITY} maximum (the channel allocates its slots up front)"
             ),
             ConfigError::ZeroCap { setting } => write!(
                 f,

@@ -21,7 +21,7 @@ use tower_stream_guard::{
 };
 
 mod support;
-use support::{PATIENCE, SLACK, wait_until};
+use support::{PATIENCE, SLACK, wait_for_no_tasks, wait_until};
 
 type Server = JoinHandle<Result<(), tonic::transport::Error>>;
 
@@ -186,13 +186,7 @@ async fn serve_with_shutdown_returns_within_grace_with_hundreds_of_open_streams(
         assert_ne!(code, Code::Ok);
     }
     drop(clients);
-    wait_until("no task is left on the runtime", || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-            == 0
-    })
-    .await;
+    wait_for_no_tasks().await;
 }
 
 /// How long after the grace period a drain may take: the default delay

@@ -36,7 +36,7 @@ use tower_stream_guard::{
 };
 
 mod support;
-use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_until};
+use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_for_no_tasks, wait_until};
 
 type ResBody = BoxBody<Bytes, BoxError>;
 
@@ -184,13 +184,7 @@ async fn serve(guard: &StreamGuardLayer, app: &App) -> (SocketAddr, JoinHandle<(
 /// client.
 async fn stop(server: JoinHandle<()>) {
     server.abort();
-    wait_until("no task is left on the runtime", || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-            == 0
-    })
-    .await;
+    wait_for_no_tasks().await;
 }
 
 /// An HTTP/2 client connection; also returns its local address.

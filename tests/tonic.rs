@@ -36,7 +36,7 @@ use tower_stream_guard::{
 };
 
 mod support;
-use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_until};
+use support::{PATIENCE, SLACK, assert_no_more_events, next_event, wait_for_no_tasks, wait_until};
 
 struct TestServer {
     addr: SocketAddr,
@@ -63,13 +63,7 @@ impl TestServer {
             .expect("server failed");
         // Every task is gone: connection tasks, the producers and echo tasks,
         // the guard's timer task (it exits when it has no streams).
-        wait_until("no task is left on the runtime", || {
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks()
-                == 0
-        })
-        .await;
+        wait_for_no_tasks().await;
     }
 }
 

@@ -49,3 +49,15 @@ pub async fn wait_until(what: &str, condition: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits until no task is left on the current runtime (connection tasks,
+/// producers, the guards' timer tasks); fails after [`PATIENCE`].
+pub async fn wait_for_no_tasks() {
+    wait_until("no task is left on the runtime", || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+            == 0
+    })
+    .await;
+}
