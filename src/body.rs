@@ -165,7 +165,16 @@ pin_project! {
     ///
     /// Its end ends the stream: the end event is emitted when it yields its
     /// last frame, and a body dropped before that counts as
-    /// [`EndReason::Cancelled`]. `is_end_stream` and `size_hint` are forwarded.
+    /// [`EndReason::Cancelled`]. A body that ends with trailers is decided
+    /// [`Completed`](EndReason::Completed) as the trailers go out (no guard
+    /// fires after them; the handle reports the end at once), and its event,
+    /// wake-ups and cap slots follow when it is dropped or polled again:
+    /// nothing runs between hyper sending the last DATA frame and the
+    /// trailers, which with Nagle's algorithm on would otherwise often leave
+    /// the trailers waiting 40 ms for a delayed ACK. hyper drops a body as
+    /// soon as its trailers are sent; a client that keeps a finished
+    /// `tonic::Streaming` keeps that part of the end pending until it drops
+    /// it. `is_end_stream` and `size_hint` are forwarded.
     pub struct ResponseBody<B> {
         #[pin]
         inner: Option<B>,
@@ -175,6 +184,10 @@ pin_project! {
         registered: Option<Waker>,
         grpc: bool,
         closed: bool,
+        // The body handed over its last frame and the stream's end is
+        // decided; the rest of the end waits for the next poll or the drop
+        // (see `StreamState::complete_deferred`).
+        finishing: bool,
     }
 
     impl<B> PinnedDrop for ResponseBody<B> {
@@ -182,7 +195,9 @@ pin_project! {
             let this = this.project();
             if let Some(state) = this.state.take() {
                 state.response_closed();
-                if !*this.closed {
+                if *this.finishing {
+                    state.finish_deferred();
+                } else if !*this.closed {
                     state.end(EndReason::Cancelled);
                 }
             }
@@ -206,6 +221,7 @@ impl<B: Body> ResponseBody<B> {
             registered: None,
             grpc,
             closed,
+            finishing: false,
         }
     }
 }
@@ -219,6 +235,7 @@ impl<B> ResponseBody<B> {
             registered: None,
             grpc: false,
             closed: false,
+            finishing: false,
         }
     }
 
@@ -230,6 +247,7 @@ impl<B> ResponseBody<B> {
             registered: None,
             grpc: false,
             closed: true,
+            finishing: false,
         }
     }
 
@@ -260,11 +278,26 @@ fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) {
 /// Ends the stream on its trailers. Out of line: once per stream.
 #[cold]
 #[inline(never)]
-fn end_on_trailers(state: &StreamState, closed: &mut bool, trailers: &http::HeaderMap) {
+fn end_on_trailers(
+    state: &StreamState,
+    closed: &mut bool,
+    finishing: &mut bool,
+    trailers: &http::HeaderMap,
+) {
     if let Some(code) = grpc::status_of(trailers) {
         state.set_grpc_status(code);
     }
-    end_from_body(state, closed, EndReason::Completed);
+    complete_deferred(state, closed, finishing);
+}
+
+/// The body's last frame is on its way out: decide the end now, finish it
+/// on the next poll or the drop. Out of line: once per stream.
+#[cold]
+#[inline(never)]
+fn complete_deferred(state: &StreamState, closed: &mut bool, finishing: &mut bool) {
+    *closed = true;
+    state.response_closed();
+    *finishing = state.complete_deferred();
 }
 
 /// A guard-ended stream's body: let go of the inner body (and whatever the
@@ -309,6 +342,12 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         if *this.closed {
+            if *this.finishing
+                && let Some(state) = this.state.as_deref()
+            {
+                *this.finishing = false;
+                state.finish_deferred();
+            }
             return Poll::Ready(None);
         }
         let Some(state) = this.state.as_deref() else {
@@ -351,7 +390,7 @@ where
                     }
                     Err(frame) => {
                         if let Some(trailers) = frame.trailers_ref() {
-                            end_on_trailers(state, this.closed, trailers);
+                            end_on_trailers(state, this.closed, this.finishing, trailers);
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }

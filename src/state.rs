@@ -144,6 +144,10 @@ pub(crate) struct StreamState {
     cap_limit: AtomicU32,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
+    /// The response body decided the end (`Completed`); the rest of the end
+    /// (wake-ups, slots, the event) waits until the body is dropped or polled
+    /// again. See `complete_deferred`.
+    unfinished: AtomicBool,
 
     body: AtomicU8,
     conn: Option<ConnectionHandle>,
@@ -193,6 +197,7 @@ impl StreamState {
             client_deadline: AtomicBool::new(false),
             cap_limit: AtomicU32::new(0),
             refused_by_drain: AtomicBool::new(false),
+            unfinished: AtomicBool::new(false),
 
             body: AtomicU8::new(BODY_NONE),
             conn,
@@ -515,13 +520,50 @@ impl StreamState {
     /// one such as `CANCELLED_BY_HANDLE`) in the same step that decides the
     /// end, so that whoever sees the stream ended sees how.
     fn end_as(&self, reason: EndReason, phase: u8) -> bool {
-        if self
-            .phase
-            .compare_exchange(ACTIVE, phase, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !self.decide(phase) {
             return false;
         }
+        self.finish(reason);
+        true
+    }
+
+    /// Decides the end, once: records `phase` unless the stream has ended.
+    fn decide(&self, phase: u8) -> bool {
+        self.phase
+            .compare_exchange(ACTIVE, phase, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Decides that the stream completed, and leaves the rest of its end to
+    /// [`finish_deferred`](Self::finish_deferred).
+    ///
+    /// For the response body's last frame (trailers, or its end): hyper sends
+    /// a DATA frame, polls again and sends the trailers. Whatever runs in
+    /// between widens the window in which the connection task flushes the
+    /// DATA frame alone, and with Nagle's algorithm on, trailers written
+    /// apart wait for the peer's delayed ACK (40 ms). So at that point only
+    /// the decision is taken (one compare-and-swap: no guard can end the
+    /// stream any more, the handle reports it); the event and wake-ups
+    /// follow when the body is dropped, right after, or polled again.
+    pub(crate) fn complete_deferred(&self) -> bool {
+        if !self.decide(EndReason::Completed.code()) {
+            return false;
+        }
+        self.unfinished.store(true, Ordering::Release);
+        true
+    }
+
+    /// Finishes an end [`complete_deferred`](Self::complete_deferred)
+    /// decided; does nothing otherwise, or a second time.
+    pub(crate) fn finish_deferred(&self) {
+        if self.unfinished.swap(false, Ordering::AcqRel) {
+            self.finish(EndReason::Completed);
+        }
+    }
+
+    /// Everything an end does once it is decided: wakes every part of the
+    /// stream, releases its timer and slots and emits its one end event.
+    fn finish(&self, reason: EndReason) {
         self.core.sweeper.disarm(self);
         if self.grpc
             && let Some(code) = self.end_code(reason)
@@ -565,7 +607,6 @@ impl StreamState {
                 drain.ended_one();
             }
         }
-        true
     }
 
     fn event(&self, reason: EndReason) -> EndEvent {
@@ -598,6 +639,7 @@ impl Drop for StreamState {
     fn drop(&mut self) {
         // Every path that lets go of a stream ends it first; this is the net
         // under them, so that a stream can never vanish without its event.
+        self.finish_deferred();
         self.end(EndReason::Cancelled);
     }
 }

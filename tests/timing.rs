@@ -777,3 +777,73 @@ async fn an_inner_layer_reached_after_the_end_is_not_counted() {
     assert_eq!(idle.active_streams(), 0);
     assert_no_more_events(&mut inner_events);
 }
+
+type Frames = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>;
+
+/// A gRPC response: one message, then trailers.
+fn grpc_reply() -> http_body_util::StreamBody<Frames> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+        Ok(Frame::data(Bytes::from_static(b"reply"))),
+        Ok(Frame::trailers(trailers)),
+    ]))
+}
+
+/// Ends with trailers: the end is decided when the trailers go out (no
+/// guard can fire after them, the handle says `Completed`), and recorded
+/// (event, wake-ups) once the body is dropped or polled again, so nothing
+/// runs between hyper sending the last DATA frame and the trailers.
+#[tokio::test(start_paused = true)]
+async fn a_body_ending_with_trailers_completes_when_dropped_or_polled_again() {
+    let guard = guard(StreamGuardLayer::builder().idle_timeout(SECOND));
+    let mut events = guard.subscribe();
+    let service = guard.layer(tower::service_fn(
+        |request: Request<RequestBody<ChanBody>>| {
+            let handle = request.extensions().get::<StreamHandle>().cloned();
+            async move {
+                let response = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .extension(handle)
+                    .body(grpc_reply())
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        },
+    ));
+    for poll_again in [false, true] {
+        let (_tx, body) = channel_body();
+        let request = Request::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        let handle = response
+            .extensions()
+            .get::<Option<StreamHandle>>()
+            .cloned()
+            .flatten()
+            .expect("the handler's handle");
+        let mut body = response.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        assert_eq!(handle.end_reason(), Some(EndReason::Completed));
+        // Kept well past the idle timeout: nothing fires, nothing is emitted.
+        sleep(3 * SECOND).await;
+        assert!(events.try_recv().is_err(), "no event before the drop");
+        if poll_again {
+            assert!(body.frame().await.is_none());
+            assert!(body.is_end_stream());
+        } else {
+            drop(body);
+        }
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::Completed);
+        assert_eq!(event.grpc_status(), Some(0));
+        assert_eq!(event.response().frames, 1);
+        assert_eq!(event.duration(), 3 * SECOND);
+        assert_eq!(handle.cancelled().await, EndReason::Completed);
+        assert_no_more_events(&mut events);
+        assert_eq!(guard.active_streams(), 0);
+    }
+}
