@@ -13,18 +13,20 @@
 //! `drain` (all by default). The server accepts with `TCP_NODELAY`, as
 //! tonic's `Server::serve` does; `NAGLE=1` leaves Nagle's algorithm on.
 //!
-//! For each setup, in rounds that alternate between the setups (so that
-//! drift in the machine's speed hits them alike):
+//! For each setup, in rounds that alternate between the setups, each round
+//! starting with the next setup (so that drift in the machine's speed hits
+//! them alike):
 //!
 //! - unary latency: `CALLS` calls one after another, p50 and p99;
 //! - unary throughput: 16 concurrent callers, calls per second;
 //! - bidi streaming: one call, `MESSAGES` messages pipelined both ways,
 //!   messages per second.
 //!
-//! The median over the rounds is printed, with the ratio to the unguarded
-//! server. The full guard stack: idle timeout, request and response idle
-//! timeouts, lifetime, all three caps, a drain and a subscriber draining the
-//! end events; on the server only (the client is a bare channel).
+//! The median over the rounds is printed, with the median over the rounds
+//! of the ratio to the unguarded server in the same round. The full guard
+//! stack: idle timeout, request and response idle timeouts, lifetime, all
+//! three caps, a drain and a subscriber draining the end events; on the
+//! server only (the client is a bare channel).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -228,40 +230,53 @@ fn main() {
             bidi_throughput(&mut client, messages / 10).await;
             clients.push(client);
         }
-        let mut results = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); setups.len()];
-        for _ in 0..rounds {
-            for (client, result) in clients.iter_mut().zip(&mut results) {
+        // results[setup][figure][round]: p50, p99, calls/s, msgs/s.
+        let mut results = vec![vec![Vec::new(); 4]; setups.len()];
+        for round in 0..rounds {
+            // Each round starts with another setup, so that none always runs
+            // first (or right after the same neighbour).
+            for step in 0..setups.len() {
+                let index = (round + step) % setups.len();
+                let (client, result) = (&mut clients[index], &mut results[index]);
                 let (p50, p99) = unary_latency(client, calls).await;
-                result.0.push(p50);
-                result.1.push(p99);
-                result.2.push(unary_throughput(client, calls).await);
-                result.3.push(bidi_throughput(client, messages).await);
+                result[0].push(p50);
+                result[1].push(p99);
+                result[2].push(unary_throughput(client, calls).await);
+                result[3].push(bidi_throughput(client, messages).await);
             }
         }
-        let medians: Vec<[f64; 4]> = results
-            .into_iter()
-            .map(|(a, b, c, d)| [median(a), median(b), median(c), median(d)])
-            .collect();
-        let bare = medians[0];
+        // Per round, each setup's figure over the unguarded one of the same
+        // round: drift in the machine's speed between rounds cancels out.
+        let paired = |setup: usize, figure: usize| {
+            median(
+                (0..rounds)
+                    .map(|round| results[setup][figure][round] / results[0][figure][round])
+                    .collect(),
+            )
+        };
         println!(
-            "e2e over loopback: {rounds} rounds, {calls} unary calls, {messages} bidi messages (medians; ratio to no guard)"
+            "e2e over loopback: {rounds} rounds, {calls} unary calls, {messages} bidi messages"
+        );
+        println!(
+            "  medians over the rounds (in parentheses: the median per-round ratio to no guard)"
         );
         println!(
             "  {:<24} {:>16} {:>16} {:>18} {:>18}",
             "setup", "unary p50 µs", "unary p99 µs", "unary calls/s", "bidi msgs/s"
         );
-        for (setup, m) in setups.iter().zip(&medians) {
+        for (index, setup) in setups.iter().enumerate() {
+            let m: Vec<f64> = (0..4).map(|f| median(results[index][f].clone())).collect();
             println!(
                 "  {:<24} {:>8.1} ({:.3}) {:>8.1} ({:.3}) {:>10.0} ({:.3}) {:>10.0} ({:.3})",
                 setup.name(),
                 m[0],
-                m[0] / bare[0],
+                paired(index, 0),
                 m[1],
-                m[1] / bare[1],
+                paired(index, 1),
                 m[2],
-                m[2] / bare[2],
+                paired(index, 2),
                 m[3],
-                m[3] / bare[3],
+                paired(index, 3),
             );
         }
     });

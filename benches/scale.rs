@@ -12,8 +12,10 @@
 //! the same as stalled readers). Memory is the process's resident set size
 //! (`/proc/self/statm`, Linux only) before and after, so allocator slack is
 //! included, as it is in production. CPU is the process's user + system time
-//! (`/proc/self/stat`) over one idle second. Prints one table; no timing
-//! assertion.
+//! (`/proc/self/stat`) over one idle second. Wake-ups: every guarded body is
+//! polled once with a counting waker, so the guard holds a waker per stream;
+//! the count of wakes over the idle second shows whether the timer disturbs
+//! idle streams. Prints one table; no timing assertion.
 
 use std::{
     convert::Infallible,
@@ -22,7 +24,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Wake, Waker},
     time::Duration,
 };
 
@@ -51,6 +53,43 @@ impl Body for Idle {
 
 async fn respond<B>(_: Request<B>) -> Result<Response<Idle>, Infallible> {
     Ok(Response::new(Idle))
+}
+
+/// Counts the wakes of every stream polled with it.
+#[derive(Default)]
+struct CountingWaker(AtomicUsize);
+
+impl Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Polls every kept body once, so that each guarded body has registered
+/// `waker` with its stream.
+fn poll_all<B: Body + Unpin>(kept: &mut [Response<B>], waker: &Waker) {
+    let mut cx = Context::from_waker(waker);
+    for response in kept {
+        assert!(
+            Pin::new(response.body_mut())
+                .poll_frame(&mut cx)
+                .is_pending(),
+            "an idle stream yielded a frame"
+        );
+    }
+}
+
+/// How often the runtime's workers have parked (gone to sleep) so far: each
+/// wake-up of an idle runtime is one park more.
+fn parks() -> u64 {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    (0..metrics.num_workers())
+        .map(|worker| metrics.worker_park_count(worker))
+        .sum()
 }
 
 fn rss() -> u64 {
@@ -138,16 +177,21 @@ async fn run(n: usize) {
     let mut guarded = guard.layer(service_fn(respond));
     let before = rss();
     let opened_at = Instant::now();
-    let kept = open(&mut guarded, n).await;
+    let mut kept = open(&mut guarded, n).await;
     let open_time = opened_at.elapsed();
     let last_deadline = Instant::now() + lifetime;
     let guarded_bytes = rss().saturating_sub(before);
     assert_eq!(guard.active_streams(), n);
+    let wakes = Arc::new(CountingWaker::default());
+    poll_all(&mut kept, &Waker::from(Arc::clone(&wakes)));
 
-    // One idle second: what does the process spend?
-    let cpu_before = cpu_ticks();
+    // One idle second: what does the process spend, and does anything wake
+    // an idle stream?
+    let (cpu_before, parks_before) = (cpu_ticks(), parks());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_cpu_ms = (cpu_ticks() - cpu_before) * 10;
+    let idle_parks = parks() - parks_before;
+    let idle_wakes = wakes.0.load(Ordering::Relaxed);
 
     // Every stream's lifetime ends; the last one's deadline is
     // `last_deadline`.
@@ -156,6 +200,8 @@ async fn run(n: usize) {
     }
     let last = last_end.lock().unwrap().expect("events");
     let after_deadline = last.saturating_duration_since(last_deadline);
+    // Ending a stream wakes its body once, so that a reader learns of it.
+    let end_wakes = wakes.0.load(Ordering::Relaxed) - idle_wakes;
     drop(kept);
 
     // A drain: one common deadline for a second batch.
@@ -205,6 +251,13 @@ async fn run(n: usize) {
     println!(
         "  CPU while all idle, over 1 s:        {idle_cpu_ms:>8} ms (one timer task, 100 ticks/s)"
     );
+    println!(
+        "  runtime wake-ups while all idle, 1 s: {idle_parks:>8} (worker parks; the timer ticks 100/s)"
+    );
+    println!(
+        "  stream wake-ups while all idle, 1 s:  {idle_wakes:>8} (bodies polled once, then idle)"
+    );
+    println!("  stream wake-ups when they ended:      {end_wakes:>8} (one per stream: its end)");
     println!(
         "  last end after the last deadline:    {:>8.1} ms (lifetime)",
         after_deadline.as_secs_f64() * 1e3

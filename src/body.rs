@@ -266,16 +266,23 @@ fn register_waker(state: &StreamState, registered: &mut Option<Waker>, waker: &W
     *registered = Some(waker.clone());
 }
 
-/// Ends the stream from its response body. Out of line: once per stream.
+/// Ends the stream from its response body. Returns `false` when a guard
+/// ended the stream first: the caller then ends the body the guard's way.
+/// Out of line: once per stream.
 #[cold]
 #[inline(never)]
-fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) {
-    *closed = true;
-    state.response_closed();
-    state.end(reason);
+fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) -> bool {
+    if state.end(reason) || state.guard_error().is_none() {
+        *closed = true;
+        state.response_closed();
+        return true;
+    }
+    false
 }
 
-/// Ends the stream on its trailers. Out of line: once per stream.
+/// Ends the stream on its trailers. Returns `false` when a guard ended the
+/// stream first: the caller then sends the guard's trailers instead of
+/// these. Out of line: once per stream.
 #[cold]
 #[inline(never)]
 fn end_on_trailers(
@@ -283,21 +290,23 @@ fn end_on_trailers(
     closed: &mut bool,
     finishing: &mut bool,
     trailers: &http::HeaderMap,
-) {
-    if let Some(code) = grpc::status_of(trailers) {
+) -> bool {
+    // A guard can end the stream on another thread between this body's
+    // "still open?" check and its inner body's last frame, and the inner
+    // body often ends *because* of it (the handler's producer stops on
+    // `cancelled()`, and tonic closes the body with `grpc-status: 0`). The
+    // end was the guard's: the peer must read the guard's status, not OK.
+    let decided = state.complete_deferred();
+    if !decided && state.guard_error().is_some() {
+        return false;
+    }
+    if decided && let Some(code) = grpc::status_of(trailers) {
         state.set_grpc_status(code);
     }
-    complete_deferred(state, closed, finishing);
-}
-
-/// The body's last frame is on its way out: decide the end now, finish it
-/// on the next poll or the drop. Out of line: once per stream.
-#[cold]
-#[inline(never)]
-fn complete_deferred(state: &StreamState, closed: &mut bool, finishing: &mut bool) {
     *closed = true;
     state.response_closed();
-    *finishing = state.complete_deferred();
+    *finishing = decided;
+    true
 }
 
 /// A guard-ended stream's body: let go of the inner body (and whatever the
@@ -383,24 +392,36 @@ where
                         }
                         // hyper stops polling once the body says it is at
                         // its end, so this is where such a body completes.
-                        if inner.is_end_stream() {
-                            end_from_body(state, this.closed, EndReason::Completed);
+                        // (The data goes out either way: it was produced
+                        // before the end, and an END_STREAM frame leaves no
+                        // room for the guard's trailers.)
+                        if inner.is_end_stream()
+                            && !end_from_body(state, this.closed, EndReason::Completed)
+                        {
+                            *this.closed = true;
+                            state.response_closed();
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(frame) => {
-                        if let Some(trailers) = frame.trailers_ref() {
-                            end_on_trailers(state, this.closed, this.finishing, trailers);
+                        if let Some(trailers) = frame.trailers_ref()
+                            && !end_on_trailers(state, this.closed, this.finishing, trailers)
+                        {
+                            return end_fired(this.closed, this.inner, state, *this.grpc);
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 },
                 Poll::Ready(Some(Err(err))) => {
-                    end_from_body(state, this.closed, EndReason::Error);
+                    if !end_from_body(state, this.closed, EndReason::Error) {
+                        return end_fired(this.closed, this.inner, state, *this.grpc);
+                    }
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 Poll::Ready(None) => {
-                    end_from_body(state, this.closed, EndReason::Completed);
+                    if !end_from_body(state, this.closed, EndReason::Completed) {
+                        return end_fired(this.closed, this.inner, state, *this.grpc);
+                    }
                     return Poll::Ready(None);
                 }
             }

@@ -847,3 +847,88 @@ async fn a_body_ending_with_trailers_completes_when_dropped_or_polled_again() {
         assert_eq!(guard.active_streams(), 0);
     }
 }
+
+/// A response body that, on its first poll, lets the stream be ended under it
+/// (as the guard's timer can on another thread, between the guard body's
+/// "still open?" check and this poll) and then ends the way a tonic body
+/// does once its producer stopped on `cancelled()`: OK trailers, or plainly.
+struct EndsUnderTheGuard {
+    handle: Option<StreamHandle>,
+    trailers: bool,
+}
+
+impl Body for EndsUnderTheGuard {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(handle) = self.handle.take() else {
+            return Poll::Ready(None);
+        };
+        assert!(handle.cancel(), "the stream was still open");
+        if !self.trailers {
+            return Poll::Ready(None);
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+/// The end is whoever decided it first: a body that finishes normally just
+/// after a guard ended its stream still ends the guard's way, so the peer
+/// reads the same status as the end event reports (found by the chaos soak:
+/// a stream cut at its lifetime reached its client as OK).
+#[tokio::test(start_paused = true)]
+async fn a_body_finishing_after_the_guard_ended_its_stream_ends_the_guards_way() {
+    let guard = guard(StreamGuardLayer::builder().idle_timeout(SECOND));
+    let mut events = guard.subscribe();
+    for (grpc, trailers) in [(true, true), (true, false), (false, false)] {
+        let service = guard.layer(tower::service_fn(
+            move |request: Request<RequestBody<ChanBody>>| {
+                let handle = request.extensions().get::<StreamHandle>().cloned();
+                async move {
+                    let mut response = Response::new(EndsUnderTheGuard { handle, trailers });
+                    if grpc {
+                        response.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/grpc"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            },
+        ));
+        let (_tx, body) = channel_body();
+        let mut request = Request::new(body);
+        if grpc {
+            request.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
+        }
+        let mut body = service.oneshot(request).await.unwrap().into_body();
+        let case = format!("grpc {grpc}, inner trailers {trailers}");
+        match body.frame().await {
+            Some(Ok(frame)) if grpc => {
+                let trailers = frame.into_trailers().expect("the guard's trailers");
+                assert_eq!(trailers["grpc-status"], "1", "{case}");
+            }
+            Some(Err(err)) if !grpc => {
+                let err = err.downcast_ref::<GuardError>().expect("a GuardError");
+                assert_eq!(err.reason(), EndReason::Cancelled, "{case}");
+            }
+            other => panic!("{case}: the guard's ending expected, got {other:?}"),
+        }
+        assert!(body.frame().await.is_none(), "{case}");
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::Cancelled, "{case}");
+        assert_eq!(event.grpc_status(), grpc.then_some(1), "{case}");
+        drop(body);
+        assert_no_more_events(&mut events);
+        assert_eq!(guard.active_streams(), 0, "{case}");
+    }
+}
