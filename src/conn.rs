@@ -324,11 +324,13 @@ impl ConnectionHandle {
 
     pub(crate) fn stream_ended(&self) {
         let state = &self.state;
-        if state.streams_open.fetch_sub(1, Ordering::Relaxed) == 1 {
-            state
-                .quiet_since
-                .store(state.connections.now_ns(), Ordering::Relaxed);
-        }
+        // The time first, then the count (released): a timer that sees no
+        // stream open also sees when the last one ended, never an older time
+        // that would close the connection as idle at once.
+        state
+            .quiet_since
+            .store(state.connections.now_ns(), Ordering::Relaxed);
+        state.streams_open.fetch_sub(1, Ordering::Release);
     }
 
     /// A guard ended a stream whose response body hyper is not reading.
@@ -406,15 +408,33 @@ impl ConnState {
     /// What the timer decides for this connection at `now`.
     fn check(&self, policy: &ConnPolicy, now: u64) {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER);
-        if let Some(grace) = policy.stalled_grace {
-            let since = self.stalled_since.load(Ordering::Acquire);
-            if since != NEVER && now.saturating_sub(since) >= ns(grace) {
+        if let Some(grace) = policy.stalled_grace
+            // The count decides; `stalled_since` only says since when. The
+            // two are updated one after the other, so a stall and an unstall
+            // racing can leave a time with no stalled stream (ignored here,
+            // and overwritten by the next stall) or a stalled stream with no
+            // time (its grace starts now).
+            && self.stalled.load(Ordering::Acquire) > 0
+        {
+            let since = match self.stalled_since.load(Ordering::Acquire) {
+                NEVER => {
+                    let _ = self.stalled_since.compare_exchange(
+                        NEVER,
+                        now,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    now
+                }
+                since => since,
+            };
+            if now.saturating_sub(since) >= ns(grace) {
                 self.close(ConnectionEnd::Stalled);
                 return;
             }
         }
         if let Some(idle) = policy.idle
-            && self.streams_open.load(Ordering::Relaxed) == 0
+            && self.streams_open.load(Ordering::Acquire) == 0
             && now.saturating_sub(self.quiet_since.load(Ordering::Relaxed)) >= ns(idle)
         {
             self.close(ConnectionEnd::Idle);
@@ -999,5 +1019,102 @@ where
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::{ConnectionGuard, ConnectionHandle, GuardedIo, PeerOf};
+
+    /// An IO that is never read: the tests drive the connection's state.
+    struct NoIo;
+
+    impl PeerOf for NoIo {
+        fn peer(&self) -> Option<SocketAddr> {
+            None
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(1);
+
+    fn connection(guard: &ConnectionGuard) -> (GuardedIo<NoIo>, ConnectionHandle) {
+        let io = guard.wrap(NoIo);
+        let handle = io.handle().clone();
+        (io, handle)
+    }
+
+    fn check(guard: &ConnectionGuard, handle: &ConnectionHandle, now: u64) {
+        handle.state.check(&guard.connections.policy, now);
+    }
+
+    fn secs(s: u64) -> u64 {
+        s * 1_000_000_000
+    }
+
+    /// A stall and an unstall racing: the unstall's "no time" lands first,
+    /// the stall's time after it, with no stalled stream left.
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_time_without_a_stalled_stream_never_closes_the_connection() {
+        let guard = ConnectionGuard::builder()
+            .stalled_grace(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        let state = &handle.state;
+        state.stalled.fetch_add(1, Ordering::AcqRel);
+        handle.stream_unstalled();
+        state.stalled_since.store(0, Ordering::Release);
+        check(&guard, &handle, secs(10));
+        assert!(
+            !handle.is_closed(),
+            "closed as stalled with nothing stalled"
+        );
+    }
+
+    /// The other order: a stalled stream whose time was wiped by a racing
+    /// unstall of another one still gets its connection closed, one grace
+    /// after the timer noticed it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_without_a_stall_time_still_closes_the_connection() {
+        let guard = ConnectionGuard::builder()
+            .stalled_grace(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        handle.stream_stalled();
+        handle
+            .state
+            .stalled_since
+            .store(super::NEVER, Ordering::Release);
+        check(&guard, &handle, secs(10));
+        assert!(!handle.is_closed(), "the grace starts when noticed");
+        check(&guard, &handle, secs(11));
+        assert!(handle.is_closed(), "a stalled reader's connection closes");
+    }
+
+    /// The last stream's end is seen with its time: a connection is never
+    /// closed as idle the moment its last stream ends.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_stream_ending_restarts_the_idle_time() {
+        let guard = ConnectionGuard::builder()
+            .idle_timeout(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        handle.stream_started();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        handle.stream_ended();
+        let now = guard.connections.now_ns();
+        check(&guard, &handle, now);
+        assert!(
+            !handle.is_closed(),
+            "closed as idle as its last stream ended"
+        );
+        check(&guard, &handle, now + secs(1));
+        assert!(handle.is_closed(), "idle for the idle timeout");
     }
 }

@@ -112,8 +112,11 @@ impl Sweeper {
     /// Files `state` under its current earliest deadline, replacing any earlier
     /// filing. Starts the sweeper task when it is not running.
     pub(crate) fn arm(self: &Arc<Self>, state: &Arc<StreamState>) {
-        let deadline = state.next_deadline().0;
         let mut wheel = self.lock();
+        // Read under the lock: a drain stores its deadline before it takes
+        // this lock to file every stream again, so either this filing sees
+        // the drain's deadline or the drain's refiling sees this filing.
+        let deadline = state.next_deadline().0;
         let old = state.timer_key.swap(deadline, Ordering::Relaxed);
         // With `file_all`, `NEVER` is a filing too, not only "not filed".
         if old != NEVER || self.file_all {
