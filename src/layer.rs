@@ -477,6 +477,7 @@ impl StreamGuardBuilder {
             drain: drain.clone(),
             handle_in_response: self.response_handle,
             drain_deadline: AtomicU64::new(u64::MAX),
+            stacked_streams: Default::default(),
         });
         if let Some(drain) = drain {
             drain.register_core(&core);

@@ -7,9 +7,10 @@
 //! compare-and-swap: whoever wins it wakes everybody and emits the event.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -50,6 +51,10 @@ pub(crate) struct Core {
     pub(crate) handle_in_response: bool,
     /// When a drain cuts the streams still open, ns on the sweeper's clock.
     pub(crate) drain_deadline: AtomicU64,
+    /// Streams an outer guard layer owns that this layer, which has a
+    /// drain, is stacked on: a drain must reach them through their owner's
+    /// timer. Empty for layers without a drain.
+    pub(crate) stacked_streams: Mutex<HashMap<u64, Weak<StreamState>>>,
 }
 
 impl Core {
@@ -59,6 +64,25 @@ impl Core {
         self.drain_deadline
             .store(self.sweeper.ns_of(deadline), Ordering::Release);
         self.sweeper.refile_all();
+        let stacked: Vec<Arc<StreamState>> =
+            self.stacked().values().filter_map(Weak::upgrade).collect();
+        for state in stacked {
+            state.arm();
+        }
+    }
+
+    fn stacked(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<StreamState>>> {
+        self.stacked_streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This layer's drain deadline on `sweeper`'s clock, if it is draining.
+    fn drain_deadline_on(&self, sweeper: &Sweeper) -> u64 {
+        match self.drain_deadline.load(Ordering::Acquire) {
+            NEVER => NEVER,
+            ns => sweeper.ns_of(self.sweeper.instant_of(ns)),
+        }
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -144,6 +168,8 @@ pub(crate) struct StreamState {
     cap_limit: AtomicU32,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
+    /// An inner guard layer with a drain is stacked on this stream.
+    stacked_drain: AtomicBool,
     /// The response body decided the end (`Completed`); the rest of the end
     /// (wake-ups, slots, the event) waits until the body is dropped or polled
     /// again. See `complete_deferred`.
@@ -197,6 +223,7 @@ impl StreamState {
             client_deadline: AtomicBool::new(false),
             cap_limit: AtomicU32::new(0),
             refused_by_drain: AtomicBool::new(false),
+            stacked_drain: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
 
             body: AtomicU8::new(BODY_NONE),
@@ -325,7 +352,7 @@ impl StreamState {
         self.merge(policy);
         if !Arc::ptr_eq(core, &self.core) {
             let mut held = self.held();
-            // `end` sets the phase before it empties this list under the same
+            // `end` sets the phase before it copies this list under the same
             // lock: a layer that arrives after the end is not counted.
             if self.is_ended() {
                 return;
@@ -334,6 +361,12 @@ impl StreamState {
             if !held.stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
                 core.active.fetch_add(1, Ordering::Relaxed);
                 held.stacked.push(Arc::clone(core));
+                if core.drain.is_some() {
+                    // Known to the inner layer so that its drain can refile
+                    // the stream; forgotten in `finish`.
+                    core.stacked().insert(self.id.get(), Arc::downgrade(self));
+                    self.stacked_drain.store(true, Ordering::Release);
+                }
             }
         }
         // The inner layer may run after the owner filed the stream (a buffer,
@@ -392,6 +425,9 @@ impl StreamState {
             self.core.drain_deadline.load(Ordering::Acquire),
             EndReason::Drained,
         );
+        if self.stacked_drain.load(Ordering::Acquire) {
+            consider(self.stacked_drain_deadline(), EndReason::Drained);
+        }
         let last_request = self.request.last.load(Ordering::Relaxed).max(self.start_ns);
         let last_response = self
             .response
@@ -417,6 +453,28 @@ impl StreamState {
             EndReason::IdleTimeout(IdleDirection::Response),
         );
         best
+    }
+
+    /// The earliest drain deadline of the inner layers stacked on this
+    /// stream, on the owner's clock. Takes the `held` lock: only for streams
+    /// with a stacked layer that has a drain.
+    fn stacked_drain_deadline(&self) -> u64 {
+        self.held().as_ref().map_or(NEVER, |held| {
+            held.stacked
+                .iter()
+                .map(|core| core.drain_deadline_on(&self.core.sweeper))
+                .min()
+                .unwrap_or(NEVER)
+        })
+    }
+
+    /// The drain that cuts this stream: the owner's, or a stacked layer's
+    /// that is draining.
+    fn cutting_drain<'a>(&'a self, stacked: &'a [Arc<Core>]) -> Option<&'a Arc<DrainShared>> {
+        std::iter::once(&self.core)
+            .chain(stacked)
+            .filter_map(|core| core.drain.as_ref())
+            .find(|drain| drain.is_draining())
     }
 
     pub(crate) fn check(&self, now_ns: u64) -> Verdict {
@@ -473,10 +531,10 @@ impl StreamState {
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.start_ns),
             EndReason::Drained => {
+                let held = self.held();
+                let stacked = held.as_ref().map_or(&[][..], |held| &held.stacked);
                 return self
-                    .core
-                    .drain
-                    .as_ref()
+                    .cutting_drain(stacked)
                     .map_or(Duration::ZERO, |drain| drain.grace());
             }
             _ => 0,
@@ -574,10 +632,16 @@ impl StreamState {
         self.request_waker.wake();
         self.cancelled.notify_waiters();
 
-        let held = self.held().take().map(|held| *held).unwrap_or_default();
+        // The slots are given back; the stacked layers stay listed (for the
+        // drain behind a `Drained` end's message) but are copied out, so
+        // that no lock is held while subscribers hear of the end.
+        let (permits, stacked) = match self.held().as_mut() {
+            Some(held) => (std::mem::take(&mut held.permits), held.stacked.clone()),
+            None => (Vec::new(), Vec::new()),
+        };
         // Slots first: a stream waiting for one should not wait for
         // subscribers.
-        held.permits.into_iter().for_each(CapPermit::release);
+        permits.into_iter().for_each(CapPermit::release);
         if let Some(conn) = &self.conn {
             if reason.is_guard()
                 && self
@@ -593,13 +657,18 @@ impl StreamState {
         }
         if reason == EndReason::Drained
             && !self.refused_by_drain.load(Ordering::Relaxed)
-            && let Some(drain) = &self.core.drain
+            && let Some(drain) = self.cutting_drain(&stacked)
         {
             drain.count_cut();
         }
+        for core in &stacked {
+            if core.drain.is_some() {
+                core.stacked().remove(&self.id.get());
+            }
+        }
         let event = self.event(reason);
         trace_end(&event);
-        for core in std::iter::once(&self.core).chain(&held.stacked) {
+        for core in std::iter::once(&self.core).chain(&stacked) {
             core.counters.count(reason);
             core.active.fetch_sub(1, Ordering::AcqRel);
             core.events.emit(&event);

@@ -185,3 +185,46 @@ async fn draining_resolves_for_every_open_stream_and_never_without_a_drain() {
     assert!(!lone.is_draining());
     drop(responses);
 }
+
+/// A drain on an inner layer stacked under another guard layer (which owns
+/// the stream and has no drain, nor any limit) still cuts the stream at the
+/// end of its grace, whichever layer's timer files it.
+#[tokio::test(start_paused = true)]
+async fn a_drain_on_a_stacked_inner_layer_cuts_the_outer_layers_streams() {
+    let drain = Drain::new();
+    let outer = guard(StreamGuardLayer::builder());
+    let inner = guard(StreamGuardLayer::builder().drain(&drain));
+    let mut inner_events = inner.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = outer.layer(inner.layer(app.service()));
+
+    let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _feed = feeders.recv().await.unwrap();
+    let mut body = response.into_body();
+    assert_eq!(inner.active_streams(), 1);
+
+    let started = Instant::now();
+    let report = tokio::spawn(drain.start(2 * SECOND));
+    let trailers = tokio::time::timeout(3600 * SECOND, body.frame())
+        .await
+        .expect("cut within an hour of paused time")
+        .expect("a frame")
+        .expect("trailers, not an error")
+        .into_trailers()
+        .expect("trailers");
+    assert_eq!(trailers["grpc-status"], "14");
+    let message = trailers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("2s"), "names the grace: {message}");
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= 2 * SECOND && cut_after <= 2 * SECOND + 2 * TICK,
+        "cut at the grace's end, not {cut_after:?}"
+    );
+    let event = next_event(&mut inner_events).await;
+    assert_eq!(event.reason(), EndReason::Drained);
+    drop(body);
+    let report = report.await.unwrap();
+    assert_eq!(report.cut(), 1);
+    assert_eq!(outer.active_streams(), 0);
+    assert_eq!(inner.active_streams(), 0);
+}
