@@ -83,10 +83,12 @@
 //! per-connection count on the way in and out (plus one per keyed cap set). Per guard: one timer
 //! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
 //! (10 ms) while it has streams and exits when it has none. Deadlines fire at
-//! most one resolution late (idle timeouts two), never early while the timer
-//! task runs on schedule; a runtime so overloaded that the task's tick is late
-//! can make an idle timeout fire early by that delay. The runtime needs its
-//! time driver (`enable_time`, on by default with `#[tokio::main]`).
+//! most one resolution late (idle timeouts two) after the timer task gets to
+//! run, and never early: when a runtime is so busy that a tick runs late,
+//! frames that moved during the delay still count as recent (the guard
+//! remembers its last 4,096 late ticks; a delay under a quarter resolution is
+//! not counted). The runtime needs its time driver (`enable_time`, on by
+//! default with `#[tokio::main]`).
 //!
 //! # Features
 //!

@@ -31,7 +31,7 @@ use crate::{
     policy::{IdleDirection, Policy},
     route::Route,
     stats::Counters,
-    timer::{NEVER, Sweeper},
+    timer::{LateTicks, NEVER, Sweeper},
 };
 
 /// What one guard layer instance shares with all of its streams.
@@ -238,6 +238,7 @@ impl StreamState {
     }
 
     fn merge(&self, policy: &Policy) {
+        self.core.sweeper.note_idle(policy);
         self.idle_both
             .fetch_min(ns(policy.idle_both), Ordering::Relaxed);
         self.idle_request
@@ -410,7 +411,9 @@ impl StreamState {
     }
 
     /// The earliest instant at which a limit could fire, and which one.
-    pub(crate) fn next_deadline(&self) -> (u64, Option<EndReason>) {
+    /// `late` turns frame stamps published by late timer ticks into the
+    /// latest time those frames may have moved.
+    pub(crate) fn next_deadline(&self, late: &LateTicks) -> (u64, Option<EndReason>) {
         let mut best = (NEVER, None);
         let mut consider = |deadline: u64, reason: EndReason| {
             if deadline < best.0 {
@@ -428,11 +431,11 @@ impl StreamState {
         if self.stacked_drain.load(Ordering::Acquire) {
             consider(self.stacked_drain_deadline(), EndReason::Drained);
         }
-        let last_request = self.request.last.load(Ordering::Relaxed).max(self.start_ns);
-        let last_response = self
-            .response
-            .last
-            .load(Ordering::Relaxed)
+        let last_request = late
+            .latest(self.request.last.load(Ordering::Relaxed))
+            .max(self.start_ns);
+        let last_response = late
+            .latest(self.response.last.load(Ordering::Relaxed))
             .max(self.start_ns);
         let after = |last: u64, idle: &AtomicU64| match idle.load(Ordering::Relaxed) {
             NEVER => NEVER,
@@ -477,8 +480,8 @@ impl StreamState {
             .find(|drain| drain.is_draining())
     }
 
-    pub(crate) fn check(&self, now_ns: u64) -> Verdict {
-        match self.next_deadline() {
+    pub(crate) fn check(&self, now_ns: u64, late: &LateTicks) -> Verdict {
+        match self.next_deadline(late) {
             (deadline, Some(reason)) if deadline <= now_ns => Verdict::Expired(reason),
             _ => Verdict::Later,
         }

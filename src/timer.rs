@@ -14,6 +14,15 @@
 //! fires on the first tick at or after it, so at most one resolution late;
 //! because frames are stamped with the next tick's time, an idle timeout never
 //! fires early and at most two resolutions late.
+//!
+//! A tick can run late (a runtime too busy to poll the timer task on time).
+//! Frames stamped meanwhile carry the time the late tick was due, though they
+//! may have moved right up to when it ran; judged by their stamp, a stream
+//! that kept moving through the delay would look idle for all of it. So each
+//! late tick (a quarter resolution or more) is remembered: stamp published →
+//! when it was replaced, and the frames with that stamp count as that recent.
+//! Only late ticks are kept, for as long as the guard's longest idle timeout
+//! could need them, at most [`LATE_TICKS_KEPT`].
 
 use std::{
     collections::BTreeMap,
@@ -26,10 +35,50 @@ use std::{
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::state::{StreamState, Verdict};
+use crate::{
+    policy::Policy,
+    state::{StreamState, Verdict},
+};
 
 /// Stand-in for "no deadline" in nanosecond fields.
 pub(crate) const NEVER: u64 = u64::MAX;
+
+/// How many late ticks a guard remembers at most (see the module docs): the
+/// oldest is forgotten first. A runtime whose timer runs late on every tick
+/// for longer than this many ticks gets the plain stamps for older frames,
+/// which may end a stream up to that tick's delay early.
+pub(crate) const LATE_TICKS_KEPT: usize = 4096;
+
+/// Stamps published by ticks that ran late, with when they were replaced.
+#[derive(Default)]
+pub(crate) struct LateTicks(BTreeMap<u64, u64>);
+
+impl LateTicks {
+    /// The latest time a frame stamped `stamp` may have moved.
+    #[inline]
+    pub(crate) fn latest(&self, stamp: u64) -> u64 {
+        if self.0.is_empty() {
+            return stamp;
+        }
+        self.0.get(&stamp).copied().unwrap_or(stamp)
+    }
+
+    /// The tick that published `stamp` was due then but ran at `now`.
+    fn record(&mut self, stamp: u64, now: u64, keep_for: u64) {
+        self.0.insert(stamp, now);
+        // A frame older than the longest idle timeout ends its stream
+        // whatever its exact time: no need to remember it.
+        let horizon = now.saturating_sub(keep_for);
+        while self.0.len() > LATE_TICKS_KEPT
+            || self
+                .0
+                .first_key_value()
+                .is_some_and(|(_, &ran)| ran < horizon)
+        {
+            self.0.pop_first();
+        }
+    }
+}
 
 pub(crate) struct Sweeper {
     /// Origin of every nanosecond timestamp of this guard.
@@ -43,6 +92,9 @@ pub(crate) struct Sweeper {
     /// File streams without a deadline too (under `NEVER`), so that a drain
     /// can reach every stream.
     file_all: bool,
+    /// The longest idle timeout among this guard's streams, in ns: how long
+    /// a late tick is remembered.
+    max_idle: AtomicU64,
 }
 
 #[derive(Default)]
@@ -50,6 +102,7 @@ struct Wheel {
     /// (deadline ns, stream id) -> stream.
     entries: BTreeMap<(u64, u64), Weak<StreamState>>,
     running: bool,
+    late: LateTicks,
 }
 
 impl Sweeper {
@@ -61,6 +114,22 @@ impl Sweeper {
             wheel: Mutex::new(Wheel::default()),
             warned_no_runtime: AtomicBool::new(false),
             file_all,
+            max_idle: AtomicU64::new(0),
+        }
+    }
+
+    /// A stream of this guard has `policy`'s idle timeouts: late ticks are
+    /// remembered for the longest of them.
+    pub(crate) fn note_idle(&self, policy: &Policy) {
+        let longest = [policy.idle_both, policy.idle_request, policy.idle_response]
+            .into_iter()
+            .flatten()
+            .max()
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(NEVER));
+        // A load first: nearly always the same, and a plain load keeps the
+        // cache line shared between cores.
+        if longest > self.max_idle.load(Ordering::Relaxed) {
+            self.max_idle.fetch_max(longest, Ordering::Relaxed);
         }
     }
 
@@ -116,7 +185,7 @@ impl Sweeper {
         // Read under the lock: a drain stores its deadline before it takes
         // this lock to file every stream again, so either this filing sees
         // the drain's deadline or the drain's refiling sees this filing.
-        let deadline = state.next_deadline().0;
+        let deadline = state.next_deadline(&wheel.late).0;
         let old = state.timer_key.swap(deadline, Ordering::Relaxed);
         // With `file_all`, `NEVER` is a filing too, not only "not filed".
         if old != NEVER || self.file_all {
@@ -198,16 +267,23 @@ async fn run(mut stop: StopOnDrop) {
     let sweeper = Arc::clone(&stop.sweeper);
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut due: Vec<Arc<StreamState>> = Vec::new();
+    let mut due: Vec<(Arc<StreamState>, Verdict)> = Vec::new();
+    let resolution = sweeper.resolution_ns();
     loop {
         ticks.tick().await;
         let now = sweeper.now_ns();
-        sweeper.coarse.store(
-            now.saturating_add(sweeper.resolution_ns()),
-            Ordering::Relaxed,
-        );
+        let published = sweeper
+            .coarse
+            .swap(now.saturating_add(resolution), Ordering::Relaxed);
         {
             let mut wheel = sweeper.lock();
+            if now.saturating_sub(published) >= resolution / 4 {
+                let keep_for = sweeper
+                    .max_idle
+                    .load(Ordering::Relaxed)
+                    .saturating_add(resolution);
+                wheel.late.record(published, now, keep_for);
+            }
             while let Some(entry) = wheel.entries.first_entry() {
                 if entry.key().0 > now {
                     break;
@@ -215,13 +291,14 @@ async fn run(mut stop: StopOnDrop) {
                 let weak = entry.remove();
                 if let Some(state) = weak.upgrade() {
                     state.timer_key.store(NEVER, Ordering::Relaxed);
-                    due.push(state);
+                    let verdict = state.check(now, &wheel.late);
+                    due.push((state, verdict));
                 }
             }
         }
         // Ending a stream wakes tasks and emits its event: never under the lock.
-        for state in due.drain(..) {
-            match state.check(now) {
+        for (state, verdict) in due.drain(..) {
+            match verdict {
                 Verdict::Expired(reason) => {
                     state.end(reason);
                 }
@@ -241,5 +318,28 @@ async fn run(mut stop: StopOnDrop) {
             stop.armed = false;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LATE_TICKS_KEPT, LateTicks};
+
+    #[test]
+    fn late_ticks_say_how_recent_their_frames_may_be_and_are_forgotten_in_time() {
+        let mut late = LateTicks::default();
+        assert_eq!(late.latest(10), 10, "nothing late: the stamp stands");
+        late.record(10, 800, 1_000);
+        assert_eq!(late.latest(10), 800);
+        assert_eq!(late.latest(20), 20, "other stamps stand");
+        // Past the longest idle timeout, the entry is of no use any more.
+        late.record(3_000, 3_500, 1_000);
+        assert_eq!(late.latest(10), 10);
+        assert_eq!(late.latest(3_000), 3_500);
+        for stamp in 0..2 * LATE_TICKS_KEPT as u64 {
+            late.record(10_000 + stamp, 20_000 + stamp, u64::MAX);
+        }
+        assert_eq!(late.0.len(), LATE_TICKS_KEPT, "bounded");
+        assert_eq!(late.latest(10_000), 10_000, "the oldest went first");
     }
 }

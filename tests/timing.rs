@@ -932,3 +932,39 @@ async fn a_body_finishing_after_the_guard_ended_its_stream_ends_the_guards_way()
         assert_eq!(guard.active_streams(), 0, "{case}");
     }
 }
+
+/// A runtime so busy that the guard's timer ticks late (here: its only
+/// thread blocked between frames, 800 ms in all) must not make a stream
+/// that kept moving look idle: frames stamped while the tick was late count
+/// as recent as the late tick itself. Real time, one thread: the blocking
+/// is the overload, not a wait for the guard.
+#[tokio::test(flavor = "current_thread")]
+async fn a_late_timer_tick_does_not_end_a_stream_that_kept_moving() {
+    let guard =
+        guard(StreamGuardLayer::builder().response_idle_timeout(Duration::from_millis(300)));
+    let stream = open(&guard, false).await;
+    let handle = stream.handle();
+    let (response, tx, _request, _request_tx) = stream.answer().await;
+    let mut body = response.into_body();
+    // Let the timer task start and tick once on time.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..8 {
+        tx.try_send(Bytes::from_static(b"frame")).unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        // Blocks the runtime's only thread: the timer cannot tick.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The timer's late tick runs now.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        handle.end_reason(),
+        None,
+        "a moving stream was ended as idle"
+    );
+    drop(body);
+    assert_eq!(handle.cancelled().await, EndReason::Cancelled);
+}
