@@ -336,11 +336,14 @@ impl ConnectionHandle {
     /// A guard ended a stream whose response body hyper is not reading.
     pub(crate) fn stream_stalled(&self) {
         let state = &self.state;
-        if state.stalled.fetch_add(1, Ordering::AcqRel) == 0 {
+        // The time first, then the count, as in `stream_ended`: a timer that
+        // sees a stalled stream never sees an older stall's time with it.
+        if state.stalled.load(Ordering::Acquire) == 0 {
             state
                 .stalled_since
                 .store(state.connections.now_ns(), Ordering::Release);
         }
+        state.stalled.fetch_add(1, Ordering::AcqRel);
     }
 
     /// That body was read (or dropped) after all.

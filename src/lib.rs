@@ -84,11 +84,11 @@
 //! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
 //! (10 ms) while it has streams and exits when it has none. Deadlines fire at
 //! most one resolution late (idle timeouts two) after the timer task gets to
-//! run, and never early: when a runtime is so busy that a tick runs late,
-//! frames that moved during the delay still count as recent (the guard
-//! remembers its last 4,096 late ticks; a delay under a quarter resolution is
-//! not counted). The runtime needs its time driver (`enable_time`, on by
-//! default with `#[tokio::main]`).
+//! run, and never more than a quarter resolution plus a millisecond early:
+//! when a runtime is so busy that a tick runs later than that, frames that
+//! moved during the delay still count as recent (the guard remembers its
+//! last 4,096 such ticks). The runtime needs its time driver (`enable_time`,
+//! on by default with `#[tokio::main]`).
 //!
 //! # Features
 //!

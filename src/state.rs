@@ -365,8 +365,8 @@ impl StreamState {
                 if core.drain.is_some() {
                     // Known to the inner layer so that its drain can refile
                     // the stream; forgotten in `finish`.
-                    core.stacked().insert(self.id.get(), Arc::downgrade(self));
                     self.stacked_drain.store(true, Ordering::Release);
+                    core.stacked().insert(self.id.get(), Arc::downgrade(self));
                 }
             }
         }
@@ -471,13 +471,14 @@ impl StreamState {
         })
     }
 
-    /// The drain that cuts this stream: the owner's, or a stacked layer's
-    /// that is draining.
+    /// The drain that cuts this stream: of the owner's and the stacked
+    /// layers' drains in progress, the one with the earliest deadline.
     fn cutting_drain<'a>(&'a self, stacked: &'a [Arc<Core>]) -> Option<&'a Arc<DrainShared>> {
         std::iter::once(&self.core)
             .chain(stacked)
-            .filter_map(|core| core.drain.as_ref())
-            .find(|drain| drain.is_draining())
+            .filter(|core| core.drain.as_ref().is_some_and(|drain| drain.is_draining()))
+            .min_by_key(|core| core.drain_deadline_on(&self.core.sweeper))
+            .and_then(|core| core.drain.as_ref())
     }
 
     pub(crate) fn check(&self, now_ns: u64, late: &LateTicks) -> Verdict {

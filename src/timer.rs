@@ -19,7 +19,7 @@
 //! Frames stamped meanwhile carry the time the late tick was due, though they
 //! may have moved right up to when it ran; judged by their stamp, a stream
 //! that kept moving through the delay would look idle for all of it. So each
-//! late tick (a quarter resolution or more) is remembered: stamp published →
+//! late tick (by over a quarter resolution plus 1 ms) is remembered: stamp published →
 //! when it was replaced, and the frames with that stamp count as that recent.
 //! Only late ticks are kept, for as long as the guard's longest idle timeout
 //! could need them, at most [`LATE_TICKS_KEPT`].
@@ -277,7 +277,9 @@ async fn run(mut stop: StopOnDrop) {
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
         {
             let mut wheel = sweeper.lock();
-            if now.saturating_sub(published) >= resolution / 4 {
+            // Late by more than a quarter tick plus tokio's timer
+            // granularity (1 ms), which every tick may be.
+            if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
                 let keep_for = sweeper
                     .max_idle
                     .load(Ordering::Relaxed)
