@@ -135,37 +135,40 @@ pub(crate) enum Verdict {
     Later,
 }
 
+/// Laid out by hand (`repr(C)`): the request body and the response body run
+/// on different tasks, often on different cores, and each writes its side's
+/// counters on every frame. Sharing one cache line, the two sides would
+/// take it from each other's core on every frame (false sharing); so the
+/// request side comes first, the response side last, and what both read on
+/// every frame (`core`, `phase`) sits in between, on a line neither writes
+/// per frame. A unit test below keeps them apart.
+#[repr(C)]
 pub(crate) struct StreamState {
-    pub(crate) id: StreamId,
-    core: Arc<Core>,
-    /// Start, ns on the sweeper's clock.
-    start_ns: u64,
-    /// `ACTIVE` or the code of the end reason.
-    phase: AtomicU8,
+    /// Written by the request body on every frame.
+    request: Side,
+    // Only `end` takes these wakers out (by waking them): the bodies rely on
+    // that to skip registering a waker they already registered.
+    pub(crate) request_waker: AtomicWaker,
     idle_both: AtomicU64,
     idle_request: AtomicU64,
     idle_response: AtomicU64,
     lifetime_deadline: AtomicU64,
-    request: Side,
-    response: Side,
-    request_done: AtomicBool,
-    pub(crate) grpc: bool,
-    grpc_status: AtomicU32,
+    /// Start, ns on the sweeper's clock.
+    start_ns: u64,
+    /// Read by both bodies on every frame (the sweeper's coarse clock).
+    core: Arc<Core>,
+    pub(crate) id: StreamId,
     /// Where the sweeper filed this stream; written under the sweeper's lock.
     pub(crate) timer_key: AtomicU64,
-    // Only `end` takes these wakers out (by waking them): the bodies rely on
-    // that to skip registering a waker they already registered.
-    pub(crate) request_waker: AtomicWaker,
-    /// The response future's waker, then (once the future has resolved into
-    /// the body) the response body's: the two never wait at the same time.
-    pub(crate) response_waker: AtomicWaker,
-    cancelled: Notify,
-    /// Boxed: most streams hold nothing, and an empty box costs no allocation.
-    held: Mutex<Option<Box<Held>>>,
+    /// `ACTIVE` or the code of the end reason. Read by both bodies on every
+    /// frame.
+    phase: AtomicU8,
+    /// The response body's side of the stream, for spotting stalled readers.
+    body: AtomicU8,
+    request_done: AtomicBool,
+    pub(crate) grpc: bool,
     /// The lifetime deadline is the client's `grpc-timeout`, not a setting.
     client_deadline: AtomicBool,
-    /// The limit of the cap that refused this stream.
-    cap_limit: AtomicU32,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
     /// An inner guard layer with a drain is stacked on this stream.
@@ -174,13 +177,22 @@ pub(crate) struct StreamState {
     /// (wake-ups, slots, the event) waits until the body is dropped or polled
     /// again. See `complete_deferred`.
     unfinished: AtomicBool,
-
-    body: AtomicU8,
-    conn: Option<ConnectionHandle>,
+    grpc_status: AtomicU32,
+    /// The limit of the cap that refused this stream.
+    cap_limit: AtomicU32,
     method: Method,
     path: Option<PathAndQuery>,
+    conn: Option<ConnectionHandle>,
+    /// Boxed: most streams hold nothing, and an empty box costs no allocation.
+    held: Mutex<Option<Box<Held>>>,
+    cancelled: Notify,
     peer: Option<SocketAddr>,
     connection: Option<ConnectionKey>,
+    /// The response future's waker, then (once the future has resolved into
+    /// the body) the response body's: the two never wait at the same time.
+    pub(crate) response_waker: AtomicWaker,
+    /// Written by the response body on every frame.
+    response: Side,
 }
 
 fn ns(d: Option<Duration>) -> u64 {
@@ -765,11 +777,39 @@ pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
 }
 #[cfg(all(test, target_pointer_width = "64"))]
 mod size {
+    use std::mem::{offset_of, size_of};
+
+    use super::{Side, StreamState};
+
     /// Every open stream costs one `StreamState`: a field added by accident
     /// shows here first (see BENCHMARKS.md for the memory per stream).
     #[test]
     fn stream_state_stays_small() {
-        let size = std::mem::size_of::<super::StreamState>();
+        let size = size_of::<StreamState>();
         assert!(size <= 392, "StreamState grew to {size} bytes");
+    }
+
+    /// Bytes `[a, a + len)` and `[b, ..)` with `b` after them share no
+    /// 64-byte cache line wherever the record is placed.
+    fn apart(a: usize, len: usize, b: usize) -> bool {
+        b >= a + len - 1 + 64
+    }
+
+    #[test]
+    fn the_two_sides_and_what_both_read_sit_on_separate_cache_lines() {
+        let request = offset_of!(StreamState, request);
+        let response = offset_of!(StreamState, response);
+        let core = offset_of!(StreamState, core);
+        let phase = offset_of!(StreamState, phase);
+        let side = size_of::<Side>();
+        assert!(
+            apart(request, side, core),
+            "request side {request}, core {core}"
+        );
+        assert!(core < phase, "core {core}, phase {phase}");
+        assert!(
+            apart(phase, 1, response),
+            "phase {phase}, response side {response}"
+        );
     }
 }
