@@ -20,7 +20,12 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::{error::BoxError, event::EndReason, grpc, state::StreamState};
+use crate::{
+    error::BoxError,
+    event::EndReason,
+    grpc,
+    state::{EndOnUnwind, StreamState},
+};
 
 pin_project! {
     /// A request body whose frames count as request-side activity, and which
@@ -40,8 +45,14 @@ pin_project! {
     }
 }
 
-impl<B> RequestBody<B> {
+impl<B: Body> RequestBody<B> {
     pub(crate) fn guarded(inner: B, state: Arc<StreamState>) -> Self {
+        // A request that has no body (a GET, an SSE subscription) or whose
+        // body is already at its end is never polled: its request side is
+        // done from the start, or the request idle timeout would cut it.
+        if inner.is_end_stream() {
+            state.mark_request_done();
+        }
         RequestBody {
             inner,
             state: Some(state),
@@ -49,7 +60,9 @@ impl<B> RequestBody<B> {
             done: false,
         }
     }
+}
 
+impl<B> RequestBody<B> {
     /// A body an outer guard layer already watches.
     pub(crate) fn pass_through(inner: B) -> Self {
         RequestBody {
@@ -126,7 +139,13 @@ where
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(frame) => {
+                    // Trailers are the request's last frame.
+                    if frame.is_trailers() {
+                        state.mark_request_done();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
             },
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
             Poll::Ready(None) => {
@@ -195,9 +214,10 @@ pin_project! {
             let this = this.project();
             if let Some(state) = this.state.take() {
                 state.response_closed();
-                if *this.finishing {
-                    state.finish_deferred();
-                } else if !*this.closed {
+                // An end decided on the last frame, or while the inner body
+                // panicked.
+                state.finish_deferred();
+                if !*this.closed {
                     state.end(EndReason::Cancelled);
                 }
             }
@@ -208,8 +228,10 @@ pin_project! {
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn guarded(inner: B, state: Arc<StreamState>, grpc: bool) -> Self {
         // hyper never polls a body that is already at its end: it sends the
-        // headers with END_STREAM and drops it. That is a normal end.
-        let closed = inner.is_end_stream();
+        // headers with END_STREAM and drops it. That is a normal end. The
+        // same for the answer to a HEAD request, whose body hyper drops
+        // unread whatever it holds.
+        let closed = inner.is_end_stream() || state.is_head();
         if closed {
             state.end(EndReason::Completed);
         } else {
@@ -368,7 +390,10 @@ where
         if !state.is_ended()
             && let Some(mut inner) = this.inner.as_mut().as_pin_mut()
         {
-            match inner.as_mut().poll_frame(cx) {
+            let unwinding = EndOnUnwind::arm(state);
+            let polled = inner.as_mut().poll_frame(cx);
+            unwinding.disarm();
+            match polled {
                 Poll::Pending => {
                     if !this
                         .registered

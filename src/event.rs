@@ -49,6 +49,12 @@ pub enum EndReason {
     LifetimeExceeded,
     /// The service or the response body returned an error.
     Error,
+    /// The service (its `call` or its future) or the response body panicked
+    /// while the guard was polling it. The panic still unwinds to whoever
+    /// polled (tokio aborts the task, hyper resets the stream); the guard
+    /// only makes sure the stream ends with it: handle cancelled, cap slots
+    /// back, one event.
+    Panicked,
     /// A stream cap refused the stream: the service never saw it. gRPC
     /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503`.
     Rejected(StreamCap),
@@ -62,7 +68,7 @@ pub enum EndReason {
 impl EndReason {
     /// A short snake-case name, as used in JSON event lines: `completed`,
     /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
-    /// `rejected` or `drained`.
+    /// `panicked`, `rejected` or `drained`.
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Completed => "completed",
@@ -70,6 +76,7 @@ impl EndReason {
             EndReason::IdleTimeout(_) => "idle_timeout",
             EndReason::LifetimeExceeded => "lifetime_exceeded",
             EndReason::Error => "error",
+            EndReason::Panicked => "panicked",
             EndReason::Rejected(_) => "rejected",
             EndReason::Drained => "drained",
         }
@@ -132,6 +139,7 @@ impl EndReason {
             EndReason::Rejected(StreamCap::PerPeer) => 9,
             EndReason::Rejected(StreamCap::Total) => 10,
             EndReason::Drained => 11,
+            EndReason::Panicked => 12,
         }
     }
 
@@ -148,6 +156,7 @@ impl EndReason {
             9 => EndReason::Rejected(StreamCap::PerPeer),
             10 => EndReason::Rejected(StreamCap::Total),
             11 => EndReason::Drained,
+            12 => EndReason::Panicked,
             _ => return None,
         })
     }
@@ -440,6 +449,7 @@ mod tests {
             EndReason::Rejected(StreamCap::PerPeer),
             EndReason::Rejected(StreamCap::Total),
             EndReason::Drained,
+            EndReason::Panicked,
         ] {
             assert_eq!(EndReason::from_code(reason.code()), Some(reason));
         }

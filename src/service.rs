@@ -28,7 +28,7 @@ use crate::{
     handle::StreamHandle,
     policy::Policy,
     route::{self, RouteRequest},
-    state::{Core, StreamState, peer_addr},
+    state::{Core, EndOnUnwind, StreamState, peer_addr},
 };
 
 /// How a guard hands the wrapped request body to the service it wraps.
@@ -191,6 +191,7 @@ impl<S, W, ReqB, ResB> Service<Request<ReqB>> for StreamGuard<S, W>
 where
     W: WrapRequestBody<ReqB>,
     S: Service<Request<W::Body>, Response = Response<ResB>>,
+    ReqB: Body,
     ResB: Body,
     ResB::Error: Into<BoxError>,
 {
@@ -285,7 +286,12 @@ where
             state: Arc::clone(&state),
         });
         let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(&state))));
+        // The request, with the handle and the body, now belongs to the
+        // service: if its `call` panics, nothing of ours is left to end the
+        // stream later.
+        let unwinding = EndOnUnwind::arm_finishing(&state);
         let future = self.inner.call(request);
+        unwinding.disarm();
         // Filed after the inner call so that limits of stacked inner guard
         // layers are already merged in.
         state.arm();
@@ -320,6 +326,8 @@ pin_project! {
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(state) = this.project().state.take() {
+                // An end decided while the service panicked, else: abandoned.
+                state.finish_deferred();
                 state.end(EndReason::Cancelled);
             }
         }
@@ -356,7 +364,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Some(state) = this.state.take() else {
+        // The record stays in the future until the body takes it over, so
+        // that whatever happens to the future (dropped, panicking) ends the
+        // stream through its `Drop`.
+        let Some(state) = this.state.as_ref() else {
             return match this.inner.as_pin_mut() {
                 Some(inner) => inner
                     .poll(cx)
@@ -365,18 +376,17 @@ where
                 None => Poll::Pending,
             };
         };
-        if let Some(response) = early_response(&state) {
+        if let Some(response) = early_response(state) {
             return Poll::Ready(Ok(response));
         }
         if let Some(admission) = this.admission.as_mut() {
             match admission.as_mut().poll(cx) {
                 Poll::Pending => {
                     state.response_waker.register(cx.waker());
-                    if let Some(response) = early_response(&state) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    *this.state = Some(state);
-                    return Poll::Pending;
+                    return match early_response(state) {
+                        Some(response) => Poll::Ready(Ok(response)),
+                        None => Poll::Pending,
+                    };
                 }
                 Poll::Ready(Ok(permits)) => {
                     *this.admission = None;
@@ -385,7 +395,7 @@ where
                 Poll::Ready(Err(refusal)) => {
                     *this.admission = None;
                     state.reject(refusal.cap, refusal.limit);
-                    return match early_response(&state) {
+                    return match early_response(state) {
                         Some(response) => Poll::Ready(Ok(response)),
                         None => Poll::Pending,
                     };
@@ -397,16 +407,22 @@ where
             // stream has ended: early_response answered above.
             return Poll::Pending;
         };
-        match inner.poll(cx) {
+        let unwinding = EndOnUnwind::arm(state);
+        let polled = inner.poll(cx);
+        unwinding.disarm();
+        match polled {
             Poll::Pending => {
                 state.response_waker.register(cx.waker());
-                if let Some(response) = early_response(&state) {
-                    return Poll::Ready(Ok(response));
+                match early_response(state) {
+                    Some(response) => Poll::Ready(Ok(response)),
+                    None => Poll::Pending,
                 }
-                *this.state = Some(state);
-                Poll::Pending
             }
             Poll::Ready(Ok(mut response)) => {
+                let Some(state) = this.state.take() else {
+                    // Checked above.
+                    return Poll::Pending;
+                };
                 if state.core().handle_in_response {
                     response.extensions_mut().insert(StreamHandle {
                         state: Arc::clone(&state),

@@ -620,19 +620,34 @@ impl StreamState {
     /// stream any more, the handle reports it); the event and wake-ups
     /// follow when the body is dropped, right after, or polled again.
     pub(crate) fn complete_deferred(&self) -> bool {
-        if !self.decide(EndReason::Completed.code()) {
+        self.decide_deferred(EndReason::Completed)
+    }
+
+    /// Decides the end as `reason` and leaves the rest of it to
+    /// [`finish_deferred`](Self::finish_deferred): one compare-and-swap and
+    /// one store, nothing that can panic or run user code.
+    fn decide_deferred(&self, reason: EndReason) -> bool {
+        if !self.decide(reason.code()) {
             return false;
         }
         self.unfinished.store(true, Ordering::Release);
         true
     }
 
-    /// Finishes an end [`complete_deferred`](Self::complete_deferred)
-    /// decided; does nothing otherwise, or a second time.
+    /// Finishes an end [`decide_deferred`](Self::decide_deferred) decided;
+    /// does nothing otherwise, or a second time.
     pub(crate) fn finish_deferred(&self) {
-        if self.unfinished.swap(false, Ordering::AcqRel) {
-            self.finish(EndReason::Completed);
+        if self.unfinished.swap(false, Ordering::AcqRel)
+            && let Some(reason) = self.end_reason()
+        {
+            self.finish(reason);
         }
+    }
+
+    /// Whether this stream answers a `HEAD` request: its response has no
+    /// body to send, whatever the body says.
+    pub(crate) fn is_head(&self) -> bool {
+        self.method == Method::HEAD
     }
 
     /// Everything an end does once it is decided: wakes every part of the
@@ -726,6 +741,66 @@ impl Drop for StreamState {
         // under them, so that a stream can never vanish without its event.
         self.finish_deferred();
         self.end(EndReason::Cancelled);
+    }
+}
+
+/// Ends a stream as [`EndReason::Panicked`] if the code it brackets unwinds.
+///
+/// Armed around every call into code the guard does not own (the service's
+/// `call`, its future, the response body); disarmed, at no cost, when that
+/// code returns. While a panic unwinds only the decision is taken (one
+/// compare-and-swap and a store), since subscribers must not run inside
+/// someone else's unwinding (a callback panicking there would abort the
+/// process). The rest of the end follows when the future or body that
+/// panicked is dropped, which is what tokio and hyper do right after they
+/// catch the panic; the record's own `Drop` is the net under that.
+#[must_use = "dropping it at once ends the stream"]
+pub(crate) struct EndOnUnwind<'a> {
+    state: &'a StreamState,
+    /// Set when nothing that would finish the end is left once the panic
+    /// is caught (the service's `call`: the request went to the service):
+    /// the end is then finished on a task of its own.
+    owner: Option<&'a Arc<StreamState>>,
+}
+
+impl<'a> EndOnUnwind<'a> {
+    #[inline(always)]
+    pub(crate) fn arm(state: &'a StreamState) -> Self {
+        EndOnUnwind { state, owner: None }
+    }
+
+    /// Armed around code after which nothing of the stream is dropped:
+    /// the end is finished on a task spawned for it (inline without a
+    /// runtime).
+    pub(crate) fn arm_finishing(state: &'a Arc<StreamState>) -> Self {
+        EndOnUnwind {
+            state,
+            owner: Some(state),
+        }
+    }
+
+    /// The bracketed code returned: nothing to do.
+    #[inline(always)]
+    pub(crate) fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        // Reached only by unwinding: `disarm` forgets the guard otherwise.
+        if !self.state.decide_deferred(EndReason::Panicked) {
+            return;
+        }
+        if let Some(owner) = self.owner {
+            let owner = Arc::clone(owner);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move { owner.finish_deferred() });
+                }
+                Err(_) => owner.finish_deferred(),
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 use crate::{cap::StreamCap, event::EndReason, policy::IdleDirection};
 
 /// Every reason a stream can end with, in the order of its code.
-pub(crate) const REASONS: [EndReason; 11] = [
+pub(crate) const REASONS: [EndReason; 12] = [
     EndReason::Completed,
     EndReason::Cancelled,
     EndReason::IdleTimeout(IdleDirection::Request),
@@ -24,6 +24,7 @@ pub(crate) const REASONS: [EndReason; 11] = [
     EndReason::Rejected(StreamCap::PerPeer),
     EndReason::Rejected(StreamCap::Total),
     EndReason::Drained,
+    EndReason::Panicked,
 ];
 
 /// Per-reason end counters of one guard layer.
@@ -110,7 +111,7 @@ impl GuardStats {
     /// (`completed`, `cancelled`, `idle_timeout_request`,
     /// `idle_timeout_response`, `idle_timeout_both`, `lifetime_exceeded`,
     /// `error`, `rejected_per_connection`, `rejected_per_peer`,
-    /// `rejected_total`, `drained`).
+    /// `rejected_total`, `drained`, `panicked`).
     pub fn to_json(&self) -> String {
         let mut out = format!("{{\"active\":{}", self.active);
         for reason in REASONS {
@@ -144,10 +145,10 @@ mod tests {
         }
         assert_eq!(stats.idle_timeouts(), 3 + 4 + 5);
         assert_eq!(stats.rejected(StreamCap::Total), 10);
-        assert_eq!(stats.ended_total(), (1..=11).sum::<u64>());
+        assert_eq!(stats.ended_total(), (1..=12).sum::<u64>());
         assert_eq!(
             stats.to_json(),
-            "{\"active\":3,\"completed\":1,\"cancelled\":2,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":11}"
+            "{\"active\":3,\"completed\":1,\"cancelled\":2,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":11,\"panicked\":12}"
         );
     }
 }
