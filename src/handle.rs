@@ -1,9 +1,10 @@
 //! The handle a handler finds in its request extensions.
 //!
 //! This is the disconnect callback that tonic does not have: a spawned
-//! producer that selects on [`StreamHandle::cancelled`] stops the moment its
-//! stream ends, whether the client went away, a guard fired or the call simply
-//! finished, instead of running on until its next `send` fails.
+//! producer run under [`StreamHandle::run_until_cancelled`] stops the moment
+//! its stream ends, whether the client went away, a guard fired or the call
+//! simply finished, instead of running on until its next `send` fails, or
+//! waiting in a `send` that a stalled reader never lets complete.
 
 use std::{
     fmt,
@@ -70,15 +71,14 @@ pub struct PeerAddr(pub SocketAddr);
 /// let handle = extensions.get::<StreamHandle>().cloned();
 /// tokio::spawn(async move {
 ///     let Some(handle) = handle else { return };
-///     let mut n = 0;
-///     loop {
-///         tokio::select! {
-///             reason = handle.cancelled() => {
-///                 println!("stream {} ended: {reason}", handle.id());
-///                 return;
-///             }
-///             () = produce(n) => n += 1,
+///     // The whole loop: it stops whatever it is waiting on.
+///     let work = async {
+///         for n in 0.. {
+///             produce(n).await;
 ///         }
+///     };
+///     if handle.run_until_cancelled(work).await.is_none() {
+///         println!("stream {} ended: {:?}", handle.id(), handle.end_reason());
 ///     }
 /// });
 /// # }
@@ -101,6 +101,10 @@ impl StreamHandle {
     /// cancels nothing. For a stalled reader (a peer that stopped reading) it
     /// resolves when a guard fires, even though the server never polls the
     /// response body again.
+    ///
+    /// To stop a producer, prefer [`run_until_cancelled`](Self::run_until_cancelled)
+    /// around its whole loop: a `select!` on this future that covers only the
+    /// wait for the next item leaves the producer in its `send`.
     pub fn cancelled(&self) -> impl Future<Output = EndReason> + Send + use<> {
         let state = Arc::clone(&self.state);
         async move { state.ended().await }
