@@ -73,21 +73,19 @@ async fn events(
         let _producing = Producing::start();
         let payload = "x".repeat(16 * 1024);
         let mut ticks = tokio::time::interval(Duration::from_millis(1));
-        loop {
-            tokio::select! {
-                // Ends the producer with the stream, stalled reader or not:
-                // hyper no longer polls a stalled reader's body, so the
-                // channel alone would keep this task blocked on `send`.
-                _ = handle.cancelled() => return,
-                _ = ticks.tick() => {
-                    let event = Event::default().data(payload.as_str());
-                    tokio::select! {
-                        _ = handle.cancelled() => return,
-                        sent = tx.send(Ok(event)) => if sent.is_err() { return },
-                    }
+        let produce = async move {
+            loop {
+                ticks.tick().await;
+                let event = Event::default().data(payload.as_str());
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
                 }
             }
-        }
+        };
+        // Ends the producer with the stream, stalled reader or not: hyper no
+        // longer polls a stalled reader's body, so the channel alone would
+        // keep this task blocked on `send`.
+        let _ = handle.run_until_cancelled(produce).await;
     });
     Sse::new(ReceiverStream::new(rx))
 }

@@ -11,13 +11,13 @@
 //! database or waiting on an upstream feed) that is seconds of wasted work and
 //! held resources per departed client (tonic issues #196, #377, #781, #2438).
 //!
-//! [`StreamHandle::cancelled`] resolves the moment the stream ends, whatever
-//! ended it. This example runs both producers behind the same guard (no limits
-//! configured: it only hands out handles and end events):
+//! [`StreamHandle::run_until_cancelled`] stops its future the moment the
+//! stream ends, whatever ended it. This example runs both producers behind the
+//! same guard (no limits configured: it only hands out handles and end
+//! events):
 //!
 //! - **plain**: `loop { send; sleep(interval) }`, stops when a send fails;
-//! - **guarded**: the same loop raced with `tokio::select!` against
-//!   `handle.cancelled()`.
+//! - **guarded**: the same loop under `handle.run_until_cancelled(..)`.
 //!
 //! For each, a client opens the stream, reads one message and disconnects.
 //! The example prints how long each producer task kept running after its
@@ -60,7 +60,7 @@ const PRODUCER_KEY: &str = "x-producer";
 enum Producer {
     /// Stops when `send` fails.
     Plain,
-    /// Also stops when `handle.cancelled()` resolves.
+    /// Also stops when the stream ends (`handle.run_until_cancelled`).
     Guarded,
 }
 
@@ -114,15 +114,18 @@ async fn plain_producer(tx: mpsc::Sender<Result<EchoReply, Status>>) -> String {
     }
 }
 
-/// The same loop, raced against the stream's end.
+/// The same loop, run until the stream ends.
 async fn guarded_producer(
     tx: mpsc::Sender<Result<EchoReply, Status>>,
     handle: StreamHandle,
 ) -> String {
-    let produce = plain_producer(tx);
-    tokio::select! {
-        reason = handle.cancelled() => format!("handle.cancelled() resolved: {reason}"),
-        why = produce => why,
+    match handle.run_until_cancelled(plain_producer(tx)).await {
+        Some(why) => why,
+        // The stream has ended: `cancelled()` resolves at once, with why.
+        None => format!(
+            "handle.run_until_cancelled() saw the stream end: {}",
+            handle.cancelled().await
+        ),
     }
 }
 

@@ -61,21 +61,24 @@ fn reply(message: &str) -> Result<EchoReply, Status> {
 async fn produce(handle: StreamHandle, polite: bool, tx: mpsc::Sender<Result<EchoReply, Status>>) {
     let mut ticks = tokio::time::interval(Duration::from_millis(200));
     let draining = handle.draining();
-    tokio::pin!(draining);
-    loop {
-        tokio::select! {
-            _ = handle.cancelled() => return,
-            () = &mut draining, if polite => {
-                let _ = tx.send(reply("server draining, reconnect elsewhere")).await;
-                return; // dropping `tx` ends the stream normally
-            }
-            _ = ticks.tick() => {
-                if tx.send(reply("tick")).await.is_err() {
-                    return;
+    // The whole loop, sends included, stops when the stream ends.
+    let work = async move {
+        tokio::pin!(draining);
+        loop {
+            tokio::select! {
+                () = &mut draining, if polite => {
+                    let _ = tx.send(reply("server draining, reconnect elsewhere")).await;
+                    return; // dropping `tx` ends the stream normally
+                }
+                _ = ticks.tick() => {
+                    if tx.send(reply("tick")).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
-    }
+    };
+    let _ = handle.run_until_cancelled(work).await;
 }
 
 #[tonic::async_trait]

@@ -1,18 +1,21 @@
 //! The handle a handler finds in its request extensions.
 //!
 //! This is the disconnect callback that tonic does not have: a spawned
-//! producer that selects on [`StreamHandle::cancelled`] stops the moment its
-//! stream ends, whether the client went away, a guard fired or the call simply
-//! finished, instead of running on until its next `send` fails.
+//! producer run under [`StreamHandle::run_until_cancelled`] stops the moment
+//! its stream ends, whether the client went away, a guard fired or the call
+//! simply finished, instead of running on until its next `send` fails, or
+//! waiting in a `send` that a stalled reader never lets complete.
 
 use std::{
     fmt,
-    future::Future,
+    future::{Future, poll_fn},
     net::SocketAddr,
+    pin::pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Poll, Waker},
     time::Duration,
 };
 
@@ -68,15 +71,14 @@ pub struct PeerAddr(pub SocketAddr);
 /// let handle = extensions.get::<StreamHandle>().cloned();
 /// tokio::spawn(async move {
 ///     let Some(handle) = handle else { return };
-///     let mut n = 0;
-///     loop {
-///         tokio::select! {
-///             reason = handle.cancelled() => {
-///                 println!("stream {} ended: {reason}", handle.id());
-///                 return;
-///             }
-///             () = produce(n) => n += 1,
+///     // The whole loop: it stops whatever it is waiting on.
+///     let work = async {
+///         for n in 0.. {
+///             produce(n).await;
 ///         }
+///     };
+///     if handle.run_until_cancelled(work).await.is_none() {
+///         println!("stream {} ended: {:?}", handle.id(), handle.end_reason());
 ///     }
 /// });
 /// # }
@@ -99,9 +101,104 @@ impl StreamHandle {
     /// cancels nothing. For a stalled reader (a peer that stopped reading) it
     /// resolves when a guard fires, even though the server never polls the
     /// response body again.
+    ///
+    /// To stop a producer, prefer [`run_until_cancelled`](Self::run_until_cancelled)
+    /// around its whole loop: a `select!` on this future that covers only the
+    /// wait for the next item leaves the producer in its `send`.
     pub fn cancelled(&self) -> impl Future<Output = EndReason> + Send + use<> {
         let state = Arc::clone(&self.state);
         async move { state.ended().await }
+    }
+
+    /// Runs `future` until the stream ends: `Some` with its output if it
+    /// finishes first, `None` as soon as the stream has ended (a guard fired,
+    /// the client went away, the call finished, or [`cancel`](Self::cancel)
+    /// was called), then or already.
+    ///
+    /// The way to run a producer: wrap its whole loop, the wait for the next
+    /// item *and* the `send`, so that it stops even while it waits in `send`
+    /// on a full channel. A peer that stopped reading fills the channel and
+    /// hyper stops polling the body; racing [`cancelled`](Self::cancelled)
+    /// against the next item alone would leave the producer in `send` until
+    /// the client closes its connection.
+    ///
+    /// The end is checked first: once the stream has ended `future` is not
+    /// polled again, even if it would be ready, and it has been dropped by the
+    /// time `None` is returned. Like [`cancelled`](Self::cancelled), the
+    /// returned future owns what it needs rather than borrowing the handle:
+    /// it is `'static` when `future` is, and `Send` when `future` is, so it
+    /// can move into a spawned task.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future drops `future` and cancels nothing else;
+    /// it is as cancel-safe as `future`. When it resolves to `None`, whatever
+    /// `future` was doing is abandoned: an item it had taken and not yet sent
+    /// is lost.
+    ///
+    /// # Cost
+    ///
+    /// One `Arc` clone per call and one registration with the stream's end
+    /// notification (a short lock) on the first poll. Later polls, each time
+    /// `future` is woken, cost an atomic load; the registration is renewed only
+    /// if the task's waker changed. Wrap the whole loop rather than each
+    /// item to pay the registration once.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_stream_guard::StreamHandle;
+    /// use tokio::sync::mpsc;
+    ///
+    /// # async fn next_item() -> u64 { 0 }
+    /// fn spawn_producer(handle: StreamHandle, tx: mpsc::Sender<u64>) {
+    ///     tokio::spawn(async move {
+    ///         let produce = async move {
+    ///             loop {
+    ///                 let item = next_item().await;
+    ///                 if tx.send(item).await.is_err() {
+    ///                     return; // the response stream was dropped
+    ///                 }
+    ///             }
+    ///         };
+    ///         if handle.run_until_cancelled(produce).await.is_none() {
+    ///             // Client gone, guard fired, or call finished: stopped at
+    ///             // once, even in the middle of a `send`.
+    ///             println!("stream {} ended: {:?}", handle.id(), handle.end_reason());
+    ///         }
+    ///     });
+    /// }
+    /// ```
+    pub fn run_until_cancelled<F>(
+        &self,
+        future: F,
+    ) -> impl Future<Output = Option<F::Output>> + use<F>
+    where
+        F: Future,
+    {
+        let state = Arc::clone(&self.state);
+        async move {
+            let mut ended = pin!(state.ended());
+            let mut future = pin!(future);
+            // The waker `ended` last registered. The stream's end notification
+            // is sent only after the end is recorded, and wakes whatever waker
+            // was registered: while the waker is the same, an atomic load
+            // tells whether the end came, with no lock.
+            let mut registered: Option<Waker> = None;
+            poll_fn(|cx| {
+                if state.is_ended() {
+                    return Poll::Ready(None);
+                }
+                if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    if ended.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    registered = Some(cx.waker().clone());
+                }
+                future.as_mut().poll(cx).map(Some)
+            })
+            .await
+        }
     }
 
     /// Resolves when the server begins to drain (see [`Drain`](crate::Drain)),

@@ -18,7 +18,9 @@
 //!
 //! - a [`StreamHandle`] in the request extensions, whose
 //!   [`cancelled()`](StreamHandle::cancelled) resolves when the stream ends
-//!   for any reason: the disconnect callback tonic lacks;
+//!   for any reason, and whose
+//!   [`run_until_cancelled`](StreamHandle::run_until_cancelled) stops a
+//!   producer then: the disconnect callback tonic lacks;
 //! - exactly one [`EndEvent`]: why it ended, how long it lived, what it moved;
 //!   and a cheap snapshot of counters, [`StreamGuardLayer::stats`].
 //!
@@ -72,8 +74,8 @@
 //! flow-control window), and the response body, with the inner body it wraps
 //! and whatever feeds that (a handler's channel and its buffered items). A
 //! producer blocked on `send` into such a channel is stuck until then, unless
-//! it also selects on [`StreamHandle::cancelled`]: that is what the handle is
-//! for.
+//! its whole loop, the `send` included, runs under
+//! [`StreamHandle::run_until_cancelled`]: that is what the handle is for.
 //!
 //! # Costs
 //!

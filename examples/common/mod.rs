@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tower_stream_guard::{EndReason, StreamHandle};
+use tower_stream_guard::StreamHandle;
 
 use self::echo::echo_server::Echo;
 use self::echo::{EchoReply, EchoRequest, StreamRequest};
@@ -89,98 +89,92 @@ fn stream_handle<T>(request: &Request<T>) -> Option<StreamHandle> {
     request.extensions().get::<StreamHandle>().cloned()
 }
 
-/// Resolves when the guarded stream ends (for any reason); without a guard it
-/// never resolves and callers rely on their channel closing instead.
-///
-/// Takes the handle by value so the returned future owns it (and works
-/// whether or not the future returned by `cancelled()` borrows the handle).
-async fn stream_ended(handle: Option<StreamHandle>) -> EndReason {
+/// Runs a task's whole work until the guarded stream ends (for any reason),
+/// even while it waits in a `send` on a channel that a stalled reader keeps
+/// full; without a guard it runs to its own end and relies on its channel
+/// closing instead.
+async fn until_stream_ends(handle: Option<StreamHandle>, work: impl Future<Output = ()>) {
     match handle {
-        Some(handle) => handle.cancelled().await,
-        None => std::future::pending().await,
+        Some(handle) => {
+            let _ = handle.run_until_cancelled(work).await;
+        }
+        None => work.await,
     }
 }
 
 type ReplySender = mpsc::Sender<Result<EchoReply, Status>>;
 
-/// Body of the `ServerStream` producer task.
+/// Body of the `ServerStream` producer task: the whole loop, waits for the
+/// next tick and sends alike, stops when the stream ends.
 async fn produce(
     tx: ReplySender,
     request: StreamRequest,
-    ended: impl Future<Output = EndReason> + Send,
+    handle: Option<StreamHandle>,
     _live: LiveGuard,
 ) {
-    tokio::pin!(ended);
-    // The first reply goes out at once, the following ones every `interval_ms`.
-    let mut ticker = (request.interval_ms > 0).then(|| {
-        let mut ticker = tokio::time::interval(Duration::from_millis(request.interval_ms.into()));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker
-    });
-    let payload = vec![0_u8; request.size as usize];
-    let mut index: u64 = 0;
+    until_stream_ends(handle, async move {
+        // The first reply goes out at once, the following ones every `interval_ms`.
+        let mut ticker = (request.interval_ms > 0).then(|| {
+            let mut ticker =
+                tokio::time::interval(Duration::from_millis(request.interval_ms.into()));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker
+        });
+        let payload = vec![0_u8; request.size as usize];
+        let mut index: u64 = 0;
 
-    while request.count == 0 || index < u64::from(request.count) {
-        if let Some(ticker) = ticker.as_mut() {
-            tokio::select! {
-                biased;
-                _ = &mut ended => return,
-                // The response stream was dropped (client gone, server shut down).
-                () = tx.closed() => return,
-                _ = ticker.tick() => {}
-            }
-        }
-        let reply = EchoReply {
-            message: index.to_string(),
-            payload: payload.clone(),
-        };
-        tokio::select! {
-            biased;
-            _ = &mut ended => return,
-            sent = tx.send(Ok(reply)) => {
-                if sent.is_err() {
-                    return;
+        while request.count == 0 || index < u64::from(request.count) {
+            if let Some(ticker) = ticker.as_mut() {
+                tokio::select! {
+                    biased;
+                    // The response stream was dropped (client gone, server shut down).
+                    () = tx.closed() => return,
+                    _ = ticker.tick() => {}
                 }
             }
+            let reply = EchoReply {
+                message: index.to_string(),
+                payload: payload.clone(),
+            };
+            if tx.send(Ok(reply)).await.is_err() {
+                return;
+            }
+            index += 1;
         }
-        index += 1;
-    }
+    })
+    .await;
 }
 
-/// Body of the `Bidi` echo task.
+/// Body of the `Bidi` echo task: like [`produce`], the whole loop stops when
+/// the stream ends.
 async fn echo_each(
     mut inbound: Streaming<EchoRequest>,
     tx: ReplySender,
-    ended: impl Future<Output = EndReason> + Send,
+    handle: Option<StreamHandle>,
     _live: LiveGuard,
 ) {
-    tokio::pin!(ended);
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = &mut ended => return,
-            () = tx.closed() => return,
-            next = inbound.message() => next,
-        };
-        let item = match next {
-            Ok(Some(request)) => Ok(EchoReply {
-                message: request.message,
-                payload: Vec::new(),
-            }),
-            Ok(None) => return,
-            Err(status) => Err(status),
-        };
-        let is_err = item.is_err();
-        tokio::select! {
-            biased;
-            _ = &mut ended => return,
-            sent = tx.send(item) => {
-                if sent.is_err() || is_err {
-                    return;
-                }
+    until_stream_ends(handle, async move {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                next = inbound.message() => next,
+            };
+            let item = match next {
+                Ok(Some(request)) => Ok(EchoReply {
+                    message: request.message,
+                    payload: Vec::new(),
+                }),
+                Ok(None) => return,
+                Err(status) => Err(status),
+            };
+            let is_err = item.is_err();
+            if tx.send(item).await.is_err() || is_err {
+                return;
             }
         }
-    }
+    })
+    .await;
 }
 
 #[tonic::async_trait]
@@ -198,12 +192,12 @@ impl Echo for EchoService {
         &self,
         request: Request<StreamRequest>,
     ) -> Result<Response<Self::ServerStreamStream>, Status> {
-        let ended = stream_ended(stream_handle(&request));
+        let handle = stream_handle(&request);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         // Counted before spawning so that the count is never observed as 0
         // between the handler returning and the task starting.
         let live = LiveGuard::enter(&self.live_producers);
-        tokio::spawn(produce(tx, request.into_inner(), ended, live));
+        tokio::spawn(produce(tx, request.into_inner(), handle, live));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -230,10 +224,10 @@ impl Echo for EchoService {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<Self::BidiStream>, Status> {
-        let ended = stream_ended(stream_handle(&request));
+        let handle = stream_handle(&request);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let live = LiveGuard::enter(&self.live_handlers);
-        tokio::spawn(echo_each(request.into_inner(), tx, ended, live));
+        tokio::spawn(echo_each(request.into_inner(), tx, handle, live));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
