@@ -9,7 +9,14 @@
 //! with the number of events it missed, and the streams never notice.
 //!
 //! Every end is also a `tracing` event under the target `tower_stream_guard`:
-//! `INFO` when a guard ended the stream, `DEBUG` otherwise.
+//! `INFO` when a limit or a drain ended the stream, `DEBUG` otherwise. A
+//! stream a cap refused is `DEBUG` too, so that a cap flood is not a log
+//! flood: each guard sums its refusals up in at most one `WARN` line a second
+//! ("N streams refused by max_streams_per_connection in the last 1.0s", with
+//! `refused`, `per_connection`, `per_peer` and `total` fields). The first
+//! refusal is reported at once; the last second of a burst is reported when
+//! the next stream of that guard ends (the counters in
+//! [`StreamGuardLayer::stats`](crate::StreamGuardLayer::stats) are exact).
 
 use std::{
     fmt,

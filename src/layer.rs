@@ -123,6 +123,25 @@ impl<W> StreamGuardLayer<W> {
 
     /// The same guard, handing the inner service a `tonic::body::Body`, as
     /// tonic's `Server::layer` requires.
+    ///
+    /// With gRPC-Web (`tonic_web::GrpcWebLayer`), the guard must sit *inside*
+    /// the grpc-web translation. tonic's `Server::builder().layer(A).layer(B)`
+    /// makes `A` the outer layer, so add `GrpcWebLayer` first:
+    ///
+    /// ```ignore
+    /// Server::builder()
+    ///     .accept_http1(true)
+    ///     .layer(tonic_web::GrpcWebLayer::new()) // outer
+    ///     .layer(guard.for_tonic())              // inner: sees plain gRPC
+    /// ```
+    ///
+    /// Then a guard-ended call ends with the grpc-web trailer frame in the
+    /// body (`grpc-status: 4`, what a browser reads over HTTP/1.1) and a cap
+    /// refusal is a grpc-web trailers-only response with `grpc-status: 8`.
+    /// The other way round, the guard's gRPC trailers are dropped on
+    /// HTTP/1.1 (the browser sees a body end without a status) and its
+    /// refusals carry `content-type: application/grpc`, which grpc-web
+    /// clients reject.
     #[cfg(feature = "tonic")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
     pub fn for_tonic(self) -> StreamGuardLayer<crate::TonicBody> {
@@ -478,6 +497,7 @@ impl StreamGuardBuilder {
             handle_in_response: self.response_handle,
             drain_deadline: AtomicU64::new(u64::MAX),
             stacked_streams: Default::default(),
+            refusals: Default::default(),
         });
         if let Some(drain) = drain {
             drain.register_core(&core);

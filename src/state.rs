@@ -55,6 +55,8 @@ pub(crate) struct Core {
     /// drain, is stacked on: a drain must reach them through their owner's
     /// timer. Empty for layers without a drain.
     pub(crate) stacked_streams: Mutex<HashMap<u64, Weak<StreamState>>>,
+    /// Refusals not yet in a `WARN` summary.
+    pub(crate) refusals: RefusalLog,
 }
 
 impl Core {
@@ -699,6 +701,12 @@ impl StreamState {
         }
         let event = self.event(reason);
         trace_end(&event);
+        if let Some(cap) = reason.cap() {
+            self.core.refusals.note(cap);
+        }
+        // On every end, not only refusals: the tail of a burst is reported
+        // by the next stream to end after the second is up.
+        self.core.refusals.summarize(&self.core.sweeper);
         for core in std::iter::once(&self.core).chain(&stacked) {
             core.counters.count(reason);
             core.active.fetch_sub(1, Ordering::AcqRel);
@@ -815,9 +823,107 @@ fn note(side: &Side, bytes: usize, stamp: u64) {
     side.last.store(stamp, Ordering::Relaxed);
 }
 
+/// How often, at most, a guard logs a summary of the streams its caps refused.
+const SUMMARY_EVERY_NS: u64 = 1_000_000_000;
+
+/// Refusals by cap since the last `WARN` summary, and when that was. A cap
+/// flood is one `DEBUG` line per stream and at most one `WARN` line per guard
+/// per second, not one `INFO` line per stream.
+#[derive(Default)]
+pub(crate) struct RefusalLog {
+    /// By [`StreamCap::ALL`] index.
+    counts: [AtomicU64; 3],
+    /// The sum of `counts`: one load tells whether there is anything to say.
+    pending: AtomicU64,
+    /// One more than the sweeper-clock ns of the last summary; 0: none yet.
+    last: AtomicU64,
+}
+
+impl RefusalLog {
+    fn note(&self, cap: StreamCap) {
+        let index = StreamCap::ALL.iter().position(|c| *c == cap).unwrap_or(0);
+        self.counts[index].fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Logs one `WARN` line for the refusals counted since the last one, if
+    /// there are some and that was a second ago or more (the first refusal
+    /// of a guard is reported at once).
+    fn summarize(&self, sweeper: &Sweeper) {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let now = sweeper.now_ns();
+        let last = self.last.load(Ordering::Relaxed);
+        let since = last.saturating_sub(1);
+        if last != 0 && now.saturating_sub(since) < SUMMARY_EVERY_NS {
+            return;
+        }
+        // One summary per window, whoever gets here first.
+        if self
+            .last
+            .compare_exchange(
+                last,
+                now.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let counts = self
+            .counts
+            .each_ref()
+            .map(|count| count.swap(0, Ordering::Relaxed));
+        let refused: u64 = counts.iter().sum();
+        self.pending.fetch_sub(refused, Ordering::Relaxed);
+        if refused == 0 {
+            return;
+        }
+        let mut caps = StreamCap::ALL
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(cap, n)| (cap.setting(), n));
+        let by = match (caps.next(), caps.next()) {
+            (Some((setting, _)), None) => setting.to_owned(),
+            (first, second) => first
+                .into_iter()
+                .chain(second)
+                .chain(caps)
+                .map(|(setting, n)| format!("{setting}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let [per_connection, per_peer, total] = counts;
+        tracing::warn!(
+            target: "tower_stream_guard",
+            refused,
+            per_connection,
+            per_peer,
+            total,
+            "{refused} streams refused by {by} in the last {:.1}s",
+            Duration::from_nanos(now - since).as_secs_f64()
+        );
+    }
+}
+
 fn trace_end(event: &EndEvent) {
     let duration_ms = event.duration.as_millis() as u64;
-    if event.reason.is_guard() {
+    if let EndReason::Rejected(_) = event.reason {
+        // A cap flood would be a log flood at `INFO`: each refusal is
+        // `DEBUG`, and `RefusalLog` sums them up at `WARN`.
+        tracing::debug!(
+            target: "tower_stream_guard",
+            stream_id = event.id.get(),
+            route = event.path(),
+            reason = event.reason.as_str(),
+            duration_ms,
+            "stream refused: {}",
+            event.reason
+        );
+    } else if event.reason.is_guard() {
         tracing::info!(
             target: "tower_stream_guard",
             stream_id = event.id.get(),
