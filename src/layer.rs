@@ -128,11 +128,18 @@ impl<W> StreamGuardLayer<W> {
     /// the grpc-web translation. tonic's `Server::builder().layer(A).layer(B)`
     /// makes `A` the outer layer, so add `GrpcWebLayer` first:
     ///
-    /// ```ignore
-    /// Server::builder()
+    /// ```no_run
+    /// # use tower_stream_guard::StreamGuardLayer;
+    /// # async fn run(routes: tonic::service::Routes, guard: StreamGuardLayer) -> Result<(), Box<dyn std::error::Error>> {
+    /// tonic::transport::Server::builder()
     ///     .accept_http1(true)
     ///     .layer(tonic_web::GrpcWebLayer::new()) // outer
     ///     .layer(guard.for_tonic())              // inner: sees plain gRPC
+    ///     .add_routes(routes)
+    ///     .serve("127.0.0.1:50051".parse()?)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
     /// ```
     ///
     /// Then a guard-ended call ends with the grpc-web trailer frame in the
