@@ -797,6 +797,30 @@ impl PeerOf for tokio::net::TcpStream {
     }
 }
 
+/// A Unix socket has no IP peer: its connections are known by their
+/// [`ConnectionHandle`] alone.
+#[cfg(unix)]
+impl PeerOf for tokio::net::UnixStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// The peer of the stream under the TLS session.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+impl<IO: PeerOf> PeerOf for tokio_rustls::server::TlsStream<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer()
+    }
+}
+
+impl<IO: PeerOf> PeerOf for GuardedIo<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.handle.peer()
+    }
+}
+
 pin_project! {
     /// An accepted connection a [`ConnectionGuard`] watches. Reads and
     /// writes pass through until the guard closes the connection; then they
@@ -968,24 +992,6 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
             handle: self.handle.clone(),
         }
     }
-}
-
-/// Takes the connection handle out of request extensions, inserting what it
-/// carried as separate extensions. Used by the stream guard.
-pub(crate) fn handle_of(extensions: &mut http::Extensions) -> Option<ConnectionHandle> {
-    if let Some(handle) = extensions.get::<ConnectionHandle>() {
-        return Some(handle.clone());
-    }
-    #[cfg(feature = "tonic")]
-    if let Some(info) =
-        extensions.get::<GuardedConnectInfo<tonic::transport::server::TcpConnectInfo>>()
-    {
-        let (inner, handle) = (info.inner.clone(), info.handle.clone());
-        extensions.insert(inner);
-        extensions.insert(handle.clone());
-        return Some(handle);
-    }
-    None
 }
 
 pin_project! {

@@ -478,6 +478,7 @@ impl StreamGuardBuilder {
             handle_in_response: self.response_handle,
             drain_deadline: AtomicU64::new(u64::MAX),
             stacked_streams: Default::default(),
+            warned_unidentified: Default::default(),
         });
         if let Some(drain) = drain {
             drain.register_core(&core);

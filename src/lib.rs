@@ -114,6 +114,7 @@ mod event;
 mod grpc;
 mod handle;
 mod layer;
+mod peer;
 mod policy;
 mod route;
 #[cfg(feature = "hyper")]
