@@ -20,8 +20,10 @@
 //!
 //! Each connection gets an id, visible to guards and handlers as a
 //! [`ConnectionHandle`] in the request extensions (tonic inserts the
-//! [`GuardedConnectInfo`] of [`GuardedIo`]'s `Connected` implementation; the
-//! guard layer hands on the inner `TcpConnectInfo`, so
+//! [`GuardedConnectInfo`] of [`GuardedIo`]'s `Connected` implementation, or
+//! `TlsConnectInfo<GuardedConnectInfo<_>>` when the guard wraps the TCP
+//! stream under the application's TLS acceptor; the guard layer hands on the
+//! inner `TcpConnectInfo`, `TlsConnectInfo` or `UdsConnectInfo`, so
 //! `tonic::Request::remote_addr` keeps working). Opening and closing are
 //! [`ConnectionEvent`]s.
 //!
@@ -782,10 +784,14 @@ impl ConnectionGuardBuilder {
 }
 
 /// IO objects whose peer address a [`ConnectionGuard`] can read, for its
-/// events.
+/// events and for stream guards' per-peer cap.
 ///
-/// Implemented for tokio's `TcpStream`. Implement it for your own IO type (a
-/// TLS stream) by returning the underlying socket's peer address, or `None`.
+/// Implemented for tokio's `TcpStream` and `UnixStream` (no IP peer), for
+/// [`GuardedIo`], and with feature `tls` for
+/// `tokio_rustls::server::TlsStream` over any of them, so that the guard can
+/// wrap either the TCP stream under an application's TLS acceptor or the TLS
+/// stream it yields. Implement it for your own IO type by returning the
+/// underlying socket's peer address, or `None`.
 pub trait PeerOf {
     /// The peer's address, if known.
     fn peer(&self) -> Option<SocketAddr>;

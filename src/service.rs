@@ -121,8 +121,12 @@ impl<S, W> StreamGuard<S, W> {
     ///
     /// ```
     /// # async fn accept_loop(listener: tokio::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::convert::Infallible;
+    ///
+    /// use http::Request;
+    /// use hyper::body::Incoming;
     /// use tower::Layer;
-    /// use tower_stream_guard::{ConnectionKey, StreamGuardLayer};
+    /// use tower_stream_guard::{ConnectionKey, RequestBody, StreamGuardLayer};
     ///
     /// let guard = StreamGuardLayer::builder()
     ///     .max_streams_per_connection(16)
@@ -130,8 +134,8 @@ impl<S, W> StreamGuard<S, W> {
     /// loop {
     ///     let (io, remote) = listener.accept().await?;
     ///     let service = guard
-    ///         .layer(tower::service_fn(|_request: http::Request<_>| async {
-    ///             Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///         .layer(tower::service_fn(|_request: Request<RequestBody<Incoming>>| async {
+    ///             Ok::<_, Infallible>(http::Response::new(String::new()))
     ///         }))
     ///         .for_connection(ConnectionKey::from_remote(remote));
     ///     // ... serve `io` with `service` (hyper-util's `TowerToHyperService`)
