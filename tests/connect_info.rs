@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -326,8 +326,30 @@ async fn uds_with_a_connection_guard_caps_each_connection() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Log lines written through the global subscriber (set by one test only).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uds_without_identity_refuses_loudly_under_a_per_connection_cap() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
     let path = socket_path();
     let listener = UnixListener::bind(&path).expect("bind the Unix socket");
     let guard = StreamGuardLayer::builder()
@@ -363,6 +385,12 @@ async fn uds_without_identity_refuses_loudly_under_a_per_connection_cap() {
         .expect_err("refused");
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(!server.is_finished(), "the server survived");
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        logs.matches("no connection identity").count(),
+        1,
+        "one warning per guard layer: {logs}"
+    );
     server.abort();
     let _ = std::fs::remove_file(&path);
 }
