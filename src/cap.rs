@@ -91,14 +91,31 @@ impl fmt::Display for StreamCap {
 /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
 /// and [`StreamGuardLayer::connection_streams`](crate::StreamGuardLayer::connection_streams).
 ///
-/// The guard looks for it, in this order: a `ConnectionKey` in the request
-/// extensions (insert one from your accept loop); the
-/// [`connection_key`](crate::StreamGuardBuilder::connection_key) function, if
-/// set (axum's `ConnectInfo`, a custom `Connected` type); tonic's
-/// `TcpConnectInfo` (local and remote address, present with `serve` and with
-/// `serve_with_incoming` over TCP streams); and last, the guard service
-/// instance itself, which is right for hyper users who apply the layer once
-/// per accepted connection.
+/// The guard looks for it, in this order:
+///
+/// 1. a `ConnectionKey` in the request extensions (insert one from your
+///    accept loop);
+/// 2. the [`ConnectionHandle`](crate::ConnectionHandle) of a
+///    [`ConnectionGuard`](crate::ConnectionGuard) wrapping the connection:
+///    tonic's `GuardedConnectInfo<T>` for TCP, TLS over TCP and Unix sockets,
+///    and with feature `tls`, `TlsConnectInfo<GuardedConnectInfo<T>>` (the
+///    guard under an application-managed TLS acceptor);
+/// 3. the key a guard service was built for
+///    ([`StreamGuard::for_connection`](crate::StreamGuard::for_connection):
+///    hyper-util accept loops that build the service per connection);
+/// 4. the [`connection_key`](crate::StreamGuardBuilder::connection_key)
+///    function, if set (a custom `Connected` type);
+/// 5. tonic's `TcpConnectInfo` (local and remote address: `serve`, and
+///    `serve_with_incoming` over TCP streams), `TlsConnectInfo<TcpConnectInfo>`
+///    (tonic's `tls_config`, or your own rustls acceptor; feature `tls`), and
+///    axum's `ConnectInfo<SocketAddr>` (feature `axum`).
+///
+/// Unix sockets (`UdsConnectInfo`) and other IO carry no identity of their
+/// own: wrap them with a `ConnectionGuard`. A request with no identity is
+/// never pooled with others: under
+/// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
+/// it is refused, with a message naming what is missing and a one-time
+/// warning in the log.
 ///
 /// ```
 /// use tower_stream_guard::ConnectionKey;
@@ -117,8 +134,6 @@ enum KeyRepr {
         local: Option<SocketAddr>,
         remote: SocketAddr,
     },
-    /// A guard service instance (built by one `Layer::layer` call).
-    Instance(u64),
 }
 
 impl ConnectionKey {
@@ -146,10 +161,6 @@ impl ConnectionKey {
         })
     }
 
-    pub(crate) fn instance(id: u64) -> Self {
-        ConnectionKey(KeyRepr::Instance(id))
-    }
-
     /// The peer's address, when the key was made from one.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         match self.0 {
@@ -171,7 +182,6 @@ impl fmt::Display for ConnectionKey {
                 local: None,
                 remote,
             } => write!(f, "{remote}"),
-            KeyRepr::Instance(id) => write!(f, "service#{id}"),
         }
     }
 }
@@ -259,12 +269,15 @@ enum WaitKey {
 
 impl WaitKey {
     fn of(cap: StreamCap, origin: &Origin) -> Self {
-        match (cap, origin.peer) {
-            (StreamCap::PerConnection, _) => WaitKey::Connection(origin.connection),
-            (StreamCap::PerPeer, Some(ip)) => WaitKey::Peer(ip),
-            // A per-peer refusal always has a peer; the total is the safe
-            // fallback (any release wakes its first waiter).
-            (StreamCap::PerPeer, None) | (StreamCap::Total, _) => WaitKey::Total,
+        match (cap, origin.connection, origin.peer) {
+            (StreamCap::PerConnection, Some(key), _) => WaitKey::Connection(key),
+            (StreamCap::PerPeer, _, Some(ip)) => WaitKey::Peer(ip),
+            // A stream without the key a keyed cap needs is refused at once
+            // and never waits; the total is the safe fallback (any release
+            // wakes its first waiter).
+            (StreamCap::PerConnection, None, _)
+            | (StreamCap::PerPeer, _, None)
+            | (StreamCap::Total, _, _) => WaitKey::Total,
         }
     }
 }
@@ -293,8 +306,22 @@ pub(crate) struct CapSet {
 /// Where a stream came from, as the caps see it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Origin {
-    pub(crate) connection: ConnectionKey,
+    /// `None` when nothing identifies the connection: the per-connection
+    /// cap refuses such a stream rather than pool it with others.
+    pub(crate) connection: Option<ConnectionKey>,
     pub(crate) peer: Option<IpAddr>,
+}
+
+impl Origin {
+    /// Whether `cap` refuses this stream for want of a key (no waiting
+    /// helps).
+    pub(crate) fn lacks_key_of(&self, cap: StreamCap) -> bool {
+        match cap {
+            StreamCap::PerConnection => self.connection.is_none(),
+            StreamCap::PerPeer => self.peer.is_none(),
+            StreamCap::Total => false,
+        }
+    }
 }
 
 /// A slot held in one [`CapSet`], given back by [`CapPermit::release`].
@@ -320,14 +347,23 @@ impl CapSet {
     }
 
     /// Takes a slot in every cap of this set, or none and says which cap is
-    /// full. A stream whose peer is unknown is not held to the per-peer cap.
+    /// full. A keyed cap refuses a stream whose key (connection or peer) is
+    /// unknown: a cap per connection or per peer never becomes one shared by
+    /// every unidentified stream. Without that cap, an unknown connection is
+    /// only left out of the connection counts.
     ///
     /// The keyed caps are checked first and the total is taken last, under
     /// the same lock as the keyed slots: a stream refused by any cap never
     /// holds a slot, not even for an instant.
     pub(crate) fn try_acquire(self: &Arc<Self>, origin: &Origin) -> Result<CapPermit, StreamCap> {
+        if self.limits.per_connection.is_some() && origin.connection.is_none() {
+            return Err(StreamCap::PerConnection);
+        }
+        if self.limits.per_peer.is_some() && origin.peer.is_none() {
+            return Err(StreamCap::PerPeer);
+        }
         let peer = origin.peer.filter(|_| self.limits.per_peer.is_some());
-        let connection = self.track_connections.then_some(origin.connection);
+        let connection = origin.connection.filter(|_| self.track_connections);
         if connection.is_some() || peer.is_some() {
             let mut maps = self.maps();
             if let Some(key) = connection
@@ -492,6 +528,7 @@ pub(crate) async fn acquire_all_within(
     loop {
         let refusal = match try_acquire_all(&sets, &origin) {
             Ok(permits) => return Ok(permits),
+            Err(refusal) if origin.lacks_key_of(refusal.cap) => return Err(refusal),
             Err(refusal) => refusal,
         };
         let key = WaitKey::of(refusal.cap, &origin);
@@ -616,7 +653,7 @@ mod tests {
     fn origin(port: u16, ip: [u8; 4]) -> Origin {
         let remote = SocketAddr::from((ip, port));
         Origin {
-            connection: ConnectionKey::from_remote(remote),
+            connection: Some(ConnectionKey::from_remote(remote)),
             peer: Some(remote.ip()),
         }
     }
@@ -675,17 +712,49 @@ mod tests {
     }
 
     #[test]
-    fn unknown_peer_is_not_held_to_the_peer_cap() {
+    fn an_unknown_peer_is_refused_by_the_peer_cap_not_pooled() {
         let set = caps(CapLimits {
             per_peer: Some(1),
             ..CapLimits::default()
         });
         let unknown = Origin {
-            connection: ConnectionKey::from_id(1),
+            connection: Some(ConnectionKey::from_id(1)),
             peer: None,
         };
-        let _a = set.try_acquire(&unknown).unwrap();
-        assert!(set.try_acquire(&unknown).is_ok());
+        assert_eq!(set.try_acquire(&unknown).err(), Some(StreamCap::PerPeer));
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
+        assert_eq!(set.entries(), 0);
+    }
+
+    #[test]
+    fn an_unknown_connection_is_refused_by_the_connection_cap_not_pooled() {
+        let set = caps(CapLimits {
+            per_connection: Some(5),
+            ..CapLimits::default()
+        });
+        let unknown = Origin {
+            connection: None,
+            peer: Some([10, 0, 0, 1].into()),
+        };
+        assert_eq!(
+            set.try_acquire(&unknown).err(),
+            Some(StreamCap::PerConnection)
+        );
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
+        assert_eq!(set.entries(), 0);
+    }
+
+    #[test]
+    fn an_unknown_connection_is_not_counted_without_a_connection_cap() {
+        let set = Arc::new(CapSet::new(CapLimits::default(), true));
+        let unknown = Origin {
+            connection: None,
+            peer: None,
+        };
+        let permit = set.try_acquire(&unknown).expect("no cap to refuse it");
+        assert_eq!(set.entries(), 0);
+        permit.release();
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
     }
 
     #[test]
@@ -700,7 +769,7 @@ mod tests {
         let held = try_acquire_all(&sets, &a).unwrap();
         let refusal = try_acquire_all(&sets, &a).err().unwrap();
         assert_eq!((refusal.cap, refusal.limit), (StreamCap::PerConnection, 1));
-        assert_eq!(layer.connection_streams(), vec![(a.connection, 1)]);
+        assert_eq!(layer.connection_streams(), vec![(a.connection.unwrap(), 1)]);
         held.into_iter().for_each(CapPermit::release);
         assert_eq!(layer.entries() + route.entries(), 0);
     }

@@ -20,8 +20,10 @@
 //!
 //! Each connection gets an id, visible to guards and handlers as a
 //! [`ConnectionHandle`] in the request extensions (tonic inserts the
-//! [`GuardedConnectInfo`] of [`GuardedIo`]'s `Connected` implementation; the
-//! guard layer hands on the inner `TcpConnectInfo`, so
+//! [`GuardedConnectInfo`] of [`GuardedIo`]'s `Connected` implementation, or
+//! `TlsConnectInfo<GuardedConnectInfo<_>>` when the guard wraps the TCP
+//! stream under the application's TLS acceptor; the guard layer hands on the
+//! inner `TcpConnectInfo`, `TlsConnectInfo` or `UdsConnectInfo`, so
 //! `tonic::Request::remote_addr` keeps working). Opening and closing are
 //! [`ConnectionEvent`]s.
 //!
@@ -782,10 +784,14 @@ impl ConnectionGuardBuilder {
 }
 
 /// IO objects whose peer address a [`ConnectionGuard`] can read, for its
-/// events.
+/// events and for stream guards' per-peer cap.
 ///
-/// Implemented for tokio's `TcpStream`. Implement it for your own IO type (a
-/// TLS stream) by returning the underlying socket's peer address, or `None`.
+/// Implemented for tokio's `TcpStream` and `UnixStream` (no IP peer), for
+/// [`GuardedIo`], and with feature `tls` for
+/// `tokio_rustls::server::TlsStream` over any of them, so that the guard can
+/// wrap either the TCP stream under an application's TLS acceptor or the TLS
+/// stream it yields. Implement it for your own IO type by returning the
+/// underlying socket's peer address, or `None`.
 pub trait PeerOf {
     /// The peer's address, if known.
     fn peer(&self) -> Option<SocketAddr>;
@@ -794,6 +800,30 @@ pub trait PeerOf {
 impl PeerOf for tokio::net::TcpStream {
     fn peer(&self) -> Option<SocketAddr> {
         self.peer_addr().ok()
+    }
+}
+
+/// A Unix socket has no IP peer: its connections are known by their
+/// [`ConnectionHandle`] alone.
+#[cfg(unix)]
+impl PeerOf for tokio::net::UnixStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// The peer of the stream under the TLS session.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+impl<IO: PeerOf> PeerOf for tokio_rustls::server::TlsStream<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer()
+    }
+}
+
+impl<IO: PeerOf> PeerOf for GuardedIo<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.handle.peer()
     }
 }
 
@@ -968,24 +998,6 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
             handle: self.handle.clone(),
         }
     }
-}
-
-/// Takes the connection handle out of request extensions, inserting what it
-/// carried as separate extensions. Used by the stream guard.
-pub(crate) fn handle_of(extensions: &mut http::Extensions) -> Option<ConnectionHandle> {
-    if let Some(handle) = extensions.get::<ConnectionHandle>() {
-        return Some(handle.clone());
-    }
-    #[cfg(feature = "tonic")]
-    if let Some(info) =
-        extensions.get::<GuardedConnectInfo<tonic::transport::server::TcpConnectInfo>>()
-    {
-        let (inner, handle) = (info.inner.clone(), info.handle.clone());
-        extensions.insert(inner);
-        extensions.insert(handle.clone());
-        return Some(handle);
-    }
-    None
 }
 
 pin_project! {

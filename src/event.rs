@@ -224,14 +224,17 @@ impl EndEvent {
         self.path.as_ref().map_or("", PathAndQuery::path)
     }
 
-    /// The peer's address, when the request extensions carried one
-    /// ([`PeerAddr`](crate::PeerAddr), or tonic's `TcpConnectInfo`).
+    /// The peer's address, when the request told it: a
+    /// [`PeerAddr`](crate::PeerAddr), tonic's `TcpConnectInfo` or
+    /// `TlsConnectInfo<TcpConnectInfo>`, axum's `ConnectInfo`, an
+    /// address-based [`ConnectionKey`], or a
+    /// [`ConnectionGuard`](crate::ConnectionGuard) over an IO that knows it.
     pub fn peer(&self) -> Option<SocketAddr> {
         self.peer
     }
 
     /// The connection the stream came on, as the caps saw it (see
-    /// [`ConnectionKey`]).
+    /// [`ConnectionKey`]); `None` when nothing identified it.
     pub fn connection(&self) -> Option<ConnectionKey> {
         self.connection
     }

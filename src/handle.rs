@@ -51,7 +51,8 @@ impl fmt::Display for StreamId {
 /// The peer's address, for servers that know it but are not tonic.
 ///
 /// Insert it into the request extensions before the guard (tonic's
-/// `TcpConnectInfo` is read without help) and end events carry it.
+/// `TcpConnectInfo` and `TlsConnectInfo` are read without help) and end
+/// events and the per-peer cap use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
 

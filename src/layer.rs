@@ -307,16 +307,22 @@ impl StreamGuardBuilder {
     /// [`cap_wait`](Self::cap_wait)): gRPC clients get `RESOURCE_EXHAUSTED`
     /// with a message naming the cap, plain HTTP clients `503`, and its end
     /// event says [`EndReason::Rejected`](crate::EndReason::Rejected).
-    /// Connections are told apart as [`ConnectionKey`] describes.
+    /// Connections are told apart as [`ConnectionKey`] describes; a request
+    /// on a connection nothing identifies is refused the same way, with a
+    /// message naming what is missing, and a warning is logged once.
     pub fn max_streams_per_connection(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerConnection, limit);
         self
     }
 
     /// At most `limit` open streams per peer IP address, over all of its
-    /// connections. Requests whose peer address is unknown (no tonic
-    /// `TcpConnectInfo`, [`PeerAddr`](crate::PeerAddr) or address-based
-    /// [`ConnectionKey`]) are not held to it.
+    /// connections. The peer is found as [`ConnectionKey`] describes for
+    /// connections (tonic's `TcpConnectInfo` or `TlsConnectInfo`, axum's
+    /// `ConnectInfo`, a [`PeerAddr`](crate::PeerAddr), an address-based
+    /// [`ConnectionKey`], a [`ConnectionGuard`](crate::ConnectionGuard) over
+    /// an IO that knows its peer). A request whose peer address is unknown
+    /// is refused, naming what is missing (and a warning is logged once),
+    /// rather than let through uncounted.
     pub fn max_streams_per_peer(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerPeer, limit);
         self
@@ -358,8 +364,9 @@ impl StreamGuardBuilder {
     }
 
     /// How to tell a request's connection from its extensions, for servers
-    /// that neither insert a [`ConnectionKey`] nor are tonic over TCP; e.g.
-    /// axum's `ConnectInfo`:
+    /// whose connect info the guard does not read itself (see
+    /// [`ConnectionKey`]); e.g. axum's `ConnectInfo` without the `axum`
+    /// feature, or your own `Connected` type:
     ///
     /// ```
     /// use std::net::SocketAddr;
@@ -505,6 +512,7 @@ impl StreamGuardBuilder {
             drain_deadline: AtomicU64::new(u64::MAX),
             stacked_streams: Default::default(),
             refusals: Default::default(),
+            warned_unidentified: Default::default(),
         });
         if let Some(drain) = drain {
             drain.register_core(&core);

@@ -101,6 +101,17 @@
 //! - `hyper`: [`ConnectionGuard::serve_connection`], which drives accepted
 //!   connections with hyper-util and sends GOAWAY at their maximum age and
 //!   when a drain begins.
+//! - `tls`: connections under TLS: tonic's `TlsConnectInfo` (its own
+//!   `tls_config`, or your own rustls acceptor feeding
+//!   `serve_with_incoming`) gives connection keys and peers, in either
+//!   nesting with a [`ConnectionGuard`]; [`PeerOf`] for
+//!   `tokio_rustls::server::TlsStream`. Adds tokio-rustls without a crypto
+//!   provider.
+//! - `axum`: axum's `ConnectInfo<SocketAddr>` gives connection keys and peers.
+//!
+//! [`ConnectionKey`] lists everything the guard reads to tell connections
+//! apart; a per-connection or per-peer cap refuses a stream it cannot place
+//! rather than share one slot pool across the server.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
@@ -116,6 +127,7 @@ mod event;
 mod grpc;
 mod handle;
 mod layer;
+mod peer;
 mod policy;
 mod route;
 #[cfg(feature = "hyper")]

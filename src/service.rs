@@ -6,10 +6,7 @@ use std::{
     marker::PhantomData,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -21,14 +18,15 @@ use tower_service::Service;
 use crate::{
     body::{RequestBody, ResponseBody},
     cap::{self, CapPermit, CapSet, ConnectionKey, Origin, Refusal},
-    conn::{self, ConnectionHandle},
+    conn::ConnectionHandle,
     error::BoxError,
     event::EndReason,
     grpc,
     handle::StreamHandle,
+    peer,
     policy::Policy,
     route::{self, RouteRequest},
-    state::{Core, EndOnUnwind, StreamState, peer_addr},
+    state::{Core, EndOnUnwind, StreamState},
 };
 
 /// How a guard hands the wrapped request body to the service it wraps.
@@ -92,47 +90,80 @@ pub struct StreamGuard<S, W = PlainBody> {
     inner: S,
     policy: Policy,
     core: Arc<Core>,
-    /// Which `Layer::layer` call made this service (clones share it): the
-    /// connection key of last resort.
-    instance: u64,
+    /// The connection this service serves, when it was built for one
+    /// ([`for_connection`](Self::for_connection)); clones share it.
+    connection: Option<ConnectionKey>,
     _wrap: PhantomData<fn() -> W>,
 }
 
 impl<S, W> StreamGuard<S, W> {
     pub(crate) fn new(inner: S, policy: Policy, core: Arc<Core>) -> Self {
-        static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
         StreamGuard {
             inner,
             policy,
             core,
-            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            connection: None,
             _wrap: PhantomData,
         }
     }
 
+    /// Says that every request through this service (and its clones) comes
+    /// on the connection `key`: for accept loops that build the service once
+    /// per accepted connection (hyper-util) and do not wrap it with a
+    /// [`ConnectionGuard`](crate::ConnectionGuard). A [`ConnectionKey`] or
+    /// [`ConnectionHandle`] in the request extensions still wins.
+    ///
+    /// Without it such a server has no connection identity, and
+    /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
+    /// refuses its streams (a cap per connection never becomes one per
+    /// server). A key made [`from_remote`](ConnectionKey::from_remote) also
+    /// gives the per-peer cap and end events the peer's address.
+    ///
+    /// ```
+    /// # async fn accept_loop(listener: tokio::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::convert::Infallible;
+    ///
+    /// use http::Request;
+    /// use hyper::body::Incoming;
+    /// use tower::Layer;
+    /// use tower_stream_guard::{ConnectionKey, RequestBody, StreamGuardLayer};
+    ///
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams_per_connection(16)
+    ///     .build()?;
+    /// loop {
+    ///     let (io, remote) = listener.accept().await?;
+    ///     let service = guard
+    ///         .layer(tower::service_fn(|_request: Request<RequestBody<Incoming>>| async {
+    ///             Ok::<_, Infallible>(http::Response::new(String::new()))
+    ///         }))
+    ///         .for_connection(ConnectionKey::from_remote(remote));
+    ///     // ... serve `io` with `service` (hyper-util's `TowerToHyperService`)
+    ///     # drop((io, service));
+    /// }
+    /// # }
+    /// ```
+    pub fn for_connection(mut self, key: ConnectionKey) -> Self {
+        self.connection = Some(key);
+        self
+    }
+
     /// Where `request` came from: its connection and peer, as far as the
-    /// extensions tell.
+    /// extensions tell (`peer::identify` knows how).
     fn origin<B>(
         &self,
         request: &mut Request<B>,
     ) -> (Origin, Option<SocketAddr>, Option<ConnectionHandle>) {
-        let handle = conn::handle_of(request.extensions_mut());
-        let extensions = request.extensions();
-        let connection = extensions
-            .get::<ConnectionKey>()
-            .copied()
-            .or_else(|| handle.as_ref().map(ConnectionHandle::key))
-            .or_else(|| self.core.connection_key.as_ref()?(extensions))
-            .or_else(|| tonic_connection(extensions))
-            .unwrap_or_else(|| ConnectionKey::instance(self.instance));
-        let peer = peer_addr(extensions)
-            .or_else(|| connection.remote_addr())
-            .or_else(|| handle.as_ref()?.peer());
+        let found = peer::identify(
+            request.extensions_mut(),
+            self.connection,
+            self.core.connection_key.as_deref(),
+        );
         let origin = Origin {
-            connection,
-            peer: peer.map(|p| p.ip()),
+            connection: found.connection,
+            peer: found.peer.map(|p| p.ip()),
         };
-        (origin, peer, handle)
+        (origin, found.peer, found.handle)
     }
 
     /// The wrapped service.
@@ -157,25 +188,10 @@ impl<S: Clone, W> Clone for StreamGuard<S, W> {
             inner: self.inner.clone(),
             policy: self.policy,
             core: Arc::clone(&self.core),
-            instance: self.instance,
+            connection: self.connection,
             _wrap: PhantomData,
         }
     }
-}
-
-/// The connection tonic's `TcpConnectInfo` describes.
-fn tonic_connection(extensions: &http::Extensions) -> Option<ConnectionKey> {
-    #[cfg(feature = "tonic")]
-    if let Some(info) = extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-        let remote = info.remote_addr()?;
-        return Some(match info.local_addr() {
-            Some(local) => ConnectionKey::from_addrs(local, remote),
-            None => ConnectionKey::from_remote(remote),
-        });
-    }
-    #[cfg(not(feature = "tonic"))]
-    let _ = extensions;
-    None
 }
 
 impl<S: fmt::Debug, W> fmt::Debug for StreamGuard<S, W> {

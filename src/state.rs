@@ -57,6 +57,9 @@ pub(crate) struct Core {
     pub(crate) stacked_streams: Mutex<HashMap<u64, Weak<StreamState>>>,
     /// Refusals not yet in a `WARN` summary.
     pub(crate) refusals: RefusalLog,
+    /// Which keyed caps already warned that a stream had no key (a bit per
+    /// cap): the warning is logged once per guard layer.
+    pub(crate) warned_unidentified: AtomicU8,
 }
 
 impl Core {
@@ -89,6 +92,19 @@ impl Core {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.drain.as_ref().is_some_and(|drain| drain.is_draining())
+    }
+
+    /// Logs, once per guard layer and cap, that `cap` refuses streams that
+    /// carry no key for it: a misconfigured server should not stay quiet.
+    fn warn_unidentified(&self, cap: StreamCap, message: &str) {
+        let bit = 1 << (cap as u8);
+        if self.warned_unidentified.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                target: "tower_stream_guard",
+                cap = cap.as_str(),
+                "{message} (logged once per guard layer)"
+            );
+        }
     }
 }
 
@@ -245,7 +261,7 @@ impl StreamState {
             method: request.method().clone(),
             path: request.uri().path_and_query().cloned(),
             peer,
-            connection: Some(origin.connection),
+            connection: origin.connection,
         };
         state.merge(policy);
         Arc::new(state)
@@ -304,7 +320,21 @@ impl StreamState {
         // A limit past u32::MAX is reported as u32::MAX.
         let limit = u32::try_from(limit).unwrap_or(u32::MAX);
         self.cap_limit.store(limit, Ordering::Relaxed);
-        self.end(EndReason::Rejected(cap));
+        if self.end(EndReason::Rejected(cap)) && self.lacks_key_of(cap) {
+            self.core
+                .warn_unidentified(cap, &crate::peer::describe_unidentified(cap));
+        }
+    }
+
+    /// Whether `cap` refused this stream for want of a key: the stream's
+    /// connection or peer is unknown (a keyed cap never pools such
+    /// streams).
+    fn lacks_key_of(&self, cap: StreamCap) -> bool {
+        match cap {
+            StreamCap::PerConnection => self.connection.is_none(),
+            StreamCap::PerPeer => self.peer.is_none(),
+            StreamCap::Total => false,
+        }
     }
 
     /// Ends the stream on its handle's request: the bodies end the way a
@@ -506,6 +536,9 @@ impl StreamState {
     /// errors and logs.
     pub(crate) fn describe(&self, reason: EndReason) -> String {
         match reason {
+            EndReason::Rejected(cap) if self.lacks_key_of(cap) => {
+                crate::peer::describe_unidentified(cap)
+            }
             EndReason::Rejected(cap) => {
                 error::describe_rejection(cap, self.cap_limit.load(Ordering::Relaxed) as usize)
             }
@@ -945,17 +978,6 @@ fn trace_end(event: &EndEvent) {
     }
 }
 
-/// The peer's address, from extensions the server put on the request.
-pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
-    if let Some(crate::PeerAddr(addr)) = extensions.get() {
-        return Some(*addr);
-    }
-    #[cfg(feature = "tonic")]
-    if let Some(info) = extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-        return info.remote_addr();
-    }
-    None
-}
 #[cfg(all(test, target_pointer_width = "64"))]
 mod size {
     use std::mem::{offset_of, size_of};

@@ -28,8 +28,8 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_stream_guard::{
-    ConfigError, ConnectionGuard, Drain, EndReason, IdleDirection, IdleTimeoutLayer, MAX_DURATION,
-    MAX_EVENT_CAPACITY, MaxLifetimeLayer, PeerAddr, RoutePolicy, StreamGuardLayer,
+    ConfigError, ConnectionGuard, ConnectionKey, Drain, EndReason, IdleDirection, IdleTimeoutLayer,
+    MAX_DURATION, MAX_EVENT_CAPACITY, MaxLifetimeLayer, PeerAddr, RoutePolicy, StreamGuardLayer,
 };
 
 #[allow(dead_code)]
@@ -422,10 +422,13 @@ async fn rapid_reset_leaves_nothing_behind() {
         let (guard, seen) = (guard.clone(), Arc::clone(&seen));
         tokio::spawn(async move {
             let (tcp, peer) = listener.accept().await.expect("accept");
-            let guarded = guard.layer(service_fn(move |_: Request<_>| {
-                seen.fetch_add(1, Ordering::SeqCst);
-                std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
-            }));
+            // Built per connection: say which one, for the per-connection cap.
+            let guarded = guard
+                .layer(service_fn(move |_: Request<_>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+                }))
+                .for_connection(ConnectionKey::from_remote(peer));
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(PeerAddr(peer));
                 guarded.clone().oneshot(request)

@@ -31,8 +31,8 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tower::{Layer, ServiceExt};
 use tower_stream_guard::{
-    BoxError, EndEvent, EndReason, IdleDirection, PeerAddr, RequestBody, StreamGuardLayer,
-    StreamHandle,
+    BoxError, ConnectionKey, EndEvent, EndReason, IdleDirection, PeerAddr, RequestBody,
+    StreamGuardLayer, StreamHandle,
 };
 
 mod support;
@@ -162,9 +162,13 @@ async fn serve(guard: &StreamGuardLayer, app: &App) -> (SocketAddr, JoinHandle<(
                 return;
             };
             let app = app.clone();
-            let guarded = guard.layer(tower::service_fn(move |request| {
-                handle(app.clone(), request)
-            }));
+            // Built per connection: say which one (the per-connection cap
+            // and end events need it).
+            let guarded = guard
+                .layer(tower::service_fn(move |request| {
+                    handle(app.clone(), request)
+                }))
+                .for_connection(ConnectionKey::from_addrs(addr, peer));
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(PeerAddr(peer));
                 guarded.clone().oneshot(request)
