@@ -1052,7 +1052,7 @@ mod tests {
                     for (origin, _) in &pending {
                         if let Ok(permit) = set.try_acquire(origin) {
                             permit.release();
-                            panic!("a waiter on {} sleeps with a slot free", origin.connection);
+                            panic!("a waiter on {:?} sleeps with a slot free", origin.connection);
                         }
                     }
                 }
