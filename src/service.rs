@@ -288,7 +288,7 @@ where
         let future = self.inner.call(request);
         // Filed after the inner call so that limits of stacked inner guard
         // layers are already merged in.
-        state.arm();
+        state.arm_new();
         ResponseFuture {
             inner: Some(future),
             state: Some(state),

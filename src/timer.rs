@@ -28,7 +28,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -38,6 +38,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::{
     policy::Policy,
     state::{StreamState, Verdict},
+    ticker::{Job, Lease, Ticker},
 };
 
 /// Stand-in for "no deadline" in nanosecond fields.
@@ -88,7 +89,9 @@ pub(crate) struct Sweeper {
     /// next tick. Bodies copy it on every frame.
     coarse: AtomicU64,
     wheel: Mutex<Wheel>,
-    warned_no_runtime: AtomicBool,
+    /// The runtimes the task may run on: it moves when its runtime shuts
+    /// down while streams of other runtimes are filed.
+    ticker: Ticker,
     /// File streams without a deadline too (under `NEVER`), so that a drain
     /// can reach every stream.
     file_all: bool,
@@ -112,7 +115,7 @@ impl Sweeper {
             resolution,
             coarse: AtomicU64::new(0),
             wheel: Mutex::new(Wheel::default()),
-            warned_no_runtime: AtomicBool::new(false),
+            ticker: Ticker::default(),
             file_all,
             max_idle: AtomicU64::new(0),
         }
@@ -178,6 +181,13 @@ impl Sweeper {
         u64::try_from(self.resolution.as_nanos()).unwrap_or(NEVER)
     }
 
+    /// Files a stream that just started (see [`arm`](Self::arm)), and
+    /// remembers the runtime it started on as one the sweeper may run on.
+    pub(crate) fn arm_new(self: &Arc<Self>, state: &Arc<StreamState>) {
+        self.ticker.note_current();
+        self.arm(state);
+    }
+
     /// Files `state` under its current earliest deadline, replacing any earlier
     /// filing. Starts the sweeper task when it is not running.
     pub(crate) fn arm(self: &Arc<Self>, state: &Arc<StreamState>) {
@@ -206,7 +216,7 @@ impl Sweeper {
         self.coarse
             .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
         // Spawned without the lock: a runtime that is shutting down drops the
-        // task on the spot, and its `StopOnDrop` takes the lock.
+        // task on the spot, and its `Lease` takes the lock.
         drop(wheel);
         self.start();
     }
@@ -224,47 +234,44 @@ impl Sweeper {
 
     /// Spawns the sweeper task; `running` is already set.
     fn start(self: &Arc<Self>) {
-        // The guard exists before the task does, so that a task dropped
-        // before its first poll (runtime shutting down) still clears
-        // `running` and the next stream starts a new one.
-        let stop = StopOnDrop {
-            sweeper: Arc::clone(self),
-            armed: true,
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(run(stop));
-            }
-            Err(_) => {
-                drop(stop);
-                if !self.warned_no_runtime.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        target: "tower_stream_guard",
-                        "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced"
-                    );
-                }
-            }
-        }
+        Ticker::start(self);
+    }
+
+    /// Nothing filed, or only streams without a deadline: no task needed.
+    fn idle(wheel: &Wheel) -> bool {
+        wheel
+            .entries
+            .first_key_value()
+            .is_none_or(|(key, _)| key.0 == NEVER)
     }
 }
 
-/// Marks the sweeper stopped if its task goes away for any reason (including
-/// the runtime shutting down), so the next stream starts a new one.
-struct StopOnDrop {
-    sweeper: Arc<Sweeper>,
-    armed: bool,
-}
+impl Job for Sweeper {
+    const NO_RUNTIME: &'static str =
+        "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced";
 
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            self.sweeper.lock().running = false;
-        }
+    fn ticker(&self) -> &Ticker {
+        &self.ticker
+    }
+
+    fn run(lease: Lease<Self>) -> impl Future<Output = ()> + Send + 'static {
+        run(lease)
+    }
+
+    fn still_needed(&self) -> bool {
+        let mut wheel = self.lock();
+        let needed = !Self::idle(&wheel);
+        wheel.running = needed;
+        needed
+    }
+
+    fn stopped(&self) {
+        self.lock().running = false;
     }
 }
 
-async fn run(mut stop: StopOnDrop) {
-    let sweeper = Arc::clone(&stop.sweeper);
+async fn run(mut lease: Lease<Sweeper>) {
+    let sweeper = Arc::clone(lease.job());
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut due: Vec<(Arc<StreamState>, Verdict)> = Vec::new();
@@ -308,16 +315,11 @@ async fn run(mut stop: StopOnDrop) {
             }
         }
         let mut wheel = sweeper.lock();
-        // Nothing filed, or only streams without a deadline.
-        if wheel
-            .entries
-            .first_key_value()
-            .is_none_or(|(key, _)| key.0 == NEVER)
-        {
+        if Sweeper::idle(&wheel) {
             // Stopped under the lock, so a stream filed after this starts a
             // new task rather than relying on this one.
             wheel.running = false;
-            stop.armed = false;
+            lease.finish();
             return;
         }
     }
