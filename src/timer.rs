@@ -36,6 +36,7 @@ use std::{
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
+    event::EndReason,
     policy::Policy,
     state::{StreamState, Verdict},
     ticker::{Job, Lease, Ticker},
@@ -49,6 +50,10 @@ pub(crate) const NEVER: u64 = u64::MAX;
 /// for longer than this many ticks gets the plain stamps for older frames,
 /// which may end a stream up to that tick's delay early.
 pub(crate) const LATE_TICKS_KEPT: usize = 4096;
+
+/// How many due entries the sweeper takes per hold of its lock (about
+/// 0.1 ms of work): the longest a stream start or end waits for a sweep.
+const SWEEP_BATCH: usize = 256;
 
 /// Stamps published by ticks that ran late, with when they were replaced.
 #[derive(Default)]
@@ -139,14 +144,41 @@ impl Sweeper {
     /// Files every stream again under its current deadline (a drain just
     /// brought them all forward).
     pub(crate) fn refile_all(self: &Arc<Self>) {
-        let filed: Vec<Arc<StreamState>> = self
-            .lock()
-            .entries
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for state in filed {
-            self.arm(&state);
+        // In batches in key order, the lock released in between (see
+        // `SWEEP_BATCH`). Filing again moves entries; one visited twice is
+        // filed again twice, which is harmless, and the entry count seen
+        // first bounds the walk.
+        let mut after: Option<(u64, u64)> = None;
+        let mut budget = usize::MAX;
+        let mut batch: Vec<Arc<StreamState>> = Vec::new();
+        loop {
+            let mut last = None;
+            {
+                let wheel = self.lock();
+                if budget == usize::MAX {
+                    budget = wheel.entries.len();
+                }
+                let rest = match after {
+                    None => wheel.entries.range(..),
+                    Some(key) => wheel
+                        .entries
+                        .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+                };
+                for (key, weak) in rest.take(SWEEP_BATCH.min(budget)) {
+                    last = Some(*key);
+                    budget -= 1;
+                    if let Some(state) = weak.upgrade() {
+                        batch.push(state);
+                    }
+                }
+            }
+            for state in batch.drain(..) {
+                self.arm(&state);
+            }
+            match last {
+                Some(key) if budget > 0 => after = Some(key),
+                _ => return,
+            }
         }
     }
 
@@ -274,7 +306,8 @@ async fn run(mut lease: Lease<Sweeper>) {
     let sweeper = Arc::clone(lease.job());
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut due: Vec<(Arc<StreamState>, Verdict)> = Vec::new();
+    let mut expired: Vec<(Arc<StreamState>, EndReason)> = Vec::new();
+    let mut later: Vec<Arc<StreamState>> = Vec::new();
     let resolution = sweeper.resolution_ns();
     loop {
         ticks.tick().await;
@@ -282,37 +315,58 @@ async fn run(mut lease: Lease<Sweeper>) {
         let published = sweeper
             .coarse
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
-        {
+        // Due entries are taken in batches, the lock released in between:
+        // at a deadline shared by many streams, stream starts and ends on
+        // other threads wait for one batch at most, not for all of them.
+        // Streams to file again wait until every batch is taken, and the
+        // batches stop at the entry count seen first: however entries come
+        // and go meanwhile, a tick ends.
+        let mut budget = usize::MAX;
+        loop {
             let mut wheel = sweeper.lock();
-            // Late by more than a quarter tick plus tokio's timer
-            // granularity (1 ms), which every tick may be.
-            if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
-                let keep_for = sweeper
-                    .max_idle
-                    .load(Ordering::Relaxed)
-                    .saturating_add(resolution);
-                wheel.late.record(published, now, keep_for);
+            if budget == usize::MAX {
+                budget = wheel.entries.len();
+                // Late by more than a quarter tick plus tokio's timer
+                // granularity (1 ms), which every tick may be.
+                if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
+                    let keep_for = sweeper
+                        .max_idle
+                        .load(Ordering::Relaxed)
+                        .saturating_add(resolution);
+                    wheel.late.record(published, now, keep_for);
+                }
             }
-            while let Some(entry) = wheel.entries.first_entry() {
+            let mut taken = 0;
+            while taken < SWEEP_BATCH.min(budget) {
+                let Some(entry) = wheel.entries.first_entry() else {
+                    break;
+                };
                 if entry.key().0 > now {
                     break;
                 }
+                taken += 1;
                 let weak = entry.remove();
                 if let Some(state) = weak.upgrade() {
                     state.timer_key.store(NEVER, Ordering::Relaxed);
-                    let verdict = state.check(now, &wheel.late);
-                    due.push((state, verdict));
+                    match state.check(now, &wheel.late) {
+                        Verdict::Expired(reason) => expired.push((state, reason)),
+                        Verdict::Later => later.push(state),
+                    }
                 }
+            }
+            drop(wheel);
+            budget -= taken;
+            // Ending a stream wakes tasks and emits its event: never under
+            // the lock.
+            for (state, reason) in expired.drain(..) {
+                state.end(reason);
+            }
+            if taken < SWEEP_BATCH || budget == 0 {
+                break;
             }
         }
-        // Ending a stream wakes tasks and emits its event: never under the lock.
-        for (state, verdict) in due.drain(..) {
-            match verdict {
-                Verdict::Expired(reason) => {
-                    state.end(reason);
-                }
-                Verdict::Later => sweeper.arm(&state),
-            }
+        for state in later.drain(..) {
+            sweeper.arm(&state);
         }
         let mut wheel = sweeper.lock();
         if Sweeper::idle(&wheel) {
