@@ -15,7 +15,9 @@
 //! (`/proc/self/stat`) over one idle second. Wake-ups: every guarded body is
 //! polled once with a counting waker, so the guard holds a waker per stream;
 //! the count of wakes over the idle second shows whether the timer disturbs
-//! idle streams. Prints one table; no timing assertion.
+//! idle streams. Then the longest stall of a stream start on another thread
+//! while `n` streams expire at one deadline (`STALL_ONLY=1` runs only that).
+//! Prints one table; no timing assertion.
 
 use std::{
     convert::Infallible,
@@ -141,12 +143,144 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let stall = expiry_stall(n);
+    if std::env::var_os("STALL_ONLY").is_some() {
+        print_stall(n, &stall);
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(run(n));
+    print_stall(n, &stall);
+}
+
+/// Stream starts on another thread before and during a mass expiry.
+struct Stall {
+    /// Every start's time while the expiring streams sat idle, sorted.
+    before: Vec<Duration>,
+    /// Every start's time while they expired, sorted.
+    during: Vec<Duration>,
+    /// From the first expiry sweep to the last stream ended.
+    expiry: std::time::Duration,
+}
+
+fn print_stall(n: usize, stall: &Stall) {
+    // The longest start alone is at the mercy of the OS scheduler on a
+    // shared machine: also the 99.9th percentile and the starts over 1 ms.
+    let show = |label: &str, starts: &[Duration]| {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let longest = starts.last().copied().unwrap_or_default();
+        let p999 = starts
+            .get(starts.len().saturating_sub(1) * 999 / 1000)
+            .copied()
+            .unwrap_or_default();
+        let over = starts
+            .iter()
+            .filter(|d| **d > Duration::from_millis(1))
+            .count();
+        println!(
+            "  stream start, {label}: longest {:>7.3} ms, p99.9 {:>6.3} ms, {over} of {} over 1 ms",
+            ms(longest),
+            ms(p999),
+            starts.len()
+        );
+    };
+    println!("stall: another thread starts and ends streams while {n} expire at one deadline");
+    show("before expiry", &stall.before);
+    show("during expiry", &stall.during);
+    println!(
+        "  expiry of all {n}:                  {:>8.1} ms",
+        stall.expiry.as_secs_f64() * 1e3
+    );
+}
+
+/// `n` streams of one guard come due in one sweep: they are opened on a
+/// current-thread runtime that then blocks past their lifetime, so its
+/// sweeper's first tick finds them all due. Meanwhile a prober thread, on
+/// its own runtime, starts and ends streams through the same guard and
+/// times each start (which files the stream with the sweeper).
+fn expiry_stall(n: usize) -> Stall {
+    use std::time::Instant as Wall;
+
+    const BEFORE: usize = 0;
+    const DURING: usize = 1;
+    const DONE: usize = 2;
+    let lifetime = Duration::from_millis(300);
+    let expired = Arc::new(AtomicUsize::new(0));
+    let guard = {
+        let expired = Arc::clone(&expired);
+        StreamGuardLayer::builder()
+            .max_lifetime(lifetime)
+            .event_capacity(16)
+            .on_end(move |event| {
+                if event.reason() == tower_stream_guard::EndReason::LifetimeExceeded {
+                    expired.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build()
+            .expect("valid configuration")
+    };
+    let phase = Arc::new(AtomicUsize::new(BEFORE));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // No yield while opening: the sweeper, spawned on this runtime by
+        // the first stream, is not polled until the lifetimes are over.
+        let mut guarded = guard.layer(service_fn(respond));
+        let kept = open(&mut guarded, n).await;
+        let opened = Wall::now();
+        let prober = {
+            let (guard, phase) = (guard.clone(), Arc::clone(&phase));
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    let mut service = guard.layer(service_fn(respond));
+                    let mut starts = [Vec::new(), Vec::new()];
+                    loop {
+                        let at = phase.load(Ordering::Acquire);
+                        if at == DONE {
+                            return starts;
+                        }
+                        let ready = service.ready().await.unwrap();
+                        let started = Wall::now();
+                        let response = ready
+                            .call(Request::new(Empty::<Bytes>::new()))
+                            .await
+                            .unwrap();
+                        let took = started.elapsed();
+                        drop(response);
+                        starts[at].push(took);
+                    }
+                })
+            })
+        };
+        // Blocks this runtime (and its sweeper) until every lifetime is over.
+        std::thread::sleep(lifetime.saturating_sub(opened.elapsed()) + Duration::from_millis(50));
+        phase.store(DURING, Ordering::Release);
+        let sweep = Wall::now();
+        while expired.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let expiry = sweep.elapsed();
+        phase.store(DONE, Ordering::Release);
+        let [mut before, mut during] = prober.join().expect("prober");
+        before.sort_unstable();
+        during.sort_unstable();
+        drop(kept);
+        Stall {
+            before,
+            during,
+            expiry,
+        }
+    })
 }
 
 async fn run(n: usize) {

@@ -61,6 +61,7 @@ use crate::{
     cap::ConnectionKey,
     drain::Drain,
     policy::{ConfigError, MAX_DURATION},
+    ticker::{Job, Lease, Ticker},
 };
 
 /// Why a guarded connection closed.
@@ -219,6 +220,9 @@ pub(crate) struct Connections {
     table: Mutex<Table>,
     events: broadcast::Sender<ConnectionEvent>,
     drain: Option<Arc<crate::drain::DrainShared>>,
+    /// The runtimes the timer task may run on: it moves when its runtime
+    /// shuts down while connections of other runtimes are open.
+    ticker: Ticker,
 }
 
 #[derive(Default)]
@@ -492,23 +496,30 @@ impl Connections {
     }
 }
 
-/// Marks the timer stopped if its task goes away for any reason (a runtime
-/// shutting down included), so the next connection starts a new one.
-struct StopOnDrop {
-    connections: Arc<Connections>,
-    armed: bool,
-}
+impl Job for Connections {
+    const NO_RUNTIME: &'static str = "no tokio runtime when a connection was wrapped: idle timeouts and maximum ages of connections are not enforced";
 
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            self.connections.lock().running = false;
-        }
+    fn ticker(&self) -> &Ticker {
+        &self.ticker
+    }
+
+    fn run(lease: Lease<Self>) -> impl Future<Output = ()> + Send + 'static {
+        run_timer(lease)
+    }
+
+    fn still_needed(&self) -> bool {
+        let mut table = self.lock();
+        table.running = !table.open.is_empty();
+        table.running
+    }
+
+    fn stopped(&self) {
+        self.lock().running = false;
     }
 }
 
-async fn run_timer(mut stop: StopOnDrop) {
-    let connections = Arc::clone(&stop.connections);
+async fn run_timer(mut lease: Lease<Connections>) {
+    let connections = Arc::clone(lease.job());
     let mut ticks = tokio::time::interval(connections.policy.resolution);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -519,7 +530,7 @@ async fn run_timer(mut stop: StopOnDrop) {
                 // Stopped under the lock: a connection wrapped after this
                 // starts a new task.
                 table.running = false;
-                stop.armed = false;
+                lease.finish();
                 return;
             }
             table.open.values().filter_map(Weak::upgrade).collect()
@@ -599,6 +610,9 @@ impl ConnectionGuard {
             goaway: Notify::new(),
             reported: AtomicBool::new(false),
         });
+        if connections.needs_timer() {
+            connections.ticker.note_current();
+        }
         let start_timer = {
             let mut table = connections.lock();
             table.open.insert(state.id, Arc::downgrade(&state));
@@ -607,16 +621,9 @@ impl ConnectionGuard {
             start
         };
         if start_timer {
-            let stop = StopOnDrop {
-                connections: Arc::clone(connections),
-                armed: true,
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(run_timer(stop));
-                }
-                Err(_) => drop(stop),
-            }
+            // Without the lock: a runtime that is shutting down drops the
+            // task on the spot.
+            Ticker::start(connections);
         }
         if connections.events.receiver_count() > 0 {
             let _ = connections.events.send(ConnectionEvent {
@@ -775,6 +782,7 @@ impl ConnectionGuardBuilder {
             table: Mutex::new(Table::default()),
             events: broadcast::channel(self.capacity).0,
             drain: drain.clone(),
+            ticker: Ticker::default(),
         });
         if let Some(drain) = drain {
             drain.register_connections(&connections);

@@ -135,6 +135,7 @@ mod serve;
 mod service;
 mod state;
 mod stats;
+mod ticker;
 mod timer;
 
 pub use body::{RequestBody, ResponseBody};

@@ -310,7 +310,7 @@ where
         unwinding.disarm();
         // Filed after the inner call so that limits of stacked inner guard
         // layers are already merged in.
-        state.arm();
+        state.arm_new();
         ResponseFuture {
             inner: Some(future),
             state: Some(state),

@@ -424,6 +424,11 @@ impl StreamState {
         self.core.sweeper.arm(self);
     }
 
+    /// Files a stream that just started on the current runtime.
+    pub(crate) fn arm_new(self: &Arc<Self>) {
+        self.core.sweeper.arm_new(self);
+    }
+
     #[inline]
     pub(crate) fn note_request_frame(&self, bytes: usize) {
         note(&self.request, bytes, self.core.sweeper.stamp());

@@ -28,7 +28,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -36,8 +36,10 @@ use std::{
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
+    event::EndReason,
     policy::Policy,
     state::{StreamState, Verdict},
+    ticker::{Job, Lease, Ticker},
 };
 
 /// Stand-in for "no deadline" in nanosecond fields.
@@ -48,6 +50,10 @@ pub(crate) const NEVER: u64 = u64::MAX;
 /// for longer than this many ticks gets the plain stamps for older frames,
 /// which may end a stream up to that tick's delay early.
 pub(crate) const LATE_TICKS_KEPT: usize = 4096;
+
+/// How many due entries the sweeper takes per hold of its lock (about
+/// 0.1 ms of work): the longest a stream start or end waits for a sweep.
+const SWEEP_BATCH: usize = 256;
 
 /// Stamps published by ticks that ran late, with when they were replaced.
 #[derive(Default)]
@@ -88,7 +94,9 @@ pub(crate) struct Sweeper {
     /// next tick. Bodies copy it on every frame.
     coarse: AtomicU64,
     wheel: Mutex<Wheel>,
-    warned_no_runtime: AtomicBool,
+    /// The runtimes the task may run on: it moves when its runtime shuts
+    /// down while streams of other runtimes are filed.
+    ticker: Ticker,
     /// File streams without a deadline too (under `NEVER`), so that a drain
     /// can reach every stream.
     file_all: bool,
@@ -112,7 +120,7 @@ impl Sweeper {
             resolution,
             coarse: AtomicU64::new(0),
             wheel: Mutex::new(Wheel::default()),
-            warned_no_runtime: AtomicBool::new(false),
+            ticker: Ticker::default(),
             file_all,
             max_idle: AtomicU64::new(0),
         }
@@ -136,14 +144,41 @@ impl Sweeper {
     /// Files every stream again under its current deadline (a drain just
     /// brought them all forward).
     pub(crate) fn refile_all(self: &Arc<Self>) {
-        let filed: Vec<Arc<StreamState>> = self
-            .lock()
-            .entries
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for state in filed {
-            self.arm(&state);
+        // In batches in key order, the lock released in between (see
+        // `SWEEP_BATCH`). Filing again moves entries; one visited twice is
+        // filed again twice, which is harmless, and the entry count seen
+        // first bounds the walk.
+        let mut after: Option<(u64, u64)> = None;
+        let mut budget = usize::MAX;
+        let mut batch: Vec<Arc<StreamState>> = Vec::new();
+        loop {
+            let mut last = None;
+            {
+                let wheel = self.lock();
+                if budget == usize::MAX {
+                    budget = wheel.entries.len();
+                }
+                let rest = match after {
+                    None => wheel.entries.range(..),
+                    Some(key) => wheel
+                        .entries
+                        .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+                };
+                for (key, weak) in rest.take(SWEEP_BATCH.min(budget)) {
+                    last = Some(*key);
+                    budget -= 1;
+                    if let Some(state) = weak.upgrade() {
+                        batch.push(state);
+                    }
+                }
+            }
+            for state in batch.drain(..) {
+                self.arm(&state);
+            }
+            match last {
+                Some(key) if budget > 0 => after = Some(key),
+                _ => return,
+            }
         }
     }
 
@@ -178,6 +213,13 @@ impl Sweeper {
         u64::try_from(self.resolution.as_nanos()).unwrap_or(NEVER)
     }
 
+    /// Files a stream that just started (see [`arm`](Self::arm)), and
+    /// remembers the runtime it started on as one the sweeper may run on.
+    pub(crate) fn arm_new(self: &Arc<Self>, state: &Arc<StreamState>) {
+        self.ticker.note_current();
+        self.arm(state);
+    }
+
     /// Files `state` under its current earliest deadline, replacing any earlier
     /// filing. Starts the sweeper task when it is not running.
     pub(crate) fn arm(self: &Arc<Self>, state: &Arc<StreamState>) {
@@ -206,7 +248,7 @@ impl Sweeper {
         self.coarse
             .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
         // Spawned without the lock: a runtime that is shutting down drops the
-        // task on the spot, and its `StopOnDrop` takes the lock.
+        // task on the spot, and its `Lease` takes the lock.
         drop(wheel);
         self.start();
     }
@@ -224,50 +266,48 @@ impl Sweeper {
 
     /// Spawns the sweeper task; `running` is already set.
     fn start(self: &Arc<Self>) {
-        // The guard exists before the task does, so that a task dropped
-        // before its first poll (runtime shutting down) still clears
-        // `running` and the next stream starts a new one.
-        let stop = StopOnDrop {
-            sweeper: Arc::clone(self),
-            armed: true,
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(run(stop));
-            }
-            Err(_) => {
-                drop(stop);
-                if !self.warned_no_runtime.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        target: "tower_stream_guard",
-                        "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced"
-                    );
-                }
-            }
-        }
+        Ticker::start(self);
+    }
+
+    /// Nothing filed, or only streams without a deadline: no task needed.
+    fn idle(wheel: &Wheel) -> bool {
+        wheel
+            .entries
+            .first_key_value()
+            .is_none_or(|(key, _)| key.0 == NEVER)
     }
 }
 
-/// Marks the sweeper stopped if its task goes away for any reason (including
-/// the runtime shutting down), so the next stream starts a new one.
-struct StopOnDrop {
-    sweeper: Arc<Sweeper>,
-    armed: bool,
-}
+impl Job for Sweeper {
+    const NO_RUNTIME: &'static str =
+        "no tokio runtime when a stream started: idle timeouts and lifetimes are not enforced";
 
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            self.sweeper.lock().running = false;
-        }
+    fn ticker(&self) -> &Ticker {
+        &self.ticker
+    }
+
+    fn run(lease: Lease<Self>) -> impl Future<Output = ()> + Send + 'static {
+        run(lease)
+    }
+
+    fn still_needed(&self) -> bool {
+        let mut wheel = self.lock();
+        let needed = !Self::idle(&wheel);
+        wheel.running = needed;
+        needed
+    }
+
+    fn stopped(&self) {
+        self.lock().running = false;
     }
 }
 
-async fn run(mut stop: StopOnDrop) {
-    let sweeper = Arc::clone(&stop.sweeper);
+async fn run(mut lease: Lease<Sweeper>) {
+    let sweeper = Arc::clone(lease.job());
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut due: Vec<(Arc<StreamState>, Verdict)> = Vec::new();
+    let mut expired: Vec<(Arc<StreamState>, EndReason)> = Vec::new();
+    let mut later: Vec<Arc<StreamState>> = Vec::new();
     let resolution = sweeper.resolution_ns();
     loop {
         ticks.tick().await;
@@ -275,49 +315,65 @@ async fn run(mut stop: StopOnDrop) {
         let published = sweeper
             .coarse
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
-        {
+        // Due entries are taken in batches, the lock released in between:
+        // at a deadline shared by many streams, stream starts and ends on
+        // other threads wait for one batch at most, not for all of them.
+        // Streams to file again wait until every batch is taken, and the
+        // batches stop at the entry count seen first: however entries come
+        // and go meanwhile, a tick ends.
+        let mut budget = usize::MAX;
+        loop {
             let mut wheel = sweeper.lock();
-            // Late by more than a quarter tick plus tokio's timer
-            // granularity (1 ms), which every tick may be.
-            if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
-                let keep_for = sweeper
-                    .max_idle
-                    .load(Ordering::Relaxed)
-                    .saturating_add(resolution);
-                wheel.late.record(published, now, keep_for);
+            if budget == usize::MAX {
+                budget = wheel.entries.len();
+                // Late by more than a quarter tick plus tokio's timer
+                // granularity (1 ms), which every tick may be.
+                if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
+                    let keep_for = sweeper
+                        .max_idle
+                        .load(Ordering::Relaxed)
+                        .saturating_add(resolution);
+                    wheel.late.record(published, now, keep_for);
+                }
             }
-            while let Some(entry) = wheel.entries.first_entry() {
+            let mut taken = 0;
+            while taken < SWEEP_BATCH.min(budget) {
+                let Some(entry) = wheel.entries.first_entry() else {
+                    break;
+                };
                 if entry.key().0 > now {
                     break;
                 }
+                taken += 1;
                 let weak = entry.remove();
                 if let Some(state) = weak.upgrade() {
                     state.timer_key.store(NEVER, Ordering::Relaxed);
-                    let verdict = state.check(now, &wheel.late);
-                    due.push((state, verdict));
+                    match state.check(now, &wheel.late) {
+                        Verdict::Expired(reason) => expired.push((state, reason)),
+                        Verdict::Later => later.push(state),
+                    }
                 }
+            }
+            drop(wheel);
+            budget -= taken;
+            // Ending a stream wakes tasks and emits its event: never under
+            // the lock.
+            for (state, reason) in expired.drain(..) {
+                state.end(reason);
+            }
+            if taken < SWEEP_BATCH || budget == 0 {
+                break;
             }
         }
-        // Ending a stream wakes tasks and emits its event: never under the lock.
-        for (state, verdict) in due.drain(..) {
-            match verdict {
-                Verdict::Expired(reason) => {
-                    state.end(reason);
-                }
-                Verdict::Later => sweeper.arm(&state),
-            }
+        for state in later.drain(..) {
+            sweeper.arm(&state);
         }
         let mut wheel = sweeper.lock();
-        // Nothing filed, or only streams without a deadline.
-        if wheel
-            .entries
-            .first_key_value()
-            .is_none_or(|(key, _)| key.0 == NEVER)
-        {
+        if Sweeper::idle(&wheel) {
             // Stopped under the lock, so a stream filed after this starts a
             // new task rather than relying on this one.
             wheel.running = false;
-            stop.armed = false;
+            lease.finish();
             return;
         }
     }
