@@ -1,24 +1,43 @@
 //! Chaos: rounds of hundreds of streams over many loopback connections, each
-//! stream given a random fate, in front of real tonic servers on two tokio
-//! runtimes. After every round: nothing active, exactly one end event per
-//! stream with the reason its fate implies (checked per connection), every
-//! cap slot back, no task left on either runtime, and memory not growing
-//! from round to round.
+//! stream given a random fate, in front of real tonic servers on three tokio
+//! runtimes, over TCP, TLS and Unix sockets. After every round: nothing
+//! active, exactly one end event per stream with the reason its fate implies
+//! (checked per connection), each connection closed once by the connection
+//! guard having carried exactly its streams, every cap slot back, no task
+//! left on any runtime, and memory not growing from round to round.
 //!
-//! Every connection goes through a small TCP proxy in this file, which can
+//! Every connection goes through a small proxy in this file, which can
 //! forward, freeze (a half-open peer: nothing moves, nothing closes) or
-//! vanish (both sockets dropped, as when a client process dies). The proxy's
-//! outbound address is what the server sees as the peer, which ties each end
-//! event to its connection.
+//! vanish (both sockets dropped, as when a client process dies). Over TCP
+//! and TLS the proxy's outbound address is what the server sees as the
+//! peer, which ties each end event to its connection; a Unix socket has no
+//! peer address, and its events are tied by the connection guard's id for
+//! the connection (the guard layer's connection key), read from the
+//! guard's opened event when the proxy dials (connections are set up one
+//! at a time).
+//!
+//! The transports, drawn per connection whatever its fates: TCP; TLS end to
+//! end between the client (tonic, or hyper for bodyless requests) and the
+//! application's own tokio-rustls acceptor in front of the server, with the
+//! connection guard wrapping the TCP stream under the TLS (drawn only with
+//! the crate's `tls` feature, without which the guard cannot identify those
+//! connections); a Unix socket from the client (tonic through
+//! `connect_with_connector`) to the proxy and from the proxy to the
+//! server's `UnixListener`, with the connection guard giving the identity.
+//! Unix-socket streams stay off the route with a per-peer cap, which
+//! refuses streams with no peer address.
 //!
 //! The fates: completes; client cancels; silent (nobody sends a thing);
 //! outlives its lifetime; stalled reader (alone on its connection: unread
-//! data blocks the connection's flow-control window); half-open peer; vanished
-//! peer; refused by a cap; cut by a drain started mid-run; the handler panics
-//! before answering; the response body panics mid-stream; a bodyless request
-//! (an HTTP/2 `GET` with END_STREAM on its headers, from a hyper client) on a
-//! route with a request idle timeout, answered by a stream that moves for
-//! longer than that timeout and then completes.
+//! data blocks the connection's flow-control window; the connection guard
+//! must close the connection as stalled); half-open peer; vanished peer;
+//! refused by a cap (a per-connection cap, so each connection, TLS or Unix,
+//! must be counted apart); cut by a drain started mid-run; the handler
+//! panics before answering; the response body panics mid-stream; a bodyless
+//! request (an HTTP/2 `GET` with END_STREAM on its headers, from a hyper
+//! client) on a route with a request idle timeout, answered by a stream that
+//! moves for longer than that timeout and then completes; and dies with its
+//! runtime (below).
 //!
 //! The panics come from [`ChaosLayer`], a test-only layer between the guard
 //! and the tonic routes, on requests tagged `x-chaos`; the bodyless requests
@@ -29,14 +48,22 @@
 //! clone of the same guard layer; that runtime is shut down at the end of
 //! each round once it has no task left.
 //!
+//! A third runtime is doomed: its server gets the round's first connection
+//! and first streams (busy ones), so the guard's stream sweeper and the
+//! connection guard's ticker start there. Once every stream is open it is
+//! shut down with its tasks alive, while streams that only those timers
+//! can end (silent, half-open, stalled, past their lifetime) are open on
+//! the other runtimes: they must still end on time with their reasons, and
+//! the stalled readers' connections must still close as stalled. The doomed
+//! streams end as their tasks are dropped: cancelled.
+//!
 //! Servers listen through [`Listener`] and the proxy reaches them through
-//! [`Target`]; an end event is tied to its connection through [`Tie`]. A
-//! TLS or Unix-socket transport is a variant of each.
+//! [`Target`]; an end event is tied to its connection through [`Tie`].
 //!
 //! ```text
-//! cargo test --test chaos                                   # 3 rounds, seed from the clock
-//! CHAOS_SEED=42 cargo test --test chaos                     # replay a seed
-//! CHAOS_SOAK_SECS=600 cargo test --test chaos -- --ignored  # the 10-minute soak
+//! cargo test --all-features --test chaos                                   # 3 rounds, seed from the clock
+//! CHAOS_SEED=42 cargo test --all-features --test chaos                     # replay a seed
+//! CHAOS_SOAK_SECS=600 cargo test --all-features --test chaos -- --ignored  # the 10-minute soak
 //! ```
 //!
 //! The seed is printed when a round fails.
@@ -1245,7 +1272,8 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     }
 
     // Connections are set up one after another: the connection guard's
-    // next opened event without a peer is the Unix socket just dialled.
+    // next opened event with the proxy's outbound address (none for a Unix
+    // socket) is the connection just dialled.
     let mut proxies = JoinSet::new();
     let mut connections = Vec::new();
     for Planned {
@@ -1262,25 +1290,27 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
         )
         .await;
         let client = Client::connect(&addr, transport, &fates, &mut proxies).await;
-        let tie = match peer.await.expect("the proxy connected") {
-            Some(peer) => Tie::Peer(peer),
-            None => {
-                let opened = timeout(PATIENCE, async {
-                    loop {
-                        let event = connection_events
-                            .recv()
-                            .await
-                            .unwrap_or_else(|e| panic!("{}", fail(&format!("{e}"))));
-                        seen_connection_events.push(event.clone());
-                        if event.end().is_none() && event.peer().is_none() {
-                            return event.id();
-                        }
-                    }
-                })
-                .await
-                .unwrap_or_else(|_| panic!("{}", fail("no Unix socket connection opened")));
-                Tie::Connection(ConnectionKey::from_id(opened))
+        // Waits for the connection guard to wrap the connection: that
+        // names the Unix sockets' connections, and makes the doomed
+        // runtime's connection the first wrapped.
+        let peer = peer.await.expect("the proxy connected");
+        let opened = timeout(PATIENCE, async {
+            loop {
+                let event = connection_events
+                    .recv()
+                    .await
+                    .unwrap_or_else(|e| panic!("{}", fail(&format!("{e}"))));
+                seen_connection_events.push(event.clone());
+                if event.end().is_none() && event.peer() == peer {
+                    return event.id();
+                }
             }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{}", fail("a connection was not wrapped")));
+        let tie = match peer {
+            Some(peer) => Tie::Peer(peer),
+            None => Tie::Connection(ConnectionKey::from_id(opened)),
         };
         connections.push(Connection {
             client,
@@ -1581,7 +1611,7 @@ async fn every_stream_is_accounted_for_exactly_once() {
 /// The soak: rounds back to back for `CHAOS_SOAK_SECS` seconds (default
 /// 600), with half as many streams again per round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a long soak: CHAOS_SOAK_SECS=600 cargo test --test chaos -- --ignored"]
+#[ignore = "a long soak: CHAOS_SOAK_SECS=600 cargo test --all-features --test chaos -- --ignored"]
 async fn soak() {
     let seconds: u64 = std::env::var("CHAOS_SOAK_SECS")
         .ok()
