@@ -1,24 +1,43 @@
 //! Chaos: rounds of hundreds of streams over many loopback connections, each
-//! stream given a random fate, in front of real tonic servers on two tokio
-//! runtimes. After every round: nothing active, exactly one end event per
-//! stream with the reason its fate implies (checked per connection), every
-//! cap slot back, no task left on either runtime, and memory not growing
-//! from round to round.
+//! stream given a random fate, in front of real tonic servers on three tokio
+//! runtimes, over TCP, TLS and Unix sockets. After every round: nothing
+//! active, exactly one end event per stream with the reason its fate implies
+//! (checked per connection), each connection closed once by the connection
+//! guard having carried exactly its streams, every cap slot back, no task
+//! left on any runtime, and memory not growing from round to round.
 //!
-//! Every connection goes through a small TCP proxy in this file, which can
+//! Every connection goes through a small proxy in this file, which can
 //! forward, freeze (a half-open peer: nothing moves, nothing closes) or
-//! vanish (both sockets dropped, as when a client process dies). The proxy's
-//! outbound address is what the server sees as the peer, which ties each end
-//! event to its connection.
+//! vanish (both sockets dropped, as when a client process dies). Over TCP
+//! and TLS the proxy's outbound address is what the server sees as the
+//! peer, which ties each end event to its connection; a Unix socket has no
+//! peer address, and its events are tied by the connection guard's id for
+//! the connection (the guard layer's connection key), read from the
+//! guard's opened event when the proxy dials (connections are set up one
+//! at a time).
+//!
+//! The transports, drawn per connection whatever its fates: TCP; TLS end to
+//! end between the client (tonic, or hyper for bodyless requests) and the
+//! application's own tokio-rustls acceptor in front of the server, with the
+//! connection guard wrapping the TCP stream under the TLS (drawn only with
+//! the crate's `tls` feature, without which the guard cannot identify those
+//! connections); a Unix socket from the client (tonic through
+//! `connect_with_connector`) to the proxy and from the proxy to the
+//! server's `UnixListener`, with the connection guard giving the identity.
+//! Unix-socket streams stay off the route with a per-peer cap, which
+//! refuses streams with no peer address.
 //!
 //! The fates: completes; client cancels; silent (nobody sends a thing);
 //! outlives its lifetime; stalled reader (alone on its connection: unread
-//! data blocks the connection's flow-control window); half-open peer; vanished
-//! peer; refused by a cap; cut by a drain started mid-run; the handler panics
-//! before answering; the response body panics mid-stream; a bodyless request
-//! (an HTTP/2 `GET` with END_STREAM on its headers, from a hyper client) on a
-//! route with a request idle timeout, answered by a stream that moves for
-//! longer than that timeout and then completes.
+//! data blocks the connection's flow-control window; the connection guard
+//! must close the connection as stalled); half-open peer; vanished peer;
+//! refused by a cap (a per-connection cap, so each connection, TLS or Unix,
+//! must be counted apart); cut by a drain started mid-run; the handler
+//! panics before answering; the response body panics mid-stream; a bodyless
+//! request (an HTTP/2 `GET` with END_STREAM on its headers, from a hyper
+//! client) on a route with a request idle timeout, answered by a stream that
+//! moves for longer than that timeout and then completes; and dies with its
+//! runtime (below).
 //!
 //! The panics come from [`ChaosLayer`], a test-only layer between the guard
 //! and the tonic routes, on requests tagged `x-chaos`; the bodyless requests
@@ -29,17 +48,28 @@
 //! clone of the same guard layer; that runtime is shut down at the end of
 //! each round once it has no task left.
 //!
+//! A third runtime is doomed: its server gets the round's first connection
+//! and first streams (busy ones), so the guard's stream sweeper and the
+//! connection guard's ticker start there. Once every stream is open it is
+//! shut down with its tasks alive, while streams that only those timers
+//! can end (silent, half-open, stalled, past their lifetime) are open on
+//! the other runtimes: they must still end on time with their reasons, and
+//! the stalled readers' connections must still close as stalled. The doomed
+//! streams end as their tasks are dropped: cancelled.
+//!
 //! Servers listen through [`Listener`] and the proxy reaches them through
-//! [`Target`]; an end event is tied to its connection through [`Tie`]. A
-//! TLS or Unix-socket transport is a variant of each.
+//! [`Target`]; an end event is tied to its connection through [`Tie`].
 //!
 //! ```text
-//! cargo test --test chaos                                   # 3 rounds, seed from the clock
-//! CHAOS_SEED=42 cargo test --test chaos                     # replay a seed
-//! CHAOS_SOAK_SECS=600 cargo test --test chaos -- --ignored  # the 10-minute soak
+//! cargo test --all-features --test chaos                                   # 3 rounds, seed from the clock
+//! CHAOS_SEED=42 cargo test --all-features --test chaos                     # replay a seed
+//! CHAOS_SOAK_SECS=600 cargo test --all-features --test chaos -- --ignored  # the 10-minute soak
 //! ```
 //!
 //! The seed is printed when a round fails.
+
+// Some connections are Unix sockets.
+#![cfg(unix)]
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -48,9 +78,11 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     future::Future,
+    io,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex, Once},
+    sync::{Arc, Mutex, Once, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -60,22 +92,28 @@ use common::{
     EchoService,
     echo::{EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer},
 };
+use futures_util::StreamExt as _;
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot, watch},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot, watch},
     task::JoinSet,
     time::{Instant, timeout},
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, server::NamedService, transport::Channel};
+use tokio_rustls::{TlsAcceptor, TlsConnector, rustls};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::{
+    Code, Request,
+    server::NamedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
 use tower::{Layer, Service};
 use tower_stream_guard::{
-    ConnectionGuard, Drain, EndEvent, EndReason, IdleDirection, RoutePolicy, StreamCap,
-    StreamGuardLayer,
+    ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionKey, Drain, EndEvent, EndReason,
+    IdleDirection, RoutePolicy, StreamCap, StreamGuardLayer,
 };
 
 #[allow(dead_code)]
@@ -101,6 +139,10 @@ const FRAMES_BEFORE_BODY_PANIC: u32 = 2;
 /// Every panic this file causes starts with this, and only these are kept
 /// quiet.
 const CHAOS_PANIC: &str = "chaos:";
+/// How long the connection guard lets a stalled reader's connection stay
+/// after its stream's guard fired. Short: the connection must close as
+/// stalled before the drain would close it.
+const STALLED_GRACE: Duration = Duration::from_millis(100);
 
 /// What happens to one stream, and so why it must end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,13 +165,16 @@ enum Fate {
     /// A `GET` with no body to the [`Ticker`], whose route has a request
     /// idle timeout shorter than the response.
     Bodyless,
+    /// A busy stream served on the doomed runtime, which is shut down while
+    /// it is open: its task is dropped, which ends it as cancelled.
+    RuntimeDies,
 }
 
 impl Fate {
     fn reason(self) -> EndReason {
         match self {
             Fate::Completes | Fate::Bodyless => EndReason::Completed,
-            Fate::Cancels | Fate::Vanishes => EndReason::Cancelled,
+            Fate::Cancels | Fate::Vanishes | Fate::RuntimeDies => EndReason::Cancelled,
             Fate::Silent | Fate::StalledReader | Fate::HalfOpen => {
                 EndReason::IdleTimeout(IdleDirection::Both)
             }
@@ -149,7 +194,7 @@ impl Fate {
             Fate::CapHolder | Fate::Drained => code == Code::Unavailable,
             Fate::Rejected => code == Code::ResourceExhausted,
             // A reset stream: whatever tonic makes of it, but not a success.
-            Fate::Panics | Fate::BodyPanics => code != Code::Ok,
+            Fate::Panics | Fate::BodyPanics | Fate::RuntimeDies => code != Code::Ok,
             Fate::Cancels | Fate::StalledReader | Fate::HalfOpen | Fate::Vanishes => true,
         }
     }
@@ -184,85 +229,273 @@ enum ProxyMode {
     Vanish,
 }
 
-/// What a proxy's outbound stream to a server is.
+/// A socket of the proxy's or of a client's.
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A server's listening socket. A new transport (TLS, a Unix socket) is a
-/// variant here, served in [`serve`] and reached through its [`Target`].
+/// How a connection reaches its server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Transport {
+    Tcp,
+    /// TCP with TLS end to end between the tonic (or hyper) client and the
+    /// application's own tokio-rustls acceptor in front of the server (the
+    /// proxy forwards the encrypted bytes); the connection guard wraps the
+    /// TCP stream under the TLS.
+    Tls,
+    /// A Unix socket from the client to the proxy and from the proxy to the
+    /// server's `UnixListener`; the connection guard gives the identity.
+    Uds,
+}
+
+/// The certificate of `localhost` the TLS listeners present, made once, and
+/// the client configurations that trust it.
+struct Tls {
+    acceptor: TlsAcceptor,
+    /// For tonic clients.
+    client: ClientTlsConfig,
+    /// For the bare hyper clients of bodyless requests.
+    connector: TlsConnector,
+}
+
+fn tls() -> &'static Tls {
+    static TLS: OnceLock<Tls> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key.into())
+            .expect("server certificate");
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).expect("a root");
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Tls {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            client: ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(made.cert.pem()))
+                .domain_name("localhost"),
+            connector: TlsConnector::from(Arc::new(client)),
+        }
+    })
+}
+
+/// A round's directory of Unix sockets, removed when dropped.
+struct SocketDir {
+    path: PathBuf,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl SocketDir {
+    fn new(seed: u64) -> SocketDir {
+        let path = std::env::temp_dir().join(format!(
+            "tsg-chaos-{}-{}",
+            std::process::id(),
+            seed % 1_000_000
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("a socket directory");
+        SocketDir {
+            path,
+            next: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// A fresh socket path in the directory.
+    fn socket(&self) -> PathBuf {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.path.join(format!("{n}.sock"))
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A server's listening socket, served in [`serve`] and reached through
+/// its [`Target`].
 enum Listener {
     Tcp(TcpListener),
+    /// TCP, with the application's TLS acceptor in front of the server.
+    Tls(TcpListener),
+    Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
-    async fn tcp() -> Listener {
-        Listener::Tcp(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+    async fn bind(transport: Transport, dir: &SocketDir) -> Listener {
+        match transport {
+            Transport::Tcp | Transport::Tls => {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                if transport == Transport::Tls {
+                    Listener::Tls(listener)
+                } else {
+                    Listener::Tcp(listener)
+                }
+            }
+            Transport::Uds => {
+                let path = dir.socket();
+                let listener = UnixListener::bind(&path).expect("bind the Unix socket");
+                Listener::Unix(listener, path)
+            }
+        }
     }
 
     /// Where the proxy reaches this listener.
     fn target(&self) -> Target {
         match self {
-            Listener::Tcp(listener) => Target::Tcp(listener.local_addr().expect("addr")),
+            Listener::Tcp(listener) | Listener::Tls(listener) => {
+                Target::Tcp(listener.local_addr().expect("addr"))
+            }
+            Listener::Unix(_, path) => Target::Unix(path.clone()),
         }
     }
 }
 
-/// How the proxy reaches a server.
-#[derive(Clone, Copy, Debug)]
+/// How the proxy reaches a server (TLS is the client's and the server's
+/// business: the proxy sees TCP).
+#[derive(Clone, Debug)]
 enum Target {
     Tcp(SocketAddr),
+    Unix(PathBuf),
 }
 
 impl Target {
-    /// Connects the proxy to the server: the stream, and how the end events
-    /// of the streams on it name it.
-    async fn dial(self) -> (Box<dyn Io>, Tie) {
+    /// Connects the proxy to the server: the stream, and the peer address
+    /// the server sees, if any.
+    async fn dial(&self) -> (Box<dyn Io>, Option<SocketAddr>) {
         match self {
             Target::Tcp(addr) => {
                 let outbound = TcpStream::connect(addr).await.expect("proxy connect");
                 let _ = outbound.set_nodelay(true);
                 let peer = outbound.local_addr().expect("outbound addr");
-                (Box::new(outbound), Tie::Peer(peer))
+                (Box::new(outbound), Some(peer))
+            }
+            Target::Unix(path) => {
+                let outbound = UnixStream::connect(path)
+                    .await
+                    .expect("proxy connect over the Unix socket");
+                (Box::new(outbound), None)
             }
         }
     }
 }
 
-/// What ties an end event to the connection its stream came on.
+/// What ties an end event (and a connection event) to the connection its
+/// stream came on.
 #[derive(Clone, Copy, Debug)]
 enum Tie {
     /// The peer address the server sees: the proxy's outbound address.
     Peer(SocketAddr),
+    /// No peer address (a Unix socket): the connection guard's id for the
+    /// connection, which the guard layer uses as its connection key.
+    Connection(ConnectionKey),
 }
 
 impl Tie {
     fn owns(self, event: &EndEvent) -> bool {
         match self {
             Tie::Peer(peer) => event.peer() == Some(peer),
+            Tie::Connection(key) => event.connection() == Some(key),
+        }
+    }
+
+    fn owns_connection(self, event: &ConnectionEvent) -> bool {
+        match self {
+            Tie::Peer(peer) => event.peer() == Some(peer),
+            Tie::Connection(key) => ConnectionKey::from_id(event.id()) == key,
         }
     }
 }
 
-/// A one-connection TCP proxy in front of `server`. Returns the address to
-/// connect to, the switch, and (once connected) what ties the server's end
-/// events to this connection.
+/// Where a client reaches its proxy.
+#[derive(Clone, Debug)]
+enum ProxyAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ProxyAddr {
+    async fn dial(&self) -> Box<dyn Io> {
+        match self {
+            ProxyAddr::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .expect("connect to the proxy");
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+            ProxyAddr::Unix(path) => Box::new(
+                UnixStream::connect(path)
+                    .await
+                    .expect("connect to the proxy's Unix socket"),
+            ),
+        }
+    }
+}
+
+/// The proxy's listening socket, Unix for the [`Transport::Uds`]
+/// connections (so that the client end is a Unix socket too).
+enum ProxyListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl ProxyListener {
+    async fn accept(&self) -> io::Result<Box<dyn Io>> {
+        Ok(match self {
+            ProxyListener::Tcp(listener) => {
+                let (inbound, _) = listener.accept().await?;
+                let _ = inbound.set_nodelay(true);
+                Box::new(inbound)
+            }
+            ProxyListener::Unix(listener) => Box::new(listener.accept().await?.0),
+        })
+    }
+}
+
+/// A one-connection proxy in front of `server`. Returns the address to
+/// connect to, the switch, and (once connected) the peer address the
+/// server sees, if any.
 async fn proxy(
     server: Target,
+    transport: Transport,
+    dir: &SocketDir,
     tasks: &mut JoinSet<()>,
-) -> (SocketAddr, watch::Sender<ProxyMode>, oneshot::Receiver<Tie>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy addr");
+) -> (
+    ProxyAddr,
+    watch::Sender<ProxyMode>,
+    oneshot::Receiver<Option<SocketAddr>>,
+) {
+    let (listener, addr) = if transport == Transport::Uds {
+        let path = dir.socket();
+        let listener = UnixListener::bind(&path).expect("bind the proxy's Unix socket");
+        (ProxyListener::Unix(listener), ProxyAddr::Unix(path))
+    } else {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        (ProxyListener::Tcp(listener), ProxyAddr::Tcp(addr))
+    };
     let (mode, watch_mode) = watch::channel(ProxyMode::Forward);
-    let (tie_tx, tie_rx) = oneshot::channel();
+    let (peer_tx, peer_rx) = oneshot::channel();
     tasks.spawn(async move {
-        let Ok((inbound, _)) = listener.accept().await else {
+        let Ok(inbound) = listener.accept().await else {
             return;
         };
         drop(listener);
-        let _ = inbound.set_nodelay(true);
-        let (outbound, tie) = server.dial().await;
-        let _ = tie_tx.send(tie);
+        let (outbound, peer) = server.dial().await;
+        let _ = peer_tx.send(peer);
         let (in_read, in_write) = tokio::io::split(inbound);
         let (out_read, out_write) = tokio::io::split(outbound);
         // Both directions end together: when one side closes or the proxy
@@ -272,7 +505,7 @@ async fn proxy(
             () = pipe(out_read, in_write, watch_mode) => {}
         }
     });
-    (addr, mode, tie_rx)
+    (addr, mode, peer_rx)
 }
 
 /// Copies `from` into `to` while the mode is `Forward`; stops moving bytes
@@ -463,10 +696,35 @@ async fn serve(
                 .serve_with_incoming_shutdown(connections.wrap_incoming(incoming), drain.started())
                 .await
         }
+        Listener::Tls(listener) => {
+            // The application's own acceptor, the connection guard under
+            // it; handshakes one at a time (connections are set up one at a
+            // time), and no task to outlive the server.
+            let acceptor = tls().acceptor.clone();
+            let incoming = TcpListenerStream::new(listener).filter_map(move |tcp| {
+                let (acceptor, connections) = (acceptor.clone(), connections.clone());
+                async move {
+                    let tcp = tcp.ok()?;
+                    let _ = tcp.set_nodelay(true);
+                    let tls = timeout(PATIENCE, acceptor.accept(connections.wrap(tcp))).await;
+                    Some(Ok::<_, io::Error>(tls.ok()?.ok()?))
+                }
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, drain.started())
+                .await
+        }
+        Listener::Unix(listener, _) => {
+            let incoming = connections.wrap_incoming(UnixListenerStream::new(listener));
+            router
+                .serve_with_incoming_shutdown(incoming, drain.started())
+                .await
+        }
     }
 }
 
-/// A second tokio runtime on its own thread, one worker.
+/// A tokio runtime on its own thread, one worker: the second server's, or
+/// the doomed one's.
 struct SecondRuntime {
     handle: tokio::runtime::Handle,
     stop: oneshot::Sender<()>,
@@ -475,10 +733,10 @@ struct SecondRuntime {
 }
 
 impl SecondRuntime {
-    fn start() -> SecondRuntime {
+    fn start(name: &str) -> SecondRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("chaos-second-runtime")
+            .thread_name(name)
             .enable_all()
             .build()
             .expect("second runtime");
@@ -506,21 +764,29 @@ impl SecondRuntime {
         while handle.metrics().num_alive_tasks() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let left = self.stop(fail).await;
+        assert_eq!(left, 0, "{}", fail("tasks left on the second runtime"));
+    }
+
+    /// Shuts the runtime down at once, dropping its tasks; how many there
+    /// were.
+    async fn stop(self, fail: &impl Fn(&str) -> String) -> usize {
         let _ = self.stop.send(());
         let thread = self.thread;
-        let left = tokio::task::spawn_blocking(move || thread.join())
+        tokio::task::spawn_blocking(move || thread.join())
             .await
             .expect("join task")
-            .unwrap_or_else(|_| panic!("{}", fail("the second runtime's thread panicked")));
-        assert_eq!(left, 0, "{}", fail("tasks left on the second runtime"));
+            .unwrap_or_else(|_| panic!("{}", fail("a runtime's thread panicked")))
     }
 }
 
 /// Which server a connection goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Server {
     First,
     Second,
+    /// On the doomed runtime, shut down with its streams open.
+    Doomed,
 }
 
 /// One connection's client: tonic for the gRPC fates, a bare hyper HTTP/2
@@ -532,15 +798,28 @@ enum Client {
 }
 
 impl Client {
-    /// Connects to the proxy at `addr`; the kind follows the fates.
-    async fn connect(addr: SocketAddr, fates: &[Fate], tasks: &mut JoinSet<()>) -> Client {
+    /// Connects to the proxy at `addr` (with TLS on [`Transport::Tls`]);
+    /// the kind follows the fates.
+    async fn connect(
+        addr: &ProxyAddr,
+        transport: Transport,
+        fates: &[Fate],
+        tasks: &mut JoinSet<()>,
+    ) -> Client {
         if fates.first() == Some(&Fate::Bodyless) {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .expect("connect to the proxy");
-            let _ = tcp.set_nodelay(true);
+            let mut io = addr.dial().await;
+            if transport == Transport::Tls {
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                io = Box::new(
+                    tls()
+                        .connector
+                        .connect(name, io)
+                        .await
+                        .expect("TLS handshake"),
+                );
+            }
             let (sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                     .await
                     .expect("HTTP/2 handshake");
             tasks.spawn(async move {
@@ -548,11 +827,34 @@ impl Client {
             });
             return Client::Http2(sender);
         }
-        Client::Grpc(
-            EchoClient::connect(format!("http://{addr}"))
-                .await
-                .expect("connect through the proxy"),
-        )
+        let channel = match addr {
+            ProxyAddr::Tcp(addr) if transport == Transport::Tls => {
+                Endpoint::from_shared(format!("https://{addr}"))
+                    .expect("endpoint")
+                    .tls_config(tls().client.clone())
+                    .expect("client TLS")
+                    .connect()
+                    .await
+            }
+            ProxyAddr::Tcp(addr) => {
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+            }
+            ProxyAddr::Unix(path) => {
+                let path = path.clone();
+                Endpoint::from_static("http://[::]:50051")
+                    .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                        }
+                    }))
+                    .await
+            }
+        };
+        Client::Grpc(EchoClient::new(channel.expect("connect through the proxy")))
     }
 
     fn grpc(&self) -> EchoClient<Channel> {
@@ -571,13 +873,19 @@ struct Connection {
     tie: Tie,
     fates: Vec<Fate>,
     server: Server,
+    transport: Transport,
 }
 
-fn tagged<T>(message: T, fate: Fate) -> Request<T> {
+/// Tags a request with its fate's route (`x-fate`) and, for the panics, what
+/// [`ChaosLayer`] must do (`x-chaos`).
+fn tagged<T>(message: T, fate: Fate, transport: Transport) -> Request<T> {
     let mut request = Request::new(message);
     let tag = match fate {
         Fate::OutlivesLifetime => "lifetime",
         Fate::CapHolder | Fate::Rejected => "capped",
+        // A per-peer cap refuses streams with no peer address: the plain
+        // route has one, so Unix sockets stay off it.
+        _ if transport == Transport::Uds => "plain-unix",
         _ => "plain",
     };
     request
@@ -618,7 +926,12 @@ async fn read_to_end(mut stream: tonic::Streaming<common::echo::EchoReply>) -> C
 /// (response headers, or a refusal, are back) with a task that plays the
 /// rest of the fate and yields the code the client saw, if it reads to the
 /// end.
-async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<Code>)>) {
+async fn open(
+    client: &Client,
+    transport: Transport,
+    fate: Fate,
+    streams: &mut JoinSet<(Fate, Option<Code>)>,
+) {
     if fate == Fate::Bodyless {
         return open_bodyless(client, streams).await;
     }
@@ -631,7 +944,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
                 size: 8,
             };
             let stream = client
-                .server_stream(tagged(request, fate))
+                .server_stream(tagged(request, fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -639,7 +952,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
         }
         Fate::Cancels | Fate::Vanishes => {
             let mut stream = client
-                .server_stream(tagged(busy(0), fate))
+                .server_stream(tagged(busy(0), fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -658,7 +971,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
         Fate::Silent | Fate::HalfOpen => {
             let (tx, rx) = mpsc::channel::<EchoRequest>(4);
             let stream = client
-                .bidi(tagged(ReceiverStream::new(rx), fate))
+                .bidi(tagged(ReceiverStream::new(rx), fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -685,9 +998,9 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
                 (fate, None)
             });
         }
-        Fate::OutlivesLifetime | Fate::CapHolder | Fate::Drained => {
+        Fate::OutlivesLifetime | Fate::CapHolder | Fate::Drained | Fate::RuntimeDies => {
             let stream = client
-                .server_stream(tagged(busy(0), fate))
+                .server_stream(tagged(busy(0), fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -700,7 +1013,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
                 size: 16 * 1024,
             };
             let stream = client
-                .server_stream(tagged(request, fate))
+                .server_stream(tagged(request, fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -713,7 +1026,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
         }
         Fate::BodyPanics => {
             let stream = client
-                .server_stream(tagged(busy(0), fate))
+                .server_stream(tagged(busy(0), fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -721,7 +1034,7 @@ async fn open(client: &Client, fate: Fate, streams: &mut JoinSet<(Fate, Option<C
         }
         Fate::Bodyless => unreachable!("opened above"),
         Fate::Rejected | Fate::Panics => {
-            let refused = client.server_stream(tagged(busy(0), fate)).await;
+            let refused = client.server_stream(tagged(busy(0), fate, transport)).await;
             let code = match refused {
                 Ok(_) => Code::Ok,
                 Err(status) => status.code(),
@@ -767,16 +1080,21 @@ async fn open_bodyless(client: &Client, streams: &mut JoinSet<(Fate, Option<Code
     });
 }
 
-/// One planned connection: the fates of its streams and its server.
+/// One planned connection: the fates of its streams, its server and its
+/// transport.
 struct Planned {
     fates: Vec<Fate>,
     server: Server,
+    transport: Transport,
 }
 
-/// Plans a round's connections: shared ones with a mix of fates (some with
-/// a capped group), and connections of their own for stalled readers,
-/// half-open and vanishing peers and bodyless requests. About a third of
-/// them go to the second runtime's server.
+/// Plans a round's connections: first one to the doomed runtime's server
+/// (its streams are the round's first, so the guard's timers start on that
+/// runtime); then shared ones with a mix of fates (some with a capped
+/// group), and connections of their own for stalled readers, half-open and
+/// vanishing peers and bodyless requests. About a third of them go to the
+/// second runtime's server; about a quarter each over TLS and over a Unix
+/// socket.
 fn plan(rng: &mut Rng, scale: usize) -> Vec<Planned> {
     let mixed = [
         Fate::Completes,
@@ -808,16 +1126,27 @@ fn plan(rng: &mut Rng, scale: usize) -> Vec<Planned> {
         connections.push(vec![Fate::Vanishes; 2 + rng.below(5) as usize]);
         connections.push(vec![Fate::Bodyless; 2 + rng.below(5) as usize]);
     }
-    connections
-        .into_iter()
-        .map(|fates| Planned {
+    let doomed = Planned {
+        fates: vec![Fate::RuntimeDies; 1 + rng.below(4) as usize],
+        server: Server::Doomed,
+        transport: Transport::Tcp,
+    };
+    std::iter::once(doomed)
+        .chain(connections.into_iter().map(|fates| Planned {
             fates,
             server: if rng.below(3) == 0 {
                 Server::Second
             } else {
                 Server::First
             },
-        })
+            transport: match rng.below(4) {
+                // Without the crate's `tls` feature the guard cannot tell
+                // TLS connections apart.
+                0 if cfg!(feature = "tls") => Transport::Tls,
+                1 => Transport::Uds,
+                _ => Transport::Tcp,
+            },
+        }))
         .collect()
 }
 
@@ -829,6 +1158,10 @@ struct RoundReport {
     by_fate: BTreeMap<String, usize>,
     /// Streams and connections served by the second runtime.
     second_runtime: (usize, usize),
+    /// Streams and connections per transport.
+    by_transport: BTreeMap<String, (usize, usize)>,
+    /// Tasks alive on the doomed runtime when it was shut down.
+    doomed_tasks: usize,
 }
 
 /// Keeps the panics this file causes out of the test output (hundreds a
@@ -855,19 +1188,29 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     quiet_chaos_panics();
     let mut rng = Rng(seed);
     let events: Arc<Mutex<Vec<EndEvent>>> = Arc::default();
+    let fail = |what: &str| format!("CHAOS_SEED={seed}: {what}");
     let drain = Drain::new().close_connections_after(Duration::from_millis(200));
-    // Closes what hyper would keep open past the drain: connections of
-    // frozen peers and of stalled readers.
+    // Closes the connections of stalled readers soon after their streams'
+    // guards fire, and what hyper would keep open past the drain: the
+    // connections of frozen peers. Its events name each connection's id
+    // (the Unix sockets' tie) and count its streams.
     let connection_guard = ConnectionGuard::builder()
+        .stalled_grace(STALLED_GRACE)
+        .event_capacity(1 << 14)
         .drain(&drain)
         .build()
         .expect("valid configuration");
+    let mut connection_events = connection_guard.subscribe();
+    let mut seen_connection_events = Vec::new();
     let guard = {
         let events = Arc::clone(&events);
         StreamGuardLayer::builder()
             .idle_timeout(IDLE)
             .max_streams(100_000)
-            .max_streams_per_peer(100_000)
+            .route_when(
+                |r| r.headers().get("x-fate").is_some_and(|v| v == "plain"),
+                RoutePolicy::new().max_streams_per_peer(100_000),
+            )
             .route_when(
                 |r| r.headers().get("x-fate").is_some_and(|v| v == "lifetime"),
                 RoutePolicy::new().max_lifetime(LIFETIME),
@@ -886,38 +1229,96 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
             .expect("valid configuration")
     };
     let service = EchoService::new();
-    // Two servers behind clones of the one guard: one on this runtime, one
-    // on a runtime of its own.
-    let second_runtime = SecondRuntime::start();
+    let dir = SocketDir::new(seed);
+    // Servers behind clones of the one guard, one per transport: on this
+    // runtime, on a second runtime, and (TCP only) on the doomed runtime.
+    let second_runtime = SecondRuntime::start("chaos-second-runtime");
+    let doomed_runtime = SecondRuntime::start("chaos-doomed-runtime");
+    let all_transports = [Transport::Tcp, Transport::Tls, Transport::Uds];
     let mut targets = BTreeMap::new();
     let mut servers = Vec::new();
-    for (server, runtime) in [
-        (Server::First, tokio::runtime::Handle::current()),
-        (Server::Second, second_runtime.handle.clone()),
+    for (server, runtime, transports) in [
+        (
+            Server::First,
+            tokio::runtime::Handle::current(),
+            &all_transports[..],
+        ),
+        (
+            Server::Second,
+            second_runtime.handle.clone(),
+            &all_transports[..],
+        ),
+        (
+            Server::Doomed,
+            doomed_runtime.handle.clone(),
+            &[Transport::Tcp][..],
+        ),
     ] {
-        let listener = Listener::tcp().await;
-        targets.insert(format!("{server:?}"), listener.target());
-        servers.push(runtime.spawn(serve(
-            listener,
-            guard.clone(),
-            service.clone(),
-            connection_guard.clone(),
-            drain.clone(),
-        )));
+        for &transport in transports {
+            let listener = Listener::bind(transport, &dir).await;
+            targets.insert((server, transport), listener.target());
+            let serving = runtime.spawn(serve(
+                listener,
+                guard.clone(),
+                service.clone(),
+                connection_guard.clone(),
+                drain.clone(),
+            ));
+            // The doomed server's task dies with its runtime.
+            if server != Server::Doomed {
+                servers.push(serving);
+            }
+        }
     }
 
+    // Connections are set up one after another: the connection guard's
+    // next opened event with the proxy's outbound address (none for a Unix
+    // socket) is the connection just dialled.
     let mut proxies = JoinSet::new();
     let mut connections = Vec::new();
-    for Planned { fates, server } in plan(&mut rng, scale) {
-        let (addr, mode, tie) = proxy(targets[&format!("{server:?}")], &mut proxies).await;
-        let client = Client::connect(addr, &fates, &mut proxies).await;
-        let tie = tie.await.expect("the proxy connected");
+    for Planned {
+        fates,
+        server,
+        transport,
+    } in plan(&mut rng, scale)
+    {
+        let (addr, mode, peer) = proxy(
+            targets[&(server, transport)].clone(),
+            transport,
+            &dir,
+            &mut proxies,
+        )
+        .await;
+        let client = Client::connect(&addr, transport, &fates, &mut proxies).await;
+        // Waits for the connection guard to wrap the connection: that
+        // names the Unix sockets' connections, and makes the doomed
+        // runtime's connection the first wrapped.
+        let peer = peer.await.expect("the proxy connected");
+        let opened = timeout(PATIENCE, async {
+            loop {
+                let event = connection_events
+                    .recv()
+                    .await
+                    .unwrap_or_else(|e| panic!("{}", fail(&format!("{e}"))));
+                seen_connection_events.push(event.clone());
+                if event.end().is_none() && event.peer() == peer {
+                    return event.id();
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{}", fail("a connection was not wrapped")));
+        let tie = match peer {
+            Some(peer) => Tie::Peer(peer),
+            None => Tie::Connection(ConnectionKey::from_id(opened)),
+        };
         connections.push(Connection {
             client,
             mode,
             tie,
             fates,
             server,
+            transport,
         });
     }
 
@@ -934,7 +1335,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
                 fate if fate.ends_early() => &mut early,
                 _ => &mut late_clients,
             };
-            open(&connection.client, fate, tasks).await;
+            open(&connection.client, connection.transport, fate, tasks).await;
         }
     }
     for connection in &connections {
@@ -948,7 +1349,23 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     let connection_count = connections.len();
     let all: Vec<Fate> = connections.iter().flat_map(|c| c.fates.clone()).collect();
     let late = all.iter().filter(|f| !f.ends_early()).count();
-    let fail = |what: &str| format!("CHAOS_SEED={seed}: {what}");
+    let doomed = all.iter().filter(|f| **f == Fate::RuntimeDies).count();
+    // The doomed runtime files the round's first stream and wraps its first
+    // connection, so the stream sweeper and the connection guard's ticker
+    // run there. It dies while streams of the other runtimes, which only
+    // those timers end (idle, half-open, stalled, past their lifetime), are
+    // still open: the timers must move.
+    assert!(
+        guard.active_streams() > late + doomed,
+        "{}",
+        fail("nothing for a timer to end when the doomed runtime dies")
+    );
+    let doomed_tasks = doomed_runtime.stop(&fail).await;
+    assert!(
+        doomed_tasks > doomed,
+        "{}",
+        fail("the doomed runtime had no streams when it died")
+    );
     // Every fate but the drain's plays out by itself within the lifetime
     // plus the timer's slack.
     let deadline = Instant::now() + LIFETIME + PATIENCE;
@@ -1016,8 +1433,8 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
             expected,
             "{}",
             fail(&format!(
-                "reasons on the connection of {:?} ({:?} server)",
-                connection.fates[0], connection.server
+                "reasons on the connection of {:?} ({:?} server, {:?})",
+                connection.fates[0], connection.server, connection.transport
             ))
         );
     }
@@ -1036,11 +1453,65 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     );
     assert!(guard.peer_streams().is_empty(), "{}", fail("peer slots"));
 
+    // The connection guard's view: each connection closed once, having
+    // carried every stream of its own (refused ones too, whatever the
+    // transport); stalled readers' connections closed as stalled.
+    wait_until("every connection closed", || {
+        connection_guard.open_connections() == 0
+    })
+    .await;
+    loop {
+        match connection_events.try_recv() {
+            Ok(event) => seen_connection_events.push(event),
+            Err(broadcast::error::TryRecvError::Empty) => break,
+            Err(e) => panic!("{}", fail(&format!("connection events: {e}"))),
+        }
+    }
+    for connection in &connections {
+        let closed: Vec<&ConnectionEvent> = seen_connection_events
+            .iter()
+            .filter(|e| e.end().is_some() && connection.tie.owns_connection(e))
+            .collect();
+        let what = format!(
+            "the connection of {:?} ({:?} server, {:?})",
+            connection.fates[0], connection.server, connection.transport
+        );
+        assert_eq!(
+            closed.len(),
+            1,
+            "{}",
+            fail(&format!("closes of {what}: {closed:?}"))
+        );
+        assert_eq!(
+            closed[0].streams(),
+            connection.fates.len() as u64,
+            "{}",
+            fail(&format!("streams of {what}"))
+        );
+        if connection.fates[0] == Fate::StalledReader {
+            assert_eq!(
+                closed[0].end(),
+                Some(ConnectionEnd::Stalled),
+                "{}",
+                fail(&format!("end of {what}"))
+            );
+        }
+    }
+
     let mut report = RoundReport {
         streams: all.len(),
         connections: connection_count,
+        doomed_tasks,
         ..RoundReport::default()
     };
+    for connection in &connections {
+        let entry = report
+            .by_transport
+            .entry(format!("{:?}", connection.transport))
+            .or_default();
+        entry.0 += connection.fates.len();
+        entry.1 += 1;
+    }
     for fate in &all {
         *report.by_fate.entry(format!("{fate:?}")).or_default() += 1;
     }
@@ -1057,6 +1528,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     .await;
     second_runtime.shut_down(&fail).await;
     wait_for_no_tasks().await;
+    drop(dir);
     report
 }
 
@@ -1104,11 +1576,13 @@ fn rss_bytes() -> u64 {
 
 fn print(label: &str, report: &RoundReport, seed: u64) {
     eprintln!(
-        "{label} seed {seed}: {} streams on {} connections ({} streams on {} connections on the second runtime); {:?}; rss {} MiB",
+        "{label} seed {seed}: {} streams on {} connections ({} streams on {} connections on the second runtime; (streams, connections) per transport {:?}; {} tasks dropped with the doomed runtime); {:?}; rss {} MiB",
         report.streams,
         report.connections,
         report.second_runtime.0,
         report.second_runtime.1,
+        report.by_transport,
+        report.doomed_tasks,
         report.by_fate,
         rss_bytes() >> 20
     );
@@ -1137,7 +1611,7 @@ async fn every_stream_is_accounted_for_exactly_once() {
 /// The soak: rounds back to back for `CHAOS_SOAK_SECS` seconds (default
 /// 600), with half as many streams again per round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a long soak: CHAOS_SOAK_SECS=600 cargo test --test chaos -- --ignored"]
+#[ignore = "a long soak: CHAOS_SOAK_SECS=600 cargo test --all-features --test chaos -- --ignored"]
 async fn soak() {
     let seconds: u64 = std::env::var("CHAOS_SOAK_SECS")
         .ok()
