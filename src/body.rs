@@ -230,9 +230,11 @@ impl<B: Body> ResponseBody<B> {
         // hyper never polls a body that is already at its end: it sends the
         // headers with END_STREAM and drops it. That is a normal end. The
         // same for the answer to a HEAD request, whose body hyper drops
-        // unread whatever it holds.
-        let closed = inner.is_end_stream() || state.is_head();
-        if closed {
+        // unread whatever it holds; its size hint still goes out as the
+        // `content-length`, so that body stays as it is (a poll would find
+        // the stream ended and yield nothing).
+        let closed = inner.is_end_stream();
+        if closed || state.is_head() {
             state.end(EndReason::Completed);
         } else {
             state.response_opened();

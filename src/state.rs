@@ -66,9 +66,9 @@ impl Core {
     /// A drain began: every stream of this guard ends at `deadline` at the
     /// latest.
     pub(crate) fn begin_drain(&self, deadline: Instant) {
-        self.drain_deadline
-            .store(self.sweeper.ns_of(deadline), Ordering::Release);
-        self.sweeper.refile_all();
+        let deadline = self.sweeper.ns_of(deadline);
+        self.drain_deadline.store(deadline, Ordering::Release);
+        self.sweeper.refile_after(deadline);
         let stacked: Vec<Arc<StreamState>> =
             self.stacked().values().filter_map(Weak::upgrade).collect();
         for state in stacked {
@@ -795,11 +795,14 @@ impl Drop for StreamState {
 /// Armed around every call into code the guard does not own (the service's
 /// `call`, its future, the response body); disarmed, at no cost, when that
 /// code returns. While a panic unwinds only the decision is taken (one
-/// compare-and-swap and a store), since subscribers must not run inside
-/// someone else's unwinding (a callback panicking there would abort the
-/// process). The rest of the end follows when the future or body that
-/// panicked is dropped, which is what tokio and hyper do right after they
-/// catch the panic; the record's own `Drop` is the net under that.
+/// compare-and-swap and a store): the rest of an end runs code that is not
+/// ours (subscribers, `tracing` layers), and a panic there that nobody
+/// catches, inside someone else's unwinding, would abort the process. The
+/// rest follows when the future or body that panicked is dropped, which is
+/// what tokio and hyper do right after they catch the panic; the record's
+/// own `Drop` is the net under that (and the one case where the end does
+/// run during the unwinding: the last reference to the record dropped by
+/// it, as when `call` panics on a runtime that is shutting down).
 #[must_use = "dropping it at once ends the stream"]
 pub(crate) struct EndOnUnwind<'a> {
     state: &'a StreamState,

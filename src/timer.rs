@@ -26,6 +26,7 @@
 
 use std::{
     collections::BTreeMap,
+    panic::AssertUnwindSafe,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicU64, Ordering},
@@ -141,32 +142,26 @@ impl Sweeper {
         }
     }
 
-    /// Files every stream again under its current deadline (a drain just
-    /// brought them all forward).
-    pub(crate) fn refile_all(self: &Arc<Self>) {
-        // In batches in key order, the lock released in between (see
-        // `SWEEP_BATCH`). Filing again moves entries; one visited twice is
-        // filed again twice, which is harmless, and the entry count seen
-        // first bounds the walk.
-        let mut after: Option<(u64, u64)> = None;
-        let mut budget = usize::MAX;
+    /// Files again every stream filed later than `deadline` (ns), which a
+    /// drain just made the latest any stream may end.
+    ///
+    /// Streams filed at or before it need nothing: when their entry comes
+    /// due, the check sees the drain's deadline. Each one filed again lands
+    /// at or before the deadline, behind the walk, so the walk meets every
+    /// stream once and ends. In batches in key order, the lock released in
+    /// between (see `SWEEP_BATCH`).
+    pub(crate) fn refile_after(self: &Arc<Self>, deadline: u64) {
+        let mut after = (deadline, u64::MAX);
         let mut batch: Vec<Arc<StreamState>> = Vec::new();
         loop {
             let mut last = None;
             {
                 let wheel = self.lock();
-                if budget == usize::MAX {
-                    budget = wheel.entries.len();
-                }
-                let rest = match after {
-                    None => wheel.entries.range(..),
-                    Some(key) => wheel
-                        .entries
-                        .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
-                };
-                for (key, weak) in rest.take(SWEEP_BATCH.min(budget)) {
+                let rest = wheel
+                    .entries
+                    .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+                for (key, weak) in rest.take(SWEEP_BATCH) {
                     last = Some(*key);
-                    budget -= 1;
                     if let Some(state) = weak.upgrade() {
                         batch.push(state);
                     }
@@ -176,8 +171,10 @@ impl Sweeper {
                 self.arm(&state);
             }
             match last {
-                Some(key) if budget > 0 => after = Some(key),
-                _ => return,
+                // The key only grows: an entry that stayed past the deadline
+                // (none should) is passed, not met again.
+                Some(key) => after = key,
+                None => return,
             }
         }
     }
@@ -357,9 +354,19 @@ async fn run(mut lease: Lease<Sweeper>) {
             drop(wheel);
             budget -= taken;
             // Ending a stream wakes tasks and emits its event: never under
-            // the lock.
+            // the lock. Subscribers' panics are caught where they are
+            // called; this catches what else runs there (a tracing layer),
+            // so that one panic cannot drop every stream this task holds
+            // unfiled in `expired` and `later`, never to be checked again.
             for (state, reason) in expired.drain(..) {
-                state.end(reason);
+                let ended = std::panic::catch_unwind(AssertUnwindSafe(|| state.end(reason)));
+                if ended.is_err() {
+                    tracing::error!(
+                        target: "tower_stream_guard",
+                        stream_id = state.id.get(),
+                        "ending a stream panicked; the timer goes on"
+                    );
+                }
             }
             if taken < SWEEP_BATCH || budget == 0 {
                 break;

@@ -228,3 +228,47 @@ async fn a_drain_on_a_stacked_inner_layer_cuts_the_outer_layers_streams() {
     assert_eq!(outer.active_streams(), 0);
     assert_eq!(inner.active_streams(), 0);
 }
+
+/// A drain files every stream again under its deadline, in batches. Streams
+/// that moved meanwhile are filed later than they were, so a walk bounded by
+/// the count it started with ran out before the end of the map, where the
+/// streams without a deadline of their own sit: the drain never cut them.
+#[tokio::test(start_paused = true)]
+async fn a_drain_cuts_a_stream_without_deadline_behind_many_moving_streams() {
+    const MOVING: usize = 300; // more than one batch of the timer
+    let drain = Drain::new();
+    let guard = guard(StreamGuardLayer::builder().drain(&drain).route(
+        "/moving",
+        tower_stream_guard::RoutePolicy::new().response_idle_timeout(2 * SECOND),
+    ));
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let mut moving = Vec::new();
+    for _ in 0..MOVING {
+        let body = call(&mut svc, request("/moving", 1, true))
+            .await
+            .into_body();
+        moving.push((feeders.recv().await.unwrap(), body));
+    }
+    // No limit of its own: only the drain can end it.
+    let quiet = call(&mut svc, request("/quiet", 2, true)).await;
+    let _quiet_feed = feeders.recv().await.unwrap();
+
+    // Every moving stream's deadline is now later than where it is filed.
+    tokio::time::advance(SECOND * 3 / 2).await;
+    for (feed, body) in &mut moving {
+        feed.send(Bytes::from_static(b"x")).await.unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+    }
+
+    let report = drain.start(5 * SECOND);
+    let handle = app.last_handle().expect("the quiet stream's handle");
+    assert_eq!(
+        tokio::time::timeout(6 * SECOND, handle.cancelled()).await,
+        Ok(EndReason::Drained),
+        "the quiet stream is cut at the drain's deadline"
+    );
+    assert_eq!(report.await.cut(), 1);
+    assert_eq!(guard.stats().ended(EndReason::Drained), 1);
+    drop((moving, quiet));
+}

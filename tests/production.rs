@@ -162,14 +162,26 @@ async fn an_http1_head_request_completes() {
     let (told, _producers) = mpsc::unbounded_channel();
     let (addr, server) = serve(&guard, told).await;
     let mut client = http1(addr).await;
-    let response = timeout(PATIENCE, client.send_request(get(addr, "HEAD", "/ok")))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let _ = response.into_body().collect().await;
-    let event = next_event(&mut events).await;
-    assert_eq!(event.reason(), EndReason::Completed, "{event:?}");
-    assert_eq!(event.method(), http::Method::HEAD);
+    let mut lengths = Vec::new();
+    for method in ["GET", "HEAD"] {
+        let response = timeout(PATIENCE, client.send_request(get(addr, method, "/ok")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        lengths.push(
+            response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .cloned(),
+        );
+        let _ = response.into_body().collect().await;
+        let event = next_event(&mut events).await;
+        assert_eq!(event.reason(), EndReason::Completed, "{event:?}");
+        assert_eq!(event.method().as_str(), method);
+    }
+    // A HEAD answer carries the length the GET would have.
+    assert_eq!(lengths[0].as_ref().map(|v| v.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(lengths[0], lengths[1], "content-length of GET and HEAD");
     server.abort();
 }
