@@ -144,7 +144,9 @@ impl ConnectionKey {
     }
 
     /// A connection known by its remote address (unique among the open
-    /// connections of one listener).
+    /// connections of one listener). Inserted as a request extension, its
+    /// address is the peer for the per-peer cap ahead of any connect info
+    /// (a [`PeerAddr`](crate::PeerAddr) still comes first).
     pub fn from_remote(remote: SocketAddr) -> Self {
         ConnectionKey(KeyRepr::Addrs {
             local: None,

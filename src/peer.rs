@@ -3,12 +3,13 @@
 //! [`ConnectionGuard`](crate::ConnectionGuard) watching that connection, all
 //! read from the request extensions the server filled in.
 //!
-//! Recognised, in this order (the first that answers wins):
+//! Recognised, in this order (the first that answers wins; for the peer
+//! address, see the order below the table):
 //!
 //! | extension | connection key | peer address | handle |
 //! |---|---|---|---|
-//! | [`ConnectionKey`] (yours) | itself | its remote address | |
 //! | [`PeerAddr`] (yours) | | itself | |
+//! | [`ConnectionKey`] (yours) | itself | its remote address | |
 //! | [`ConnectionHandle`] | its id | its peer | itself |
 //! | `GuardedConnectInfo<T>`, `T` any of the connect infos below | the handle's id | from `T` | yes |
 //! | `TlsConnectInfo<GuardedConnectInfo<T>>` (feature `tls`) | the handle's id | from `T` | yes |
@@ -18,6 +19,14 @@
 //! | `TlsConnectInfo<TcpConnectInfo>` (feature `tls`) | both addresses | remote | |
 //! | axum's `ConnectInfo<SocketAddr>` (feature `axum`) | remote address | remote | |
 //! | tonic's `UdsConnectInfo` | none: wrap with a `ConnectionGuard` | none | |
+//!
+//! The peer address is the first of: your [`PeerAddr`]; the remote address
+//! of your [`ConnectionKey`] extension (so a key that a PROXY-protocol layer
+//! inserts for the real client beats the connect info, which names the
+//! proxy); the remote address of a connect info (tonic's, plain, under TLS
+//! or guarded, or axum's); the remote address of the connection key chosen
+//! above (from `for_connection` or your `connection_key`); the peer of the
+//! connection guard's IO.
 //!
 //! A guarded connect info is also unpacked into the request extensions:
 //! what it wraps is inserted as itself (so `tonic::Request::remote_addr`
@@ -63,9 +72,8 @@ pub(crate) fn identify(
     let handle = handle_of(extensions);
     let extensions = &*extensions;
     let info = connect_info(extensions);
-    let connection = extensions
-        .get::<ConnectionKey>()
-        .copied()
+    let explicit = extensions.get::<ConnectionKey>().copied();
+    let connection = explicit
         .or_else(|| handle.as_ref().map(ConnectionHandle::key))
         .or(fixed)
         .or_else(|| extractor?(extensions))
@@ -73,6 +81,9 @@ pub(crate) fn identify(
     let peer = extensions
         .get::<PeerAddr>()
         .map(|PeerAddr(addr)| *addr)
+        // Yours before the server's: behind a proxy, the connect info names
+        // the proxy and your key the client.
+        .or_else(|| explicit?.remote_addr())
         .or_else(|| info.map(|(_, remote)| remote))
         .or_else(|| connection?.remote_addr())
         .or_else(|| handle.as_ref()?.peer());
@@ -344,6 +355,50 @@ mod tests {
             assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
             assert!(ext.get::<TcpConnectInfo>().is_some(), "unpacked");
             assert!(ext.get::<crate::ConnectionHandle>().is_some(), "unpacked");
+        }
+
+        /// Behind a PROXY-protocol listener the connect info names the
+        /// proxy; the key the user inserts names the real client, and the
+        /// per-peer cap keys on it.
+        #[test]
+        fn an_explicit_key_s_remote_address_beats_the_connect_info() {
+            let client = addr("203.0.113.7:5555");
+            let mut ext = http::Extensions::new();
+            ext.insert(tcp());
+            ext.insert(ConnectionKey::from_remote(client));
+            let found = found(&mut ext);
+            assert_eq!(found.connection, Some(ConnectionKey::from_remote(client)));
+            assert_eq!(found.peer, Some(client));
+        }
+
+        #[tokio::test]
+        async fn an_explicit_key_s_remote_address_beats_a_guarded_connect_info() {
+            let client = addr("203.0.113.7:5555");
+            let guard = ConnectionGuard::builder().build().expect("valid");
+            let (info, _) = guarded(&guard, tcp());
+            let mut ext = http::Extensions::new();
+            ext.insert(info);
+            ext.insert(ConnectionKey::from_remote(client));
+            assert_eq!(found(&mut ext).peer, Some(client));
+        }
+
+        #[test]
+        fn peer_addr_beats_an_explicit_key_and_the_connect_info() {
+            let mut ext = http::Extensions::new();
+            ext.insert(tcp());
+            ext.insert(ConnectionKey::from_remote(addr("203.0.113.7:5555")));
+            ext.insert(PeerAddr(addr("198.51.100.1:1")));
+            assert_eq!(found(&mut ext).peer, Some(addr("198.51.100.1:1")));
+        }
+
+        /// A key without an address says nothing about the peer: the
+        /// connect info still does.
+        #[test]
+        fn an_explicit_key_without_an_address_leaves_the_connect_info_s_peer() {
+            let mut ext = http::Extensions::new();
+            ext.insert(tcp());
+            ext.insert(ConnectionKey::from_id(3));
+            assert_eq!(found(&mut ext).peer, Some(addr("10.0.0.5:40000")));
         }
 
         #[cfg(unix)]

@@ -1,7 +1,8 @@
 //! Guards shared by several tokio runtimes: limits hold on every runtime that
 //! uses a guard, whatever happens to the others (issue 14, "a timer whose
 //! runtime died"). Every runtime is an explicit current-thread runtime with
-//! paused time, so no test waits on the wall clock.
+//! paused time, so no test waits on the wall clock; where a multi-thread
+//! runtime takes part, the tests look only at where the timer task runs.
 
 use std::{
     convert::Infallible,
@@ -24,6 +25,15 @@ fn runtime() -> Runtime {
     Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// A multi-thread runtime (real time: tests only count its tasks).
+fn multi_thread_runtime() -> Runtime {
+    Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
         .build()
         .unwrap()
 }
@@ -208,4 +218,58 @@ fn a_connection_is_closed_on_its_runtime_after_the_timers_runtime_died() {
         baseline,
         "the ticker stopped"
     );
+}
+
+/// C opened and closed a stream last and is alive, kept for a later
+/// `block_on` but driven by nobody; B is a multi-thread runtime, which runs
+/// tasks on its own. When A dies, the timer moves to B, not to the newer C.
+#[test]
+fn the_timer_moves_to_a_runtime_that_runs_tasks_on_its_own_before_an_idle_one() {
+    let guard = guard();
+    let a = runtime();
+    let b = multi_thread_runtime();
+    let c = runtime();
+    let (first, _) = open(&a, &guard);
+    let on_b = b.metrics().num_alive_tasks();
+    let on_c = c.metrics().num_alive_tasks();
+    let (kept_b, _) = open(&b, &guard);
+    let (done_c, _) = open(&c, &guard);
+    drop(done_c);
+    drop(first);
+    drop(a);
+    assert_eq!(
+        b.metrics().num_alive_tasks(),
+        on_b + 1,
+        "the timer runs on B"
+    );
+    assert_eq!(c.metrics().num_alive_tasks(), on_c, "nothing on C");
+    drop(kept_b);
+    drop(b);
+    drop(c);
+}
+
+/// Among runtimes of one kind, the timer moves to the one that filed work
+/// most recently: B was remembered before C, but filed again after C went
+/// idle.
+#[test]
+fn the_timer_moves_to_the_runtime_that_filed_most_recently() {
+    let guard = guard();
+    let a = runtime();
+    let b = runtime();
+    let c = runtime();
+    let (first, _) = open(&a, &guard);
+    let (early_b, _) = open(&b, &guard);
+    let (done_c, _) = open(&c, &guard);
+    drop(done_c);
+    drop(early_b);
+    let (kept_b, on_b) = open(&b, &guard);
+    drop(first);
+    drop(a);
+    run_for(&b, Duration::from_secs(30));
+    assert_eq!(
+        on_b.end_reason(),
+        Some(EndReason::LifetimeExceeded),
+        "B's stream cut at its 2 s lifetime"
+    );
+    drop((kept_b, c));
 }
