@@ -164,6 +164,8 @@ async fn an_http1_head_request_completes() {
     let mut client = http1(addr).await;
     let mut lengths = Vec::new();
     for method in ["GET", "HEAD"] {
+        // HTTP/1 carries one request at a time: wait until the last is done.
+        timeout(PATIENCE, client.ready()).await.unwrap().unwrap();
         let response = timeout(PATIENCE, client.send_request(get(addr, method, "/ok")))
             .await
             .unwrap()
