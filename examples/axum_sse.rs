@@ -4,11 +4,9 @@
 //! cargo run --example axum_sse
 //! ```
 //!
-//! axum's `Router::layer` hands its routes `axum::body::Body` only, so the
-//! guard is given a marker type (`AxumBody`, in `examples/common`) that boxes its guarded
-//! request body back into that type (the same job [`TonicBody`] does for
-//! tonic). The SSE handler takes the [`StreamHandle`] from the request
-//! extensions and stops producing the moment its stream ends.
+//! The guard goes on the router with a plain `Router::layer` (axum's routes
+//! take any request body). The SSE handler takes the [`StreamHandle`] from the
+//! request extensions and stops producing the moment its stream ends.
 //!
 //! Two clients, over plain TCP: one reads its events; one sends its request
 //! and never reads, so the socket buffers fill, hyper stops polling the body,
@@ -17,9 +15,7 @@
 //! stopped, end event emitted. The example prints the end events as JSON
 //! lines and finishes by itself in about a second.
 //!
-//! [`TonicBody`]: tower_stream_guard::TonicBody
-
-mod common;
+//! [`StreamHandle`]: tower_stream_guard::StreamHandle
 
 use std::{
     convert::Infallible,
@@ -40,8 +36,6 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tower_stream_guard::{StreamGuardLayer, StreamHandle};
-
-use common::AxumBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -106,7 +100,7 @@ async fn main() -> Result<(), BoxError> {
     let mut end_events = guard.subscribe();
     let app = Router::new()
         .route("/events", get(events))
-        .layer(guard.clone().wrap_request_body::<AxumBody>());
+        .layer(guard.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });

@@ -7,8 +7,8 @@
 //! no lock, no allocation. Wakers are registered only when the inner body is
 //! pending, so that the sweeper can wake whoever waits on this body.
 //!
-//! When guard layers are stacked, only the outermost wraps for real; the inner
-//! ones pass frames through untouched (one branch per frame).
+//! Guard layers nested in each other are independent: each wraps the bodies
+//! it sees, counts its own frames and enforces its own limits.
 
 use std::{
     fmt,
@@ -38,7 +38,7 @@ pin_project! {
     pub struct RequestBody<B> {
         #[pin]
         inner: B,
-        state: Option<Arc<StreamState>>,
+        state: Arc<StreamState>,
         // The waker last handed to `state.request_waker` (see ResponseBody).
         registered: Option<Waker>,
         done: bool,
@@ -55,7 +55,7 @@ impl<B: Body> RequestBody<B> {
         }
         RequestBody {
             inner,
-            state: Some(state),
+            state,
             registered: None,
             done: false,
         }
@@ -63,16 +63,6 @@ impl<B: Body> RequestBody<B> {
 }
 
 impl<B> RequestBody<B> {
-    /// A body an outer guard layer already watches.
-    pub(crate) fn pass_through(inner: B) -> Self {
-        RequestBody {
-            inner,
-            state: None,
-            registered: None,
-            done: false,
-        }
-    }
-
     /// The wrapped body.
     pub fn get_ref(&self) -> &B {
         &self.inner
@@ -92,9 +82,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let Some(state) = this.state.as_deref() else {
-            return this.inner.poll_frame(cx).map_err(Into::into);
-        };
+        let state = &**this.state;
         if *this.done {
             return Poll::Ready(None);
         }
@@ -157,14 +145,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.state {
-            None => self.inner.is_end_stream(),
-            Some(state) => {
-                self.done
-                    || (self.inner.is_end_stream()
-                        && !state.end_reason().is_some_and(|r| r.is_guard()))
-            }
-        }
+        self.done
+            || (self.inner.is_end_stream()
+                && !self.state.end_reason().is_some_and(|r| r.is_guard()))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -251,18 +234,6 @@ impl<B: Body> ResponseBody<B> {
 }
 
 impl<B> ResponseBody<B> {
-    /// A body an outer guard layer already watches.
-    pub(crate) fn pass_through(inner: B) -> Self {
-        ResponseBody {
-            inner: Some(inner),
-            state: None,
-            registered: None,
-            grpc: false,
-            closed: false,
-            finishing: false,
-        }
-    }
-
     /// The empty body of a response the guard made itself.
     pub(crate) fn empty() -> Self {
         ResponseBody {
@@ -480,7 +451,7 @@ impl<B: fmt::Debug> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestBody")
             .field("inner", &self.inner)
-            .field("stream", &self.state.as_ref().map(|s| s.id))
+            .field("stream", &self.state.id)
             .finish()
     }
 }

@@ -1,4 +1,4 @@
-//! The layers and their builder.
+//! The layer and its builder.
 
 use std::{
     fmt,
@@ -356,8 +356,7 @@ impl StreamGuardBuilder {
     /// A stream over a cap waits up to `patience` for a slot instead of being
     /// refused at once; it is refused if none comes free in time. The
     /// service is called at once but its future is not polled while the
-    /// stream waits, and the stream's lifetime runs meanwhile. Caps of inner
-    /// stacked guard layers refuse at once regardless.
+    /// stream waits, and the stream's lifetime runs meanwhile.
     pub fn cap_wait(mut self, patience: Duration) -> Self {
         self.cap_wait = Some(patience);
         self
@@ -510,7 +509,6 @@ impl StreamGuardBuilder {
             drain: drain.clone(),
             handle_in_response: self.response_handle,
             drain_deadline: AtomicU64::new(u64::MAX),
-            stacked_streams: Default::default(),
             refusals: Default::default(),
             warned_unidentified: Default::default(),
         });
@@ -522,110 +520,5 @@ impl StreamGuardBuilder {
             core,
             _wrap: PhantomData,
         })
-    }
-}
-
-macro_rules! single_guard_layer {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        pub struct $name<W = PlainBody>(StreamGuardLayer<W>);
-
-        impl<W> $name<W> {
-            /// A receiver of this layer's end events; see
-            /// [`StreamGuardLayer::subscribe`].
-            pub fn subscribe(&self) -> broadcast::Receiver<EndEvent> {
-                self.0.subscribe()
-            }
-
-            /// Streams this layer owns or limits that have not ended yet.
-            pub fn active_streams(&self) -> usize {
-                self.0.active_streams()
-            }
-
-            /// The same layer, handing the inner service a `tonic::body::Body`.
-            #[cfg(feature = "tonic")]
-            pub fn for_tonic(self) -> $name<crate::TonicBody> {
-                $name(self.0.for_tonic())
-            }
-
-            /// The underlying general guard layer.
-            pub fn into_inner(self) -> StreamGuardLayer<W> {
-                self.0
-            }
-        }
-
-        impl<W> Clone for $name<W> {
-            fn clone(&self) -> Self {
-                $name(self.0.clone())
-            }
-        }
-
-        impl<W> fmt::Debug for $name<W> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_tuple(stringify!($name)).field(&self.0).finish()
-            }
-        }
-
-        impl<S, W> Layer<S> for $name<W> {
-            type Service = StreamGuard<S, W>;
-
-            fn layer(&self, inner: S) -> Self::Service {
-                self.0.layer(inner)
-            }
-        }
-    };
-}
-
-single_guard_layer! {
-    /// Only an idle timeout; stacks with [`MaxLifetimeLayer`] and
-    /// [`StreamGuardLayer`] without wrapping bodies twice (the outermost layer
-    /// owns the stream, the inner ones add their limits to it and their
-    /// subscribers hear its end).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use tower::ServiceBuilder;
-    /// use tower_stream_guard::{IdleDirection, IdleTimeoutLayer, MaxLifetimeLayer};
-    ///
-    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
-    /// let layers = ServiceBuilder::new()
-    ///     .layer(MaxLifetimeLayer::new(Duration::from_secs(600))?)
-    ///     .layer(IdleTimeoutLayer::new(Duration::from_secs(20), IdleDirection::Request)?);
-    /// # drop(layers);
-    /// # Ok(())
-    /// # }
-    /// ```
-    IdleTimeoutLayer
-}
-
-single_guard_layer! {
-    /// Only a maximum lifetime; stacks like [`IdleTimeoutLayer`].
-    MaxLifetimeLayer
-}
-
-impl IdleTimeoutLayer {
-    /// Ends a stream when no frame moved in `direction` for `timeout`.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] for a zero or absurdly long timeout.
-    pub fn new(timeout: Duration, direction: IdleDirection) -> Result<Self, ConfigError> {
-        let mut builder = StreamGuardLayer::builder();
-        builder.policy.set_idle(direction, timeout);
-        builder.build().map(IdleTimeoutLayer)
-    }
-}
-
-impl MaxLifetimeLayer {
-    /// Ends a stream `lifetime` after its request reached the layer.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] for a zero or absurdly long lifetime.
-    pub fn new(lifetime: Duration) -> Result<Self, ConfigError> {
-        StreamGuardLayer::builder()
-            .max_lifetime(lifetime)
-            .build()
-            .map(MaxLifetimeLayer)
     }
 }

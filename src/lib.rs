@@ -118,7 +118,6 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 mod body;
-mod builder;
 mod cap;
 pub mod conn;
 pub mod drain;
@@ -139,7 +138,6 @@ mod ticker;
 mod timer;
 
 pub use body::{RequestBody, ResponseBody};
-pub use builder::ServiceBuilderExt;
 pub use cap::{ConnectionKey, StreamCap};
 pub use conn::{
     ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionGuardBuilder, ConnectionHandle,
@@ -149,10 +147,7 @@ pub use drain::{DEFAULT_CLOSE_CONNECTIONS_AFTER, Drain, DrainReport};
 pub use error::{BoxError, GuardError};
 pub use event::{EndEvent, EndReason, Traffic};
 pub use handle::{PeerAddr, StreamHandle, StreamId};
-pub use layer::{
-    DEFAULT_EVENT_CAPACITY, IdleTimeoutLayer, MaxLifetimeLayer, StreamGuardBuilder,
-    StreamGuardLayer,
-};
+pub use layer::{DEFAULT_EVENT_CAPACITY, StreamGuardBuilder, StreamGuardLayer};
 pub use policy::{
     ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_EVENT_CAPACITY,
     MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION, Policy,

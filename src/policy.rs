@@ -63,9 +63,7 @@ impl fmt::Display for IdleDirection {
 
 /// The limits a guard puts on each stream. `None` means "no limit".
 ///
-/// Built and validated by [`StreamGuardBuilder`](crate::StreamGuardBuilder),
-/// [`IdleTimeoutLayer::new`](crate::IdleTimeoutLayer::new) and
-/// [`MaxLifetimeLayer::new`](crate::MaxLifetimeLayer::new).
+/// Built and validated by [`StreamGuardBuilder`](crate::StreamGuardBuilder).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub(crate) idle_both: Option<Duration>,

@@ -42,10 +42,6 @@ pub trait WrapRequestBody<B> {
 
     /// Wraps a body this guard watches.
     fn wrap(body: RequestBody<B>) -> Self::Body;
-
-    /// Passes on a body an outer guard layer already watches, without
-    /// watching it twice.
-    fn pass_through(body: B) -> Self::Body;
 }
 
 /// Hands the inner service a [`RequestBody<B>`]; for services generic over
@@ -58,10 +54,6 @@ impl<B> WrapRequestBody<B> for PlainBody {
 
     fn wrap(body: RequestBody<B>) -> Self::Body {
         body
-    }
-
-    fn pass_through(body: B) -> Self::Body {
-        RequestBody::pass_through(body)
     }
 }
 
@@ -78,10 +70,6 @@ impl WrapRequestBody<tonic::body::Body> for TonicBody {
 
     fn wrap(body: RequestBody<tonic::body::Body>) -> Self::Body {
         tonic::body::Body::new(body)
-    }
-
-    fn pass_through(body: tonic::body::Body) -> Self::Body {
-        body
     }
 }
 
@@ -248,33 +236,6 @@ where
             .cloned()
             .collect();
 
-        // An outer guard layer already owns this stream: add our limits,
-        // caps and subscribers to it instead of wrapping the bodies a second
-        // time. An inner layer's caps refuse at once, without waiting.
-        if let Some(handle) = request.extensions().get::<StreamHandle>() {
-            let state = Arc::clone(&handle.state);
-            // Before `attach` files the stream under the merged limits.
-            state.limit_lifetime(client_deadline, true);
-            state.attach(core, &policy);
-            if core.is_draining() {
-                state.refuse_draining();
-                return ResponseFuture::answered(state);
-            }
-            match cap::try_acquire_all(&caps, &origin) {
-                Ok(permits) => state.hold(permits),
-                Err(refusal) => {
-                    state.reject(refusal.cap, refusal.limit);
-                    return ResponseFuture::answered(state);
-                }
-            }
-            let future = self.inner.call(request.map(W::pass_through));
-            return ResponseFuture {
-                inner: Some(future),
-                state: None,
-                admission: None,
-            };
-        }
-
         let state = StreamState::new(core, &policy, &request, &origin, peer, connection);
         if core.is_draining() {
             state.refuse_draining();
@@ -308,8 +269,6 @@ where
         let unwinding = EndOnUnwind::arm_finishing(&state);
         let future = self.inner.call(request);
         unwinding.disarm();
-        // Filed after the inner call so that limits of stacked inner guard
-        // layers are already merged in.
         state.arm_new();
         ResponseFuture {
             inner: Some(future),
@@ -384,13 +343,8 @@ where
         // that whatever happens to the future (dropped, panicking) ends the
         // stream through its `Drop`.
         let Some(state) = this.state.as_ref() else {
-            return match this.inner.as_pin_mut() {
-                Some(inner) => inner
-                    .poll(cx)
-                    .map_ok(|response| response.map(ResponseBody::pass_through)),
-                // Never built this way; and polled again after completion.
-                None => Poll::Pending,
-            };
+            // Polled again after it resolved.
+            return Poll::Pending;
         };
         if let Some(response) = early_response(state) {
             return Poll::Ready(Ok(response));

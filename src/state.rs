@@ -7,10 +7,9 @@
 //! compare-and-swap: whoever wins it wakes everybody and emits the event.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -51,10 +50,6 @@ pub(crate) struct Core {
     pub(crate) handle_in_response: bool,
     /// When a drain cuts the streams still open, ns on the sweeper's clock.
     pub(crate) drain_deadline: AtomicU64,
-    /// Streams an outer guard layer owns that this layer, which has a
-    /// drain, is stacked on: a drain must reach them through their owner's
-    /// timer. Empty for layers without a drain.
-    pub(crate) stacked_streams: Mutex<HashMap<u64, Weak<StreamState>>>,
     /// Refusals not yet in a `WARN` summary.
     pub(crate) refusals: RefusalLog,
     /// Which keyed caps already warned that a stream had no key (a bit per
@@ -69,25 +64,6 @@ impl Core {
         let deadline = self.sweeper.ns_of(deadline);
         self.drain_deadline.store(deadline, Ordering::Release);
         self.sweeper.refile_after(deadline);
-        let stacked: Vec<Arc<StreamState>> =
-            self.stacked().values().filter_map(Weak::upgrade).collect();
-        for state in stacked {
-            state.arm();
-        }
-    }
-
-    fn stacked(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<StreamState>>> {
-        self.stacked_streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This layer's drain deadline on `sweeper`'s clock, if it is draining.
-    fn drain_deadline_on(&self, sweeper: &Sweeper) -> u64 {
-        match self.drain_deadline.load(Ordering::Acquire) {
-            NEVER => NEVER,
-            ns => sweeper.ns_of(self.sweeper.instant_of(ns)),
-        }
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -118,8 +94,6 @@ const BODY_STALLED: u8 = 2;
 /// What a stream holds until it ends besides its own record.
 #[derive(Default)]
 struct Held {
-    /// Inner guard layers stacked under the one that owns this stream.
-    stacked: Vec<Arc<Core>>,
     /// Cap slots, given back when the stream ends.
     permits: Vec<CapPermit>,
 }
@@ -189,8 +163,6 @@ pub(crate) struct StreamState {
     client_deadline: AtomicBool,
     /// A drain refused this stream (rather than cutting it).
     refused_by_drain: AtomicBool,
-    /// An inner guard layer with a drain is stacked on this stream.
-    stacked_drain: AtomicBool,
     /// The response body decided the end (`Completed`); the rest of the end
     /// (wake-ups, slots, the event) waits until the body is dropped or polled
     /// again. See `complete_deferred`.
@@ -236,9 +208,9 @@ impl StreamState {
             core: Arc::clone(core),
             start_ns,
             phase: AtomicU8::new(ACTIVE),
-            idle_both: AtomicU64::new(NEVER),
-            idle_request: AtomicU64::new(NEVER),
-            idle_response: AtomicU64::new(NEVER),
+            idle_both: AtomicU64::new(ns(policy.idle_both)),
+            idle_request: AtomicU64::new(ns(policy.idle_request)),
+            idle_response: AtomicU64::new(ns(policy.idle_response)),
             lifetime_deadline: AtomicU64::new(NEVER),
             request: Side::default(),
             response: Side::default(),
@@ -253,7 +225,6 @@ impl StreamState {
             client_deadline: AtomicBool::new(false),
             cap_limit: AtomicU32::new(0),
             refused_by_drain: AtomicBool::new(false),
-            stacked_drain: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
 
             body: AtomicU8::new(BODY_NONE),
@@ -263,19 +234,9 @@ impl StreamState {
             peer,
             connection: origin.connection,
         };
-        state.merge(policy);
+        state.core.sweeper.note_idle(policy);
+        state.limit_lifetime(policy.max_lifetime, false);
         Arc::new(state)
-    }
-
-    fn merge(&self, policy: &Policy) {
-        self.core.sweeper.note_idle(policy);
-        self.idle_both
-            .fetch_min(ns(policy.idle_both), Ordering::Relaxed);
-        self.idle_request
-            .fetch_min(ns(policy.idle_request), Ordering::Relaxed);
-        self.idle_response
-            .fetch_min(ns(policy.idle_response), Ordering::Relaxed);
-        self.limit_lifetime(policy.max_lifetime, false);
     }
 
     /// Brings the lifetime deadline forward to `lifetime` after the start, if
@@ -391,39 +352,6 @@ impl StreamState {
         self.conn.as_ref()
     }
 
-    /// An inner guard layer met this stream: its limits apply too, and its
-    /// subscribers hear of the end.
-    pub(crate) fn attach(self: &Arc<Self>, core: &Arc<Core>, policy: &Policy) {
-        self.merge(policy);
-        if !Arc::ptr_eq(core, &self.core) {
-            let mut held = self.held();
-            // `end` sets the phase before it copies this list under the same
-            // lock: a layer that arrives after the end is not counted.
-            if self.is_ended() {
-                return;
-            }
-            let held = held.get_or_insert_default();
-            if !held.stacked.iter().any(|c| Arc::ptr_eq(c, core)) {
-                core.active.fetch_add(1, Ordering::Relaxed);
-                held.stacked.push(Arc::clone(core));
-                if core.drain.is_some() {
-                    // Known to the inner layer so that its drain can refile
-                    // the stream; forgotten in `finish`.
-                    self.stacked_drain.store(true, Ordering::Release);
-                    core.stacked().insert(self.id.get(), Arc::downgrade(self));
-                }
-            }
-        }
-        // The inner layer may run after the owner filed the stream (a buffer,
-        // a spawn in between), or the owner may have no deadline of its own:
-        // file it again under the merged limits either way.
-        self.core.sweeper.arm(self);
-    }
-
-    pub(crate) fn arm(self: &Arc<Self>) {
-        self.core.sweeper.arm(self);
-    }
-
     /// Files a stream that just started on the current runtime.
     pub(crate) fn arm_new(self: &Arc<Self>) {
         self.core.sweeper.arm_new(self);
@@ -477,9 +405,6 @@ impl StreamState {
             self.core.drain_deadline.load(Ordering::Acquire),
             EndReason::Drained,
         );
-        if self.stacked_drain.load(Ordering::Acquire) {
-            consider(self.stacked_drain_deadline(), EndReason::Drained);
-        }
         let last_request = late
             .latest(self.request.last.load(Ordering::Relaxed))
             .max(self.start_ns);
@@ -505,29 +430,6 @@ impl StreamState {
             EndReason::IdleTimeout(IdleDirection::Response),
         );
         best
-    }
-
-    /// The earliest drain deadline of the inner layers stacked on this
-    /// stream, on the owner's clock. Takes the `held` lock: only for streams
-    /// with a stacked layer that has a drain.
-    fn stacked_drain_deadline(&self) -> u64 {
-        self.held().as_ref().map_or(NEVER, |held| {
-            held.stacked
-                .iter()
-                .map(|core| core.drain_deadline_on(&self.core.sweeper))
-                .min()
-                .unwrap_or(NEVER)
-        })
-    }
-
-    /// The drain that cuts this stream: of the owner's and the stacked
-    /// layers' drains in progress, the one with the earliest deadline.
-    fn cutting_drain<'a>(&'a self, stacked: &'a [Arc<Core>]) -> Option<&'a Arc<DrainShared>> {
-        std::iter::once(&self.core)
-            .chain(stacked)
-            .filter(|core| core.drain.as_ref().is_some_and(|drain| drain.is_draining()))
-            .min_by_key(|core| core.drain_deadline_on(&self.core.sweeper))
-            .and_then(|core| core.drain.as_ref())
     }
 
     pub(crate) fn check(&self, now_ns: u64, late: &LateTicks) -> Verdict {
@@ -587,10 +489,10 @@ impl StreamState {
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.start_ns),
             EndReason::Drained => {
-                let held = self.held();
-                let stacked = held.as_ref().map_or(&[][..], |held| &held.stacked);
                 return self
-                    .cutting_drain(stacked)
+                    .core
+                    .drain
+                    .as_ref()
                     .map_or(Duration::ZERO, |drain| drain.grace());
             }
             _ => 0,
@@ -703,12 +605,11 @@ impl StreamState {
         self.request_waker.wake();
         self.cancelled.notify_waiters();
 
-        // The slots are given back; the stacked layers stay listed (for the
-        // drain behind a `Drained` end's message) but are copied out, so
-        // that no lock is held while subscribers hear of the end.
-        let (permits, stacked) = match self.held().as_mut() {
-            Some(held) => (std::mem::take(&mut held.permits), held.stacked.clone()),
-            None => (Vec::new(), Vec::new()),
+        // Taken out, so that no lock is held while subscribers hear of the
+        // end.
+        let permits = match self.held().as_mut() {
+            Some(held) => std::mem::take(&mut held.permits),
+            None => Vec::new(),
         };
         // Slots first: a stream waiting for one should not wait for
         // subscribers.
@@ -728,14 +629,9 @@ impl StreamState {
         }
         if reason == EndReason::Drained
             && !self.refused_by_drain.load(Ordering::Relaxed)
-            && let Some(drain) = self.cutting_drain(&stacked)
+            && let Some(drain) = &self.core.drain
         {
             drain.count_cut();
-        }
-        for core in &stacked {
-            if core.drain.is_some() {
-                core.stacked().remove(&self.id.get());
-            }
         }
         let event = self.event(reason);
         trace_end(&event);
@@ -745,13 +641,12 @@ impl StreamState {
         // On every end, not only refusals: the tail of a burst is reported
         // by the next stream to end after the second is up.
         self.core.refusals.summarize(&self.core.sweeper);
-        for core in std::iter::once(&self.core).chain(&stacked) {
-            core.counters.count(reason);
-            core.active.fetch_sub(1, Ordering::AcqRel);
-            core.events.emit(&event);
-            if let Some(drain) = &core.drain {
-                drain.ended_one();
-            }
+        let core = &self.core;
+        core.counters.count(reason);
+        core.active.fetch_sub(1, Ordering::AcqRel);
+        core.events.emit(&event);
+        if let Some(drain) = &core.drain {
+            drain.ended_one();
         }
     }
 

@@ -1,9 +1,6 @@
 //! The guard as an axum `Router::layer`, in front of a server-sent-events
 //! endpoint, with clients over loopback TCP that read or stop reading.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-
 use std::{
     convert::Infallible,
     sync::{
@@ -18,7 +15,6 @@ use axum::{
     response::sse::{Event, Sse},
     routing::get,
 };
-use common::AxumBody;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -64,7 +60,7 @@ async fn serve(guard: &StreamGuardLayer, producers: &Producers) -> std::net::Soc
     let app = Router::new()
         .route("/events", get(events))
         .layer(Extension(producers.clone()))
-        .layer(guard.clone().wrap_request_body::<AxumBody>());
+        .layer(guard.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

@@ -219,8 +219,11 @@ async fn the_lifetime_runs_while_a_stream_waits_for_a_slot() {
     assert!(guard.connection_streams().is_empty());
 }
 
+/// Nested guards are independent: the inner guard's cap refuses the
+/// stream (its own event says so), and the outer guard sees the refusal's
+/// trailers-only answer as the stream's end.
 #[tokio::test(start_paused = true)]
-async fn an_inner_stacked_layers_cap_refuses_a_stream_the_outer_layer_owns() {
+async fn an_inner_guards_cap_refuses_and_the_outer_guard_sees_the_answer() {
     let outer = guard(StreamGuardLayer::builder().max_lifetime(60 * SECOND));
     let inner = guard(StreamGuardLayer::builder().max_streams(1));
     let mut outer_events = outer.subscribe();
@@ -231,12 +234,14 @@ async fn an_inner_stacked_layers_cap_refuses_a_stream_the_outer_layer_owns() {
     let held = call(&mut svc, request("/a", 1, true)).await;
     let refused = call(&mut svc, request("/a", 1, true)).await;
     assert_eq!(refused.headers()["grpc-status"], "8");
-    for events in [&mut outer_events, &mut inner_events] {
-        let event = next_event(events).await;
-        assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
-        assert!(events.try_recv().is_err(), "one event per stream");
-    }
-    assert_eq!(outer.stats().rejected(StreamCap::Total), 1);
+    let event = next_event(&mut inner_events).await;
+    assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+    assert!(inner_events.try_recv().is_err(), "one event per stream");
+    let event = next_event(&mut outer_events).await;
+    assert_eq!(event.reason(), EndReason::Completed);
+    assert_eq!(event.grpc_status(), Some(8));
+    assert!(outer_events.try_recv().is_err(), "one event per stream");
+    assert_eq!(outer.stats().rejected(StreamCap::Total), 0);
     assert_eq!(inner.stats().rejected(StreamCap::Total), 1);
     drop(held);
     assert_eq!(outer.active_streams() + inner.active_streams(), 0);

@@ -28,8 +28,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, transport::Channel};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_stream_guard::{
-    BoxError, EndReason, GuardError, IdleDirection, ServiceBuilderExt, StreamGuard,
-    StreamGuardLayer, StreamHandle, TonicBody,
+    BoxError, EndReason, GuardError, IdleDirection, StreamGuard, StreamGuardLayer, StreamHandle,
+    TonicBody,
 };
 
 #[allow(dead_code)]
@@ -219,7 +219,7 @@ async fn the_client_handle_observes_and_cancels_the_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_builder_ext_stacks_guards_around_a_channel() {
+async fn a_service_builder_layers_the_guard_around_a_channel() {
     let (addr, _server_guard) = serve().await;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -231,7 +231,7 @@ async fn service_builder_ext_stacks_guards_around_a_channel() {
         .build()
         .unwrap();
     let service = ServiceBuilder::new()
-        .stream_guard(guard.clone().for_tonic())
+        .layer(guard.clone().for_tonic())
         .service(channel);
     let mut client = EchoClient::new(service);
     let reply = client

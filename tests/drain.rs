@@ -186,11 +186,12 @@ async fn draining_resolves_for_every_open_stream_and_never_without_a_drain() {
     drop(responses);
 }
 
-/// A drain on an inner layer stacked under another guard layer (which owns
-/// the stream and has no drain, nor any limit) still cuts the stream at the
-/// end of its grace, whichever layer's timer files it.
+/// A drain on an inner guard nested in another guard (which has no drain,
+/// nor any limit) cuts the inner guard's stream at the end of its grace;
+/// the outer guard sees the cut's trailers as the end, and the drain's
+/// report counts the stream once.
 #[tokio::test(start_paused = true)]
-async fn a_drain_on_a_stacked_inner_layer_cuts_the_outer_layers_streams() {
+async fn a_drain_on_an_inner_nested_guard_cuts_its_streams() {
     let drain = Drain::new();
     let outer = guard(StreamGuardLayer::builder());
     let inner = guard(StreamGuardLayer::builder().drain(&drain));

@@ -18,7 +18,6 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
-use common::AxumBody;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
@@ -98,7 +97,7 @@ async fn serve(pattern: Pattern) -> Server {
     };
     let app = Router::new()
         .route("/events", get(events))
-        .layer(guard.clone().wrap_request_body::<AxumBody>());
+        .layer(guard.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
     tokio::spawn(async move { axum::serve(listener, app).await });

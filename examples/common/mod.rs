@@ -231,22 +231,3 @@ impl Echo for EchoService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
-
-/// Hands axum routes an `axum::body::Body`, as axum's `Router::layer`
-/// requires: give it to `StreamGuardLayer::wrap_request_body::<AxumBody>()`.
-/// tower-stream-guard does the same for tonic with `TonicBody`.
-#[allow(dead_code)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AxumBody;
-
-impl tower_stream_guard::WrapRequestBody<axum::body::Body> for AxumBody {
-    type Body = axum::body::Body;
-
-    fn wrap(body: tower_stream_guard::RequestBody<axum::body::Body>) -> Self::Body {
-        axum::body::Body::new(body)
-    }
-
-    fn pass_through(body: axum::body::Body) -> Self::Body {
-        body
-    }
-}
