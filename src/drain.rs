@@ -66,7 +66,22 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{MAX_DURATION, conn::Connections, state::Core};
+use crate::error::MAX_DURATION;
+
+/// What a drain reaches: a stream guard layer's streams, or a connection
+/// guard's connections. The drain sees them through this trait only, so that
+/// neither family's registry is known here.
+pub(crate) trait Drained: Send + Sync {
+    /// The drain began: what is still open must be over by `deadline`.
+    fn begin(&self, deadline: Instant);
+
+    /// How many streams or connections are still open.
+    fn open(&self) -> usize;
+
+    /// The grace period and the delay after it are over: closes what is
+    /// still open and says how many it closed.
+    fn close_rest(&self) -> u64;
+}
 
 /// The default delay between the end of the grace period and the closing of
 /// connections still open: 500 ms.
@@ -87,8 +102,10 @@ pub(crate) struct DrainShared {
     /// Wakes the drain task when a stream or guarded connection ends while
     /// draining.
     idle: Notify,
-    cores: Mutex<Vec<Weak<Core>>>,
-    connections: Mutex<Vec<Weak<Connections>>>,
+    /// The stream guard layers given this drain.
+    streams: Mutex<Vec<Weak<dyn Drained>>>,
+    /// The connection guards given this drain.
+    connections: Mutex<Vec<Weak<dyn Drained>>>,
     grace_ns: AtomicU64,
     close_after_ns: AtomicU64,
     open_at_start: AtomicU64,
@@ -193,7 +210,7 @@ impl Drain {
                 draining: AtomicBool::new(false),
                 began: Notify::new(),
                 idle: Notify::new(),
-                cores: Mutex::new(Vec::new()),
+                streams: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
                 grace_ns: AtomicU64::new(0),
                 close_after_ns: AtomicU64::new(ns(DEFAULT_CLOSE_CONNECTIONS_AFTER)),
@@ -256,8 +273,8 @@ impl Drain {
                 .open_at_start
                 .store(shared.active() as u64, Ordering::Relaxed);
             shared.began.notify_waiters();
-            for core in shared.cores() {
-                core.begin_drain(deadline);
+            for streams in shared.streams() {
+                streams.begin(deadline);
             }
             tokio::spawn(run(Arc::clone(shared), deadline));
         }
@@ -303,19 +320,24 @@ impl DrainShared {
         }
     }
 
-    pub(crate) fn register_core(&self, core: &Arc<Core>) {
-        lock(&self.cores).push(Arc::downgrade(core));
+    /// A stream guard layer's streams, to reach when the drain begins.
+    pub(crate) fn register_streams(&self, streams: Weak<dyn Drained>) {
+        lock(&self.streams).push(streams);
     }
 
-    pub(crate) fn register_connections(&self, connections: &Arc<Connections>) {
-        lock(&self.connections).push(Arc::downgrade(connections));
+    /// A connection guard's connections, to close when the drain ends.
+    pub(crate) fn register_connections(&self, connections: Weak<dyn Drained>) {
+        lock(&self.connections).push(connections);
     }
 
-    fn cores(&self) -> Vec<Arc<Core>> {
-        lock(&self.cores).iter().filter_map(Weak::upgrade).collect()
+    fn streams(&self) -> Vec<Arc<dyn Drained>> {
+        lock(&self.streams)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
-    fn connections(&self) -> Vec<Arc<Connections>> {
+    fn connections(&self) -> Vec<Arc<dyn Drained>> {
         lock(&self.connections)
             .iter()
             .filter_map(Weak::upgrade)
@@ -323,10 +345,7 @@ impl DrainShared {
     }
 
     fn active(&self) -> usize {
-        self.cores()
-            .iter()
-            .map(|core| core.active.load(Ordering::Acquire))
-            .sum()
+        self.streams().iter().map(|streams| streams.open()).sum()
     }
 
     fn open_connections(&self) -> usize {
@@ -379,7 +398,7 @@ async fn run(shared: Arc<DrainShared>, deadline: Instant) {
     }
     let mut connections_closed = 0;
     for connections in shared.connections() {
-        connections_closed += connections.close_all();
+        connections_closed += connections.close_rest();
     }
     let report = DrainReport {
         open_at_start: shared.open_at_start.load(Ordering::Relaxed),

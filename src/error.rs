@@ -2,7 +2,30 @@
 
 use std::{error::Error, fmt, time::Duration};
 
-use crate::{cap::StreamCap, event::EndReason, policy::IdleDirection};
+use crate::end::{EndReason, IdleDirection, StreamCap};
+
+/// The longest duration any guard setting accepts: 365 days.
+///
+/// Longer values are almost always a unit mistake (milliseconds passed as
+/// seconds); use no limit at all instead.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The largest end-event (and connection-event) channel capacity accepted:
+/// 65,536 events.
+///
+/// The channel allocates its slots up front; a lagging receiver skips the
+/// events it missed rather than holding up streams, so more room buys
+/// little.
+pub const MAX_EVENT_CAPACITY: usize = 1 << 16;
+
+/// The default timer resolution: deadlines are checked every 10 ms.
+pub const DEFAULT_TIMER_RESOLUTION: Duration = Duration::from_millis(10);
+
+/// The finest timer resolution accepted: 1 ms.
+pub const MIN_TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// The coarsest timer resolution accepted: 1 s.
+pub const MAX_TIMER_RESOLUTION: Duration = Duration::from_secs(1);
 
 /// A boxed error, as bodies of this crate return.
 pub type BoxError = Box<dyn Error + Send + Sync>;
@@ -120,6 +143,144 @@ impl From<GuardError> for tonic::Status {
         err.status
     }
 }
+
+/// Checks an event channel capacity.
+pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError> {
+    match capacity {
+        0 => Err(ConfigError::ZeroEventCapacity),
+        value if value > MAX_EVENT_CAPACITY => Err(ConfigError::EventCapacityTooLarge { value }),
+        _ => Ok(()),
+    }
+}
+
+/// A guard configuration that cannot work, reported when the layer is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration setting is zero: every stream would end at once.
+    Zero {
+        /// The builder method that was given zero.
+        setting: &'static str,
+    },
+    /// A duration setting is longer than [`MAX_DURATION`].
+    TooLong {
+        /// The builder method that was given the value.
+        setting: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// An idle timeout is not shorter than the maximum lifetime, so it could
+    /// never fire.
+    IdleNotBelowLifetime {
+        /// The idle setting at fault.
+        setting: &'static str,
+        /// Its value.
+        idle: Duration,
+        /// The maximum lifetime it must stay below.
+        lifetime: Duration,
+    },
+    /// The timer resolution is outside
+    /// [`MIN_TIMER_RESOLUTION`]..=[`MAX_TIMER_RESOLUTION`].
+    ResolutionOutOfRange {
+        /// The value given.
+        value: Duration,
+    },
+    /// A duration setting is shorter than the timer resolution, so it could not
+    /// be enforced with any precision.
+    BelowResolution {
+        /// The builder method that was given the value.
+        setting: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The timer resolution in force.
+        resolution: Duration,
+    },
+    /// The end-event channel was given a capacity of zero.
+    ZeroEventCapacity,
+    /// The end-event channel was given a capacity above
+    /// [`MAX_EVENT_CAPACITY`].
+    EventCapacityTooLarge {
+        /// The value given.
+        value: usize,
+    },
+    /// A stream cap is zero: no stream could ever be admitted.
+    ZeroCap {
+        /// The setting that was given zero.
+        setting: &'static str,
+    },
+    /// A route path or prefix does not start with `/`, so it could never
+    /// match a request path.
+    InvalidRoute {
+        /// The route as given.
+        route: String,
+    },
+    /// A connection guard's `max_age_grace` is set without `max_age`.
+    GraceWithoutMaxAge,
+    /// A route's settings, laid over the layer's, cannot work.
+    Route {
+        /// The route: its path, its prefix followed by `*`, or
+        /// `route_when #N` for the N-th route (counting from 0).
+        route: String,
+        /// What is wrong with it.
+        error: Box<ConfigError>,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Zero { setting } => write!(
+                f,
+                "`{setting}` is zero; every stream would end at once (leave it unset for no limit)"
+            ),
+            ConfigError::TooLong { setting, value } => write!(
+                f,
+                "`{setting}` is {value:?}, longer than the {MAX_DURATION:?} maximum (leave it unset for no limit)"
+            ),
+            ConfigError::IdleNotBelowLifetime {
+                setting,
+                idle,
+                lifetime,
+            } => write!(
+                f,
+                "`{setting}` ({idle:?}) is not shorter than `max_lifetime` ({lifetime:?}), so it could never fire"
+            ),
+            ConfigError::ResolutionOutOfRange { value } => write!(
+                f,
+                "`timer_resolution` is {value:?}; it must lie between {MIN_TIMER_RESOLUTION:?} and {MAX_TIMER_RESOLUTION:?}"
+            ),
+            ConfigError::BelowResolution {
+                setting,
+                value,
+                resolution,
+            } => write!(
+                f,
+                "`{setting}` ({value:?}) is shorter than the timer resolution ({resolution:?})"
+            ),
+            ConfigError::ZeroEventCapacity => f.write_str(
+                "`event_capacity` is zero; the end-event channel needs room for at least one event",
+            ),
+            ConfigError::EventCapacityTooLarge { value } => write!(
+                f,
+                "`event_capacity` is {value}, more than the {MAX_EVENT_CAPACITY} maximum (the channel allocates its slots up front)"
+            ),
+            ConfigError::ZeroCap { setting } => write!(
+                f,
+                "`{setting}` is zero; no stream could ever be admitted (leave it unset for no cap)"
+            ),
+            ConfigError::InvalidRoute { route } => write!(
+                f,
+                "route `{route}` does not start with `/`, so it could never match a request path"
+            ),
+            ConfigError::Route { route, error } => write!(f, "route `{route}`: {error}"),
+            ConfigError::GraceWithoutMaxAge => f.write_str(
+                "`max_age_grace` is set without `max_age`; the grace follows the maximum age",
+            ),
+        }
+    }
+}
+
+impl Error for ConfigError {}
 
 #[cfg(all(test, feature = "tonic"))]
 mod tests {

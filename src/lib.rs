@@ -117,46 +117,37 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
-mod body;
-mod cap;
-pub mod conn;
+pub mod connection;
 pub mod drain;
+mod end;
 mod error;
-mod event;
+mod events;
 mod grpc;
-mod handle;
-mod layer;
 mod peer;
-mod policy;
-mod route;
-#[cfg(feature = "hyper")]
-mod serve;
-mod service;
-mod state;
 mod stats;
+pub mod stream;
 mod ticker;
-mod timer;
 
-pub use body::{RequestBody, ResponseBody};
-pub use cap::{ConnectionKey, StreamCap};
-pub use conn::{
+pub use connection::{
     ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionGuardBuilder, ConnectionHandle,
     DEFAULT_CONNECTION_RESOLUTION, GuardedConnectInfo, GuardedIncoming, GuardedIo, PeerOf,
 };
 pub use drain::{DEFAULT_CLOSE_CONNECTIONS_AFTER, Drain, DrainReport};
-pub use error::{BoxError, GuardError};
-pub use event::{EndEvent, EndReason, Traffic};
-pub use handle::{PeerAddr, StreamHandle, StreamId};
-pub use layer::{DEFAULT_EVENT_CAPACITY, StreamGuardBuilder, StreamGuardLayer};
-pub use policy::{
-    ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, MAX_EVENT_CAPACITY,
-    MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION, Policy,
+pub use end::{EndReason, IdleDirection, StreamCap};
+pub use error::{
+    BoxError, ConfigError, DEFAULT_TIMER_RESOLUTION, GuardError, MAX_DURATION, MAX_EVENT_CAPACITY,
+    MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION,
 };
-pub use route::{RoutePolicy, RouteRequest};
-#[cfg(feature = "tonic")]
-pub use service::TonicBody;
-pub use service::{PlainBody, ResponseFuture, StreamGuard, WrapRequestBody};
+pub use events::{EndEvent, StreamId, Traffic};
+pub use peer::{ConnectionKey, PeerAddr};
 pub use stats::GuardStats;
+#[cfg(feature = "tonic")]
+pub use stream::TonicBody;
+pub use stream::{
+    DEFAULT_EVENT_CAPACITY, PlainBody, Policy, RequestBody, ResponseBody, ResponseFuture,
+    RoutePolicy, RouteRequest, StreamGuard, StreamGuardBuilder, StreamGuardLayer, StreamHandle,
+    WrapRequestBody,
+};
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]

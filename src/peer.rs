@@ -1,198 +1,122 @@
-//! Where a request came from: the connection it arrived on, the peer's
-//! socket address, and the [`ConnectionHandle`] of a
-//! [`ConnectionGuard`](crate::ConnectionGuard) watching that connection, all
-//! read from the request extensions the server filled in.
-//!
-//! Recognised, in this order (the first that answers wins; for the peer
-//! address, see the order below the table):
-//!
-//! | extension | connection key | peer address | handle |
-//! |---|---|---|---|
-//! | [`PeerAddr`] (yours) | | itself | |
-//! | [`ConnectionKey`] (yours) | itself | its remote address | |
-//! | [`ConnectionHandle`] | its id | its peer | itself |
-//! | `GuardedConnectInfo<T>`, `T` any of the connect infos below | the handle's id | from `T` | yes |
-//! | `TlsConnectInfo<GuardedConnectInfo<T>>` (feature `tls`) | the handle's id | from `T` | yes |
-//! | [`StreamGuard::for_connection`](crate::StreamGuard::for_connection) | that key | its remote address | |
-//! | [`connection_key`](crate::StreamGuardBuilder::connection_key) (yours) | what it returns | its remote address | |
-//! | tonic's `TcpConnectInfo` | both addresses | remote | |
-//! | `TlsConnectInfo<TcpConnectInfo>` (feature `tls`) | both addresses | remote | |
-//! | axum's `ConnectInfo<SocketAddr>` (feature `axum`) | remote address | remote | |
-//! | tonic's `UdsConnectInfo` | none: wrap with a `ConnectionGuard` | none | |
-//!
-//! The peer address is the first of: your [`PeerAddr`]; the remote address
-//! of your [`ConnectionKey`] extension (so a key that a PROXY-protocol layer
-//! inserts for the real client beats the connect info, which names the
-//! proxy); the remote address of a connect info (tonic's, plain, under TLS
-//! or guarded, or axum's); the remote address of the connection key chosen
-//! above (from `for_connection` or your `connection_key`); the peer of the
-//! connection guard's IO.
-//!
-//! A guarded connect info is also unpacked into the request extensions:
-//! what it wraps is inserted as itself (so `tonic::Request::remote_addr`
-//! keeps working; under TLS, the inner `TcpConnectInfo` is inserted too), and
-//! the handle as a [`ConnectionHandle`].
-//!
-//! Costs: a few type-keyed map lookups per request, nothing per frame.
+//! Where a request came from, as users name it: a [`ConnectionKey`] for the
+//! connection and a [`PeerAddr`] for the peer. (How the guard finds them in
+//! request extensions is `stream::origin`.)
 
-use std::net::SocketAddr;
+use std::{fmt, net::SocketAddr, sync::Arc};
 
-#[cfg(feature = "tonic")]
-use crate::conn::GuardedConnectInfo;
-use crate::{
-    cap::{ConnectionKey, StreamCap},
-    conn::ConnectionHandle,
-    handle::PeerAddr,
-};
+use crate::end::StreamCap;
 
-/// A user's way to find the connection key in request extensions.
-pub(crate) type KeyExtractor<'a> =
-    &'a (dyn Fn(&http::Extensions) -> Option<ConnectionKey> + Send + Sync);
+/// What identifies the connection a request arrived on, for
+/// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
+/// and [`StreamGuardLayer::connection_streams`](crate::StreamGuardLayer::connection_streams).
+///
+/// The guard looks for it, in this order:
+///
+/// 1. a `ConnectionKey` in the request extensions (insert one from your
+///    accept loop);
+/// 2. the [`ConnectionHandle`](crate::ConnectionHandle) of a
+///    [`ConnectionGuard`](crate::ConnectionGuard) wrapping the connection:
+///    tonic's `GuardedConnectInfo<T>` for TCP, TLS over TCP and Unix sockets,
+///    and with feature `tls`, `TlsConnectInfo<GuardedConnectInfo<T>>` (the
+///    guard under an application-managed TLS acceptor);
+/// 3. the key a guard service was built for
+///    ([`StreamGuard::for_connection`](crate::StreamGuard::for_connection):
+///    hyper-util accept loops that build the service per connection);
+/// 4. the [`connection_key`](crate::StreamGuardBuilder::connection_key)
+///    function, if set (a custom `Connected` type);
+/// 5. tonic's `TcpConnectInfo` (local and remote address: `serve`, and
+///    `serve_with_incoming` over TCP streams), `TlsConnectInfo<TcpConnectInfo>`
+///    (tonic's `tls_config`, or your own rustls acceptor; feature `tls`), and
+///    axum's `ConnectInfo<SocketAddr>` (feature `axum`).
+///
+/// Unix sockets (`UdsConnectInfo`) and other IO carry no identity of their
+/// own: wrap them with a `ConnectionGuard`. A request with no identity is
+/// never pooled with others: under
+/// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
+/// it is refused, with a message naming what is missing and a one-time
+/// warning in the log.
+///
+/// ```
+/// use tower_stream_guard::ConnectionKey;
+///
+/// let key = ConnectionKey::from_remote("10.0.0.7:51234".parse().unwrap());
+/// assert_eq!(key.remote_addr().map(|a| a.port()), Some(51234));
+/// assert_eq!(ConnectionKey::from_id(7).to_string(), "#7");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionKey(KeyRepr);
 
-/// What the extensions told about a request's origin.
-#[derive(Debug, Default)]
-pub(crate) struct Found {
-    /// The connection, for the per-connection cap and events; `None` when
-    /// nothing identifies it.
-    pub(crate) connection: Option<ConnectionKey>,
-    /// The peer, for the per-peer cap and events.
-    pub(crate) peer: Option<SocketAddr>,
-    /// The connection guard's handle, when one wraps the connection.
-    pub(crate) handle: Option<ConnectionHandle>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum KeyRepr {
+    Id(u64),
+    Addrs {
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+    },
 }
 
-/// Works out where the request with `extensions` came from. `fixed` is the
-/// key a guard service was built with for one connection; `extractor` the
-/// builder's [`connection_key`](crate::StreamGuardBuilder::connection_key).
-pub(crate) fn identify(
-    extensions: &mut http::Extensions,
-    fixed: Option<ConnectionKey>,
-    extractor: Option<KeyExtractor<'_>>,
-) -> Found {
-    let handle = handle_of(extensions);
-    let extensions = &*extensions;
-    let info = connect_info(extensions);
-    let explicit = extensions.get::<ConnectionKey>().copied();
-    let connection = explicit
-        .or_else(|| handle.as_ref().map(ConnectionHandle::key))
-        .or(fixed)
-        .or_else(|| extractor?(extensions))
-        .or_else(|| info.map(|(key, _)| key));
-    let peer = extensions
-        .get::<PeerAddr>()
-        .map(|PeerAddr(addr)| *addr)
-        // Yours before the server's: behind a proxy, the connect info names
-        // the proxy and your key the client.
-        .or_else(|| explicit?.remote_addr())
-        .or_else(|| info.map(|(_, remote)| remote))
-        .or_else(|| connection?.remote_addr())
-        .or_else(|| handle.as_ref()?.peer());
-    Found {
-        connection,
-        peer,
-        handle,
+impl ConnectionKey {
+    /// A connection known by a number of your choosing (unique among open
+    /// connections).
+    pub fn from_id(id: u64) -> Self {
+        ConnectionKey(KeyRepr::Id(id))
     }
-}
 
-/// The connection guard's handle, from a [`ConnectionHandle`] extension or
-/// a guarded connect info in any nesting; unpacks the latter (see the
-/// module docs).
-pub(crate) fn handle_of(extensions: &mut http::Extensions) -> Option<ConnectionHandle> {
-    if let Some(handle) = extensions.get::<ConnectionHandle>() {
-        return Some(handle.clone());
+    /// A connection known by its remote address (unique among the open
+    /// connections of one listener). Inserted as a request extension, its
+    /// address is the peer for the per-peer cap ahead of any connect info
+    /// (a [`PeerAddr`](crate::PeerAddr) still comes first).
+    pub fn from_remote(remote: SocketAddr) -> Self {
+        ConnectionKey(KeyRepr::Addrs {
+            local: None,
+            remote,
+        })
     }
-    #[cfg(feature = "tonic")]
-    {
-        use tonic::transport::server::TcpConnectInfo;
-        if let Some(handle) = unpack_guarded::<TcpConnectInfo>(extensions) {
-            return Some(handle);
-        }
-        #[cfg(unix)]
-        if let Some(handle) = unpack_guarded::<tonic::transport::server::UdsConnectInfo>(extensions)
-        {
-            return Some(handle);
-        }
-        #[cfg(feature = "tls")]
-        {
-            use tonic::transport::server::TlsConnectInfo;
-            if let Some(handle) = unpack_guarded::<TlsConnectInfo<TcpConnectInfo>>(extensions) {
-                return Some(handle);
-            }
-            if let Some(handle) = unpack_under_tls::<TcpConnectInfo>(extensions) {
-                return Some(handle);
-            }
-            #[cfg(unix)]
-            if let Some(handle) =
-                unpack_under_tls::<tonic::transport::server::UdsConnectInfo>(extensions)
-            {
-                return Some(handle);
-            }
+
+    /// A connection known by both of its addresses (unique among the open
+    /// connections of a process, whatever it listens on).
+    pub fn from_addrs(local: SocketAddr, remote: SocketAddr) -> Self {
+        ConnectionKey(KeyRepr::Addrs {
+            local: Some(local),
+            remote,
+        })
+    }
+
+    /// The peer's address, when the key was made from one.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        match self.0 {
+            KeyRepr::Addrs { remote, .. } => Some(remote),
+            _ => None,
         }
     }
-    None
 }
 
-/// `GuardedConnectInfo<T>`: the guard wraps the IO tonic sees.
-#[cfg(feature = "tonic")]
-fn unpack_guarded<T: Clone + Send + Sync + 'static>(
-    extensions: &mut http::Extensions,
-) -> Option<ConnectionHandle> {
-    let info = extensions.get::<GuardedConnectInfo<T>>()?;
-    let (inner, handle) = (info.get_ref().clone(), info.handle().clone());
-    extensions.insert(inner);
-    extensions.insert(handle.clone());
-    Some(handle)
-}
-
-/// `TlsConnectInfo<GuardedConnectInfo<T>>`: the guard wraps the stream
-/// under the application's TLS. `T` is inserted as itself, so that the
-/// peer's address is found where tonic looks for it.
-#[cfg(feature = "tls")]
-fn unpack_under_tls<T: Clone + Send + Sync + 'static>(
-    extensions: &mut http::Extensions,
-) -> Option<ConnectionHandle> {
-    let info =
-        extensions.get::<tonic::transport::server::TlsConnectInfo<GuardedConnectInfo<T>>>()?;
-    let guarded = info.get_ref();
-    let (inner, handle) = (guarded.get_ref().clone(), guarded.handle().clone());
-    extensions.insert(inner);
-    extensions.insert(handle.clone());
-    Some(handle)
-}
-
-/// The connection key and peer a server's connect info describes: tonic
-/// over TCP, with or without TLS, or axum's `ConnectInfo`.
-fn connect_info(extensions: &http::Extensions) -> Option<(ConnectionKey, SocketAddr)> {
-    #[cfg(feature = "tonic")]
-    {
-        use tonic::transport::server::TcpConnectInfo;
-        let tcp = |info: &TcpConnectInfo| {
-            let remote = info.remote_addr()?;
-            let key = match info.local_addr() {
-                Some(local) => ConnectionKey::from_addrs(local, remote),
-                None => ConnectionKey::from_remote(remote),
-            };
-            Some((key, remote))
-        };
-        if let Some(info) = extensions.get::<TcpConnectInfo>() {
-            return tcp(info);
-        }
-        #[cfg(feature = "tls")]
-        if let Some(info) =
-            extensions.get::<tonic::transport::server::TlsConnectInfo<TcpConnectInfo>>()
-        {
-            return tcp(info.get_ref());
+impl fmt::Display for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            KeyRepr::Id(id) => write!(f, "#{id}"),
+            KeyRepr::Addrs {
+                local: Some(local),
+                remote,
+            } => write!(f, "{remote}->{local}"),
+            KeyRepr::Addrs {
+                local: None,
+                remote,
+            } => write!(f, "{remote}"),
         }
     }
-    #[cfg(feature = "axum")]
-    if let Some(axum::extract::ConnectInfo(remote)) =
-        extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
-    {
-        return Some((ConnectionKey::from_remote(*remote), *remote));
-    }
-    let _ = extensions;
-    None
 }
+
+/// A function that finds a request's connection in its extensions.
+pub(crate) type KeyFn = Arc<dyn Fn(&http::Extensions) -> Option<ConnectionKey> + Send + Sync>;
+
+/// The peer's address, for servers that know it but are not tonic.
+///
+/// Insert it into the request extensions before the guard (tonic's
+/// `TcpConnectInfo` and `TlsConnectInfo` are read without help) and end
+/// events and the per-peer cap use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// The sentence users see when a keyed cap refused a stream that carries no
 /// key for it (no connection identity, or no peer address).
@@ -223,352 +147,3 @@ const CONNECTION_SOURCES: &str = "a ConnectionKey or ConnectionHandle extension,
 const PEER_SOURCES: &str = "a PeerAddr extension, tonic's TcpConnectInfo or \
      TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> (feature `axum`), an \
      address-based ConnectionKey, or a ConnectionGuard over an IO that knows its peer";
-
-#[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-
-    use super::{Found, identify};
-    use crate::{ConnectionGuard, ConnectionKey, PeerAddr, PeerOf};
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("a socket address")
-    }
-
-    fn found(extensions: &mut http::Extensions) -> Found {
-        identify(extensions, None, None)
-    }
-
-    /// An IO whose only trait is its peer: enough to get a handle.
-    struct Peer(Option<SocketAddr>);
-
-    impl PeerOf for Peer {
-        fn peer(&self) -> Option<SocketAddr> {
-            self.0
-        }
-    }
-
-    #[test]
-    fn nothing_identifies_an_empty_request() {
-        let found = found(&mut http::Extensions::new());
-        assert_eq!(found.connection, None);
-        assert_eq!(found.peer, None);
-        assert!(found.handle.is_none());
-    }
-
-    #[test]
-    fn explicit_key_and_peer_win() {
-        let mut ext = http::Extensions::new();
-        ext.insert(ConnectionKey::from_id(7));
-        ext.insert(PeerAddr(addr("10.0.0.1:5")));
-        let found = identify(&mut ext, Some(ConnectionKey::from_id(8)), None);
-        assert_eq!(found.connection, Some(ConnectionKey::from_id(7)));
-        assert_eq!(found.peer, Some(addr("10.0.0.1:5")));
-    }
-
-    #[test]
-    fn a_fixed_key_comes_before_the_extractor() {
-        let mut ext = http::Extensions::new();
-        let extractor = |_: &http::Extensions| Some(ConnectionKey::from_id(2));
-        let fixed = ConnectionKey::from_remote(addr("10.0.0.3:9"));
-        let found = identify(&mut ext, Some(fixed), Some(&extractor));
-        assert_eq!(found.connection, Some(fixed));
-        assert_eq!(found.peer, Some(addr("10.0.0.3:9")), "from the key");
-        let found = identify(&mut ext, None, Some(&extractor));
-        assert_eq!(found.connection, Some(ConnectionKey::from_id(2)));
-    }
-
-    #[tokio::test]
-    async fn a_connection_handle_extension_gives_key_and_peer() {
-        let guard = ConnectionGuard::builder().build().expect("valid");
-        let io = guard.wrap(Peer(Some(addr("10.0.0.4:1"))));
-        let mut ext = http::Extensions::new();
-        ext.insert(io.handle().clone());
-        let found = found(&mut ext);
-        assert_eq!(found.connection, Some(io.handle().key()));
-        assert_eq!(found.peer, Some(addr("10.0.0.4:1")));
-        assert_eq!(found.handle.map(|h| h.id()), Some(io.handle().id()));
-    }
-
-    #[cfg(feature = "tonic")]
-    mod tonic_infos {
-        use tonic::transport::server::{Connected, TcpConnectInfo};
-
-        use super::*;
-        use crate::GuardedConnectInfo;
-
-        /// An IO whose connect info is whatever the test says.
-        struct Info<T>(T);
-
-        impl<T: Clone + Send + Sync + 'static> Connected for Info<T> {
-            type ConnectInfo = T;
-            fn connect_info(&self) -> T {
-                self.0.clone()
-            }
-        }
-
-        impl<T> PeerOf for Info<T> {
-            fn peer(&self) -> Option<SocketAddr> {
-                Some(addr("10.9.9.9:9"))
-            }
-        }
-
-        fn tcp() -> TcpConnectInfo {
-            TcpConnectInfo {
-                local_addr: Some(addr("127.0.0.1:443")),
-                remote_addr: Some(addr("10.0.0.5:40000")),
-            }
-        }
-
-        /// `GuardedConnectInfo<T>` the way tonic makes it.
-        fn guarded<T: Clone + Send + Sync + 'static>(
-            guard: &ConnectionGuard,
-            info: T,
-        ) -> (GuardedConnectInfo<T>, crate::ConnectionHandle) {
-            let io = guard.wrap(Info(info));
-            (io.connect_info(), io.handle().clone())
-        }
-
-        #[test]
-        fn tcp_connect_info_gives_both_addresses() {
-            let mut ext = http::Extensions::new();
-            ext.insert(tcp());
-            let found = found(&mut ext);
-            assert_eq!(
-                found.connection,
-                Some(ConnectionKey::from_addrs(
-                    addr("127.0.0.1:443"),
-                    addr("10.0.0.5:40000")
-                ))
-            );
-            assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
-        }
-
-        #[tokio::test]
-        async fn guarded_tcp_is_unpacked() {
-            let guard = ConnectionGuard::builder().build().expect("valid");
-            let (info, handle) = guarded(&guard, tcp());
-            let mut ext = http::Extensions::new();
-            ext.insert(info);
-            let found = found(&mut ext);
-            assert_eq!(found.connection, Some(handle.key()));
-            assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
-            assert!(ext.get::<TcpConnectInfo>().is_some(), "unpacked");
-            assert!(ext.get::<crate::ConnectionHandle>().is_some(), "unpacked");
-        }
-
-        /// Behind a PROXY-protocol listener the connect info names the
-        /// proxy; the key the user inserts names the real client, and the
-        /// per-peer cap keys on it.
-        #[test]
-        fn an_explicit_key_s_remote_address_beats_the_connect_info() {
-            let client = addr("203.0.113.7:5555");
-            let mut ext = http::Extensions::new();
-            ext.insert(tcp());
-            ext.insert(ConnectionKey::from_remote(client));
-            let found = found(&mut ext);
-            assert_eq!(found.connection, Some(ConnectionKey::from_remote(client)));
-            assert_eq!(found.peer, Some(client));
-        }
-
-        #[tokio::test]
-        async fn an_explicit_key_s_remote_address_beats_a_guarded_connect_info() {
-            let client = addr("203.0.113.7:5555");
-            let guard = ConnectionGuard::builder().build().expect("valid");
-            let (info, _) = guarded(&guard, tcp());
-            let mut ext = http::Extensions::new();
-            ext.insert(info);
-            ext.insert(ConnectionKey::from_remote(client));
-            assert_eq!(found(&mut ext).peer, Some(client));
-        }
-
-        #[test]
-        fn peer_addr_beats_an_explicit_key_and_the_connect_info() {
-            let mut ext = http::Extensions::new();
-            ext.insert(tcp());
-            ext.insert(ConnectionKey::from_remote(addr("203.0.113.7:5555")));
-            ext.insert(PeerAddr(addr("198.51.100.1:1")));
-            assert_eq!(found(&mut ext).peer, Some(addr("198.51.100.1:1")));
-        }
-
-        /// A key without an address says nothing about the peer: the
-        /// connect info still does.
-        #[test]
-        fn an_explicit_key_without_an_address_leaves_the_connect_info_s_peer() {
-            let mut ext = http::Extensions::new();
-            ext.insert(tcp());
-            ext.insert(ConnectionKey::from_id(3));
-            assert_eq!(found(&mut ext).peer, Some(addr("10.0.0.5:40000")));
-        }
-
-        #[cfg(unix)]
-        #[tokio::test]
-        async fn unix_sockets_need_a_connection_guard() {
-            use tonic::transport::server::UdsConnectInfo;
-            let uds = UdsConnectInfo {
-                peer_addr: None,
-                peer_cred: None,
-            };
-            let mut ext = http::Extensions::new();
-            ext.insert(uds.clone());
-            let alone = found(&mut ext);
-            assert_eq!((alone.connection, alone.peer), (None, None));
-
-            let guard = ConnectionGuard::builder().build().expect("valid");
-            let (info, handle) = guarded(&guard, uds);
-            let mut ext = http::Extensions::new();
-            ext.insert(info);
-            let found = found(&mut ext);
-            assert_eq!(found.connection, Some(handle.key()));
-            assert_eq!(found.peer, Some(addr("10.9.9.9:9")), "the IO's own peer");
-            assert!(ext.get::<UdsConnectInfo>().is_some(), "unpacked");
-        }
-
-        #[cfg(feature = "tls")]
-        mod tls {
-            use std::sync::Arc;
-
-            use tokio::io::{AsyncRead, AsyncWrite};
-            use tokio_rustls::rustls;
-            use tonic::transport::server::TlsConnectInfo;
-
-            use super::*;
-
-            /// `TlsConnectInfo<T>` has no public constructor: make it the way
-            /// tonic does, from a TLS stream over an IO whose connect info is
-            /// `T`, after a real in-memory handshake.
-            async fn tls_info<T>(info: T) -> TlsConnectInfo<T>
-            where
-                T: Clone + Send + Sync + Unpin + 'static,
-            {
-                let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-                    .expect("certificate");
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let key =
-                    rustls::pki_types::PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
-                let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .expect("versions")
-                    .with_no_client_auth()
-                    .with_single_cert(vec![made.cert.der().clone()], key.into())
-                    .expect("server config");
-                let mut roots = rustls::RootCertStore::empty();
-                roots.add(made.cert.der().clone()).expect("root");
-                let client = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .expect("versions")
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                let (a, b) = tokio::io::duplex(64 * 1024);
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-                let (client, server) = tokio::join!(
-                    connector.connect(name, b),
-                    acceptor.accept(WithInfo(a, info))
-                );
-                let _client = client.expect("client handshake");
-                server.expect("server handshake").connect_info()
-            }
-
-            /// An in-memory IO that reports `T` as its connect info.
-            struct WithInfo<T>(tokio::io::DuplexStream, T);
-
-            impl<T: Clone + Send + Sync + 'static> Connected for WithInfo<T> {
-                type ConnectInfo = T;
-                fn connect_info(&self) -> T {
-                    self.1.clone()
-                }
-            }
-
-            impl<T: Unpin> AsyncRead for WithInfo<T> {
-                fn poll_read(
-                    self: std::pin::Pin<&mut Self>,
-                    cx: &mut std::task::Context<'_>,
-                    buf: &mut tokio::io::ReadBuf<'_>,
-                ) -> std::task::Poll<std::io::Result<()>> {
-                    std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-                }
-            }
-
-            impl<T: Unpin> AsyncWrite for WithInfo<T> {
-                fn poll_write(
-                    self: std::pin::Pin<&mut Self>,
-                    cx: &mut std::task::Context<'_>,
-                    buf: &[u8],
-                ) -> std::task::Poll<std::io::Result<usize>> {
-                    std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-                }
-
-                fn poll_flush(
-                    self: std::pin::Pin<&mut Self>,
-                    cx: &mut std::task::Context<'_>,
-                ) -> std::task::Poll<std::io::Result<()>> {
-                    std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
-                }
-
-                fn poll_shutdown(
-                    self: std::pin::Pin<&mut Self>,
-                    cx: &mut std::task::Context<'_>,
-                ) -> std::task::Poll<std::io::Result<()>> {
-                    std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-                }
-            }
-
-            #[tokio::test]
-            async fn tls_over_tcp_gives_both_addresses() {
-                let mut ext = http::Extensions::new();
-                ext.insert(tls_info(tcp()).await);
-                let found = found(&mut ext);
-                assert_eq!(
-                    found.connection,
-                    Some(ConnectionKey::from_addrs(
-                        addr("127.0.0.1:443"),
-                        addr("10.0.0.5:40000")
-                    ))
-                );
-                assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
-            }
-
-            #[tokio::test]
-            async fn guard_under_tls_is_unpacked() {
-                let guard = ConnectionGuard::builder().build().expect("valid");
-                let (info, handle) = guarded(&guard, tcp());
-                let mut ext = http::Extensions::new();
-                ext.insert(tls_info(info).await);
-                let found = found(&mut ext);
-                assert_eq!(found.connection, Some(handle.key()));
-                assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
-                assert!(ext.get::<TcpConnectInfo>().is_some(), "for remote_addr");
-            }
-
-            #[tokio::test]
-            async fn guard_around_tls_is_unpacked() {
-                let guard = ConnectionGuard::builder().build().expect("valid");
-                let (info, handle) = guarded(&guard, tls_info(tcp()).await);
-                let mut ext = http::Extensions::new();
-                ext.insert(info);
-                let found = found(&mut ext);
-                assert_eq!(found.connection, Some(handle.key()));
-                assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
-                assert!(
-                    ext.get::<TlsConnectInfo<TcpConnectInfo>>().is_some(),
-                    "for remote_addr"
-                );
-            }
-        }
-    }
-
-    #[cfg(feature = "axum")]
-    #[test]
-    fn axums_connect_info_gives_the_remote_address() {
-        let mut ext = http::Extensions::new();
-        ext.insert(axum::extract::ConnectInfo(addr("10.0.0.6:6")));
-        let found = found(&mut ext);
-        assert_eq!(
-            found.connection,
-            Some(ConnectionKey::from_remote(addr("10.0.0.6:6")))
-        );
-        assert_eq!(found.peer, Some(addr("10.0.0.6:6")));
-    }
-}

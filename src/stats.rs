@@ -9,7 +9,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::{cap::StreamCap, event::EndReason, policy::IdleDirection};
+use crate::end::{EndReason, IdleDirection, StreamCap};
 
 /// Every reason a stream can end with, in the order of its code.
 pub(crate) const REASONS: [EndReason; 12] = [

@@ -18,7 +18,7 @@ use http_body_util::Empty;
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_stream_guard::{
-    ConnectionGuard, EndReason, StreamGuardLayer, StreamHandle, conn::PeerOf,
+    ConnectionGuard, EndReason, StreamGuardLayer, StreamHandle, connection::PeerOf,
 };
 
 fn runtime() -> Runtime {

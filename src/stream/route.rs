@@ -12,8 +12,13 @@ use std::{fmt, sync::Arc, time::Duration};
 use http::{Extensions, HeaderMap, Method, Uri};
 
 use crate::{
-    cap::{CapLimits, CapSet, StreamCap},
-    policy::{ConfigError, IdleDirection, Policy},
+    end::{IdleDirection, StreamCap},
+    error::ConfigError,
+};
+
+use super::{
+    cap::{CapLimits, CapSet},
+    policy::Policy,
 };
 
 /// The limits for the streams of one route, given to

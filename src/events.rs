@@ -23,160 +23,42 @@ use std::{
     fmt::Write as _,
     net::SocketAddr,
     panic::{AssertUnwindSafe, catch_unwind},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
 use http::{Method, uri::PathAndQuery};
 use tokio::sync::broadcast;
 
-use crate::{
-    cap::{ConnectionKey, StreamCap},
-    handle::StreamId,
-    policy::IdleDirection,
-};
+use crate::{end::EndReason, peer::ConnectionKey};
 
-/// Why a stream ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum EndReason {
-    /// The response body ended normally (end of stream or trailers).
-    ///
-    /// This says how the stream ended, not whether the call succeeded: a gRPC
-    /// call that failed with a status of its own (`INTERNAL`, `UNIMPLEMENTED`,
-    /// …) also completes; look at [`EndEvent::grpc_status`] for that.
-    Completed,
-    /// The stream was abandoned before it completed: the server dropped the
-    /// response future or body, usually because the peer reset the stream or
-    /// the connection went away.
-    Cancelled,
-    /// No frame moved in the given direction for the idle timeout.
-    IdleTimeout(IdleDirection),
-    /// The stream reached its maximum lifetime.
-    LifetimeExceeded,
-    /// The service or the response body returned an error.
-    Error,
-    /// The service (its `call` or its future) or the response body panicked
-    /// while the guard was polling it. The panic still unwinds to whoever
-    /// polled (tokio aborts the task, hyper resets the stream); the guard
-    /// only makes sure the stream ends with it: handle cancelled, cap slots
-    /// back, one event.
-    Panicked,
-    /// A stream cap refused the stream: the service never saw it. gRPC
-    /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503`.
-    Rejected(StreamCap),
-    /// The server drained: the stream was still open when the drain's grace
-    /// period ended, or it arrived after the drain began. gRPC clients get
-    /// `UNAVAILABLE`, plain HTTP clients a reset stream (or `503` before
-    /// headers). See [`Drain`](crate::Drain).
-    Drained,
-}
+/// A process-wide unique number for a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(u64);
 
-impl EndReason {
-    /// A short snake-case name, as used in JSON event lines: `completed`,
-    /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
-    /// `panicked`, `rejected` or `drained`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Completed => "completed",
-            EndReason::Cancelled => "cancelled",
-            EndReason::IdleTimeout(_) => "idle_timeout",
-            EndReason::LifetimeExceeded => "lifetime_exceeded",
-            EndReason::Error => "error",
-            EndReason::Panicked => "panicked",
-            EndReason::Rejected(_) => "rejected",
-            EndReason::Drained => "drained",
-        }
+impl StreamId {
+    pub(crate) fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        StreamId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Whether a guard of this crate ended the stream (as opposed to the
-    /// stream ending by itself): a limit fired, a cap refused it or a drain
-    /// cut it.
-    pub fn is_guard(self) -> bool {
-        matches!(
-            self,
-            EndReason::IdleTimeout(_)
-                | EndReason::LifetimeExceeded
-                | EndReason::Rejected(_)
-                | EndReason::Drained
-        )
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: u64) -> Self {
+        StreamId(id)
     }
 
-    /// The cap, for [`EndReason::Rejected`].
-    pub fn cap(self) -> Option<StreamCap> {
-        match self {
-            EndReason::Rejected(cap) => Some(cap),
-            _ => None,
-        }
-    }
-
-    /// The gRPC status code a guard-made end carries: `4`
-    /// (`DEADLINE_EXCEEDED`) for idle timeouts and lifetimes, `8`
-    /// (`RESOURCE_EXHAUSTED`) for rejections, `14` (`UNAVAILABLE`) for drains;
-    /// `None` for ends the guard did not make.
-    pub fn grpc_code(self) -> Option<u32> {
-        match self {
-            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded => {
-                Some(crate::grpc::DEADLINE_EXCEEDED)
-            }
-            EndReason::Rejected(_) => Some(crate::grpc::RESOURCE_EXHAUSTED),
-            EndReason::Drained => Some(crate::grpc::UNAVAILABLE),
-            _ => None,
-        }
-    }
-
-    /// The idle direction, for [`EndReason::IdleTimeout`].
-    pub fn direction(self) -> Option<IdleDirection> {
-        match self {
-            EndReason::IdleTimeout(direction) => Some(direction),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            EndReason::Completed => 1,
-            EndReason::Cancelled => 2,
-            EndReason::IdleTimeout(IdleDirection::Request) => 3,
-            EndReason::IdleTimeout(IdleDirection::Response) => 4,
-            EndReason::IdleTimeout(IdleDirection::Both) => 5,
-            EndReason::LifetimeExceeded => 6,
-            EndReason::Error => 7,
-            EndReason::Rejected(StreamCap::PerConnection) => 8,
-            EndReason::Rejected(StreamCap::PerPeer) => 9,
-            EndReason::Rejected(StreamCap::Total) => 10,
-            EndReason::Drained => 11,
-            EndReason::Panicked => 12,
-        }
-    }
-
-    pub(crate) fn from_code(code: u8) -> Option<Self> {
-        Some(match code {
-            1 => EndReason::Completed,
-            2 => EndReason::Cancelled,
-            3 => EndReason::IdleTimeout(IdleDirection::Request),
-            4 => EndReason::IdleTimeout(IdleDirection::Response),
-            5 => EndReason::IdleTimeout(IdleDirection::Both),
-            6 => EndReason::LifetimeExceeded,
-            7 => EndReason::Error,
-            8 => EndReason::Rejected(StreamCap::PerConnection),
-            9 => EndReason::Rejected(StreamCap::PerPeer),
-            10 => EndReason::Rejected(StreamCap::Total),
-            11 => EndReason::Drained,
-            12 => EndReason::Panicked,
-            _ => return None,
-        })
+    /// The number.
+    pub fn get(self) -> u64 {
+        self.0
     }
 }
 
-impl fmt::Display for EndReason {
+impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EndReason::IdleTimeout(direction) => write!(f, "idle timeout ({direction})"),
-            EndReason::LifetimeExceeded => f.write_str("maximum lifetime exceeded"),
-            EndReason::Rejected(cap) => write!(f, "rejected (stream cap {cap})"),
-            other => f.write_str(other.as_str()),
-        }
+        self.0.fmt(f)
     }
 }
 
@@ -408,6 +290,7 @@ impl EventHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::end::{IdleDirection, StreamCap};
 
     fn event() -> EndEvent {
         EndEvent {

@@ -16,17 +16,17 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::{
+    connection::ConnectionHandle, end::EndReason, error::BoxError, grpc, peer::ConnectionKey,
+};
+
+use super::{
     body::{RequestBody, ResponseBody},
-    cap::{self, CapPermit, CapSet, ConnectionKey, Origin, Refusal},
-    conn::ConnectionHandle,
-    error::BoxError,
-    event::EndReason,
-    grpc,
+    cap::{self, CapPermit, CapSet, Origin, Refusal},
     handle::StreamHandle,
-    peer,
+    origin,
     policy::Policy,
+    record::{Core, EndOnUnwind, StreamState},
     route::{self, RouteRequest},
-    state::{Core, EndOnUnwind, StreamState},
 };
 
 /// How a guard hands the wrapped request body to the service it wraps.
@@ -142,7 +142,7 @@ impl<S, W> StreamGuard<S, W> {
         &self,
         request: &mut Request<B>,
     ) -> (Origin, Option<SocketAddr>, Option<ConnectionHandle>) {
-        let found = peer::identify(
+        let found = origin::identify(
             request.extensions_mut(),
             self.connection,
             self.core.connection_key.as_deref(),

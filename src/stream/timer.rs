@@ -37,10 +37,13 @@ use std::{
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
-    event::EndReason,
-    policy::Policy,
-    state::{StreamState, Verdict},
+    end::EndReason,
     ticker::{Job, Lease, Ticker},
+};
+
+use super::{
+    policy::Policy,
+    record::{StreamState, Verdict},
 };
 
 /// Stand-in for "no deadline" in nanosecond fields.

@@ -9,52 +9,15 @@
 use std::{
     fmt,
     future::{Future, poll_fn},
-    net::SocketAddr,
     pin::pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Poll, Waker},
     time::Duration,
 };
 
-use crate::{event::EndReason, state::StreamState};
+use crate::{end::EndReason, events::StreamId};
 
-/// A process-wide unique number for a stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StreamId(u64);
-
-impl StreamId {
-    pub(crate) fn next() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        StreamId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-
-    #[cfg(test)]
-    pub(crate) fn for_tests(id: u64) -> Self {
-        StreamId(id)
-    }
-
-    /// The number.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for StreamId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// The peer's address, for servers that know it but are not tonic.
-///
-/// Insert it into the request extensions before the guard (tonic's
-/// `TcpConnectInfo` and `TlsConnectInfo` are read without help) and end
-/// events and the per-peer cap use it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerAddr(pub SocketAddr);
+use super::record::StreamState;
 
 /// A handle on one guarded stream, found in the request extensions.
 ///

@@ -20,16 +20,20 @@ use http::{Method, Request, uri::PathAndQuery};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
-    cap::{CapPermit, CapSet, ConnectionKey, KeyFn, Origin, StreamCap},
-    conn::ConnectionHandle,
-    drain::DrainShared,
+    connection::ConnectionHandle,
+    drain::{DrainShared, Drained},
+    end::{EndReason, IdleDirection, StreamCap},
     error::{self, GuardError},
-    event::{EndEvent, EndReason, EventHub, Traffic},
+    events::{EndEvent, EventHub, StreamId, Traffic},
     grpc,
-    handle::StreamId,
-    policy::{IdleDirection, Policy},
-    route::Route,
+    peer::{ConnectionKey, KeyFn},
     stats::Counters,
+};
+
+use super::{
+    cap::{CapPermit, CapSet, Origin},
+    policy::Policy,
+    route::Route,
     timer::{LateTicks, NEVER, Sweeper},
 };
 
@@ -81,6 +85,21 @@ impl Core {
                 "{message} (logged once per guard layer)"
             );
         }
+    }
+}
+
+impl Drained for Core {
+    fn begin(&self, deadline: Instant) {
+        self.begin_drain(deadline);
+    }
+
+    fn open(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    fn close_rest(&self) -> u64 {
+        // The timer already cut every stream at the deadline.
+        0
     }
 }
 

@@ -20,12 +20,9 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::{
-    error::BoxError,
-    event::EndReason,
-    grpc,
-    state::{EndOnUnwind, StreamState},
-};
+use crate::{end::EndReason, error::BoxError, grpc};
+
+use super::record::{EndOnUnwind, StreamState};
 
 pin_project! {
     /// A request body whose frames count as request-side activity, and which

@@ -14,14 +14,20 @@ use tokio::sync::broadcast;
 use tower_layer::Layer;
 
 use crate::{
-    cap::{CapLimits, CapSet, ConnectionKey, KeyFn, StreamCap},
-    drain::Drain,
-    event::{EndCallback, EndEvent, EventHub},
-    policy::{ConfigError, DEFAULT_TIMER_RESOLUTION, IdleDirection, MAX_DURATION, Policy},
+    drain::{Drain, Drained},
+    end::{IdleDirection, StreamCap},
+    error::{ConfigError, DEFAULT_TIMER_RESOLUTION, MAX_DURATION, validate_event_capacity},
+    events::{EndCallback, EndEvent, EventHub},
+    peer::{ConnectionKey, KeyFn},
+    stats::{Counters, GuardStats},
+};
+
+use super::{
+    cap::{CapLimits, CapSet},
+    policy::Policy,
+    record::Core,
     route::{Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
     service::{PlainBody, StreamGuard},
-    state::Core,
-    stats::{Counters, GuardStats},
     timer::Sweeper,
 };
 
@@ -473,7 +479,7 @@ impl StreamGuardBuilder {
     /// ([`ConfigError::Route`] names the route).
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
-        crate::policy::validate_event_capacity(self.capacity)?;
+        validate_event_capacity(self.capacity)?;
         validate_caps(&self.caps)?;
         if let Some(patience) = self.cap_wait {
             if patience.is_zero() {
@@ -513,7 +519,8 @@ impl StreamGuardBuilder {
             warned_unidentified: Default::default(),
         });
         if let Some(drain) = drain {
-            drain.register_core(&core);
+            let streams: std::sync::Weak<dyn Drained> = Arc::downgrade(&core) as _;
+            drain.register_streams(streams);
         }
         Ok(StreamGuardLayer {
             policy: self.policy,

@@ -1,0 +1,277 @@
+//! The connection guard and its builder.
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use atomic_waker::AtomicWaker;
+use futures_core::Stream;
+use tokio::{
+    sync::{Notify, broadcast},
+    time::Instant,
+};
+
+use super::{
+    ConnectionEnd, ConnectionEvent, ConnectionHandle, GuardedIncoming, GuardedIo, PeerOf,
+    registry::{ConnPolicy, ConnState, Connections, NEVER, Table},
+};
+use crate::{
+    drain::{Drain, Drained},
+    error::{ConfigError, MAX_DURATION},
+    ticker::Ticker,
+};
+
+/// Wraps accepted connections; see the [module docs](crate::connection).
+/// Clones share the connections and the timer.
+#[derive(Clone)]
+pub struct ConnectionGuard {
+    pub(crate) connections: Arc<Connections>,
+}
+
+impl fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionGuard")
+            .field("policy", &self.connections.policy)
+            .field("open", &self.connections.open())
+            .finish()
+    }
+}
+
+/// The default tick of a connection guard's timer: 100 ms.
+pub const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
+
+/// Configures a [`ConnectionGuard`]; every setting is optional.
+#[derive(Clone, Debug)]
+pub struct ConnectionGuardBuilder {
+    policy: ConnPolicy,
+    capacity: usize,
+    drain: Option<Drain>,
+}
+
+impl ConnectionGuard {
+    /// Starts building a connection guard. With nothing set it only gives
+    /// connections ids and events, and closes them at a drain's end.
+    pub fn builder() -> ConnectionGuardBuilder {
+        ConnectionGuardBuilder {
+            policy: ConnPolicy {
+                idle: None,
+                stalled_grace: None,
+                max_age: None,
+                max_age_grace: Duration::ZERO,
+                resolution: DEFAULT_CONNECTION_RESOLUTION,
+            },
+            capacity: crate::DEFAULT_EVENT_CAPACITY,
+            drain: None,
+        }
+    }
+
+    /// Wraps one accepted connection, with an `Opened` event. `peer` is
+    /// read from the IO where it can tell (see [`PeerOf`]).
+    pub fn wrap<IO: PeerOf>(&self, io: IO) -> GuardedIo<IO> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let connections = &self.connections;
+        let now = connections.now_ns();
+        let state = Arc::new(ConnState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            peer: io.peer(),
+            opened: Instant::now(),
+            opened_ns: now,
+            connections: Arc::clone(connections),
+            end: AtomicU8::new(0),
+            read_waker: AtomicWaker::new(),
+            write_waker: AtomicWaker::new(),
+            streams_open: AtomicUsize::new(0),
+            streams_total: AtomicU64::new(0),
+            quiet_since: AtomicU64::new(now),
+            stalled: AtomicUsize::new(0),
+            stalled_since: AtomicU64::new(NEVER),
+            goaway_asked: AtomicBool::new(false),
+            goaway: Notify::new(),
+            reported: AtomicBool::new(false),
+        });
+        if connections.needs_timer() {
+            connections.ticker.note_current();
+        }
+        let start_timer = {
+            let mut table = connections.lock();
+            table.open.insert(state.id, Arc::downgrade(&state));
+            let start = connections.needs_timer() && !table.running;
+            table.running |= start;
+            start
+        };
+        if start_timer {
+            // Without the lock: a runtime that is shutting down drops the
+            // task on the spot.
+            Ticker::start(connections);
+        }
+        if connections.events.receiver_count() > 0 {
+            let _ = connections.events.send(ConnectionEvent {
+                id: state.id,
+                peer: state.peer,
+                end: None,
+                duration: Duration::ZERO,
+                streams: 0,
+                at: SystemTime::now(),
+            });
+        }
+        if let Some(drain) = &connections.drain
+            && drain.is_draining()
+        {
+            // Accepted after the drain began: nothing should start on it.
+            state.close(ConnectionEnd::Drained);
+        }
+        GuardedIo {
+            inner: io,
+            handle: ConnectionHandle { state },
+            read_registered: None,
+            write_registered: None,
+        }
+    }
+
+    /// Wraps every connection an accept stream yields, e.g. for tonic's
+    /// `serve_with_incoming`.
+    pub fn wrap_incoming<S, IO, E>(&self, incoming: S) -> GuardedIncoming<S>
+    where
+        S: Stream<Item = Result<IO, E>>,
+        IO: PeerOf,
+    {
+        GuardedIncoming {
+            incoming,
+            guard: self.clone(),
+        }
+    }
+
+    /// A receiver of connection events: one when a connection opens, one
+    /// when it closes.
+    pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.connections.events.subscribe()
+    }
+
+    /// Connections wrapped and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.connections.open()
+    }
+
+    #[cfg(feature = "hyper")]
+    pub(crate) fn drain_shared(&self) -> Option<Arc<crate::drain::DrainShared>> {
+        self.connections.drain.clone()
+    }
+}
+
+impl ConnectionGuardBuilder {
+    /// Closes a connection that had no guarded stream open for `timeout`.
+    ///
+    /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
+    /// in front of the service: without one, every connection looks idle.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.idle = Some(timeout);
+        self
+    }
+
+    /// Closes a connection `grace` after a guard ended one of its streams
+    /// while the peer was not reading it (the ending was never sent): the
+    /// only way to free what hyper keeps for such a stream.
+    pub fn stalled_grace(mut self, grace: Duration) -> Self {
+        self.policy.stalled_grace = Some(grace);
+        self
+    }
+
+    /// Asks for a graceful close ([`ConnectionHandle::goaway`]) of
+    /// connections older than `age`, and closes them hard after
+    /// [`max_age_grace`](Self::max_age_grace).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.policy.max_age = Some(age);
+        self
+    }
+
+    /// Time between the graceful-close request at
+    /// [`max_age`](Self::max_age) and the hard close (default zero).
+    pub fn max_age_grace(mut self, grace: Duration) -> Self {
+        self.policy.max_age_grace = grace;
+        self
+    }
+
+    /// How often the timer checks the connections (default 100 ms, between
+    /// 1 ms and 1 s): closes happen at most this late.
+    pub fn resolution(mut self, resolution: Duration) -> Self {
+        self.policy.resolution = resolution;
+        self
+    }
+
+    /// How many connection events a lagging receiver may fall behind.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Closes the connections still open when `drain`'s grace period ends,
+    /// and refuses (closes) connections accepted after it began.
+    pub fn drain(mut self, drain: &Drain) -> Self {
+        self.drain = Some(drain.clone());
+        self
+    }
+
+    /// Checks the configuration and builds the guard.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for a zero or absurd duration, a resolution out of
+    /// range, a duration below the resolution, a grace without `max_age`, or
+    /// a zero event capacity.
+    pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
+        let policy = self.policy;
+        let resolution = policy.resolution;
+        if !(crate::MIN_TIMER_RESOLUTION..=crate::MAX_TIMER_RESOLUTION).contains(&resolution) {
+            return Err(ConfigError::ResolutionOutOfRange { value: resolution });
+        }
+        for (setting, value) in [
+            ("idle_timeout", policy.idle),
+            ("stalled_grace", policy.stalled_grace),
+            ("max_age", policy.max_age),
+        ] {
+            let Some(value) = value else { continue };
+            if value.is_zero() {
+                return Err(ConfigError::Zero { setting });
+            }
+            if value > MAX_DURATION {
+                return Err(ConfigError::TooLong { setting, value });
+            }
+            if value < resolution {
+                return Err(ConfigError::BelowResolution {
+                    setting,
+                    value,
+                    resolution,
+                });
+            }
+        }
+        if policy.max_age_grace > MAX_DURATION {
+            return Err(ConfigError::TooLong {
+                setting: "max_age_grace",
+                value: policy.max_age_grace,
+            });
+        }
+        if !policy.max_age_grace.is_zero() && policy.max_age.is_none() {
+            return Err(ConfigError::GraceWithoutMaxAge);
+        }
+        crate::error::validate_event_capacity(self.capacity)?;
+        let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
+        let connections = Arc::new(Connections {
+            policy,
+            base: Instant::now(),
+            table: Mutex::new(Table::default()),
+            events: broadcast::channel(self.capacity).0,
+            drain: drain.clone(),
+            ticker: Ticker::default(),
+        });
+        if let Some(drain) = drain {
+            let drained: std::sync::Weak<dyn Drained> = Arc::downgrade(&connections) as _;
+            drain.register_connections(drained);
+        }
+        Ok(ConnectionGuard { connections })
+    }
+}

@@ -1,0 +1,233 @@
+//! The IO wrapper through which a connection guard closes connections, and
+//! the accept stream that wraps every connection.
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+};
+
+use atomic_waker::AtomicWaker;
+use futures_core::Stream;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{ConnectionGuard, ConnectionHandle};
+
+/// IO objects whose peer address a [`ConnectionGuard`] can read, for its
+/// events and for stream guards' per-peer cap.
+///
+/// Implemented for tokio's `TcpStream` and `UnixStream` (no IP peer), for
+/// [`GuardedIo`], and with feature `tls` for
+/// `tokio_rustls::server::TlsStream` over any of them, so that the guard can
+/// wrap either the TCP stream under an application's TLS acceptor or the TLS
+/// stream it yields. Implement it for your own IO type by returning the
+/// underlying socket's peer address, or `None`.
+pub trait PeerOf {
+    /// The peer's address, if known.
+    fn peer(&self) -> Option<SocketAddr>;
+}
+
+impl PeerOf for tokio::net::TcpStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.peer_addr().ok()
+    }
+}
+
+/// A Unix socket has no IP peer: its connections are known by their
+/// [`ConnectionHandle`] alone.
+#[cfg(unix)]
+impl PeerOf for tokio::net::UnixStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// The peer of the stream under the TLS session.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+impl<IO: PeerOf> PeerOf for tokio_rustls::server::TlsStream<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer()
+    }
+}
+
+impl<IO: PeerOf> PeerOf for GuardedIo<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.handle.peer()
+    }
+}
+
+pin_project! {
+    /// An accepted connection a [`ConnectionGuard`] watches. Reads and
+    /// writes pass through until the guard closes the connection; then they
+    /// fail with `ConnectionAborted`, and hyper drops the connection.
+    /// Dropping it emits the connection's close event.
+    pub struct GuardedIo<IO> {
+        #[pin]
+        pub(crate) inner: IO,
+        pub(crate) handle: ConnectionHandle,
+        pub(crate) read_registered: Option<Waker>,
+        pub(crate) write_registered: Option<Waker>,
+    }
+
+    impl<IO> PinnedDrop for GuardedIo<IO> {
+        fn drop(this: Pin<&mut Self>) {
+            this.project().handle.state.report_closed();
+        }
+    }
+}
+
+impl<IO> GuardedIo<IO> {
+    /// The connection's handle; insert it into request extensions in a
+    /// hand-written hyper accept loop so that stream guards find it.
+    pub fn handle(&self) -> &ConnectionHandle {
+        &self.handle
+    }
+
+    /// The wrapped IO.
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+}
+
+impl<IO: fmt::Debug> fmt::Debug for GuardedIo<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedIo")
+            .field("inner", &self.inner)
+            .field("connection", &self.handle.state.id)
+            .finish()
+    }
+}
+
+/// Registers `waker` in `slot` unless it is the one registered last.
+fn register(slot: &AtomicWaker, registered: &mut Option<Waker>, waker: &Waker) {
+    if !registered.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        slot.register(waker);
+        *registered = Some(waker.clone());
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for GuardedIo<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let state = &this.handle.state;
+        if let Some(err) = state.closed_error() {
+            return Poll::Ready(Err(err));
+        }
+        match this.inner.poll_read(cx, buf) {
+            Poll::Pending => {
+                register(&state.read_waker, this.read_registered, cx.waker());
+                match state.closed_error() {
+                    Some(err) => Poll::Ready(Err(err)),
+                    None => Poll::Pending,
+                }
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let state = &this.handle.state;
+        if let Some(err) = state.closed_error() {
+            return Poll::Ready(Err(err));
+        }
+        match this.inner.poll_write(cx, buf) {
+            Poll::Pending => {
+                register(&state.write_waker, this.write_registered, cx.waker());
+                match state.closed_error() {
+                    Some(err) => Poll::Ready(Err(err)),
+                    None => Poll::Pending,
+                }
+            }
+            ready => ready,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if let Some(err) = this.handle.state.closed_error() {
+            return Poll::Ready(Err(err));
+        }
+        this.inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let state = &this.handle.state;
+        if let Some(err) = state.closed_error() {
+            return Poll::Ready(Err(err));
+        }
+        match this.inner.poll_write_vectored(cx, bufs) {
+            Poll::Pending => {
+                register(&state.write_waker, this.write_registered, cx.waker());
+                match state.closed_error() {
+                    Some(err) => Poll::Ready(Err(err)),
+                    None => Poll::Pending,
+                }
+            }
+            ready => ready,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+pin_project! {
+    /// An accept stream whose connections a [`ConnectionGuard`] wraps; from
+    /// [`ConnectionGuard::wrap_incoming`].
+    pub struct GuardedIncoming<S> {
+        #[pin]
+        pub(crate) incoming: S,
+        pub(crate) guard: ConnectionGuard,
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for GuardedIncoming<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedIncoming")
+            .field("incoming", &self.incoming)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, IO, E> Stream for GuardedIncoming<S>
+where
+    S: Stream<Item = Result<IO, E>>,
+    IO: PeerOf,
+{
+    type Item = Result<GuardedIo<IO>, E>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        this.incoming
+            .poll_next(cx)
+            .map(|next| next.map(|io| io.map(|io| this.guard.wrap(io))))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.incoming.size_hint()
+    }
+}

@@ -1,0 +1,370 @@
+//! Every connection of one connection guard, its per-connection record and
+//! the timer that checks them.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use atomic_waker::AtomicWaker;
+use tokio::{
+    sync::{Notify, broadcast},
+    time::Instant,
+};
+
+use super::{ConnectionEnd, ConnectionEvent};
+use crate::{
+    drain::{DrainShared, Drained},
+    ticker::{Job, Lease, Ticker},
+};
+
+pub(crate) const NEVER: u64 = u64::MAX;
+
+/// The settings of a connection guard.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnPolicy {
+    pub(crate) idle: Option<Duration>,
+    pub(crate) stalled_grace: Option<Duration>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_age_grace: Duration,
+    pub(crate) resolution: Duration,
+}
+
+/// Every connection of one connection guard.
+pub(crate) struct Connections {
+    pub(crate) policy: ConnPolicy,
+    pub(crate) base: Instant,
+    pub(crate) table: Mutex<Table>,
+    pub(crate) events: broadcast::Sender<ConnectionEvent>,
+    pub(crate) drain: Option<Arc<DrainShared>>,
+    /// The runtimes the timer task may run on: it moves when its runtime
+    /// shuts down while connections of other runtimes are open.
+    pub(crate) ticker: Ticker,
+}
+
+#[derive(Default)]
+pub(crate) struct Table {
+    pub(crate) open: HashMap<u64, Weak<ConnState>>,
+    pub(crate) running: bool,
+}
+
+/// One connection's shared record.
+pub(crate) struct ConnState {
+    pub(crate) id: u64,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) opened: Instant,
+    pub(crate) opened_ns: u64,
+    pub(crate) connections: Arc<Connections>,
+    /// 0 while open, else the `ConnectionEnd` code.
+    pub(crate) end: AtomicU8,
+    pub(crate) read_waker: AtomicWaker,
+    pub(crate) write_waker: AtomicWaker,
+    pub(crate) streams_open: AtomicUsize,
+    pub(crate) streams_total: AtomicU64,
+    /// When the last stream ended (or the connection opened), ns since base.
+    pub(crate) quiet_since: AtomicU64,
+    pub(crate) stalled: AtomicUsize,
+    pub(crate) stalled_since: AtomicU64,
+    pub(crate) goaway_asked: AtomicBool,
+    pub(crate) goaway: Notify,
+    pub(crate) reported: AtomicBool,
+}
+
+impl ConnState {
+    pub(crate) fn close(&self, end: ConnectionEnd) -> bool {
+        if self
+            .end
+            .compare_exchange(0, end.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        tracing::debug!(
+            target: "tower_stream_guard",
+            connection = self.id,
+            reason = end.as_str(),
+            "closing connection"
+        );
+        self.read_waker.wake();
+        self.write_waker.wake();
+        true
+    }
+
+    pub(crate) fn closed_error(&self) -> Option<io::Error> {
+        let end = ConnectionEnd::from_code(self.end.load(Ordering::Acquire))?;
+        Some(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("connection closed by tower-stream-guard ({end})"),
+        ))
+    }
+
+    /// Emits the close event once, and forgets the connection.
+    pub(crate) fn report_closed(&self) {
+        if self.reported.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let end = ConnectionEnd::from_code(self.end.load(Ordering::Acquire))
+            .unwrap_or(ConnectionEnd::Closed);
+        let duration = self.opened.elapsed();
+        let event = ConnectionEvent {
+            id: self.id,
+            peer: self.peer,
+            end: Some(end),
+            duration,
+            streams: self.streams_total.load(Ordering::Relaxed),
+            at: SystemTime::now(),
+        };
+        self.connections.lock().open.remove(&self.id);
+        if self.connections.events.receiver_count() > 0 {
+            let _ = self.connections.events.send(event);
+        }
+        if let Some(drain) = &self.connections.drain {
+            drain.ended_one();
+        }
+    }
+
+    /// What the timer decides for this connection at `now`.
+    pub(crate) fn check(&self, policy: &ConnPolicy, now: u64) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER);
+        if let Some(grace) = policy.stalled_grace
+            // The count decides; `stalled_since` only says since when. The
+            // two are updated one after the other, so a stall and an unstall
+            // racing can leave a time with no stalled stream (ignored here,
+            // and overwritten by the next stall) or a stalled stream with no
+            // time (its grace starts now).
+            && self.stalled.load(Ordering::Acquire) > 0
+        {
+            let since = match self.stalled_since.load(Ordering::Acquire) {
+                NEVER => {
+                    let _ = self.stalled_since.compare_exchange(
+                        NEVER,
+                        now,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    now
+                }
+                since => since,
+            };
+            if now.saturating_sub(since) >= ns(grace) {
+                self.close(ConnectionEnd::Stalled);
+                return;
+            }
+        }
+        if let Some(idle) = policy.idle
+            && self.streams_open.load(Ordering::Acquire) == 0
+            && now.saturating_sub(self.quiet_since.load(Ordering::Relaxed)) >= ns(idle)
+        {
+            self.close(ConnectionEnd::Idle);
+            return;
+        }
+        if let Some(age) = policy.max_age {
+            let lived = now.saturating_sub(self.opened_ns);
+            if lived >= ns(age) && !self.goaway_asked.swap(true, Ordering::AcqRel) {
+                self.goaway.notify_waiters();
+            }
+            if lived >= ns(age).saturating_add(ns(policy.max_age_grace)) {
+                self.close(ConnectionEnd::MaxAge);
+            }
+        }
+    }
+}
+
+impl Connections {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // Nothing under this lock can leave the table half-updated.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(NEVER - 1)
+    }
+
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Closes every open connection (a drain's end); how many it closed.
+    pub(crate) fn close_all(&self) -> u64 {
+        let open: Vec<_> = self
+            .lock()
+            .open
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        open.iter()
+            .filter(|state| state.close(ConnectionEnd::Drained))
+            .count() as u64
+    }
+
+    pub(crate) fn needs_timer(&self) -> bool {
+        self.policy.idle.is_some()
+            || self.policy.stalled_grace.is_some()
+            || self.policy.max_age.is_some()
+    }
+}
+
+impl Drained for Connections {
+    fn begin(&self, _deadline: Instant) {
+        // Connections are told through `Drain::started` (GOAWAY) and new
+        // ones are closed as they are wrapped; nothing to do at the start.
+    }
+
+    fn open(&self) -> usize {
+        Connections::open(self)
+    }
+
+    fn close_rest(&self) -> u64 {
+        self.close_all()
+    }
+}
+
+impl Job for Connections {
+    const NO_RUNTIME: &'static str = "no tokio runtime when a connection was wrapped: idle timeouts and maximum ages of connections are not enforced";
+
+    fn ticker(&self) -> &Ticker {
+        &self.ticker
+    }
+
+    fn run(lease: Lease<Self>) -> impl Future<Output = ()> + Send + 'static {
+        run_timer(lease)
+    }
+
+    fn still_needed(&self) -> bool {
+        let mut table = self.lock();
+        table.running = !table.open.is_empty();
+        table.running
+    }
+
+    fn stopped(&self) {
+        self.lock().running = false;
+    }
+}
+
+async fn run_timer(mut lease: Lease<Connections>) {
+    let connections = Arc::clone(lease.job());
+    let mut ticks = tokio::time::interval(connections.policy.resolution);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let open: Vec<_> = {
+            let mut table = connections.lock();
+            if table.open.is_empty() {
+                // Stopped under the lock: a connection wrapped after this
+                // starts a new task.
+                table.running = false;
+                lease.finish();
+                return;
+            }
+            table.open.values().filter_map(Weak::upgrade).collect()
+        };
+        let now = connections.now_ns();
+        for state in open {
+            state.check(&connections.policy, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::connection::{ConnectionGuard, ConnectionHandle, GuardedIo, PeerOf};
+
+    /// An IO that is never read: the tests drive the connection's state.
+    struct NoIo;
+
+    impl PeerOf for NoIo {
+        fn peer(&self) -> Option<SocketAddr> {
+            None
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(1);
+
+    fn connection(guard: &ConnectionGuard) -> (GuardedIo<NoIo>, ConnectionHandle) {
+        let io = guard.wrap(NoIo);
+        let handle = io.handle().clone();
+        (io, handle)
+    }
+
+    fn check(guard: &ConnectionGuard, handle: &ConnectionHandle, now: u64) {
+        handle.state.check(&guard.connections.policy, now);
+    }
+
+    fn secs(s: u64) -> u64 {
+        s * 1_000_000_000
+    }
+
+    /// A stall and an unstall racing: the unstall's "no time" lands first,
+    /// the stall's time after it, with no stalled stream left.
+    #[tokio::test(start_paused = true)]
+    pub(crate) async fn a_stall_time_without_a_stalled_stream_never_closes_the_connection() {
+        let guard = ConnectionGuard::builder()
+            .stalled_grace(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        let state = &handle.state;
+        state.stalled.fetch_add(1, Ordering::AcqRel);
+        handle.stream_unstalled();
+        state.stalled_since.store(0, Ordering::Release);
+        check(&guard, &handle, secs(10));
+        assert!(
+            !handle.is_closed(),
+            "closed as stalled with nothing stalled"
+        );
+    }
+
+    /// The other order: a stalled stream whose time was wiped by a racing
+    /// unstall of another one still gets its connection closed, one grace
+    /// after the timer noticed it.
+    #[tokio::test(start_paused = true)]
+    pub(crate) async fn a_stalled_stream_without_a_stall_time_still_closes_the_connection() {
+        let guard = ConnectionGuard::builder()
+            .stalled_grace(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        handle.stream_stalled();
+        handle
+            .state
+            .stalled_since
+            .store(super::NEVER, Ordering::Release);
+        check(&guard, &handle, secs(10));
+        assert!(!handle.is_closed(), "the grace starts when noticed");
+        check(&guard, &handle, secs(11));
+        assert!(handle.is_closed(), "a stalled reader's connection closes");
+    }
+
+    /// The last stream's end is seen with its time: a connection is never
+    /// closed as idle the moment its last stream ends.
+    #[tokio::test(start_paused = true)]
+    pub(crate) async fn the_last_stream_ending_restarts_the_idle_time() {
+        let guard = ConnectionGuard::builder()
+            .idle_timeout(GRACE)
+            .build()
+            .expect("valid configuration");
+        let (_io, handle) = connection(&guard);
+        handle.stream_started();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        handle.stream_ended();
+        let now = guard.connections.now_ns();
+        check(&guard, &handle, now);
+        assert!(
+            !handle.is_closed(),
+            "closed as idle as its last stream ended"
+        );
+        check(&guard, &handle, now + secs(1));
+        assert!(handle.is_closed(), "idle for the idle timeout");
+    }
+}

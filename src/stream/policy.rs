@@ -1,0 +1,159 @@
+//! The limits a guard puts on each stream.
+
+use std::time::Duration;
+
+use crate::{
+    end::IdleDirection,
+    error::{ConfigError, MAX_DURATION, MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION},
+};
+
+/// The limits a guard puts on each stream. `None` means "no limit".
+///
+/// Built and validated by [`StreamGuardBuilder`](crate::StreamGuardBuilder).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub(crate) idle_both: Option<Duration>,
+    pub(crate) idle_request: Option<Duration>,
+    pub(crate) idle_response: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+}
+
+impl Policy {
+    /// The idle timeout watching `direction`, if one is set.
+    pub fn idle_timeout(&self, direction: IdleDirection) -> Option<Duration> {
+        match direction {
+            IdleDirection::Request => self.idle_request,
+            IdleDirection::Response => self.idle_response,
+            IdleDirection::Both => self.idle_both,
+        }
+    }
+
+    /// The maximum lifetime of a stream, if one is set.
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime
+    }
+
+    pub(crate) fn set_idle(&mut self, direction: IdleDirection, timeout: Duration) {
+        match direction {
+            IdleDirection::Request => self.idle_request = Some(timeout),
+            IdleDirection::Response => self.idle_response = Some(timeout),
+            IdleDirection::Both => self.idle_both = Some(timeout),
+        }
+    }
+
+    fn settings(&self) -> [(&'static str, Option<Duration>); 4] {
+        [
+            ("idle_timeout", self.idle_both),
+            ("request_idle_timeout", self.idle_request),
+            ("response_idle_timeout", self.idle_response),
+            ("max_lifetime", self.max_lifetime),
+        ]
+    }
+
+    /// Checks every setting against `resolution` and against each other.
+    pub(crate) fn validate(&self, resolution: Duration) -> Result<(), ConfigError> {
+        if !(MIN_TIMER_RESOLUTION..=MAX_TIMER_RESOLUTION).contains(&resolution) {
+            return Err(ConfigError::ResolutionOutOfRange { value: resolution });
+        }
+        for (setting, value) in self.settings() {
+            let Some(value) = value else { continue };
+            if value.is_zero() {
+                return Err(ConfigError::Zero { setting });
+            }
+            if value > MAX_DURATION {
+                return Err(ConfigError::TooLong { setting, value });
+            }
+            if value < resolution {
+                return Err(ConfigError::BelowResolution {
+                    setting,
+                    value,
+                    resolution,
+                });
+            }
+        }
+        if let Some(lifetime) = self.max_lifetime {
+            for (setting, idle) in &self.settings()[..3] {
+                if let Some(idle) = *idle
+                    && idle >= lifetime
+                {
+                    return Err(ConfigError::IdleNotBelowLifetime {
+                        setting,
+                        idle,
+                        lifetime,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::DEFAULT_TIMER_RESOLUTION;
+
+    fn policy() -> Policy {
+        Policy::default()
+    }
+
+    #[test]
+    fn empty_policy_is_valid() {
+        assert_eq!(policy().validate(DEFAULT_TIMER_RESOLUTION), Ok(()));
+    }
+
+    #[test]
+    fn zero_duration_is_rejected_with_its_setting() {
+        let mut p = policy();
+        p.set_idle(IdleDirection::Request, Duration::ZERO);
+        assert_eq!(
+            p.validate(DEFAULT_TIMER_RESOLUTION),
+            Err(ConfigError::Zero {
+                setting: "request_idle_timeout"
+            })
+        );
+    }
+
+    #[test]
+    fn absurd_duration_is_rejected() {
+        let p = Policy {
+            max_lifetime: Some(MAX_DURATION + Duration::from_secs(1)),
+            ..policy()
+        };
+        assert!(matches!(
+            p.validate(DEFAULT_TIMER_RESOLUTION),
+            Err(ConfigError::TooLong {
+                setting: "max_lifetime",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn idle_at_or_above_lifetime_is_rejected() {
+        let p = Policy {
+            idle_both: Some(Duration::from_secs(30)),
+            max_lifetime: Some(Duration::from_secs(30)),
+            ..policy()
+        };
+        let err = p.validate(DEFAULT_TIMER_RESOLUTION).unwrap_err();
+        assert!(matches!(err, ConfigError::IdleNotBelowLifetime { .. }));
+        assert!(err.to_string().contains("could never fire"), "{err}");
+    }
+
+    #[test]
+    fn resolution_bounds_are_enforced() {
+        assert!(matches!(
+            policy().validate(Duration::from_micros(10)),
+            Err(ConfigError::ResolutionOutOfRange { .. })
+        ));
+        let p = Policy {
+            idle_response: Some(Duration::from_millis(5)),
+            ..policy()
+        };
+        assert!(matches!(
+            p.validate(Duration::from_millis(10)),
+            Err(ConfigError::BelowResolution { .. })
+        ));
+    }
+}
