@@ -66,7 +66,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::error::MAX_DURATION;
+use crate::{error::MAX_DURATION, json::JsonLine};
 
 /// What a drain reaches: a stream guard layer's streams, or a connection
 /// guard's connections. The drain sees them through this trait only, so that
@@ -163,15 +163,15 @@ impl DrainReport {
     /// `open_at_start`, `finished_within_grace`, `cut`, `refused`,
     /// `connections_closed` and `elapsed_ms`.
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"event\":\"drain\",\"open_at_start\":{},\"finished_within_grace\":{},\"cut\":{},\"refused\":{},\"connections_closed\":{},\"elapsed_ms\":{}}}",
-            self.open_at_start,
-            self.finished_within_grace(),
-            self.cut,
-            self.refused,
-            self.connections_closed,
-            self.elapsed.as_millis()
-        )
+        JsonLine::new()
+            .str("event", "drain")
+            .num("open_at_start", self.open_at_start)
+            .num("finished_within_grace", self.finished_within_grace())
+            .num("cut", self.cut)
+            .num("refused", self.refused)
+            .num("connections_closed", self.connections_closed)
+            .num("elapsed_ms", self.elapsed.as_millis())
+            .finish()
     }
 }
 

@@ -1,7 +1,16 @@
 //! How a stream can end: [`EndReason`], with the idle direction and the cap
-//! a reason may name.
+//! a reason may name, and the one table of endings every other fact about an
+//! end is read from (its code, counter, gRPC status, message, log level).
+//!
+//! A stream's phase records an [`Ending`]: an [`EndReason`] made finer where
+//! the peer is told something different (a drain that refused a stream rather
+//! than cut it, a lifetime that was the client's `grpc-timeout`, a cap that
+//! refused a stream it could not place). A new way to end is one variant and
+//! one row in [`ROWS`].
 
-use std::fmt;
+use std::{fmt, time::Duration};
+
+use crate::grpc;
 
 /// Which side of a stream an idle timeout watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -123,33 +132,35 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every reason, in a fixed order (idle timeouts per direction, rejections
+    /// per cap): for dashboards that list them all.
+    pub const ALL: [EndReason; 12] = [
+        EndReason::Completed,
+        EndReason::Cancelled,
+        EndReason::IdleTimeout(IdleDirection::Request),
+        EndReason::IdleTimeout(IdleDirection::Response),
+        EndReason::IdleTimeout(IdleDirection::Both),
+        EndReason::LifetimeExceeded,
+        EndReason::Error,
+        EndReason::Rejected(StreamCap::PerConnection),
+        EndReason::Rejected(StreamCap::PerPeer),
+        EndReason::Rejected(StreamCap::Total),
+        EndReason::Drained,
+        EndReason::Panicked,
+    ];
+
     /// A short snake-case name, as used in JSON event lines: `completed`,
     /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
     /// `panicked`, `rejected` or `drained`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Completed => "completed",
-            EndReason::Cancelled => "cancelled",
-            EndReason::IdleTimeout(_) => "idle_timeout",
-            EndReason::LifetimeExceeded => "lifetime_exceeded",
-            EndReason::Error => "error",
-            EndReason::Panicked => "panicked",
-            EndReason::Rejected(_) => "rejected",
-            EndReason::Drained => "drained",
-        }
+        Ending::of(self).row().name
     }
 
     /// Whether a guard of this crate ended the stream (as opposed to the
     /// stream ending by itself): a limit fired, a cap refused it or a drain
     /// cut it.
     pub fn is_guard(self) -> bool {
-        matches!(
-            self,
-            EndReason::IdleTimeout(_)
-                | EndReason::LifetimeExceeded
-                | EndReason::Rejected(_)
-                | EndReason::Drained
-        )
+        Ending::of(self).row().log != Log::Quiet
     }
 
     /// The cap, for [`EndReason::Rejected`].
@@ -165,14 +176,7 @@ impl EndReason {
     /// (`RESOURCE_EXHAUSTED`) for rejections, `14` (`UNAVAILABLE`) for drains;
     /// `None` for ends the guard did not make.
     pub fn grpc_code(self) -> Option<u32> {
-        match self {
-            EndReason::IdleTimeout(_) | EndReason::LifetimeExceeded => {
-                Some(crate::grpc::DEADLINE_EXCEEDED)
-            }
-            EndReason::Rejected(_) => Some(crate::grpc::RESOURCE_EXHAUSTED),
-            EndReason::Drained => Some(crate::grpc::UNAVAILABLE),
-            _ => None,
-        }
+        Ending::of(self).row().status
     }
 
     /// The idle direction, for [`EndReason::IdleTimeout`].
@@ -183,39 +187,10 @@ impl EndReason {
         }
     }
 
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            EndReason::Completed => 1,
-            EndReason::Cancelled => 2,
-            EndReason::IdleTimeout(IdleDirection::Request) => 3,
-            EndReason::IdleTimeout(IdleDirection::Response) => 4,
-            EndReason::IdleTimeout(IdleDirection::Both) => 5,
-            EndReason::LifetimeExceeded => 6,
-            EndReason::Error => 7,
-            EndReason::Rejected(StreamCap::PerConnection) => 8,
-            EndReason::Rejected(StreamCap::PerPeer) => 9,
-            EndReason::Rejected(StreamCap::Total) => 10,
-            EndReason::Drained => 11,
-            EndReason::Panicked => 12,
-        }
-    }
-
-    pub(crate) fn from_code(code: u8) -> Option<Self> {
-        Some(match code {
-            1 => EndReason::Completed,
-            2 => EndReason::Cancelled,
-            3 => EndReason::IdleTimeout(IdleDirection::Request),
-            4 => EndReason::IdleTimeout(IdleDirection::Response),
-            5 => EndReason::IdleTimeout(IdleDirection::Both),
-            6 => EndReason::LifetimeExceeded,
-            7 => EndReason::Error,
-            8 => EndReason::Rejected(StreamCap::PerConnection),
-            9 => EndReason::Rejected(StreamCap::PerPeer),
-            10 => EndReason::Rejected(StreamCap::Total),
-            11 => EndReason::Drained,
-            12 => EndReason::Panicked,
-            _ => return None,
-        })
+    /// A key naming this reason alone, as in [`GuardStats::to_json`](crate::GuardStats::to_json):
+    /// `idle_timeout_request`, `rejected_per_peer`, `completed`, ...
+    pub(crate) fn key(self) -> &'static str {
+        Ending::of(self).row().key
     }
 }
 
@@ -227,5 +202,236 @@ impl fmt::Display for EndReason {
             EndReason::Rejected(cap) => write!(f, "rejected (stream cap {cap})"),
             other => f.write_str(other.as_str()),
         }
+    }
+}
+
+/// How a stream ended, as its phase records it: an [`EndReason`], finer where
+/// the peer is told something different. The discriminant is the phase code
+/// (0 is "still open") and indexes [`ROWS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Ending {
+    Completed = 1,
+    Cancelled,
+    /// Ended through `StreamHandle::cancel`: the bodies end the way a
+    /// guard's do, with `CANCELLED`.
+    CancelledByHandle,
+    IdleRequest,
+    IdleResponse,
+    IdleBoth,
+    Lifetime,
+    /// The lifetime was the client's `grpc-timeout`.
+    ClientDeadline,
+    Error,
+    Panicked,
+    RejectedPerConnection,
+    RejectedPerPeer,
+    RejectedTotal,
+    /// `max_streams_per_connection` refused a stream nothing identified the
+    /// connection of.
+    RejectedNoConnection,
+    /// `max_streams_per_peer` refused a stream whose peer is unknown.
+    RejectedNoPeer,
+    /// Still open when a drain's grace period ended.
+    Drained,
+    /// Arrived while a drain was in progress.
+    DrainRefused,
+}
+
+/// What an end is logged as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Log {
+    /// The stream ended by itself: `DEBUG`.
+    Quiet,
+    /// A limit or a drain ended it: `INFO`.
+    Guard,
+    /// A cap refused it: `DEBUG`, summed up at `WARN` once a second.
+    Refused,
+}
+
+/// Everything about one [`Ending`].
+#[derive(Debug)]
+pub(crate) struct Row {
+    pub(crate) ending: Ending,
+    pub(crate) reason: EndReason,
+    /// [`EndReason::as_str`].
+    pub(crate) name: &'static str,
+    /// A name for the reason alone (per direction, per cap).
+    pub(crate) key: &'static str,
+    /// The gRPC status a guard-made end carries; `None` when the stream
+    /// ended by itself (its bodies then end as the inner ones did).
+    pub(crate) status: Option<u32>,
+    pub(crate) log: Log,
+    /// The sentence the peer and the logs read: `{limit}` stands for the
+    /// limit that fired (a duration), `{cap_limit}` for a cap's limit.
+    pub(crate) message: &'static str,
+}
+
+macro_rules! rows {
+    ($($ending:ident => $reason:expr, $name:literal, $key:literal, $status:expr, $log:ident, $message:expr;)*) => {
+        /// The table of endings, in [`Ending`] order.
+        pub(crate) const ROWS: [Row; 17] = [$(Row {
+            ending: Ending::$ending,
+            reason: $reason,
+            name: $name,
+            key: $key,
+            status: $status,
+            log: Log::$log,
+            message: $message,
+        }),*];
+
+        impl Ending {
+            /// Every ending, in code order.
+            pub(crate) const ALL: [Ending; 17] = [$(Ending::$ending),*];
+        }
+    };
+}
+
+const DEADLINE: Option<u32> = Some(grpc::DEADLINE_EXCEEDED);
+const EXHAUSTED: Option<u32> = Some(grpc::RESOURCE_EXHAUSTED);
+const UNAVAILABLE: Option<u32> = Some(grpc::UNAVAILABLE);
+
+rows! {
+    Completed => EndReason::Completed, "completed", "completed", None, Quiet,
+        "stream ended: completed";
+    Cancelled => EndReason::Cancelled, "cancelled", "cancelled", None, Quiet,
+        "stream ended: cancelled";
+    CancelledByHandle => EndReason::Cancelled, "cancelled", "cancelled", Some(grpc::CANCELLED), Quiet,
+        "stream cancelled through its handle (StreamHandle::cancel)";
+    IdleRequest => EndReason::IdleTimeout(IdleDirection::Request), "idle_timeout", "idle_timeout_request", DEADLINE, Guard,
+        "stream idle: no request frame for {limit} (request_idle_timeout)";
+    IdleResponse => EndReason::IdleTimeout(IdleDirection::Response), "idle_timeout", "idle_timeout_response", DEADLINE, Guard,
+        "stream idle: no response frame for {limit} (response_idle_timeout)";
+    IdleBoth => EndReason::IdleTimeout(IdleDirection::Both), "idle_timeout", "idle_timeout_both", DEADLINE, Guard,
+        "stream idle: no frame moved either way for {limit} (idle_timeout)";
+    Lifetime => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, Guard,
+        "stream exceeded its maximum lifetime of {limit} (max_lifetime)";
+    ClientDeadline => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, Guard,
+        "stream passed the deadline of {limit} the client set (grpc-timeout)";
+    Error => EndReason::Error, "error", "error", None, Quiet,
+        "stream ended: error";
+    Panicked => EndReason::Panicked, "panicked", "panicked", None, Quiet,
+        "stream ended: panicked";
+    RejectedPerConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, Refused,
+        "stream refused: at most {cap_limit} concurrent streams per connection (max_streams_per_connection)";
+    RejectedPerPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, Refused,
+        "stream refused: at most {cap_limit} concurrent streams per peer (max_streams_per_peer)";
+    RejectedTotal => EndReason::Rejected(StreamCap::Total), "rejected", "rejected_total", EXHAUSTED, Refused,
+        "stream refused: at most {cap_limit} concurrent streams in total (max_streams)";
+    RejectedNoConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, Refused,
+        "stream refused: max_streams_per_connection is set but the request carries no connection identity \
+         (no connect info names its connection; Unix sockets and custom IO have none): \
+         wrap the accepted IO with ConnectionGuard, or supply a ConnectionKey or ConnectionHandle extension, \
+         tonic's TcpConnectInfo or TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> \
+         (feature `axum`), or a connection_key function (per connection)";
+    RejectedNoPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, Refused,
+        "stream refused: max_streams_per_peer is set but the request carries no peer \
+         address; supply a PeerAddr extension, tonic's TcpConnectInfo or \
+         TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> (feature `axum`), an \
+         address-based ConnectionKey, or a ConnectionGuard over an IO that knows its peer (per peer)";
+    Drained => EndReason::Drained, "drained", "drained", UNAVAILABLE, Guard,
+        "stream cut: the server is draining and its {limit} grace period ended (drain)";
+    DrainRefused => EndReason::Drained, "drained", "drained", UNAVAILABLE, Guard,
+        "stream refused: the server is draining and accepts no new streams (drain)";
+}
+
+impl Ending {
+    /// The plain ending of `reason` (the first of its rows).
+    pub(crate) fn of(reason: EndReason) -> Ending {
+        // `ROWS` is short and every reason has a row.
+        ROWS.iter()
+            .find(|row| row.reason == reason)
+            .map_or(Ending::Cancelled, |row| row.ending)
+    }
+
+    /// The ending a stream refused by `cap` has; `unidentified` when the
+    /// stream carries no key for that cap (no connection, no peer).
+    pub(crate) fn rejected(cap: StreamCap, unidentified: bool) -> Ending {
+        match (cap, unidentified) {
+            (StreamCap::PerConnection, true) => Ending::RejectedNoConnection,
+            (StreamCap::PerPeer, true) => Ending::RejectedNoPeer,
+            (StreamCap::PerConnection, false) => Ending::RejectedPerConnection,
+            (StreamCap::PerPeer, false) => Ending::RejectedPerPeer,
+            (StreamCap::Total, _) => Ending::RejectedTotal,
+        }
+    }
+
+    /// The ending a phase code records; `None` for 0 (still open).
+    pub(crate) fn from_code(code: u8) -> Option<Ending> {
+        Ending::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+
+    /// The phase code.
+    pub(crate) fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub(crate) fn row(self) -> &'static Row {
+        &ROWS[usize::from(self.code()) - 1]
+    }
+
+    pub(crate) fn reason(self) -> EndReason {
+        self.row().reason
+    }
+
+    /// The gRPC status the peer reads when this ending was guard-made.
+    pub(crate) fn status(self) -> Option<u32> {
+        self.row().status
+    }
+
+    /// The sentence the peer and the logs read, with the limit that fired
+    /// (`limit`) or the cap's limit (`cap_limit`) filled in.
+    pub(crate) fn message(self, limit: Duration, cap_limit: usize) -> String {
+        let message = self.row().message;
+        if message.contains("{limit}") {
+            message.replace("{limit}", &format!("{limit:?}"))
+        } else if message.contains("{cap_limit}") {
+            message.replace("{cap_limit}", &cap_limit.to_string())
+        } else {
+            message.to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_in_ending_order_and_codes_round_trip() {
+        for (index, row) in ROWS.iter().enumerate() {
+            assert_eq!(usize::from(row.ending.code()), index + 1, "{row:?}");
+            assert_eq!(Ending::from_code(row.ending.code()), Some(row.ending));
+        }
+        assert_eq!(Ending::from_code(0), None);
+        assert_eq!(Ending::from_code(ROWS.len() as u8 + 1), None);
+    }
+
+    #[test]
+    fn every_reason_has_a_row_of_its_own() {
+        for reason in EndReason::ALL {
+            assert_eq!(Ending::of(reason).reason(), reason);
+        }
+        for row in &ROWS {
+            assert!(EndReason::ALL.contains(&row.reason), "{row:?}");
+            assert!(row.status.is_some() || row.log == Log::Quiet, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn messages_name_their_limit_and_setting() {
+        assert_eq!(
+            Ending::IdleRequest.message(Duration::from_secs(2), 0),
+            "stream idle: no request frame for 2s (request_idle_timeout)"
+        );
+        assert_eq!(
+            Ending::RejectedTotal.message(Duration::ZERO, 8),
+            "stream refused: at most 8 concurrent streams in total (max_streams)"
+        );
+        assert!(
+            Ending::RejectedNoPeer
+                .message(Duration::ZERO, 1)
+                .contains("PeerAddr")
+        );
     }
 }

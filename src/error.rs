@@ -2,7 +2,7 @@
 
 use std::{error::Error, fmt, time::Duration};
 
-use crate::end::{EndReason, IdleDirection, StreamCap};
+use crate::end::EndReason;
 
 /// The longest duration any guard setting accepts: 365 days.
 ///
@@ -77,48 +77,6 @@ impl GuardError {
     /// The configured limit that was reached (zero for a rejection).
     pub fn limit(&self) -> Duration {
         self.limit
-    }
-}
-
-/// The sentence users see when a client's `grpc-timeout` ended its stream.
-pub(crate) fn describe_client_deadline(limit: Duration) -> String {
-    format!("stream passed the deadline of {limit:?} the client set (grpc-timeout)")
-}
-
-/// The sentence users see when a drain refused a new stream.
-pub(crate) fn describe_drain_refusal() -> String {
-    "stream refused: the server is draining and accepts no new streams (drain)".to_owned()
-}
-
-/// The sentence users see when a cap refused a stream.
-pub(crate) fn describe_rejection(cap: StreamCap, limit: usize) -> String {
-    format!(
-        "stream refused: at most {limit} concurrent streams {cap} ({})",
-        cap.setting()
-    )
-}
-
-/// The sentence users see, in errors, `grpc-message` and logs.
-pub(crate) fn describe(reason: EndReason, limit: Duration) -> String {
-    match reason {
-        EndReason::IdleTimeout(IdleDirection::Both) => {
-            format!("stream idle: no frame moved either way for {limit:?} (idle_timeout)")
-        }
-        EndReason::IdleTimeout(IdleDirection::Request) => {
-            format!("stream idle: no request frame for {limit:?} (request_idle_timeout)")
-        }
-        EndReason::IdleTimeout(IdleDirection::Response) => {
-            format!("stream idle: no response frame for {limit:?} (response_idle_timeout)")
-        }
-        EndReason::LifetimeExceeded => {
-            format!("stream exceeded its maximum lifetime of {limit:?} (max_lifetime)")
-        }
-        EndReason::Drained => {
-            format!(
-                "stream cut: the server is draining and its {limit:?} grace period ended (drain)"
-            )
-        }
-        other => format!("stream ended: {other}"),
     }
 }
 
@@ -285,12 +243,14 @@ impl Error for ConfigError {}
 #[cfg(all(test, feature = "tonic"))]
 mod tests {
     use super::*;
+    use crate::end::IdleDirection;
 
     #[test]
     fn tonic_finds_deadline_exceeded_in_the_source_chain() {
         let reason = EndReason::IdleTimeout(IdleDirection::Request);
         let limit = Duration::from_secs(2);
-        let err: BoxError = Box::new(GuardError::new(reason, limit, describe(reason, limit), 4));
+        let message = crate::end::Ending::IdleRequest.message(limit, 0);
+        let err: BoxError = Box::new(GuardError::new(reason, limit, message, 4));
         let status = tonic::Status::from_error(err);
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(

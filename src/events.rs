@@ -20,7 +20,6 @@
 
 use std::{
     fmt,
-    fmt::Write as _,
     net::SocketAddr,
     panic::{AssertUnwindSafe, catch_unwind},
     sync::{
@@ -33,7 +32,7 @@ use std::{
 use http::{Method, uri::PathAndQuery};
 use tokio::sync::broadcast;
 
-use crate::{end::EndReason, peer::ConnectionKey};
+use crate::{end::EndReason, json::JsonLine, peer::ConnectionKey};
 
 /// A process-wide unique number for a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,76 +173,38 @@ impl EndEvent {
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
     /// `response_bytes` and `grpc_status` (`null` when none).
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(256);
-        let _ = write!(out, "{{\"id\":{},\"method\":", self.id.get());
-        json_string(&mut out, self.method.as_str());
-        out.push_str(",\"route\":");
-        json_string(&mut out, self.path());
-        out.push_str(",\"peer\":");
-        match self.peer {
-            Some(peer) => json_string(&mut out, &peer.to_string()),
-            None => out.push_str("null"),
-        }
-        out.push_str(",\"connection\":");
-        match self.connection {
-            Some(connection) => json_string(&mut out, &connection.to_string()),
-            None => out.push_str("null"),
-        }
-        let _ = write!(out, ",\"reason\":\"{}\"", self.reason.as_str());
-        if let Some(direction) = self.reason.direction() {
-            let _ = write!(out, ",\"direction\":\"{direction}\"");
-        }
-        if let Some(limit) = self.limit {
-            let _ = write!(out, ",\"limit_ms\":{}", limit.as_millis());
-        }
-        if let Some(cap) = self.reason.cap() {
-            let _ = write!(out, ",\"cap\":\"{}\"", cap.as_str());
-        }
-        if let Some(cap_limit) = self.cap_limit {
-            let _ = write!(out, ",\"cap_limit\":{cap_limit}");
-        }
         let started = self
             .started_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let _ = write!(
-            out,
-            ",\"started_at_ms\":{},\"duration_ms\":{},\"request_frames\":{},\"request_bytes\":{},\"response_frames\":{},\"response_bytes\":{},\"grpc_status\":",
-            started.as_millis(),
-            self.duration.as_millis(),
-            self.request.frames,
-            self.request.bytes,
-            self.response.frames,
-            self.response.bytes,
-        );
-        match self.grpc_status {
-            Some(code) => {
-                let _ = write!(out, "{code}");
-            }
-            None => out.push_str("null"),
+        let mut line = JsonLine::new();
+        line.num("id", self.id.get())
+            .str("method", self.method.as_str())
+            .str("route", self.path())
+            .opt_str("peer", self.peer)
+            .opt_str("connection", self.connection)
+            .str("reason", self.reason.as_str());
+        if let Some(direction) = self.reason.direction() {
+            line.str("direction", direction.as_str());
         }
-        out.push('}');
-        out
-    }
-}
-
-/// Appends `s` as a JSON string literal.
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+        if let Some(limit) = self.limit {
+            line.num("limit_ms", limit.as_millis());
         }
+        if let Some(cap) = self.reason.cap() {
+            line.str("cap", cap.as_str());
+        }
+        if let Some(cap_limit) = self.cap_limit {
+            line.num("cap_limit", cap_limit);
+        }
+        line.num("started_at_ms", started.as_millis())
+            .num("duration_ms", self.duration.as_millis())
+            .num("request_frames", self.request.frames)
+            .num("request_bytes", self.request.bytes)
+            .num("response_frames", self.response.frames)
+            .num("response_bytes", self.response.bytes)
+            .opt_num("grpc_status", self.grpc_status)
+            .finish()
     }
-    out.push('"');
 }
 
 /// A callback run for every end event.
@@ -290,7 +251,7 @@ impl EventHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::end::{IdleDirection, StreamCap};
+    use crate::end::IdleDirection;
 
     fn event() -> EndEvent {
         EndEvent {
@@ -319,34 +280,6 @@ mod tests {
             event().to_json(),
             r##"{"id":7,"method":"POST","route":"/echo.Echo/Bidi","peer":"127.0.0.1:4000","connection":"#3","reason":"idle_timeout","direction":"request","limit_ms":2000,"started_at_ms":1500,"duration_ms":2500,"request_frames":3,"request_bytes":30,"response_frames":0,"response_bytes":0,"grpc_status":4}"##
         );
-    }
-
-    #[test]
-    fn json_strings_escape_quotes_and_control_characters() {
-        let mut out = String::new();
-        json_string(&mut out, "a\"b\\c\n\u{1}é");
-        assert_eq!(out, r#""a\"b\\c\n\u0001é""#);
-    }
-
-    #[test]
-    fn reason_codes_round_trip() {
-        for reason in [
-            EndReason::Completed,
-            EndReason::Cancelled,
-            EndReason::IdleTimeout(IdleDirection::Request),
-            EndReason::IdleTimeout(IdleDirection::Response),
-            EndReason::IdleTimeout(IdleDirection::Both),
-            EndReason::LifetimeExceeded,
-            EndReason::Error,
-            EndReason::Rejected(StreamCap::PerConnection),
-            EndReason::Rejected(StreamCap::PerPeer),
-            EndReason::Rejected(StreamCap::Total),
-            EndReason::Drained,
-            EndReason::Panicked,
-        ] {
-            assert_eq!(EndReason::from_code(reason.code()), Some(reason));
-        }
-        assert_eq!(EndReason::from_code(0), None);
     }
 
     #[test]

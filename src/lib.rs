@@ -123,9 +123,11 @@ mod end;
 mod error;
 mod events;
 mod grpc;
+mod json;
 mod peer;
 mod stats;
 pub mod stream;
+mod sync;
 mod ticker;
 
 pub use connection::{

@@ -4,8 +4,6 @@
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 
-use crate::end::StreamCap;
-
 /// What identifies the connection a request arrived on, for
 /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
 /// and [`StreamGuardLayer::connection_streams`](crate::StreamGuardLayer::connection_streams).
@@ -117,33 +115,3 @@ pub(crate) type KeyFn = Arc<dyn Fn(&http::Extensions) -> Option<ConnectionKey> +
 /// events and the per-peer cap use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// The sentence users see when a keyed cap refused a stream that carries no
-/// key for it (no connection identity, or no peer address).
-pub(crate) fn describe_unidentified(cap: StreamCap) -> String {
-    match cap {
-        StreamCap::PerPeer => format!(
-            "stream refused: max_streams_per_peer is set but the request carries no peer \
-             address; supply {} (per peer)",
-            PEER_SOURCES
-        ),
-        _ => format!(
-            "stream refused: {} is set but the request carries no connection identity \
-             (no connect info names its connection; Unix sockets and custom IO have none): \
-             wrap the accepted IO with ConnectionGuard, or supply {} (per connection)",
-            cap.setting(),
-            CONNECTION_SOURCES
-        ),
-    }
-}
-
-/// Where a connection identity can come from, for the per-connection
-/// refusal message.
-const CONNECTION_SOURCES: &str = "a ConnectionKey or ConnectionHandle extension, \
-     tonic's TcpConnectInfo or TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> \
-     (feature `axum`), or a connection_key function";
-
-/// Where a peer address can come from, for the per-peer refusal message.
-const PEER_SOURCES: &str = "a PeerAddr extension, tonic's TcpConnectInfo or \
-     TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> (feature `axum`), an \
-     address-based ConnectionKey, or a ConnectionGuard over an IO that knows its peer";

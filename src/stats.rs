@@ -4,55 +4,43 @@
 //! nothing is counted per frame. They agree with the end events: after every
 //! stream has ended, each count equals the number of events with that reason.
 
-use std::{
-    fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{
+    end::{EndReason, Ending, ROWS, StreamCap},
+    json::JsonLine,
 };
 
-use crate::end::{EndReason, IdleDirection, StreamCap};
-
-/// Every reason a stream can end with, in the order of its code.
-pub(crate) const REASONS: [EndReason; 12] = [
-    EndReason::Completed,
-    EndReason::Cancelled,
-    EndReason::IdleTimeout(IdleDirection::Request),
-    EndReason::IdleTimeout(IdleDirection::Response),
-    EndReason::IdleTimeout(IdleDirection::Both),
-    EndReason::LifetimeExceeded,
-    EndReason::Error,
-    EndReason::Rejected(StreamCap::PerConnection),
-    EndReason::Rejected(StreamCap::PerPeer),
-    EndReason::Rejected(StreamCap::Total),
-    EndReason::Drained,
-    EndReason::Panicked,
-];
-
-/// Per-reason end counters of one guard layer.
+/// End counters of one guard layer, one per [`Ending`] (finer than
+/// [`EndReason`]; a snapshot sums them per reason).
 #[derive(Default)]
 pub(crate) struct Counters {
-    ended: [AtomicU64; REASONS.len()],
+    ended: [AtomicU64; Ending::ALL.len()],
 }
 
 impl Counters {
-    fn slot(reason: EndReason) -> usize {
-        // Codes start at 1 and follow `REASONS`.
-        usize::from(reason.code()) - 1
-    }
-
-    pub(crate) fn count(&self, reason: EndReason) {
-        self.ended[Self::slot(reason)].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count(&self, ending: Ending) {
+        self.ended[usize::from(ending.code()) - 1].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self, active: usize) -> GuardStats {
-        let mut ended = [0; REASONS.len()];
-        for (slot, counter) in ended.iter_mut().zip(&self.ended) {
-            *slot = counter.load(Ordering::Relaxed);
+        let mut ended = [0; EndReason::ALL.len()];
+        for (row, counter) in ROWS.iter().zip(&self.ended) {
+            ended[slot(row.reason)] += counter.load(Ordering::Relaxed);
         }
         GuardStats {
             active: active as u64,
             ended,
         }
     }
+}
+
+/// Where `reason` is counted in a snapshot: its place in [`EndReason::ALL`].
+fn slot(reason: EndReason) -> usize {
+    EndReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or_default()
 }
 
 /// A snapshot of a guard's counters, from
@@ -73,7 +61,7 @@ impl Counters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuardStats {
     active: u64,
-    ended: [u64; REASONS.len()],
+    ended: [u64; EndReason::ALL.len()],
 }
 
 impl GuardStats {
@@ -85,7 +73,7 @@ impl GuardStats {
     /// Streams that ended with exactly `reason` (idle timeouts count per
     /// direction, rejections per cap).
     pub fn ended(&self, reason: EndReason) -> u64 {
-        self.ended[Counters::slot(reason)]
+        self.ended[slot(reason)]
     }
 
     /// Streams that ended, for any reason (rejections included).
@@ -95,7 +83,7 @@ impl GuardStats {
 
     /// Idle timeouts, all directions together.
     pub fn idle_timeouts(&self) -> u64 {
-        REASONS
+        EndReason::ALL
             .iter()
             .filter(|r| matches!(r, EndReason::IdleTimeout(_)))
             .map(|r| self.ended(*r))
@@ -113,17 +101,12 @@ impl GuardStats {
     /// `error`, `rejected_per_connection`, `rejected_per_peer`,
     /// `rejected_total`, `drained`, `panicked`).
     pub fn to_json(&self) -> String {
-        let mut out = format!("{{\"active\":{}", self.active);
-        for reason in REASONS {
-            let name = match reason {
-                EndReason::IdleTimeout(direction) => format!("idle_timeout_{direction}"),
-                EndReason::Rejected(cap) => format!("rejected_{}", cap.as_str()),
-                other => other.as_str().to_owned(),
-            };
-            let _ = write!(out, ",\"{name}\":{}", self.ended(reason));
+        let mut line = JsonLine::new();
+        line.num("active", self.active);
+        for reason in EndReason::ALL {
+            line.num(reason.key(), self.ended(reason));
         }
-        out.push('}');
-        out
+        line.finish()
     }
 }
 
@@ -134,21 +117,29 @@ mod tests {
     #[test]
     fn every_reason_has_its_own_counter() {
         let counters = Counters::default();
-        for (n, reason) in REASONS.iter().enumerate() {
+        for (n, reason) in EndReason::ALL.iter().enumerate() {
             for _ in 0..=n {
-                counters.count(*reason);
+                counters.count(Ending::of(*reason));
             }
         }
+        // Finer endings count under their reason.
+        counters.count(Ending::CancelledByHandle);
+        counters.count(Ending::DrainRefused);
         let stats = counters.snapshot(3);
-        for (n, reason) in REASONS.iter().enumerate() {
-            assert_eq!(stats.ended(*reason), n as u64 + 1, "{reason:?}");
+        for (n, reason) in EndReason::ALL.iter().enumerate() {
+            let finer = matches!(reason, EndReason::Cancelled | EndReason::Drained);
+            assert_eq!(
+                stats.ended(*reason),
+                n as u64 + 1 + u64::from(finer),
+                "{reason:?}"
+            );
         }
         assert_eq!(stats.idle_timeouts(), 3 + 4 + 5);
         assert_eq!(stats.rejected(StreamCap::Total), 10);
-        assert_eq!(stats.ended_total(), (1..=12).sum::<u64>());
+        assert_eq!(stats.ended_total(), (1..=12).sum::<u64>() + 2);
         assert_eq!(
             stats.to_json(),
-            "{\"active\":3,\"completed\":1,\"cancelled\":2,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":11,\"panicked\":12}"
+            "{\"active\":3,\"completed\":1,\"cancelled\":3,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":12,\"panicked\":12}"
         );
     }
 }

@@ -1,8 +1,9 @@
 //! What a connection guard tells about its connections: opened, closed and why.
 
+use crate::json::JsonLine;
+
 use std::{
     fmt,
-    fmt::Write as _,
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
@@ -112,7 +113,6 @@ impl ConnectionEvent {
     /// `connection_closed`), `connection`, `peer`, and for closes `reason`,
     /// `duration_ms` and `streams`; `at_ms` is Unix time.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(160);
         let at = self
             .at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -122,24 +122,15 @@ impl ConnectionEvent {
             None => "connection_opened",
             Some(_) => "connection_closed",
         };
-        let _ = write!(out, "{{\"event\":\"{event}\",\"connection\":{}", self.id);
-        match self.peer {
-            // A socket address needs no JSON escaping.
-            Some(peer) => {
-                let _ = write!(out, ",\"peer\":\"{peer}\"");
-            }
-            None => out.push_str(",\"peer\":null"),
-        }
+        let mut line = JsonLine::new();
+        line.str("event", event)
+            .num("connection", self.id)
+            .opt_str("peer", self.peer);
         if let Some(end) = self.end {
-            let _ = write!(
-                out,
-                ",\"reason\":\"{}\",\"duration_ms\":{},\"streams\":{}",
-                end.as_str(),
-                self.duration.as_millis(),
-                self.streams
-            );
+            line.str("reason", end.as_str())
+                .num("duration_ms", self.duration.as_millis())
+                .num("streams", self.streams);
         }
-        let _ = write!(out, ",\"at_ms\":{at}}}");
-        out
+        line.num("at_ms", at).finish()
     }
 }

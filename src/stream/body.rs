@@ -20,9 +20,12 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::{end::EndReason, error::BoxError, grpc};
+use crate::{end::Ending, error::BoxError, grpc};
 
-use super::record::{EndOnUnwind, StreamState};
+use super::{
+    record::Record,
+    ticket::{EndOnUnwind, Ticket},
+};
 
 pin_project! {
     /// A request body whose frames count as request-side activity, and which
@@ -35,7 +38,7 @@ pin_project! {
     pub struct RequestBody<B> {
         #[pin]
         inner: B,
-        state: Arc<StreamState>,
+        state: Arc<Record>,
         // The waker last handed to `state.request_waker` (see ResponseBody).
         registered: Option<Waker>,
         done: bool,
@@ -43,7 +46,7 @@ pin_project! {
 }
 
 impl<B: Body> RequestBody<B> {
-    pub(crate) fn guarded(inner: B, state: Arc<StreamState>) -> Self {
+    pub(crate) fn guarded(inner: B, state: Arc<Record>) -> Self {
         // A request that has no body (a GET, an SSE subscription) or whose
         // body is already at its end is never polled: its request side is
         // done from the start, or the request idle timeout would cut it.
@@ -164,8 +167,8 @@ pin_project! {
     ///
     /// Its end ends the stream: the end event is emitted when it yields its
     /// last frame, and a body dropped before that counts as
-    /// [`EndReason::Cancelled`]. A body that ends with trailers is decided
-    /// [`Completed`](EndReason::Completed) as the trailers go out (no guard
+    /// [`Ending::Cancelled`]. A body that ends with trailers is decided
+    /// [`Completed`](Ending::Completed) as the trailers go out (no guard
     /// fires after them; the handle reports the end at once), and its event,
     /// wake-ups and cap slots follow when it is dropped or polled again:
     /// nothing runs between hyper sending the last DATA frame and the
@@ -177,36 +180,32 @@ pin_project! {
     pub struct ResponseBody<B> {
         #[pin]
         inner: Option<B>,
-        state: Option<Arc<StreamState>>,
-        // The waker last handed to `state.response_waker`: only `end` takes
+        ticket: Option<Ticket>,
+        // The waker last handed to `response_waker`: only an end takes
         // it out again, so registering the same waker twice is wasted work.
         registered: Option<Waker>,
         grpc: bool,
         closed: bool,
         // The body handed over its last frame and the stream's end is
         // decided; the rest of the end waits for the next poll or the drop
-        // (see `StreamState::complete_deferred`).
+        // (see `Record::complete_deferred`).
         finishing: bool,
     }
 
     impl<B> PinnedDrop for ResponseBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(state) = this.state.take() {
-                state.response_closed();
-                // An end decided on the last frame, or while the inner body
-                // panicked.
-                state.finish_deferred();
-                if !*this.closed {
-                    state.end(EndReason::Cancelled);
-                }
+            // Before the ticket (dropped with the body) ends the stream: a
+            // body gone is no stalled reader.
+            if let Some(ticket) = this.ticket.as_ref() {
+                ticket.response_closed();
             }
         }
     }
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn guarded(inner: B, state: Arc<StreamState>, grpc: bool) -> Self {
+    pub(crate) fn guarded(inner: B, ticket: Ticket, grpc: bool) -> Self {
         // hyper never polls a body that is already at its end: it sends the
         // headers with END_STREAM and drops it. That is a normal end. The
         // same for the answer to a HEAD request, whose body hyper drops
@@ -214,14 +213,14 @@ impl<B: Body> ResponseBody<B> {
         // `content-length`, so that body stays as it is (a poll would find
         // the stream ended and yield nothing).
         let closed = inner.is_end_stream();
-        if closed || state.is_head() {
-            state.end(EndReason::Completed);
+        if closed || ticket.after.is_head() {
+            ticket.end(Ending::Completed);
         } else {
-            state.response_opened();
+            ticket.response_opened();
         }
         ResponseBody {
             inner: Some(inner),
-            state: Some(state),
+            ticket: Some(ticket),
             registered: None,
             grpc,
             closed,
@@ -231,11 +230,12 @@ impl<B: Body> ResponseBody<B> {
 }
 
 impl<B> ResponseBody<B> {
-    /// The empty body of a response the guard made itself.
-    pub(crate) fn empty() -> Self {
+    /// The empty body of a response the guard made itself, for the stream
+    /// `ticket` owns (it has ended).
+    pub(crate) fn answered(ticket: Ticket) -> Self {
         ResponseBody {
             inner: None,
-            state: None,
+            ticket: Some(ticket),
             registered: None,
             grpc: false,
             closed: true,
@@ -253,7 +253,7 @@ impl<B> ResponseBody<B> {
 /// about once per stream (see `registered`).
 #[cold]
 #[inline(never)]
-fn register_waker(state: &StreamState, registered: &mut Option<Waker>, waker: &Waker) {
+fn register_waker(state: &Record, registered: &mut Option<Waker>, waker: &Waker) {
     state.response_waker.register(waker);
     *registered = Some(waker.clone());
 }
@@ -263,8 +263,8 @@ fn register_waker(state: &StreamState, registered: &mut Option<Waker>, waker: &W
 /// Out of line: once per stream.
 #[cold]
 #[inline(never)]
-fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) -> bool {
-    if state.end(reason) || state.guard_error().is_none() {
+fn end_from_body(state: &Record, closed: &mut bool, ending: Ending) -> bool {
+    if state.end(ending) || state.guard_error().is_none() {
         *closed = true;
         state.response_closed();
         return true;
@@ -278,7 +278,7 @@ fn end_from_body(state: &StreamState, closed: &mut bool, reason: EndReason) -> b
 #[cold]
 #[inline(never)]
 fn end_on_trailers(
-    state: &StreamState,
+    state: &Record,
     closed: &mut bool,
     finishing: &mut bool,
     trailers: &http::HeaderMap,
@@ -309,7 +309,7 @@ fn end_on_trailers(
 fn end_fired<B: Body>(
     closed: &mut bool,
     mut inner: Pin<&mut Option<B>>,
-    state: &StreamState,
+    state: &Record,
     grpc: bool,
 ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
     *closed = true;
@@ -344,14 +344,14 @@ where
         let mut this = self.project();
         if *this.closed {
             if *this.finishing
-                && let Some(state) = this.state.as_deref()
+                && let Some(state) = this.ticket.as_deref()
             {
                 *this.finishing = false;
                 state.finish_deferred();
             }
             return Poll::Ready(None);
         }
-        let Some(state) = this.state.as_deref() else {
+        let Some(state) = this.ticket.as_deref() else {
             return match this.inner.as_pin_mut() {
                 Some(inner) => inner.poll_frame(cx).map_err(Into::into),
                 None => Poll::Ready(None),
@@ -391,7 +391,7 @@ where
                         // before the end, and an END_STREAM frame leaves no
                         // room for the guard's trailers.)
                         if inner.is_end_stream()
-                            && !end_from_body(state, this.closed, EndReason::Completed)
+                            && !end_from_body(state, this.closed, Ending::Completed)
                         {
                             *this.closed = true;
                             state.response_closed();
@@ -408,13 +408,13 @@ where
                     }
                 },
                 Poll::Ready(Some(Err(err))) => {
-                    if !end_from_body(state, this.closed, EndReason::Error) {
+                    if !end_from_body(state, this.closed, Ending::Error) {
                         return end_fired(this.closed, this.inner, state, *this.grpc);
                     }
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 Poll::Ready(None) => {
-                    if !end_from_body(state, this.closed, EndReason::Completed) {
+                    if !end_from_body(state, this.closed, Ending::Completed) {
                         return end_fired(this.closed, this.inner, state, *this.grpc);
                     }
                     return Poll::Ready(None);
@@ -429,7 +429,7 @@ where
         if self.closed {
             return true;
         }
-        match (&self.inner, &self.state) {
+        match (&self.inner, &self.ticket) {
             (None, _) => true,
             (Some(_), Some(state)) if state.is_ended() => false,
             (Some(inner), _) => inner.is_end_stream(),
@@ -457,7 +457,7 @@ impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseBody")
             .field("inner", &self.inner)
-            .field("stream", &self.state.as_ref().map(|s| s.id))
+            .field("stream", &self.ticket.as_ref().map(|t| t.id))
             .field("closed", &self.closed)
             .finish()
     }

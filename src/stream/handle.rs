@@ -17,7 +17,7 @@ use std::{
 
 use crate::{end::EndReason, events::StreamId};
 
-use super::record::StreamState;
+use super::record::Record;
 
 /// A handle on one guarded stream, found in the request extensions.
 ///
@@ -49,13 +49,13 @@ use super::record::StreamState;
 /// ```
 #[derive(Clone)]
 pub struct StreamHandle {
-    pub(crate) state: Arc<StreamState>,
+    pub(crate) record: Arc<Record>,
 }
 
 impl StreamHandle {
     /// The stream's id, the same as in its [`EndEvent`](crate::EndEvent).
     pub fn id(&self) -> StreamId {
-        self.state.id
+        self.record.id
     }
 
     /// Resolves when the stream has ended, for any reason, with that reason.
@@ -70,8 +70,8 @@ impl StreamHandle {
     /// around its whole loop: a `select!` on this future that covers only the
     /// wait for the next item leaves the producer in its `send`.
     pub fn cancelled(&self) -> impl Future<Output = EndReason> + Send + use<> {
-        let state = Arc::clone(&self.state);
-        async move { state.ended().await }
+        let record = Arc::clone(&self.record);
+        async move { record.ended().await }
     }
 
     /// Runs `future` until the stream ends: `Some` with its output if it
@@ -140,9 +140,9 @@ impl StreamHandle {
     where
         F: Future,
     {
-        let state = Arc::clone(&self.state);
+        let record = Arc::clone(&self.record);
         async move {
-            let mut ended = pin!(state.ended());
+            let mut ended = pin!(record.ended());
             let mut future = pin!(future);
             // The waker `ended` last registered. The stream's end notification
             // is sent only after the end is recorded, and wakes whatever waker
@@ -150,7 +150,7 @@ impl StreamHandle {
             // tells whether the end came, with no lock.
             let mut registered: Option<Waker> = None;
             poll_fn(|cx| {
-                if state.is_ended() {
+                if record.is_ended() {
                     return Poll::Ready(None);
                 }
                 if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -171,7 +171,7 @@ impl StreamHandle {
     /// guard was built without a drain. `'static`, like
     /// [`cancelled`](Self::cancelled).
     pub fn draining(&self) -> impl Future<Output = ()> + Send + use<> {
-        let drain = self.state.core().drain.clone();
+        let drain = self.record.shared.drain().cloned();
         async move {
             match drain {
                 Some(drain) => drain.began().await,
@@ -182,13 +182,13 @@ impl StreamHandle {
 
     /// Whether the server has begun to drain.
     pub fn is_draining(&self) -> bool {
-        self.state.core().is_draining()
+        self.record.shared.is_draining()
     }
 
     /// The connection the stream came on, when a
     /// [`ConnectionGuard`](crate::ConnectionGuard) wraps it.
     pub fn connection(&self) -> Option<&crate::ConnectionHandle> {
-        self.state.connection()
+        self.record.after.connection()
     }
 
     /// Ends the stream now, as [`EndReason::Cancelled`], the way a guard
@@ -199,31 +199,31 @@ impl StreamHandle {
     /// stream is reset, so the server sees the client go. Returns whether this
     /// call ended the stream (`false` if it had ended already).
     pub fn cancel(&self) -> bool {
-        self.state.cancel_by_handle()
+        self.record.cancel_by_handle()
     }
 
     /// Whether the stream has ended (for any reason).
     pub fn is_cancelled(&self) -> bool {
-        self.state.is_ended()
+        self.record.is_ended()
     }
 
     /// Why the stream ended, once it has.
     pub fn end_reason(&self) -> Option<EndReason> {
-        self.state.end_reason()
+        self.record.end_reason()
     }
 
     /// Time left before the maximum lifetime ends the stream, or `None` when no
     /// lifetime applies. Zero once it has passed.
     pub fn remaining_lifetime(&self) -> Option<Duration> {
-        self.state.remaining_lifetime()
+        self.record.remaining_lifetime()
     }
 }
 
 impl fmt::Debug for StreamHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StreamHandle")
-            .field("id", &self.state.id)
-            .field("end_reason", &self.state.end_reason())
+            .field("id", &self.record.id)
+            .field("end_reason", &self.record.end_reason())
             .finish()
     }
 }

@@ -1,32 +1,31 @@
-//! The guard service and its response future.
+//! The guard service: where a stream starts.
 
 use std::{
     fmt,
-    future::Future,
     marker::PhantomData,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use http::{Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::{
-    connection::ConnectionHandle, end::EndReason, error::BoxError, grpc, peer::ConnectionKey,
-};
+use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::ConnectionKey};
 
 use super::{
     body::{RequestBody, ResponseBody},
-    cap::{self, CapPermit, CapSet, Origin, Refusal},
+    cap::{self, CapSet, Origin},
+    ending::After,
+    future::{Gate, ResponseFuture},
     handle::StreamHandle,
     origin,
     policy::Policy,
-    record::{Core, EndOnUnwind, StreamState},
+    record::Record,
     route::{self, RouteRequest},
+    shared::Shared,
+    ticket::{EndOnUnwind, Ticket},
 };
 
 /// How a guard hands the wrapped request body to the service it wraps.
@@ -77,7 +76,7 @@ impl WrapRequestBody<tonic::body::Body> for TonicBody {
 pub struct StreamGuard<S, W = PlainBody> {
     inner: S,
     policy: Policy,
-    core: Arc<Core>,
+    shared: Arc<Shared>,
     /// The connection this service serves, when it was built for one
     /// ([`for_connection`](Self::for_connection)); clones share it.
     connection: Option<ConnectionKey>,
@@ -85,11 +84,11 @@ pub struct StreamGuard<S, W = PlainBody> {
 }
 
 impl<S, W> StreamGuard<S, W> {
-    pub(crate) fn new(inner: S, policy: Policy, core: Arc<Core>) -> Self {
+    pub(crate) fn new(inner: S, policy: Policy, shared: Arc<Shared>) -> Self {
         StreamGuard {
             inner,
             policy,
-            core,
+            shared,
             connection: None,
             _wrap: PhantomData,
         }
@@ -145,7 +144,7 @@ impl<S, W> StreamGuard<S, W> {
         let found = origin::identify(
             request.extensions_mut(),
             self.connection,
-            self.core.connection_key.as_deref(),
+            self.shared.admission.connection_key.as_deref(),
         );
         let origin = Origin {
             connection: found.connection,
@@ -175,7 +174,7 @@ impl<S: Clone, W> Clone for StreamGuard<S, W> {
         StreamGuard {
             inner: self.inner.clone(),
             policy: self.policy,
-            core: Arc::clone(&self.core),
+            shared: Arc::clone(&self.shared),
             connection: self.connection,
             _wrap: PhantomData,
         }
@@ -208,12 +207,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
-        let core = &self.core;
-        let route = if core.routes.is_empty() {
+        let shared = &self.shared;
+        let route = if shared.admission.routes.is_empty() {
             None
         } else {
             route::select(
-                &core.routes,
+                &shared.admission.routes,
                 &RouteRequest {
                     method: request.method(),
                     uri: request.uri(),
@@ -223,201 +222,57 @@ where
             )
         };
         let policy = route.map_or(self.policy, |route| route.policy);
-        let client_deadline = core
+        let client_deadline = shared
+            .admission
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
         let (origin, peer, connection) = self.origin(&mut request);
         // Empty (no allocation) unless some cap applies.
-        let caps: Vec<Arc<CapSet>> = core
+        let caps: Vec<Arc<CapSet>> = shared
+            .admission
             .caps
             .iter()
             .chain(route.and_then(|route| route.caps.as_ref()))
             .cloned()
             .collect();
 
-        let state = StreamState::new(core, &policy, &request, &origin, peer, connection);
-        if core.is_draining() {
-            state.refuse_draining();
-            return ResponseFuture::answered(state);
+        let after = After::new(&request, origin.connection, peer, connection);
+        let grpc = grpc::is_grpc(request.headers());
+        let ticket = Ticket::new(Record::new(shared, &policy, grpc, after));
+        if shared.is_draining() {
+            ticket.refuse_draining();
+            return ResponseFuture::answered(ticket);
         }
-        state.limit_lifetime(client_deadline, true);
-        let admission = match cap::try_acquire_all(&caps, &origin) {
+        ticket.limit_lifetime(client_deadline, true);
+        let gate = match cap::try_acquire_all(&caps, &origin) {
             Ok(permits) => {
-                state.hold(permits);
-                None
+                ticket.hold(permits);
+                Gate::Open
             }
-            Err(refusal) => match core.cap_wait {
+            Err(refusal) => match shared.admission.cap_wait {
                 None => {
-                    state.reject(refusal.cap, refusal.limit);
-                    return ResponseFuture::answered(state);
+                    ticket.reject(refusal.cap, refusal.limit);
+                    return ResponseFuture::answered(ticket);
                 }
                 // The service is called now, but its future is polled only
                 // once the slots are ours.
                 Some(patience) => {
-                    Some(Box::pin(cap::acquire_all_within(caps, origin, patience)) as Admission)
+                    Gate::Waiting(Box::pin(cap::acquire_all_within(caps, origin, patience)))
                 }
             },
         };
+        let record = ticket.record();
         request.extensions_mut().insert(StreamHandle {
-            state: Arc::clone(&state),
+            record: Arc::clone(record),
         });
-        let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(&state))));
-        // The request, with the handle and the body, now belongs to the
-        // service: if its `call` panics, nothing of ours is left to end the
-        // stream later.
-        let unwinding = EndOnUnwind::arm_finishing(&state);
+        let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(record))));
+        // If `call` panics, the ticket is dropped by the unwinding: the
+        // stream ends as panicked (see `Ticket`'s `Drop`).
+        let unwinding = EndOnUnwind::arm(&ticket);
         let future = self.inner.call(request);
         unwinding.disarm();
-        state.arm_new();
-        ResponseFuture {
-            inner: Some(future),
-            state: Some(state),
-            admission,
-        }
-    }
-}
-
-/// Waiting for cap slots (only with `cap_wait`, only while caps are full).
-type Admission = Pin<Box<dyn Future<Output = Result<Vec<CapPermit>, Refusal>> + Send>>;
-
-pin_project! {
-    /// The response future of [`StreamGuard`].
-    ///
-    /// If a guard fires before the service has answered, it resolves at once
-    /// with a response of the guard's own (trailers-only `grpc-status: 4` for
-    /// gRPC, `504` otherwise) and drops the service's future, which cancels a
-    /// handler still running. A stream a cap refuses gets `grpc-status: 8`
-    /// (`RESOURCE_EXHAUSTED`) or `503` the same way. Dropping it before it
-    /// resolves ends the stream as [`EndReason::Cancelled`].
-    pub struct ResponseFuture<F> {
-        // `None` when the guard answers without the service (a refusal).
-        #[pin]
-        inner: Option<F>,
-        state: Option<Arc<StreamState>>,
-        admission: Option<Admission>,
-    }
-
-    impl<F> PinnedDrop for ResponseFuture<F> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(state) = this.project().state.take() {
-                // An end decided while the service panicked, else: abandoned.
-                state.finish_deferred();
-                state.end(EndReason::Cancelled);
-            }
-        }
-    }
-}
-
-impl<F> ResponseFuture<F> {
-    /// A future that answers for the guard: `state` has already ended.
-    fn answered(state: Arc<StreamState>) -> Self {
-        ResponseFuture {
-            inner: None,
-            state: Some(state),
-            admission: None,
-        }
-    }
-}
-
-fn early_response<B>(state: &StreamState) -> Option<Response<ResponseBody<B>>> {
-    let reason = state.end_reason()?;
-    Some(grpc::early_response(
-        state.grpc,
-        state.end_code(reason).unwrap_or(grpc::DEADLINE_EXCEEDED),
-        &state.describe(reason),
-        ResponseBody::empty(),
-    ))
-}
-
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: Body,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        // The record stays in the future until the body takes it over, so
-        // that whatever happens to the future (dropped, panicking) ends the
-        // stream through its `Drop`.
-        let Some(state) = this.state.as_ref() else {
-            // Polled again after it resolved.
-            return Poll::Pending;
-        };
-        if let Some(response) = early_response(state) {
-            return Poll::Ready(Ok(response));
-        }
-        if let Some(admission) = this.admission.as_mut() {
-            match admission.as_mut().poll(cx) {
-                Poll::Pending => {
-                    state.response_waker.register(cx.waker());
-                    return match early_response(state) {
-                        Some(response) => Poll::Ready(Ok(response)),
-                        None => Poll::Pending,
-                    };
-                }
-                Poll::Ready(Ok(permits)) => {
-                    *this.admission = None;
-                    state.hold(permits);
-                }
-                Poll::Ready(Err(refusal)) => {
-                    *this.admission = None;
-                    state.reject(refusal.cap, refusal.limit);
-                    return match early_response(state) {
-                        Some(response) => Poll::Ready(Ok(response)),
-                        None => Poll::Pending,
-                    };
-                }
-            }
-        }
-        let Some(inner) = this.inner.as_pin_mut() else {
-            // Only answered futures have no service future, and their
-            // stream has ended: early_response answered above.
-            return Poll::Pending;
-        };
-        let unwinding = EndOnUnwind::arm(state);
-        let polled = inner.poll(cx);
-        unwinding.disarm();
-        match polled {
-            Poll::Pending => {
-                state.response_waker.register(cx.waker());
-                match early_response(state) {
-                    Some(response) => Poll::Ready(Ok(response)),
-                    None => Poll::Pending,
-                }
-            }
-            Poll::Ready(Ok(mut response)) => {
-                let Some(state) = this.state.take() else {
-                    // Checked above.
-                    return Poll::Pending;
-                };
-                if state.core().handle_in_response {
-                    response.extensions_mut().insert(StreamHandle {
-                        state: Arc::clone(&state),
-                    });
-                }
-                let grpc = grpc::is_grpc(response.headers());
-                if let Some(code) = grpc::status_of(response.headers()) {
-                    state.set_grpc_status(code);
-                }
-                Poll::Ready(Ok(
-                    response.map(|body| ResponseBody::guarded(body, state, grpc))
-                ))
-            }
-            Poll::Ready(Err(err)) => {
-                state.end(EndReason::Error);
-                Poll::Ready(Err(err))
-            }
-        }
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("stream", &self.state.as_ref().map(|s| s.id))
-            .finish_non_exhaustive()
+        shared.timer.arm_new(ticket.record());
+        ResponseFuture::calling(future, gate, ticket)
     }
 }

@@ -28,7 +28,7 @@ use std::{
     collections::BTreeMap,
     panic::AssertUnwindSafe,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -37,17 +37,15 @@ use std::{
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
-    end::EndReason,
+    end::Ending,
+    sync::{NEVER, lock, nanos},
     ticker::{Job, Lease, Ticker},
 };
 
 use super::{
     policy::Policy,
-    record::{StreamState, Verdict},
+    record::{Record, Verdict},
 };
-
-/// Stand-in for "no deadline" in nanosecond fields.
-pub(crate) const NEVER: u64 = u64::MAX;
 
 /// How many late ticks a guard remembers at most (see the module docs): the
 /// oldest is forgotten first. A runtime whose timer runs late on every tick
@@ -112,7 +110,7 @@ pub(crate) struct Sweeper {
 #[derive(Default)]
 struct Wheel {
     /// (deadline ns, stream id) -> stream.
-    entries: BTreeMap<(u64, u64), Weak<StreamState>>,
+    entries: BTreeMap<(u64, u64), Weak<Record>>,
     running: bool,
     late: LateTicks,
 }
@@ -137,7 +135,7 @@ impl Sweeper {
             .into_iter()
             .flatten()
             .max()
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(NEVER));
+            .map_or(0, |d| nanos(Some(d)));
         // A load first: nearly always the same, and a plain load keeps the
         // cache line shared between cores.
         if longest > self.max_idle.load(Ordering::Relaxed) {
@@ -155,7 +153,7 @@ impl Sweeper {
     /// between (see `SWEEP_BATCH`).
     pub(crate) fn refile_after(self: &Arc<Self>, deadline: u64) {
         let mut after = (deadline, u64::MAX);
-        let mut batch: Vec<Arc<StreamState>> = Vec::new();
+        let mut batch: Vec<Arc<Record>> = Vec::new();
         loop {
             let mut last = None;
             {
@@ -183,9 +181,7 @@ impl Sweeper {
     }
 
     fn lock(&self) -> MutexGuard<'_, Wheel> {
-        // Nothing under this lock can panic half-way through an update that
-        // matters, so a poisoned lock is still consistent.
-        self.wheel.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.wheel)
     }
 
     /// The exact time in nanoseconds since this guard's origin.
@@ -210,19 +206,19 @@ impl Sweeper {
     }
 
     fn resolution_ns(&self) -> u64 {
-        u64::try_from(self.resolution.as_nanos()).unwrap_or(NEVER)
+        nanos(Some(self.resolution))
     }
 
     /// Files a stream that just started (see [`arm`](Self::arm)), and
     /// remembers the runtime it started on as one the sweeper may run on.
-    pub(crate) fn arm_new(self: &Arc<Self>, state: &Arc<StreamState>) {
+    pub(crate) fn arm_new(self: &Arc<Self>, state: &Arc<Record>) {
         self.ticker.note_current();
         self.arm(state);
     }
 
     /// Files `state` under its current earliest deadline, replacing any earlier
     /// filing. Starts the sweeper task when it is not running.
-    pub(crate) fn arm(self: &Arc<Self>, state: &Arc<StreamState>) {
+    pub(crate) fn arm(self: &Arc<Self>, state: &Arc<Record>) {
         let mut wheel = self.lock();
         // Read under the lock: a drain stores its deadline before it takes
         // this lock to file every stream again, so either this filing sees
@@ -254,7 +250,7 @@ impl Sweeper {
     }
 
     /// Removes `state`'s filing, if any.
-    pub(crate) fn disarm(&self, state: &StreamState) {
+    pub(crate) fn disarm(&self, state: &Record) {
         // Always under the lock: a lock-free "not filed" check could miss a
         // concurrent re-filing by the sweeper on weakly ordered CPUs.
         let mut wheel = self.lock();
@@ -306,8 +302,8 @@ async fn run(mut lease: Lease<Sweeper>) {
     let sweeper = Arc::clone(lease.job());
     let mut ticks = tokio::time::interval(sweeper.resolution);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut expired: Vec<(Arc<StreamState>, EndReason)> = Vec::new();
-    let mut later: Vec<Arc<StreamState>> = Vec::new();
+    let mut expired: Vec<(Arc<Record>, Ending)> = Vec::new();
+    let mut later: Vec<Arc<Record>> = Vec::new();
     let resolution = sweeper.resolution_ns();
     loop {
         ticks.tick().await;
@@ -349,7 +345,7 @@ async fn run(mut lease: Lease<Sweeper>) {
                 if let Some(state) = weak.upgrade() {
                     state.timer_key.store(NEVER, Ordering::Relaxed);
                     match state.check(now, &wheel.late) {
-                        Verdict::Expired(reason) => expired.push((state, reason)),
+                        Verdict::Expired(ending) => expired.push((state, ending)),
                         Verdict::Later => later.push(state),
                     }
                 }
@@ -361,8 +357,8 @@ async fn run(mut lease: Lease<Sweeper>) {
             // called; this catches what else runs there (a tracing layer),
             // so that one panic cannot drop every stream this task holds
             // unfiled in `expired` and `later`, never to be checked again.
-            for (state, reason) in expired.drain(..) {
-                let ended = std::panic::catch_unwind(AssertUnwindSafe(|| state.end(reason)));
+            for (state, ending) in expired.drain(..) {
+                let ended = std::panic::catch_unwind(AssertUnwindSafe(|| state.end(ending)));
                 if ended.is_err() {
                     tracing::error!(
                         target: "tower_stream_guard",

@@ -1,0 +1,345 @@
+//! The builder of [`StreamGuardLayer`]: every setting, checked when the
+//! layer is built.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use super::{
+    cap::{CapLimits, CapSet},
+    layer::StreamGuardLayer,
+    policy::Policy,
+    report::Report,
+    route::{Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
+    shared::{Admission, Shared},
+    timer::Sweeper,
+};
+use crate::{
+    drain::Drain,
+    end::{IdleDirection, StreamCap},
+    error::{ConfigError, DEFAULT_TIMER_RESOLUTION, MAX_DURATION, validate_event_capacity},
+    events::{EndCallback, EndEvent},
+    peer::{ConnectionKey, KeyFn},
+};
+
+/// The default capacity of the end-event channel: 1024 events.
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+/// Configures a [`StreamGuardLayer`]; every setting is optional.
+#[derive(Clone)]
+pub struct StreamGuardBuilder {
+    policy: Policy,
+    caps: CapLimits,
+    cap_wait: Option<Duration>,
+    routes: Vec<RouteSpec>,
+    connection_key: Option<KeyFn>,
+    honor_grpc_timeout: bool,
+    track_connections: bool,
+    response_handle: bool,
+    drain: Option<Drain>,
+    resolution: Duration,
+    capacity: usize,
+    callbacks: Vec<EndCallback>,
+}
+
+impl Default for StreamGuardBuilder {
+    fn default() -> Self {
+        StreamGuardBuilder {
+            policy: Policy::default(),
+            caps: CapLimits::default(),
+            cap_wait: None,
+            routes: Vec::new(),
+            connection_key: None,
+            honor_grpc_timeout: false,
+            track_connections: false,
+            response_handle: false,
+            drain: None,
+            resolution: DEFAULT_TIMER_RESOLUTION,
+            capacity: DEFAULT_EVENT_CAPACITY,
+            callbacks: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for StreamGuardBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamGuardBuilder")
+            .field("policy", &self.policy)
+            .field("caps", &self.caps)
+            .field("cap_wait", &self.cap_wait)
+            .field("routes", &self.routes)
+            .field("connection_key", &self.connection_key.is_some())
+            .field("honor_grpc_timeout", &self.honor_grpc_timeout)
+            .field("track_connections", &self.track_connections)
+            .field("response_handle", &self.response_handle)
+            .field("drain", &self.drain)
+            .field("resolution", &self.resolution)
+            .field("capacity", &self.capacity)
+            .field("callbacks", &self.callbacks.len())
+            .finish()
+    }
+}
+
+impl StreamGuardBuilder {
+    /// Ends a stream when no frame moved in *either* direction for `timeout`:
+    /// the safe choice for bidirectional calls where one side is quiet for a
+    /// while. Ends gRPC responses with `DEADLINE_EXCEEDED`.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.set_idle(IdleDirection::Both, timeout);
+        self
+    }
+
+    /// Ends a stream when the peer sent no request frame for `timeout` while
+    /// its request body is still open: the client-streaming call whose client
+    /// went silent. The handler's next read fails with `DEADLINE_EXCEEDED`.
+    pub fn request_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.set_idle(IdleDirection::Request, timeout);
+        self
+    }
+
+    /// Ends a stream when the service sent no response frame for `timeout`,
+    /// counted from the request's arrival: a silent producer, or a peer that
+    /// stopped reading (hyper then no longer polls the body; the guard fires
+    /// anyway).
+    pub fn response_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.set_idle(IdleDirection::Response, timeout);
+        self
+    }
+
+    /// Ends a stream `lifetime` after its request reached the guard, whatever
+    /// it is doing.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.policy.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Lets a client's `grpc-timeout` header shorten the lifetime of its
+    /// stream: the stream ends at whichever comes first, the lifetime this
+    /// guard sets or the client's deadline (a client cannot lengthen it).
+    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason)
+    /// and the `grpc-message` names `grpc-timeout`. Malformed headers are
+    /// ignored.
+    ///
+    /// tonic's own `Server::timeout` also reads `grpc-timeout`, but bounds only
+    /// the time until the handler returns its response (for a streaming call,
+    /// until the stream *starts*); this bounds the whole stream, messages
+    /// included.
+    pub fn honor_grpc_timeout(mut self, honor: bool) -> Self {
+        self.honor_grpc_timeout = honor;
+        self
+    }
+
+    /// At most `limit` open streams per connection. A stream holds its slot
+    /// from the moment its request reaches the guard until it ends (body
+    /// finished or dropped, guard fired, stalled reader released), unlike
+    /// tonic's `concurrency_limit_per_connection`, which frees its slot when
+    /// the response headers are ready.
+    ///
+    /// A stream over the cap is refused at once (see
+    /// [`cap_wait`](Self::cap_wait)): gRPC clients get `RESOURCE_EXHAUSTED`
+    /// with a message naming the cap, plain HTTP clients `503`, and its end
+    /// event says [`EndReason::Rejected`](crate::EndReason::Rejected).
+    /// Connections are told apart as [`ConnectionKey`] describes; a request
+    /// on a connection nothing identifies is refused the same way, with a
+    /// message naming what is missing, and a warning is logged once.
+    pub fn max_streams_per_connection(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::PerConnection, limit);
+        self
+    }
+
+    /// At most `limit` open streams per peer IP address, over all of its
+    /// connections. The peer is found as [`ConnectionKey`] describes for
+    /// connections (tonic's `TcpConnectInfo` or `TlsConnectInfo`, axum's
+    /// `ConnectInfo`, a [`PeerAddr`](crate::PeerAddr), an address-based
+    /// [`ConnectionKey`], a [`ConnectionGuard`](crate::ConnectionGuard) over
+    /// an IO that knows its peer). A request whose peer address is unknown
+    /// is refused, naming what is missing (and a warning is logged once),
+    /// rather than let through uncounted.
+    pub fn max_streams_per_peer(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::PerPeer, limit);
+        self
+    }
+
+    /// At most `limit` open streams through this guard in total.
+    pub fn max_streams(mut self, limit: usize) -> Self {
+        self.caps.set(StreamCap::Total, limit);
+        self
+    }
+
+    /// Counts open streams per connection for
+    /// [`StreamGuardLayer::connection_streams`] even without a per-connection
+    /// cap: a short lock on a hash map when each stream starts and ends.
+    pub fn track_connections(mut self, track: bool) -> Self {
+        self.track_connections = track;
+        self
+    }
+
+    /// Also puts the [`StreamHandle`](crate::StreamHandle) into the
+    /// *response* extensions: for clients, whose requests are built before
+    /// the guard sees them. A tonic client finds it with
+    /// `response.extensions().get::<StreamHandle>()` and can observe the call
+    /// or [`cancel`](crate::StreamHandle::cancel) it. Costs an extension
+    /// insertion per stream, so it is off by default.
+    pub fn response_handle(mut self, enabled: bool) -> Self {
+        self.response_handle = enabled;
+        self
+    }
+
+    /// A stream over a cap waits up to `patience` for a slot instead of being
+    /// refused at once; it is refused if none comes free in time. The
+    /// service is called at once but its future is not polled while the
+    /// stream waits, and the stream's lifetime runs meanwhile.
+    pub fn cap_wait(mut self, patience: Duration) -> Self {
+        self.cap_wait = Some(patience);
+        self
+    }
+
+    /// How to tell a request's connection from its extensions, for servers
+    /// whose connect info the guard does not read itself (see
+    /// [`ConnectionKey`]); e.g. axum's `ConnectInfo` without the `axum`
+    /// feature, or your own `Connected` type:
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use tower_stream_guard::{ConnectionKey, StreamGuardLayer};
+    ///
+    /// # #[derive(Clone)] struct ConnectInfo<T>(T);
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams_per_connection(16)
+    ///     .connection_key(|extensions| {
+    ///         let ConnectInfo(remote) = extensions.get::<ConnectInfo<SocketAddr>>()?;
+    ///         Some(ConnectionKey::from_remote(*remote))
+    ///     })
+    ///     .build()?;
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connection_key<F>(mut self, key: F) -> Self
+    where
+        F: Fn(&http::Extensions) -> Option<ConnectionKey> + Send + Sync + 'static,
+    {
+        self.connection_key = Some(Arc::new(key));
+        self
+    }
+
+    /// Applies `policy` to requests whose path is exactly `path` (for gRPC,
+    /// `/package.Service/Method`). Routes are tried in the order they were
+    /// added; the first match wins. See [`RoutePolicy`].
+    pub fn route(self, path: impl Into<String>, policy: RoutePolicy) -> Self {
+        self.push_route(Matcher::Exact(path.into()), policy)
+    }
+
+    /// Applies `policy` to requests whose path starts with `prefix` (for a
+    /// whole gRPC service, `/package.Service/`).
+    pub fn route_prefix(self, prefix: impl Into<String>, policy: RoutePolicy) -> Self {
+        self.push_route(Matcher::Prefix(prefix.into()), policy)
+    }
+
+    /// Applies `policy` to requests for which `predicate` returns `true`; it
+    /// runs once per request, before the service is called.
+    pub fn route_when<F>(self, predicate: F, policy: RoutePolicy) -> Self
+    where
+        F: Fn(&RouteRequest<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.push_route(Matcher::When(Arc::new(predicate)), policy)
+    }
+
+    fn push_route(mut self, matcher: Matcher, policy: RoutePolicy) -> Self {
+        self.routes.push(RouteSpec { matcher, policy });
+        self
+    }
+
+    /// Lets `drain` shut this guard's streams down: when it starts, handles'
+    /// [`draining`](crate::StreamHandle::draining) resolves and new streams
+    /// are refused with `UNAVAILABLE` (`503`); when its grace period ends,
+    /// streams still open end with `UNAVAILABLE` and reason
+    /// [`Drained`](crate::EndReason::Drained). See [`Drain`].
+    ///
+    /// With a drain, streams that have no deadline of their own are filed in
+    /// the guard's timer map too (one map insertion and removal per stream),
+    /// so that the drain can reach them.
+    pub fn drain(mut self, drain: &Drain) -> Self {
+        self.drain = Some(drain.clone());
+        self
+    }
+
+    /// How often deadlines are checked (default 10 ms, between 1 ms and 1 s).
+    /// A guard fires at most one resolution after its deadline (an idle
+    /// timeout at most two), never before. Each guard with open streams wakes
+    /// once per resolution, however many streams it has.
+    pub fn timer_resolution(mut self, resolution: Duration) -> Self {
+        self.resolution = resolution;
+        self
+    }
+
+    /// How many end events a lagging receiver may fall behind before it
+    /// misses some (default [`DEFAULT_EVENT_CAPACITY`]).
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Runs `callback` for every end event, on whichever task ended the stream
+    /// (the server's connection task, or the guard's timer task). Keep it
+    /// short and non-blocking; a panic in it is caught and logged.
+    pub fn on_end<F>(mut self, callback: F) -> Self
+    where
+        F: Fn(&EndEvent) + Send + Sync + 'static,
+    {
+        self.callbacks.push(Arc::new(callback));
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] when a duration is zero, longer than
+    /// [`MAX_DURATION`](crate::MAX_DURATION) or shorter than the timer
+    /// resolution, when an idle timeout is not shorter than the maximum
+    /// lifetime, when the resolution is out of range, when the event
+    /// capacity or a cap is zero, or when a route's path does not start with
+    /// `/` or its settings laid over the layer's break one of these rules
+    /// ([`ConfigError::Route`] names the route).
+    pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
+        self.policy.validate(self.resolution)?;
+        validate_event_capacity(self.capacity)?;
+        validate_caps(&self.caps)?;
+        if let Some(patience) = self.cap_wait {
+            if patience.is_zero() {
+                return Err(ConfigError::Zero {
+                    setting: "cap_wait",
+                });
+            }
+            if patience > MAX_DURATION {
+                return Err(ConfigError::TooLong {
+                    setting: "cap_wait",
+                    value: patience,
+                });
+            }
+        }
+        let routes = self
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| spec.compile(index, self.policy, self.resolution))
+            .collect::<Result<Vec<_>, _>>()?;
+        let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
+        let admission = Admission {
+            routes,
+            caps: (!self.caps.is_empty() || self.track_connections)
+                .then(|| Arc::new(CapSet::new(self.caps, self.track_connections))),
+            connection_key: self.connection_key,
+            honor_grpc_timeout: self.honor_grpc_timeout,
+            cap_wait: self.cap_wait,
+            handle_in_response: self.response_handle,
+        };
+        let shared = Shared::new(
+            Sweeper::new(self.resolution, drain.is_some()),
+            Report::new(self.capacity, self.callbacks),
+            admission,
+            drain,
+        );
+        Ok(StreamGuardLayer::new(self.policy, shared))
+    }
+}

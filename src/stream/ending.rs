@@ -1,0 +1,309 @@
+//! What a decided end does: wake every part of the stream, give back its
+//! timer filing and cap slots, settle its connection's and drain's counts,
+//! and report it, once.
+//!
+//! An end is decided by one compare-and-swap ([`Record::decide`]). Most ends
+//! are finished at once by whoever decided them ([`Record::end`]); the
+//! response body's last frame and a panic only decide, and leave the rest to
+//! [`Record::finish_deferred`] (see [`Record::complete_deferred`]).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::SystemTime,
+};
+
+use http::{Method, uri::PathAndQuery};
+use tokio::time::Instant;
+
+use super::{cap::CapPermit, record::Record};
+use crate::{
+    connection::ConnectionHandle,
+    end::{Ending, StreamCap},
+    error::GuardError,
+    events::EndEvent,
+    peer::ConnectionKey,
+    sync::lock,
+};
+
+/// The response body's side of a stream, for spotting stalled readers.
+pub(super) const BODY_NONE: u8 = 0;
+const BODY_OPEN: u8 = 1;
+/// A guard ended the stream while its response body was open: until the
+/// body is read or dropped, the peer is a stalled reader.
+const BODY_STALLED: u8 = 2;
+
+/// The part of a stream's record that only its end reads: what the event
+/// reports, the slots it gives back, the connection it settles.
+pub(crate) struct After {
+    method: Method,
+    path: Option<PathAndQuery>,
+    peer: Option<SocketAddr>,
+    connection: Option<ConnectionKey>,
+    /// The connection guard's handle, when one wraps the connection.
+    conn: Option<ConnectionHandle>,
+    /// Cap slots, given back when the stream ends. Boxed: most streams hold
+    /// none, and `None` is 16 bytes smaller than an empty `Vec`.
+    #[allow(clippy::box_collection)]
+    permits: Mutex<Option<Box<Vec<CapPermit>>>>,
+    /// The limit of the cap that refused this stream.
+    cap_limit: AtomicU32,
+    /// The gRPC status the stream ended with, [`NO_STATUS`] while unknown.
+    grpc_status: AtomicU32,
+}
+
+/// `grpc_status` before any status is known.
+const NO_STATUS: u32 = u32::MAX;
+
+impl After {
+    pub(crate) fn new<B>(
+        request: &http::Request<B>,
+        connection: Option<ConnectionKey>,
+        peer: Option<SocketAddr>,
+        conn: Option<ConnectionHandle>,
+    ) -> Self {
+        if let Some(conn) = &conn {
+            conn.stream_started();
+        }
+        After {
+            method: request.method().clone(),
+            path: request.uri().path_and_query().cloned(),
+            peer,
+            connection,
+            conn,
+            permits: Mutex::new(None),
+            cap_limit: AtomicU32::new(0),
+            grpc_status: AtomicU32::new(NO_STATUS),
+        }
+    }
+
+    /// The connection this stream came on, if a connection guard wraps it.
+    pub(crate) fn connection(&self) -> Option<&ConnectionHandle> {
+        self.conn.as_ref()
+    }
+
+    /// Whether this stream answers a `HEAD` request: its response has no
+    /// body to send, whatever the body says.
+    pub(crate) fn is_head(&self) -> bool {
+        self.method == Method::HEAD
+    }
+
+    pub(crate) fn set_grpc_status(&self, code: u32) {
+        self.grpc_status.store(code, Ordering::Relaxed);
+    }
+
+    /// The gRPC status reported in the end event, if any.
+    fn grpc_status(&self) -> Option<u32> {
+        let status = self.grpc_status.load(Ordering::Relaxed);
+        (status != NO_STATUS).then_some(status)
+    }
+
+    /// Whether the stream carries no key for `cap`.
+    fn lacks_key_of(&self, cap: StreamCap) -> bool {
+        match cap {
+            StreamCap::PerConnection => self.connection.is_none(),
+            StreamCap::PerPeer => self.peer.is_none(),
+            StreamCap::Total => false,
+        }
+    }
+}
+
+impl Record {
+    /// Ends the stream as `ending` if it has not ended yet; whether this call
+    /// ended it. Wakes every part of the stream, releases its timer and slots
+    /// and emits its one end event. Never panics: it runs from `Drop`.
+    pub(crate) fn end(&self, ending: Ending) -> bool {
+        if !self.decide(ending) {
+            return false;
+        }
+        self.finish(ending);
+        true
+    }
+
+    /// Decides that the stream completed, and leaves the rest of its end to
+    /// [`finish_deferred`](Self::finish_deferred).
+    ///
+    /// For the response body's last frame (trailers, or its end): hyper sends
+    /// a DATA frame, polls again and sends the trailers. Whatever runs in
+    /// between widens the window in which the connection task flushes the
+    /// DATA frame alone, and with Nagle's algorithm on, trailers written
+    /// apart wait for the peer's delayed ACK (40 ms). So at that point only
+    /// the decision is taken (one compare-and-swap: no guard can end the
+    /// stream any more, the handle reports it); the event and wake-ups
+    /// follow when the body is dropped, right after, or polled again.
+    pub(crate) fn complete_deferred(&self) -> bool {
+        self.decide_deferred(Ending::Completed)
+    }
+
+    /// Decides the end as `ending` and leaves the rest of it to
+    /// [`finish_deferred`](Self::finish_deferred): one compare-and-swap and
+    /// one store, nothing that can panic or run user code.
+    pub(crate) fn decide_deferred(&self, ending: Ending) -> bool {
+        if !self.decide(ending) {
+            return false;
+        }
+        self.unfinished.store(true, Ordering::Release);
+        true
+    }
+
+    /// Finishes an end [`decide_deferred`](Self::decide_deferred) decided;
+    /// does nothing otherwise, or a second time.
+    pub(crate) fn finish_deferred(&self) {
+        if self.unfinished.swap(false, Ordering::AcqRel)
+            && let Some(ending) = self.ending()
+        {
+            self.finish(ending);
+        }
+    }
+
+    /// Keeps cap slots until the stream ends; gives them back at once if it
+    /// already has.
+    pub(crate) fn hold(&self, permits: Vec<CapPermit>) {
+        if permits.is_empty() {
+            return;
+        }
+        let mut held = lock(&self.after.permits);
+        // `finish` records the end before it empties `permits` under the
+        // same lock.
+        if self.is_ended() {
+            drop(held);
+            permits.into_iter().for_each(CapPermit::release);
+            return;
+        }
+        held.get_or_insert_default().extend(permits);
+    }
+
+    /// Ends the stream as refused by `cap`, whose limit is `limit`.
+    pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
+        // A limit past u32::MAX is reported as u32::MAX.
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        self.after.cap_limit.store(limit, Ordering::Relaxed);
+        self.end(Ending::rejected(cap, self.after.lacks_key_of(cap)));
+    }
+
+    /// Ends the stream as refused by a drain in progress.
+    pub(crate) fn refuse_draining(&self) {
+        if self.end(Ending::DrainRefused)
+            && let Some(drain) = self.shared.drain()
+        {
+            drain.count_refused();
+        }
+    }
+
+    /// Ends the stream on its handle's request: the bodies end the way a
+    /// guard's do, with `CANCELLED`.
+    pub(crate) fn cancel_by_handle(&self) -> bool {
+        self.end(Ending::CancelledByHandle)
+    }
+
+    /// The response body exists and hyper may poll it.
+    pub(crate) fn response_opened(&self) {
+        self.body.store(BODY_OPEN, Ordering::Release);
+    }
+
+    /// The response body ended, was read to its guard-made end, or was
+    /// dropped.
+    pub(crate) fn response_closed(&self) {
+        if self.body.swap(BODY_NONE, Ordering::AcqRel) == BODY_STALLED
+            && let Some(conn) = &self.after.conn
+        {
+            conn.stream_unstalled();
+        }
+    }
+
+    /// The sentence a guard-made end is explained with, in `grpc-message`,
+    /// errors and logs.
+    pub(crate) fn message(&self, ending: Ending) -> String {
+        ending.message(
+            self.limit(ending),
+            self.after.cap_limit.load(Ordering::Relaxed) as usize,
+        )
+    }
+
+    /// The error a guard-ended stream's bodies yield; `None` while the stream
+    /// is open or when it ended by itself.
+    pub(crate) fn guard_error(&self) -> Option<GuardError> {
+        let ending = self.ending()?;
+        let code = ending.status()?;
+        Some(GuardError::new(
+            ending.reason(),
+            self.limit(ending),
+            self.message(ending),
+            code,
+        ))
+    }
+
+    /// Everything an end does once it is decided: wakes every part of the
+    /// stream, releases its timer and slots and emits its one end event.
+    fn finish(&self, ending: Ending) {
+        let reason = ending.reason();
+        self.shared.timer.disarm(self);
+        if self.grpc
+            && let Some(code) = ending.status()
+        {
+            self.set_grpc_status(code);
+        }
+        self.response_waker.wake();
+        self.request_waker.wake();
+        self.ended.notify_waiters();
+
+        // Slots first, and with no lock held: a stream waiting for one should
+        // not wait for subscribers.
+        let permits = lock(&self.after.permits).take();
+        permits
+            .into_iter()
+            .flat_map(|permits| *permits)
+            .for_each(CapPermit::release);
+        if let Some(conn) = &self.after.conn {
+            if reason.is_guard()
+                && self
+                    .body
+                    .compare_exchange(BODY_OPEN, BODY_STALLED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                // Until the body is read or dropped, hyper keeps the stream:
+                // the connection guard closes the connection if that lasts.
+                conn.stream_stalled();
+            }
+            conn.stream_ended();
+        }
+        if let Some(drain) = self.shared.drain() {
+            if ending == Ending::Drained {
+                drain.count_cut();
+            }
+            drain.ended_one();
+        }
+        let event = self.event(ending);
+        self.shared
+            .report
+            .ended(ending, &event, self.shared.timer.now_ns());
+    }
+
+    fn event(&self, ending: Ending) -> EndEvent {
+        let reason = ending.reason();
+        let duration = Instant::now().saturating_duration_since(self.started());
+        let after = &self.after;
+        EndEvent {
+            id: self.id,
+            method: after.method.clone(),
+            path: after.path.clone(),
+            peer: after.peer,
+            connection: after.connection,
+            started_at: SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            duration,
+            reason,
+            limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(ending)),
+            cap_limit: reason
+                .cap()
+                .map(|_| after.cap_limit.load(Ordering::Relaxed) as usize),
+            request: self.request_traffic(),
+            response: self.response_traffic(),
+            grpc_status: after.grpc_status(),
+        }
+    }
+}

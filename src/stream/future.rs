@@ -1,0 +1,196 @@
+//! The guard service's response future.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use super::{
+    body::ResponseBody,
+    cap::{CapPermit, Refusal},
+    handle::StreamHandle,
+    ticket::{EndOnUnwind, Ticket},
+};
+use crate::{end::Ending, grpc};
+
+/// Waiting for cap slots (only with `cap_wait`, only while caps are full).
+pub(crate) type Admission = Pin<Box<dyn Future<Output = Result<Vec<CapPermit>, Refusal>> + Send>>;
+
+/// Whether the service's future may be polled yet.
+pub(crate) enum Gate {
+    Open,
+    /// The stream waits for cap slots; the service's future waits with it.
+    Waiting(Admission),
+}
+
+pin_project! {
+    /// The response future of [`StreamGuard`](super::StreamGuard).
+    ///
+    /// If a guard fires before the service has answered, it resolves at once
+    /// with a response of the guard's own (trailers-only `grpc-status: 4` for
+    /// gRPC, `504` otherwise) and drops the service's future, which cancels a
+    /// handler still running. A stream a cap refuses gets `grpc-status: 8`
+    /// (`RESOURCE_EXHAUSTED`) or `503` the same way. Dropping it before it
+    /// resolves ends the stream as [`EndReason::Cancelled`](crate::EndReason::Cancelled).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[project_replace = StateTaken]
+    enum State<F> {
+        /// The service is answering (or waits behind the gate).
+        Calling {
+            #[pin]
+            future: F,
+            gate: Gate,
+            ticket: Ticket,
+        },
+        /// The guard answers without the service: the stream has ended.
+        Answered { ticket: Ticket },
+        /// Resolved.
+        Done,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// The service was called for the stream `ticket` owns.
+    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket) -> Self {
+        ResponseFuture {
+            state: State::Calling {
+                future,
+                gate,
+                ticket,
+            },
+        }
+    }
+
+    /// A future that answers for the guard: the stream has already ended.
+    pub(crate) fn answered(ticket: Ticket) -> Self {
+        ResponseFuture {
+            state: State::Answered { ticket },
+        }
+    }
+
+    /// Moves to `Done`, handing over the ticket (dropping the service's
+    /// future, if any).
+    fn take_ticket(self: Pin<&mut Self>) -> Option<Ticket> {
+        match self.project().state.project_replace(State::Done) {
+            StateTaken::Calling { ticket, .. } | StateTaken::Answered { ticket } => Some(ticket),
+            StateTaken::Done => None,
+        }
+    }
+
+    /// Resolves with the guard's own answer, moving the ticket into its body.
+    fn answer<B, E>(self: Pin<&mut Self>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        let Some(ticket) = self.take_ticket() else {
+            return Poll::Pending;
+        };
+        let ending = ticket.ending().unwrap_or(Ending::Cancelled);
+        let response = grpc::early_response(
+            ticket.grpc,
+            ending.status().unwrap_or(grpc::DEADLINE_EXCEEDED),
+            &ticket.message(ending),
+            (),
+        );
+        Poll::Ready(Ok(response.map(|()| ResponseBody::answered(ticket))))
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (future, gate, ticket) = match self.as_mut().project().state.project() {
+            StateProj::Calling {
+                future,
+                gate,
+                ticket,
+            } => (future, gate, ticket),
+            StateProj::Answered { .. } => return self.answer(),
+            // Polled again after it resolved.
+            StateProj::Done => return Poll::Pending,
+        };
+        if ticket.is_ended() {
+            return self.answer();
+        }
+        if let Gate::Waiting(admission) = gate {
+            match admission.as_mut().poll(cx) {
+                Poll::Pending => {
+                    ticket.response_waker.register(cx.waker());
+                    if ticket.is_ended() {
+                        return self.answer();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(permits)) => {
+                    *gate = Gate::Open;
+                    ticket.hold(permits);
+                }
+                Poll::Ready(Err(refusal)) => {
+                    ticket.reject(refusal.cap, refusal.limit);
+                    return self.answer();
+                }
+            }
+        }
+        let unwinding = EndOnUnwind::arm(ticket);
+        let polled = future.poll(cx);
+        unwinding.disarm();
+        match polled {
+            Poll::Pending => {
+                ticket.response_waker.register(cx.waker());
+                if ticket.is_ended() {
+                    return self.answer();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(mut response)) => {
+                let Some(ticket) = self.take_ticket() else {
+                    return Poll::Pending;
+                };
+                if ticket.shared.admission.handle_in_response {
+                    response.extensions_mut().insert(StreamHandle {
+                        record: std::sync::Arc::clone(ticket.record()),
+                    });
+                }
+                let grpc = grpc::is_grpc(response.headers());
+                if let Some(code) = grpc::status_of(response.headers()) {
+                    ticket.set_grpc_status(code);
+                }
+                Poll::Ready(Ok(
+                    response.map(|body| ResponseBody::guarded(body, ticket, grpc))
+                ))
+            }
+            Poll::Ready(Err(err)) => {
+                ticket.end(Ending::Error);
+                drop(self.take_ticket());
+                Poll::Ready(Err(err))
+            }
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stream = match &self.state {
+            State::Calling { ticket, .. } | State::Answered { ticket } => Some(ticket.id),
+            State::Done => None,
+        };
+        f.debug_struct("ResponseFuture")
+            .field("stream", &stream)
+            .finish_non_exhaustive()
+    }
+}

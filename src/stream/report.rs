@@ -1,0 +1,210 @@
+//! What a guard layer tells about its streams: the end events, the counters
+//! behind [`GuardStats`], and the `tracing` lines (refusals summed up).
+
+use std::{
+    sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use tokio::sync::broadcast;
+
+use crate::{
+    end::{Ending, Log, StreamCap},
+    events::{EndCallback, EndEvent, EventHub},
+    stats::{Counters, GuardStats},
+};
+
+/// How often, at most, a guard logs a summary of the streams its caps refused.
+const SUMMARY_EVERY_NS: u64 = 1_000_000_000;
+
+/// One guard layer's reporting: events, counters, logs.
+pub(crate) struct Report {
+    events: EventHub,
+    active: AtomicUsize,
+    counters: Counters,
+    refusals: RefusalLog,
+    /// Which keyed caps already warned that a stream had no key (a bit per
+    /// cap): the warning is logged once per guard layer.
+    warned_unidentified: AtomicU8,
+}
+
+impl Report {
+    pub(crate) fn new(capacity: usize, callbacks: Vec<EndCallback>) -> Self {
+        Report {
+            events: EventHub::new(capacity, callbacks),
+            active: AtomicUsize::new(0),
+            counters: Counters::default(),
+            refusals: RefusalLog::default(),
+            warned_unidentified: AtomicU8::new(0),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<EndEvent> {
+        self.events.subscribe()
+    }
+
+    /// Streams started and not yet ended.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stats(&self) -> GuardStats {
+        self.counters.snapshot(self.active())
+    }
+
+    pub(crate) fn started(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A stream ended as `ending`, `now_ns` on the guard's clock: logs it,
+    /// counts it and hands its event to every subscriber.
+    pub(crate) fn ended(&self, ending: Ending, event: &EndEvent, now_ns: u64) {
+        trace_end(ending, event);
+        if let Some(cap) = event.reason().cap() {
+            self.refusals.note(cap);
+            if matches!(
+                ending,
+                Ending::RejectedNoConnection | Ending::RejectedNoPeer
+            ) {
+                self.warn_unidentified(cap, ending);
+            }
+        }
+        // On every end, not only refusals: the tail of a burst is reported
+        // by the next stream to end after the second is up.
+        self.refusals.summarize(now_ns);
+        self.counters.count(ending);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.events.emit(event);
+    }
+
+    /// Logs, once per guard layer and cap, that `cap` refuses streams that
+    /// carry no key for it: a misconfigured server should not stay quiet.
+    fn warn_unidentified(&self, cap: StreamCap, ending: Ending) {
+        let bit = 1 << (cap as u8);
+        if self.warned_unidentified.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                target: "tower_stream_guard",
+                cap = cap.as_str(),
+                "{} (logged once per guard layer)",
+                ending.message(Duration::ZERO, 0)
+            );
+        }
+    }
+}
+
+/// Logs one end: `INFO` for a limit or a drain, `DEBUG` otherwise (a cap
+/// flood is one `DEBUG` line per stream; [`RefusalLog`] sums them at `WARN`).
+fn trace_end(ending: Ending, event: &EndEvent) {
+    macro_rules! end_line {
+        ($level:expr, $($message:tt)+) => {
+            tracing::event!(
+                target: "tower_stream_guard",
+                $level,
+                stream_id = event.id().get(),
+                route = event.path(),
+                reason = event.reason().as_str(),
+                duration_ms = event.duration().as_millis() as u64,
+                $($message)+
+            )
+        };
+    }
+    match ending.row().log {
+        Log::Refused => end_line!(tracing::Level::DEBUG, "stream refused: {}", event.reason()),
+        Log::Guard => end_line!(
+            tracing::Level::INFO,
+            "stream ended by guard: {}",
+            event.reason()
+        ),
+        Log::Quiet => end_line!(tracing::Level::DEBUG, "stream ended"),
+    }
+}
+
+/// Refusals by cap since the last `WARN` summary, and when that was. A cap
+/// flood is one `DEBUG` line per stream and at most one `WARN` line per guard
+/// per second, not one `INFO` line per stream.
+#[derive(Default)]
+struct RefusalLog {
+    /// By [`StreamCap::ALL`] index.
+    counts: [AtomicU64; 3],
+    /// The sum of `counts`: one load tells whether there is anything to say.
+    pending: AtomicU64,
+    /// One more than the guard-clock ns of the last summary; 0: none yet.
+    last: AtomicU64,
+}
+
+impl RefusalLog {
+    fn note(&self, cap: StreamCap) {
+        let index = StreamCap::ALL.iter().position(|c| *c == cap).unwrap_or(0);
+        self.counts[index].fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Logs one `WARN` line for the refusals counted since the last one, if
+    /// there are some and that was a second ago or more (the first refusal
+    /// of a guard is reported at once).
+    fn summarize(&self, now: u64) {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let last = self.last.load(Ordering::Relaxed);
+        let since = last.saturating_sub(1);
+        if last != 0 && now.saturating_sub(since) < SUMMARY_EVERY_NS {
+            return;
+        }
+        // One summary per window, whoever gets here first.
+        if self
+            .last
+            .compare_exchange(
+                last,
+                now.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let counts = self
+            .counts
+            .each_ref()
+            .map(|count| count.swap(0, Ordering::Relaxed));
+        let refused: u64 = counts.iter().sum();
+        self.pending.fetch_sub(refused, Ordering::Relaxed);
+        if refused == 0 {
+            return;
+        }
+        let mut caps = StreamCap::ALL
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(cap, n)| (cap.setting(), n));
+        let by = match (caps.next(), caps.next()) {
+            (Some((setting, _)), None) => setting.to_owned(),
+            (first, second) => first
+                .into_iter()
+                .chain(second)
+                .chain(caps)
+                .map(|(setting, n)| format!("{setting}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let [per_connection, per_peer, total] = counts;
+        // The first summary covers the refusals so far, not a window.
+        let window = if last == 0 {
+            "so far".to_owned()
+        } else {
+            format!(
+                "in the last {:.1}s",
+                Duration::from_nanos(now - since).as_secs_f64()
+            )
+        };
+        tracing::warn!(
+            target: "tower_stream_guard",
+            refused,
+            per_connection,
+            per_peer,
+            total,
+            "{refused} streams refused by {by} {window}"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! What one guard layer shares with all of its streams: its timer, its
+//! reporting, how it admits requests, and the drain it answers to.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{cap::CapSet, report::Report, route::Route, timer::Sweeper};
+use crate::{
+    drain::{DrainShared, Drained},
+    peer::KeyFn,
+    sync::NEVER,
+};
+
+/// One guard layer's state, behind an `Arc` every stream of it holds.
+pub(crate) struct Shared {
+    pub(crate) timer: Arc<Sweeper>,
+    pub(crate) report: Report,
+    pub(crate) admission: Admission,
+    drain: Option<DrainLink>,
+}
+
+/// How a guard layer admits a request: its routes, caps and where it finds
+/// connections. Read once per request, before the service is called.
+pub(crate) struct Admission {
+    pub(crate) routes: Vec<Route>,
+    /// The layer's own caps (and connection counts), if it has any.
+    pub(crate) caps: Option<Arc<CapSet>>,
+    pub(crate) connection_key: Option<KeyFn>,
+    pub(crate) honor_grpc_timeout: bool,
+    pub(crate) cap_wait: Option<Duration>,
+    /// Put the handle into response extensions too (clients).
+    pub(crate) handle_in_response: bool,
+}
+
+/// A drain this layer answers to, and when it cuts the streams still open.
+struct DrainLink {
+    drain: Arc<DrainShared>,
+    /// ns on the layer's clock; [`NEVER`] until the drain begins.
+    deadline: AtomicU64,
+}
+
+impl Shared {
+    /// The layer's state; registered with `drain`, if any, so that the drain
+    /// reaches its streams.
+    pub(crate) fn new(
+        timer: Sweeper,
+        report: Report,
+        admission: Admission,
+        drain: Option<Arc<DrainShared>>,
+    ) -> Arc<Self> {
+        let shared = Arc::new(Shared {
+            timer: Arc::new(timer),
+            report,
+            admission,
+            drain: drain.map(|drain| DrainLink {
+                drain,
+                deadline: AtomicU64::new(NEVER),
+            }),
+        });
+        if let Some(link) = &shared.drain {
+            let streams: std::sync::Weak<dyn Drained> = Arc::downgrade(&shared) as _;
+            link.drain.register_streams(streams);
+        }
+        shared
+    }
+
+    /// The drain this layer answers to.
+    pub(crate) fn drain(&self) -> Option<&Arc<DrainShared>> {
+        self.drain.as_ref().map(|link| &link.drain)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.drain().is_some_and(|drain| drain.is_draining())
+    }
+
+    /// When the drain cuts this layer's streams, ns on its clock; [`NEVER`]
+    /// while it is not draining.
+    pub(crate) fn drain_deadline(&self) -> u64 {
+        self.drain
+            .as_ref()
+            .map_or(NEVER, |link| link.deadline.load(Ordering::Acquire))
+    }
+}
+
+impl Drained for Shared {
+    fn begin(&self, deadline: Instant) {
+        let Some(link) = &self.drain else { return };
+        let deadline = self.timer.ns_of(deadline);
+        link.deadline.store(deadline, Ordering::Release);
+        self.timer.refile_after(deadline);
+    }
+
+    fn open(&self) -> usize {
+        self.report.active()
+    }
+
+    fn close_rest(&self) -> u64 {
+        // The timer already cut every stream at the deadline.
+        0
+    }
+}

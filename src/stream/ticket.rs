@@ -1,0 +1,93 @@
+//! The value that owns a stream's life: dropping it ends the stream.
+//!
+//! Every stream is born inside a [`Ticket`], which moves from the service's
+//! `call` into the response future and from there into the response body.
+//! Whatever becomes of the last holder (finished, dropped, forgotten in a
+//! panicking task), the ticket's `Drop` ends the stream: no path can lose a
+//! stream without its end event, its cap slots or its handle's wake-up.
+
+use std::{ops::Deref, sync::Arc};
+
+use super::record::Record;
+use crate::end::Ending;
+
+/// Owns one stream: its `Drop` ends it as [`Ending::Cancelled`] unless it
+/// has ended, and finishes an end that was only decided.
+pub(crate) struct Ticket(Arc<Record>);
+
+impl Ticket {
+    pub(crate) fn new(record: Record) -> Self {
+        Ticket(Arc::new(record))
+    }
+
+    /// The shared record, for the parts that only watch the stream (the
+    /// handle, the request body, the timer).
+    pub(crate) fn record(&self) -> &Arc<Record> {
+        &self.0
+    }
+}
+
+impl Deref for Ticket {
+    type Target = Record;
+
+    fn deref(&self) -> &Record {
+        &self.0
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Dropped by an unwinding panic: only decide here. The rest of an
+            // end runs code that is not ours (subscribers, `tracing` layers),
+            // and a panic there, inside someone else's unwinding, would abort
+            // the process. So it is finished on a task of its own (inline
+            // when there is no runtime).
+            self.decide_deferred(Ending::Cancelled);
+            let record = Arc::clone(&self.0);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move { record.finish_deferred() });
+                }
+                Err(_) => record.finish_deferred(),
+            }
+            return;
+        }
+        // An end decided while a body or the service panicked, or on the
+        // body's last frame, else: abandoned.
+        self.finish_deferred();
+        self.end(Ending::Cancelled);
+    }
+}
+
+/// Decides a stream's end as [`Ending::Panicked`] if the code it brackets
+/// unwinds.
+///
+/// Armed around every call into code the guard does not own (the service's
+/// `call`, its future, the response body); disarmed, at no cost, when that
+/// code returns. It only decides (one compare-and-swap and a store): the
+/// [`Ticket`] finishes the end when it is dropped, which is what tokio and
+/// hyper do right after they catch the panic, or during the unwinding when
+/// the ticket itself is unwound (the service's `call` panicked).
+#[must_use = "dropping it at once decides the end"]
+pub(crate) struct EndOnUnwind<'a>(&'a Record);
+
+impl<'a> EndOnUnwind<'a> {
+    #[inline(always)]
+    pub(crate) fn arm(record: &'a Record) -> Self {
+        EndOnUnwind(record)
+    }
+
+    /// The bracketed code returned: nothing to do.
+    #[inline(always)]
+    pub(crate) fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        // Reached only by unwinding: `disarm` forgets the guard otherwise.
+        self.0.decide_deferred(Ending::Panicked);
+    }
+}
