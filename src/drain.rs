@@ -55,7 +55,7 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -66,7 +66,11 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{error::MAX_DURATION, json::JsonLine};
+use crate::{
+    error::MAX_DURATION,
+    json::JsonLine,
+    sync::{lock, nanos, wait_until},
+};
 
 /// What a drain reaches: a stream guard layer's streams, or a connection
 /// guard's connections. The drain sees them through this trait only, so that
@@ -190,14 +194,9 @@ impl fmt::Debug for Drain {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing under these locks can leave their lists half-updated.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Nanoseconds of `d`, at most [`MAX_DURATION`]'s.
 fn ns(d: Duration) -> u64 {
-    u64::try_from(d.min(MAX_DURATION).as_nanos()).unwrap_or(u64::MAX)
+    nanos(Some(d.min(MAX_DURATION)))
 }
 
 impl Drain {
@@ -309,15 +308,7 @@ impl DrainShared {
     }
 
     pub(crate) async fn began(&self) {
-        loop {
-            let began = self.began.notified();
-            tokio::pin!(began);
-            began.as_mut().enable();
-            if self.is_draining() {
-                return;
-            }
-            began.await;
-        }
+        wait_until(&self.began, || self.is_draining()).await;
     }
 
     /// A stream guard layer's streams, to reach when the drain begins.
@@ -373,17 +364,8 @@ impl DrainShared {
 
     /// Waits until `done` holds or `deadline` passes; whether it held.
     async fn wait_until(&self, deadline: Instant, done: impl Fn(&Self) -> bool) -> bool {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if done(self) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                return done(self);
-            }
-        }
+        let held = wait_until(&self.idle, || done(self));
+        tokio::time::timeout_at(deadline, held).await.is_ok() || done(self)
     }
 }
 

@@ -102,6 +102,39 @@ impl From<GuardError> for tonic::Status {
     }
 }
 
+/// Checks a timer resolution given to `setting`.
+pub(crate) fn check_resolution(setting: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if (MIN_TIMER_RESOLUTION..=MAX_TIMER_RESOLUTION).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::ResolutionOutOfRange { setting, value })
+    }
+}
+
+/// Checks a duration given to `setting`: not zero, at most [`MAX_DURATION`],
+/// and not below `resolution` when the setting is enforced by a timer of
+/// that resolution.
+pub(crate) fn check_duration(
+    setting: &'static str,
+    value: Duration,
+    resolution: Option<Duration>,
+) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::Zero { setting });
+    }
+    if value > MAX_DURATION {
+        return Err(ConfigError::TooLong { setting, value });
+    }
+    match resolution {
+        Some(resolution) if value < resolution => Err(ConfigError::BelowResolution {
+            setting,
+            value,
+            resolution,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Checks an event channel capacity.
 pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError> {
     match capacity {
@@ -137,9 +170,12 @@ pub enum ConfigError {
         /// The maximum lifetime it must stay below.
         lifetime: Duration,
     },
-    /// The timer resolution is outside
-    /// [`MIN_TIMER_RESOLUTION`]..=[`MAX_TIMER_RESOLUTION`].
+    /// A timer resolution is outside 1 ms..=1 s.
     ResolutionOutOfRange {
+        /// The builder method that was given the value:
+        /// `timer_resolution` (stream guard) or `resolution` (connection
+        /// guard).
+        setting: &'static str,
         /// The value given.
         value: Duration,
     },
@@ -203,9 +239,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "`{setting}` ({idle:?}) is not shorter than `max_lifetime` ({lifetime:?}), so it could never fire"
             ),
-            ConfigError::ResolutionOutOfRange { value } => write!(
+            ConfigError::ResolutionOutOfRange { setting, value } => write!(
                 f,
-                "`timer_resolution` is {value:?}; it must lie between {MIN_TIMER_RESOLUTION:?} and {MAX_TIMER_RESOLUTION:?}"
+                "`{setting}` is {value:?}; it must lie between {MIN_TIMER_RESOLUTION:?} and {MAX_TIMER_RESOLUTION:?}"
             ),
             ConfigError::BelowResolution {
                 setting,

@@ -24,14 +24,14 @@
 //! recursing), forgets that runtime and tries the next. No lock is held while
 //! spawning or while a task is dropped.
 //!
-//! This module imports nothing from the rest of the crate: the timers plug in
-//! through [`Job`].
+//! This module imports nothing from the rest of the crate but its lock
+//! helper: the timers plug in through [`Job`].
 
 use std::{
     array,
     hash::{Hash, Hasher},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
 };
@@ -152,8 +152,7 @@ type Runtimes = [Option<(Id, Handle)>; RUNTIMES_KEPT];
 
 impl Ticker {
     fn lock(&self) -> MutexGuard<'_, Runtimes> {
-        // Every update is a single store or removal: never half-done.
-        self.runtimes.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.runtimes)
     }
 
     /// Remembers the current runtime, if any, as one the timer may run on,

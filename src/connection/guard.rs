@@ -18,11 +18,12 @@ use tokio::{
 
 use super::{
     ConnectionEnd, ConnectionEvent, ConnectionHandle, GuardedIncoming, GuardedIo, PeerOf,
-    registry::{ConnPolicy, ConnState, Connections, NEVER, Table},
+    registry::{ConnPolicy, ConnState, Connections, Table},
 };
 use crate::{
     drain::{Drain, Drained},
-    error::{ConfigError, MAX_DURATION},
+    error::{ConfigError, MAX_DURATION, check_duration, check_resolution},
+    sync::NEVER,
     ticker::Ticker,
 };
 
@@ -226,27 +227,14 @@ impl ConnectionGuardBuilder {
     pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
         let policy = self.policy;
         let resolution = policy.resolution;
-        if !(crate::MIN_TIMER_RESOLUTION..=crate::MAX_TIMER_RESOLUTION).contains(&resolution) {
-            return Err(ConfigError::ResolutionOutOfRange { value: resolution });
-        }
+        check_resolution("resolution", resolution)?;
         for (setting, value) in [
             ("idle_timeout", policy.idle),
             ("stalled_grace", policy.stalled_grace),
             ("max_age", policy.max_age),
         ] {
-            let Some(value) = value else { continue };
-            if value.is_zero() {
-                return Err(ConfigError::Zero { setting });
-            }
-            if value > MAX_DURATION {
-                return Err(ConfigError::TooLong { setting, value });
-            }
-            if value < resolution {
-                return Err(ConfigError::BelowResolution {
-                    setting,
-                    value,
-                    resolution,
-                });
+            if let Some(value) = value {
+                check_duration(setting, value, Some(resolution))?;
             }
         }
         if policy.max_age_grace > MAX_DURATION {

@@ -7,11 +7,11 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use super::{
-    ConnectionEnd,
-    registry::{ConnState, NEVER},
+use super::{ConnectionEnd, registry::ConnState};
+use crate::{
+    peer::ConnectionKey,
+    sync::{NEVER, wait_until},
 };
-use crate::peer::ConnectionKey;
 
 /// A handle on a guarded connection, in the request extensions of its
 /// streams (see the [module docs](crate::connection)). Clones are cheap.
@@ -71,15 +71,7 @@ impl ConnectionHandle {
     pub fn goaway(&self) -> impl Future<Output = ()> + Send + 'static {
         let state = Arc::clone(&self.state);
         async move {
-            loop {
-                let asked = state.goaway.notified();
-                tokio::pin!(asked);
-                asked.as_mut().enable();
-                if state.goaway_asked.load(Ordering::Acquire) {
-                    return;
-                }
-                asked.await;
-            }
+            wait_until(&state.goaway, || state.goaway_asked.load(Ordering::Acquire)).await;
         }
     }
 

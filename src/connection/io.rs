@@ -13,7 +13,7 @@ use futures_core::Stream;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{ConnectionGuard, ConnectionHandle};
+use super::{ConnectionGuard, ConnectionHandle, registry::ConnState};
 
 /// IO objects whose peer address a [`ConnectionGuard`] can read, for its
 /// events and for stream guards' per-peer cap.
@@ -101,11 +101,32 @@ impl<IO: fmt::Debug> fmt::Debug for GuardedIo<IO> {
     }
 }
 
-/// Registers `waker` in `slot` unless it is the one registered last.
-fn register(slot: &AtomicWaker, registered: &mut Option<Waker>, waker: &Waker) {
-    if !registered.as_ref().is_some_and(|w| w.will_wake(waker)) {
-        slot.register(waker);
-        *registered = Some(waker.clone());
+/// Runs one IO operation unless the guard closed the connection: fails at
+/// once if it did, and when the operation is pending, registers the task's
+/// waker in `slot` (unless it is the one registered last), so that a close
+/// wakes it, then checks again (a close in between would wake nobody).
+fn guarded<T>(
+    state: &ConnState,
+    slot: &AtomicWaker,
+    registered: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+    operation: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>,
+) -> Poll<io::Result<T>> {
+    if let Some(err) = state.closed_error() {
+        return Poll::Ready(Err(err));
+    }
+    match operation(cx) {
+        Poll::Pending => {
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.register(cx.waker());
+                *registered = Some(cx.waker().clone());
+            }
+            match state.closed_error() {
+                Some(err) => Poll::Ready(Err(err)),
+                None => Poll::Pending,
+            }
+        }
+        ready => ready,
     }
 }
 
@@ -117,19 +138,10 @@ impl<IO: AsyncRead> AsyncRead for GuardedIo<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let state = &this.handle.state;
-        if let Some(err) = state.closed_error() {
-            return Poll::Ready(Err(err));
-        }
-        match this.inner.poll_read(cx, buf) {
-            Poll::Pending => {
-                register(&state.read_waker, this.read_registered, cx.waker());
-                match state.closed_error() {
-                    Some(err) => Poll::Ready(Err(err)),
-                    None => Poll::Pending,
-                }
-            }
-            ready => ready,
-        }
+        let inner = this.inner;
+        guarded(state, &state.read_waker, this.read_registered, cx, |cx| {
+            inner.poll_read(cx, buf)
+        })
     }
 }
 
@@ -141,19 +153,23 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let state = &this.handle.state;
-        if let Some(err) = state.closed_error() {
-            return Poll::Ready(Err(err));
-        }
-        match this.inner.poll_write(cx, buf) {
-            Poll::Pending => {
-                register(&state.write_waker, this.write_registered, cx.waker());
-                match state.closed_error() {
-                    Some(err) => Poll::Ready(Err(err)),
-                    None => Poll::Pending,
-                }
-            }
-            ready => ready,
-        }
+        let inner = this.inner;
+        guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
+            inner.poll_write(cx, buf)
+        })
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let state = &this.handle.state;
+        let inner = this.inner;
+        guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
+            inner.poll_write_vectored(cx, bufs)
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -166,28 +182,6 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let state = &this.handle.state;
-        if let Some(err) = state.closed_error() {
-            return Poll::Ready(Err(err));
-        }
-        match this.inner.poll_write_vectored(cx, bufs) {
-            Poll::Pending => {
-                register(&state.write_waker, this.write_registered, cx.waker());
-                match state.closed_error() {
-                    Some(err) => Poll::Ready(Err(err)),
-                    None => Poll::Pending,
-                }
-            }
-            ready => ready,
-        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -6,7 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -21,10 +21,9 @@ use tokio::{
 use super::{ConnectionEnd, ConnectionEvent};
 use crate::{
     drain::{DrainShared, Drained},
+    sync::{NEVER, lock, nanos},
     ticker::{Job, Lease, Ticker},
 };
-
-pub(crate) const NEVER: u64 = u64::MAX;
 
 /// The settings of a connection guard.
 #[derive(Clone, Copy, Debug)]
@@ -131,7 +130,7 @@ impl ConnState {
 
     /// What the timer decides for this connection at `now`.
     pub(crate) fn check(&self, policy: &ConnPolicy, now: u64) {
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER);
+        let ns = |d: Duration| nanos(Some(d));
         if let Some(grace) = policy.stalled_grace
             // The count decides; `stalled_since` only says since when. The
             // two are updated one after the other, so a stall and an unstall
@@ -178,8 +177,7 @@ impl ConnState {
 
 impl Connections {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        // Nothing under this lock can leave the table half-updated.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.table)
     }
 
     pub(crate) fn now_ns(&self) -> u64 {

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     drain::Drain,
     end::{IdleDirection, StreamCap},
-    error::{ConfigError, DEFAULT_TIMER_RESOLUTION, MAX_DURATION, validate_event_capacity},
+    error::{ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity},
     events::{EndCallback, EndEvent},
     peer::{ConnectionKey, KeyFn},
 };
@@ -306,17 +306,7 @@ impl StreamGuardBuilder {
         validate_event_capacity(self.capacity)?;
         validate_caps(&self.caps)?;
         if let Some(patience) = self.cap_wait {
-            if patience.is_zero() {
-                return Err(ConfigError::Zero {
-                    setting: "cap_wait",
-                });
-            }
-            if patience > MAX_DURATION {
-                return Err(ConfigError::TooLong {
-                    setting: "cap_wait",
-                    value: patience,
-                });
-            }
+            check_duration("cap_wait", patience, None)?;
         }
         let routes = self
             .routes

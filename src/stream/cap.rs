@@ -30,7 +30,7 @@ use std::{
     hash::Hash,
     net::IpAddr,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -38,7 +38,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{end::StreamCap, peer::ConnectionKey};
+use crate::{end::StreamCap, peer::ConnectionKey, sync::lock};
 
 /// The limits of one cap set; `None` is "no cap".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -306,8 +306,7 @@ impl CapSet {
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
-        // Nothing under this lock can leave the maps half-updated.
-        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.maps)
     }
 
     /// Streams holding a slot here, per connection.

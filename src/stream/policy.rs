@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::{
     end::IdleDirection,
-    error::{ConfigError, MAX_DURATION, MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION},
+    error::{ConfigError, check_duration, check_resolution},
 };
 
 /// The limits a guard puts on each stream. `None` means "no limit".
@@ -52,23 +52,10 @@ impl Policy {
 
     /// Checks every setting against `resolution` and against each other.
     pub(crate) fn validate(&self, resolution: Duration) -> Result<(), ConfigError> {
-        if !(MIN_TIMER_RESOLUTION..=MAX_TIMER_RESOLUTION).contains(&resolution) {
-            return Err(ConfigError::ResolutionOutOfRange { value: resolution });
-        }
+        check_resolution("timer_resolution", resolution)?;
         for (setting, value) in self.settings() {
-            let Some(value) = value else { continue };
-            if value.is_zero() {
-                return Err(ConfigError::Zero { setting });
-            }
-            if value > MAX_DURATION {
-                return Err(ConfigError::TooLong { setting, value });
-            }
-            if value < resolution {
-                return Err(ConfigError::BelowResolution {
-                    setting,
-                    value,
-                    resolution,
-                });
+            if let Some(value) = value {
+                check_duration(setting, value, Some(resolution))?;
             }
         }
         if let Some(lifetime) = self.max_lifetime {
@@ -91,7 +78,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::DEFAULT_TIMER_RESOLUTION;
+    use crate::error::{DEFAULT_TIMER_RESOLUTION, MAX_DURATION};
 
     fn policy() -> Policy {
         Policy::default()
