@@ -115,7 +115,7 @@ async fn serve(setup: Setup) -> SocketAddr {
             tokio::spawn(async move { while events.recv().await.is_ok() {} });
             tokio::spawn(
                 Server::builder()
-                    .layer(guard.for_tonic())
+                    .layer(guard)
                     .add_service(service)
                     .serve_with_incoming(incoming),
             );

@@ -70,7 +70,7 @@ use tokio::{runtime::Runtime, time::Sleep};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_http::timeout::{DeadlineBody, ResponseBodyTimeoutLayer, TimeoutBody};
 use tower_stream_guard::{
-    BoxError, ConnectionKey, Drain, PeerAddr, ResponseBody, StreamGuardLayer,
+    BoxError, ConnectionKey, Drain, PeerAddr, StreamGuardLayer, stream::ResponseBody,
 };
 
 /// Frames polled per iteration of a per-frame benchmark.

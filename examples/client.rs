@@ -100,7 +100,7 @@ async fn main() -> ExitCode {
         }
     });
     // The guarded channel: a tower service like the channel it wraps.
-    let mut client = EchoClient::new(guard.clone().for_tonic().layer(channel));
+    let mut client = EchoClient::new(guard.clone().for_tonic_channel().layer(channel));
 
     let start = Instant::now();
     let slow = StreamRequest {

@@ -230,7 +230,7 @@ async fn run() -> Result<ExitCode, BoxError> {
     let (stop, stopped) = oneshot::channel::<()>();
     let mut server = tokio::spawn(
         Server::builder()
-            .layer(guard.clone().for_tonic())
+            .layer(guard.clone())
             .add_service(EchoServer::new(service.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stopped.await;

@@ -253,7 +253,7 @@ async fn main() -> Result<(), BoxError> {
     let (stop, stopped) = oneshot::channel::<()>();
     let mut server = tokio::spawn(
         Server::builder()
-            .layer(guard.clone().for_tonic())
+            .layer(guard.clone())
             .add_service(EchoServer::new(service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stopped.await;

@@ -172,7 +172,7 @@ async fn main() -> Result<(), BoxError> {
     let addr = listener.local_addr()?;
     let server = tokio::spawn(
         Server::builder()
-            .layer(guard.clone().for_tonic())
+            .layer(guard.clone())
             .add_service(EchoServer::new(Watch))
             .serve_with_incoming_shutdown(
                 connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),

@@ -29,7 +29,7 @@ use tokio::{
 use tokio_stream::{StreamExt, wrappers::IntervalStream};
 use tower::Layer;
 use tower_stream_guard::{
-    BoxError, ConnectionGuard, Drain, RequestBody, StreamGuardLayer, StreamHandle,
+    BoxError, ConnectionGuard, Drain, StreamGuardLayer, StreamHandle, stream::RequestBody,
 };
 
 type ResBody = BoxBody<Bytes, BoxError>;
@@ -51,7 +51,7 @@ async fn ticks(
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let drain = Drain::new().close_connections_after(Duration::from_millis(100));
+    let drain = Drain::with_close_delay(Duration::from_millis(100));
     let guard = StreamGuardLayer::builder()
         .response_idle_timeout(Duration::from_secs(5))
         .max_streams_per_connection(16)

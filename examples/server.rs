@@ -310,7 +310,7 @@ async fn main() -> ExitCode {
     let drain = Drain::new();
     let built = args.guard().drain(&drain).build().and_then(|guard| {
         let connections = ConnectionGuard::builder().drain(&drain).build()?;
-        Ok((guard.for_tonic(), connections))
+        Ok((guard, connections))
     });
     let (guard, connections) = match built {
         Ok(built) => built,

@@ -11,7 +11,7 @@
 //! 2. When the grace period ends, every stream still open ends with
 //!    `UNAVAILABLE` trailers (a body error for plain HTTP) and an end event
 //!    saying [`EndReason::Drained`](crate::EndReason::Drained).
-//! 3. A little later ([`Drain::close_connections_after`], 500 ms by default),
+//! 3. A little later ([`Drain::with_close_delay`], 500 ms by default),
 //!    connections a [`ConnectionGuard`](crate::ConnectionGuard) wraps that
 //!    are still open are closed: those of peers that stopped reading, whose
 //!    streams hyper would otherwise keep until the peer reads.
@@ -37,10 +37,10 @@
 //!     println!("{}", report.to_json());
 //! });
 //! tonic::transport::Server::builder()
-//!     .layer(guard.for_tonic())
+//!     .layer(guard)
 //!     .add_routes(routes)
 //!     // Stops accepting and sends GOAWAY as soon as the drain begins; returns
-//!     // within the grace period plus `close_connections_after`.
+//!     // within the grace period plus the close delay.
 //!     .serve_with_incoming_shutdown(
 //!         // TCP_NODELAY, as tonic's `serve(addr)` sets it.
 //!         connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
@@ -89,7 +89,7 @@ pub(crate) trait Drained: Send + Sync {
 
 /// The default delay between the end of the grace period and the closing of
 /// connections still open: 500 ms.
-pub const DEFAULT_CLOSE_CONNECTIONS_AFTER: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_CLOSE_CONNECTIONS_AFTER: Duration = Duration::from_millis(500);
 
 /// Starts and bounds a graceful shutdown of every guard layer and connection
 /// guard it was given to (see the [module docs](crate::drain) for the
@@ -152,7 +152,7 @@ impl DrainReport {
     }
 
     /// Guarded connections still open after the grace period (plus
-    /// [`Drain::close_connections_after`]), closed by the drain.
+    /// [`Drain::with_close_delay`]), closed by the drain.
     pub fn connections_closed(&self) -> u64 {
         self.connections_closed
     }
@@ -204,6 +204,22 @@ impl Drain {
     /// [`StreamGuardBuilder::drain`](crate::StreamGuardBuilder::drain) and
     /// [`ConnectionGuardBuilder::drain`](crate::ConnectionGuardBuilder::drain).
     pub fn new() -> Self {
+        Drain::with_close_delay(DEFAULT_CLOSE_CONNECTIONS_AFTER)
+    }
+
+    /// A drain not yet started that closes the guarded connections still
+    /// open `delay` after its grace period (default 500 ms): time for the
+    /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
+    /// longer than 365 days counts as 365 days.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::Drain;
+    ///
+    /// let drain = Drain::with_close_delay(Duration::from_millis(200));
+    /// assert!(!drain.is_draining());
+    /// ```
+    pub fn with_close_delay(delay: Duration) -> Self {
         Drain {
             shared: Arc::new(DrainShared {
                 draining: AtomicBool::new(false),
@@ -212,24 +228,13 @@ impl Drain {
                 streams: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
                 grace_ns: AtomicU64::new(0),
-                close_after_ns: AtomicU64::new(ns(DEFAULT_CLOSE_CONNECTIONS_AFTER)),
+                close_after_ns: AtomicU64::new(ns(delay)),
                 open_at_start: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 cut: AtomicU64::new(0),
                 report: watch::channel(None).0,
             }),
         }
-    }
-
-    /// How long after the grace period guarded connections still open are
-    /// closed (default [`DEFAULT_CLOSE_CONNECTIONS_AFTER`]): time for the
-    /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
-    /// longer than [`MAX_DURATION`] counts as `MAX_DURATION`.
-    pub fn close_connections_after(self, delay: Duration) -> Self {
-        self.shared
-            .close_after_ns
-            .store(ns(delay), Ordering::Relaxed);
-        self
     }
 
     /// Whether the drain has begun.
@@ -253,13 +258,13 @@ impl Drain {
     /// Begins the drain now, with `grace` for open streams to finish, and
     /// returns a future of its report: it resolves once every stream has
     /// ended and the connections left have been closed, at the latest
-    /// `grace` plus [`close_connections_after`](Self::close_connections_after)
+    /// `grace` plus [the close delay](Self::with_close_delay)
     /// plus one timer resolution from now.
     ///
     /// The drain runs on a task of its own, so it proceeds whether or not
     /// the future is awaited. Calling `start` again does not restart it; the
     /// future resolves with the first drain's report. A grace longer than
-    /// [`MAX_DURATION`] counts as `MAX_DURATION`. Must be called within a
+    /// 365 days counts as 365 days. Must be called within a
     /// tokio runtime.
     pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = &self.shared;

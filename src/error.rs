@@ -8,7 +8,7 @@ use crate::end::EndReason;
 ///
 /// Longer values are almost always a unit mistake (milliseconds passed as
 /// seconds); use no limit at all instead.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The largest end-event (and connection-event) channel capacity accepted:
 /// 65,536 events.
@@ -16,16 +16,16 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// The channel allocates its slots up front; a lagging receiver skips the
 /// events it missed rather than holding up streams, so more room buys
 /// little.
-pub const MAX_EVENT_CAPACITY: usize = 1 << 16;
+pub(crate) const MAX_EVENT_CAPACITY: usize = 1 << 16;
 
 /// The default timer resolution: deadlines are checked every 10 ms.
-pub const DEFAULT_TIMER_RESOLUTION: Duration = Duration::from_millis(10);
+pub(crate) const DEFAULT_TIMER_RESOLUTION: Duration = Duration::from_millis(10);
 
 /// The finest timer resolution accepted: 1 ms.
-pub const MIN_TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+pub(crate) const MIN_TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// The coarsest timer resolution accepted: 1 s.
-pub const MAX_TIMER_RESOLUTION: Duration = Duration::from_secs(1);
+pub(crate) const MAX_TIMER_RESOLUTION: Duration = Duration::from_secs(1);
 
 /// A boxed error, as bodies of this crate return.
 pub type BoxError = Box<dyn Error + Send + Sync>;
@@ -153,7 +153,9 @@ pub enum ConfigError {
         /// The builder method that was given zero.
         setting: &'static str,
     },
-    /// A duration setting is longer than [`MAX_DURATION`].
+    /// A duration setting is longer than 365 days: almost always a unit
+    /// mistake (milliseconds passed as seconds); leave the setting unset for
+    /// no limit.
     TooLong {
         /// The builder method that was given the value.
         setting: &'static str,
@@ -192,7 +194,7 @@ pub enum ConfigError {
     /// The end-event channel was given a capacity of zero.
     ZeroEventCapacity,
     /// The end-event channel was given a capacity above
-    /// [`MAX_EVENT_CAPACITY`].
+    /// 65,536 (the channel allocates its slots up front).
     EventCapacityTooLarge {
         /// The value given.
         value: usize,

@@ -50,7 +50,7 @@
 //!     }
 //! });
 //! tonic::transport::Server::builder()
-//!     .layer(guard.for_tonic())
+//!     .layer(guard)
 //!     .add_routes(router)
 //!     .serve("127.0.0.1:50051".parse()?)
 //!     .await?;
@@ -118,7 +118,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod connection;
-pub mod drain;
+mod drain;
 mod end;
 mod error;
 mod events;
@@ -131,24 +131,21 @@ mod sync;
 mod ticker;
 
 pub use connection::{
-    ConnectionEnd, ConnectionEvent, ConnectionGuard, ConnectionGuardBuilder, ConnectionHandle,
-    DEFAULT_CONNECTION_RESOLUTION, GuardedConnectInfo, GuardedIncoming, GuardedIo, PeerOf,
+    event::{ConnectionEnd, ConnectionEvent},
+    guard::{ConnectionGuard, ConnectionGuardBuilder},
+    handle::ConnectionHandle,
 };
-pub use drain::{DEFAULT_CLOSE_CONNECTIONS_AFTER, Drain, DrainReport};
+pub use drain::{Drain, DrainReport};
 pub use end::{EndReason, IdleDirection, StreamCap};
-pub use error::{
-    BoxError, ConfigError, DEFAULT_TIMER_RESOLUTION, GuardError, MAX_DURATION, MAX_EVENT_CAPACITY,
-    MAX_TIMER_RESOLUTION, MIN_TIMER_RESOLUTION,
-};
+pub use error::{BoxError, ConfigError, GuardError};
 pub use events::{EndEvent, StreamId, Traffic};
 pub use peer::{ConnectionKey, PeerAddr};
 pub use stats::GuardStats;
-#[cfg(feature = "tonic")]
-pub use stream::TonicBody;
 pub use stream::{
-    DEFAULT_EVENT_CAPACITY, PlainBody, Policy, RequestBody, ResponseBody, ResponseFuture,
-    RoutePolicy, RouteRequest, StreamGuard, StreamGuardBuilder, StreamGuardLayer, StreamHandle,
-    WrapRequestBody,
+    builder::StreamGuardBuilder,
+    handle::StreamHandle,
+    layer::StreamGuardLayer,
+    route::{RoutePolicy, RouteRequest},
 };
 
 // The README's examples are compiled and run as doctests.

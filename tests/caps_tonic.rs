@@ -59,7 +59,7 @@ async fn serve(builder: tonic::transport::Server, guard: Option<StreamGuardLayer
     let task = match guard {
         Some(guard) => tokio::spawn(
             builder
-                .layer(guard.for_tonic())
+                .layer(guard)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, signal),
         ),

@@ -684,7 +684,7 @@ async fn serve(
     drain: Drain,
 ) -> Result<(), tonic::transport::Error> {
     let router = tonic::transport::Server::builder()
-        .layer(guard.for_tonic())
+        .layer(guard)
         .layer(ChaosLayer)
         .add_service(EchoServer::new(service))
         .add_service(Ticker);
@@ -1189,7 +1189,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     let mut rng = Rng(seed);
     let events: Arc<Mutex<Vec<EndEvent>>> = Arc::default();
     let fail = |what: &str| format!("CHAOS_SEED={seed}: {what}");
-    let drain = Drain::new().close_connections_after(Duration::from_millis(200));
+    let drain = Drain::with_close_delay(Duration::from_millis(200));
     // Closes the connections of stalled readers soon after their streams'
     // guards fire, and what hyper would keep open past the drain: the
     // connections of frozen peers. Its events name each connection's id

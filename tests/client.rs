@@ -28,8 +28,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, transport::Channel};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_stream_guard::{
-    BoxError, EndReason, GuardError, IdleDirection, StreamGuard, StreamGuardLayer, StreamHandle,
-    TonicBody,
+    BoxError, EndReason, GuardError, IdleDirection, StreamGuardLayer, StreamHandle,
+    stream::{StreamGuard, TonicBody},
 };
 
 #[allow(dead_code)]
@@ -43,7 +43,7 @@ async fn serve() -> (SocketAddr, StreamGuardLayer) {
     let addr = listener.local_addr().expect("local addr");
     let guard = StreamGuardLayer::builder().build().unwrap();
     let router = tonic::transport::Server::builder()
-        .layer(guard.clone().for_tonic())
+        .layer(guard.clone())
         .add_service(EchoServer::new(EchoService::new()));
     tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
     (addr, guard)
@@ -57,7 +57,7 @@ async fn guarded_client(addr: SocketAddr, guard: &StreamGuardLayer) -> EchoClien
         .connect()
         .await
         .expect("connect");
-    EchoClient::new(guard.clone().for_tonic().layer(channel))
+    EchoClient::new(guard.clone().for_tonic_channel().layer(channel))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +231,7 @@ async fn a_service_builder_layers_the_guard_around_a_channel() {
         .build()
         .unwrap();
     let service = ServiceBuilder::new()
-        .layer(guard.clone().for_tonic())
+        .layer(guard.clone().for_tonic_channel())
         .service(channel);
     let mut client = EchoClient::new(service);
     let reply = client
@@ -291,7 +291,7 @@ async fn hyper_client_guard_ends_a_silent_plain_body_with_an_error() {
         .unwrap();
     let mut events = guard.subscribe();
     let mut client = guard.layer(tower::service_fn(
-        move |request: Request<tower_stream_guard::RequestBody<Empty<Bytes>>>| {
+        move |request: Request<tower_stream_guard::stream::RequestBody<Empty<Bytes>>>| {
             let mut sender = sender.clone();
             async move { sender.send_request(request).await }
         },

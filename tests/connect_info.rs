@@ -119,7 +119,7 @@ where
 {
     tokio::spawn(
         builder
-            .layer(guard.clone().for_tonic())
+            .layer(guard.clone())
             .add_service(EchoServer::new(EchoService::new()))
             .serve_with_incoming(incoming),
     )

@@ -19,7 +19,8 @@ use tokio::{
 use tokio_stream::{StreamExt, wrappers::IntervalStream};
 use tower::Layer;
 use tower_stream_guard::{
-    BoxError, ConnectionEnd, ConnectionGuard, Drain, EndReason, RequestBody, StreamGuardLayer,
+    BoxError, ConnectionEnd, ConnectionGuard, Drain, EndReason, StreamGuardLayer,
+    stream::RequestBody,
 };
 
 // Only some of the shared helpers are used here.
@@ -168,7 +169,7 @@ async fn max_age_sends_goaway_first_and_closes_hard_after_the_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_sends_goaway_and_cuts_the_stream_at_the_end_of_its_grace() {
-    let drain = Drain::new().close_connections_after(Duration::from_millis(200));
+    let drain = Drain::with_close_delay(Duration::from_millis(200));
     let connections = ConnectionGuard::builder().drain(&drain).build().unwrap();
     let guard = StreamGuardLayer::builder().drain(&drain).build().unwrap();
     let addr = serve(connections.clone(), guard.clone()).await;

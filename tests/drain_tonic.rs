@@ -35,7 +35,7 @@ async fn serve(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let router = tonic::transport::Server::builder()
-        .layer(guard.for_tonic())
+        .layer(guard)
         .add_service(EchoServer::new(EchoService::new()));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
         connections.wrap_incoming(
@@ -190,9 +190,10 @@ async fn serve_with_shutdown_returns_within_grace_with_hundreds_of_open_streams(
 }
 
 /// How long after the grace period a drain may take: the default delay
-/// before connections are closed, plus slack for a loaded machine.
+/// before connections are closed (500 ms, as `Drain::new` documents), plus
+/// slack for a loaded machine.
 fn drain_bound() -> Duration {
-    tower_stream_guard::DEFAULT_CLOSE_CONNECTIONS_AFTER + SLACK
+    Duration::from_millis(500) + SLACK
 }
 
 /// The motivation: without the guard, one open stream keeps

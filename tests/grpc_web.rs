@@ -4,7 +4,7 @@
 //! would send it.
 //!
 //! tonic's `Server::builder().layer(A).layer(B)` makes `A` the outer layer.
-//! With `.layer(GrpcWebLayer::new()).layer(guard.for_tonic())`, the guard is
+//! With `.layer(GrpcWebLayer::new()).layer(guard)`, the guard is
 //! inside the translation: it sees plain gRPC, ends streams with gRPC
 //! trailers, and tonic-web turns those into the grpc-web trailer frame in the
 //! body, which is all a browser can read over HTTP/1.1.
@@ -40,7 +40,7 @@ async fn serve(guard: StreamGuardLayer) -> SocketAddr {
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(GrpcWebLayer::new())
-        .layer(guard.for_tonic())
+        .layer(guard)
         .add_service(EchoServer::new(EchoService::new()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);

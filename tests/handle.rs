@@ -328,7 +328,7 @@ async fn run_until_cancelled_returns_the_output_when_the_future_finishes_first()
         })
         .await;
     assert_eq!(output, Some(7));
-    assert!(!handle.is_cancelled());
+    assert!(!handle.is_ended());
     assert_eq!(guard.active_streams(), 1);
     // Many short runs on one stream, each registered and released.
     for n in 0..100 {

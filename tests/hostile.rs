@@ -28,9 +28,14 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_stream_guard::{
-    ConfigError, ConnectionGuard, ConnectionKey, Drain, EndReason, IdleDirection, MAX_DURATION,
-    MAX_EVENT_CAPACITY, PeerAddr, RoutePolicy, StreamGuardLayer,
+    ConfigError, ConnectionGuard, ConnectionKey, Drain, EndReason, IdleDirection, PeerAddr,
+    RoutePolicy, StreamGuardLayer,
 };
+
+/// The largest event capacity the guards accept (documented: 65,536).
+const MAX_EVENT_CAPACITY: usize = 1 << 16;
+/// The longest duration the guards accept (documented: 365 days).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 #[allow(dead_code)]
 mod support;
@@ -307,7 +312,7 @@ fn absurd_configuration_is_refused_when_built() {
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_with_an_absurd_grace_neither_panics_nor_cuts_early() {
-    let drain = Drain::new().close_connections_after(Duration::MAX);
+    let drain = Drain::with_close_delay(Duration::MAX);
     let guard = StreamGuardLayer::builder()
         .drain(&drain)
         .build()

@@ -31,8 +31,8 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tower::{Layer, ServiceExt};
 use tower_stream_guard::{
-    BoxError, ConnectionKey, EndEvent, EndReason, IdleDirection, PeerAddr, RequestBody,
-    StreamGuardLayer, StreamHandle,
+    BoxError, ConnectionKey, EndEvent, EndReason, IdleDirection, PeerAddr, StreamGuardLayer,
+    StreamHandle, stream::RequestBody,
 };
 
 mod support;
@@ -126,7 +126,7 @@ async fn handle(
         "/handle" => match handle {
             Some(handle) => Response::builder()
                 .header("x-stream-id", handle.id().get())
-                .header("x-cancelled", handle.is_cancelled().to_string())
+                .header("x-cancelled", handle.is_ended().to_string())
                 .header(
                     "x-remaining-ms",
                     handle

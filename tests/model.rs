@@ -25,7 +25,8 @@ use tokio::{
 };
 use tower::{Layer, ServiceExt, service_fn};
 use tower_stream_guard::{
-    Drain, EndReason, IdleDirection, RequestBody, ResponseBody, StreamGuardLayer, StreamHandle,
+    Drain, EndReason, IdleDirection, StreamGuardLayer, StreamHandle,
+    stream::{RequestBody, ResponseBody},
 };
 
 const TICK_MS: u64 = 10;

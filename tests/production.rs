@@ -18,7 +18,7 @@ use tokio::{
 };
 use tower::{Layer, ServiceExt};
 use tower_stream_guard::{
-    BoxError, EndReason, PeerAddr, RequestBody, StreamGuardLayer, StreamHandle,
+    BoxError, EndReason, PeerAddr, StreamGuardLayer, StreamHandle, stream::RequestBody,
 };
 
 #[allow(dead_code)]

@@ -23,8 +23,8 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt};
 use tower_stream_guard::{
-    EndEvent, EndReason, GuardError, IdleDirection, RequestBody, ResponseBody, StreamGuardLayer,
-    StreamHandle,
+    EndEvent, EndReason, GuardError, IdleDirection, StreamGuardLayer, StreamHandle,
+    stream::{RequestBody, ResponseBody},
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -200,7 +200,7 @@ async fn response_idle_fires_exactly_on_time_and_ends_with_deadline_exceeded_tra
     assert_eq!(event.grpc_status(), Some(4));
     assert_eq!(event.limit(), Some(SECOND));
     assert_eq!(handle.end_reason(), event.reason().into());
-    assert!(handle.is_cancelled());
+    assert!(handle.is_ended());
 
     let mut body = response.into_body();
     let frame = body.frame().await.unwrap().unwrap();

@@ -44,7 +44,7 @@ impl fmt::Debug for ConnectionGuard {
 }
 
 /// The default tick of a connection guard's timer: 100 ms.
-pub const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
+pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
 
 /// Configures a [`ConnectionGuard`]; every setting is optional.
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ impl ConnectionGuard {
                 max_age_grace: Duration::ZERO,
                 resolution: DEFAULT_CONNECTION_RESOLUTION,
             },
-            capacity: crate::DEFAULT_EVENT_CAPACITY,
+            capacity: crate::stream::builder::DEFAULT_EVENT_CAPACITY,
             drain: None,
         }
     }

@@ -33,17 +33,18 @@
 //! [`resolution`](ConnectionGuardBuilder::resolution) (100 ms by default)
 //! while it has connections, scans them.
 
-mod event;
-mod guard;
-mod handle;
+pub(crate) mod event;
+pub(crate) mod guard;
+pub(crate) mod handle;
 mod io;
 mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
 mod tonic;
 
-pub use event::{ConnectionEnd, ConnectionEvent};
-pub use guard::{ConnectionGuard, ConnectionGuardBuilder, DEFAULT_CONNECTION_RESOLUTION};
-pub use handle::ConnectionHandle;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
 pub use tonic::GuardedConnectInfo;
+
+pub(crate) use event::{ConnectionEnd, ConnectionEvent};
+pub(crate) use guard::ConnectionGuard;
+pub(crate) use handle::ConnectionHandle;

@@ -15,7 +15,8 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower_service::Service;
 
-use crate::{BoxError, ConnectionGuard, ConnectionHandle, PeerOf};
+use super::{ConnectionGuard, ConnectionHandle, PeerOf};
+use crate::error::BoxError;
 
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 impl ConnectionGuard {

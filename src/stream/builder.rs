@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// The default capacity of the end-event channel: 1024 events.
-pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+pub(crate) const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
 /// Configures a [`StreamGuardLayer`]; every setting is optional.
 #[derive(Clone)]
@@ -273,7 +273,7 @@ impl StreamGuardBuilder {
     }
 
     /// How many end events a lagging receiver may fall behind before it
-    /// misses some (default [`DEFAULT_EVENT_CAPACITY`]).
+    /// misses some (default 1024, at most 65,536).
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -295,7 +295,7 @@ impl StreamGuardBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] when a duration is zero, longer than
-    /// [`MAX_DURATION`](crate::MAX_DURATION) or shorter than the timer
+    /// 365 days or shorter than the timer
     /// resolution, when an idle timeout is not shorter than the maximum
     /// lifetime, when the resolution is out of range, when the event
     /// capacity or a cap is zero, or when a route's path does not start with

@@ -202,8 +202,10 @@ impl StreamHandle {
         self.record.cancel_by_handle()
     }
 
-    /// Whether the stream has ended (for any reason).
-    pub fn is_cancelled(&self) -> bool {
+    /// Whether the stream has ended, for any reason (not only
+    /// [`EndReason::Cancelled`]): the non-blocking form of
+    /// [`cancelled`](Self::cancelled).
+    pub fn is_ended(&self) -> bool {
         self.record.is_ended()
     }
 

@@ -22,7 +22,8 @@ use super::{
 /// there, not at the first request. Clones share everything: the timer, the
 /// event channel and the active-stream count. `W` says how the request body
 /// reaches the inner service ([`PlainBody`], or
-/// [`TonicBody`](crate::TonicBody) via [`for_tonic`](Self::for_tonic)).
+/// [`TonicBody`](super::TonicBody) via
+/// [`for_tonic_channel`](Self::for_tonic_channel), for a tonic client).
 ///
 /// ```
 /// use std::time::Duration;
@@ -39,6 +40,34 @@ use super::{
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # With gRPC-Web
+///
+/// With gRPC-Web (`tonic_web::GrpcWebLayer`), the guard must sit *inside*
+/// the grpc-web translation. tonic's `Server::builder().layer(A).layer(B)`
+/// makes `A` the outer layer, so add `GrpcWebLayer` first:
+///
+/// ```no_run
+/// # use tower_stream_guard::StreamGuardLayer;
+/// # async fn run(routes: tonic::service::Routes, guard: StreamGuardLayer) -> Result<(), Box<dyn std::error::Error>> {
+/// tonic::transport::Server::builder()
+///     .accept_http1(true)
+///     .layer(tonic_web::GrpcWebLayer::new()) // outer
+///     .layer(guard)                          // inner: sees plain gRPC
+///     .add_routes(routes)
+///     .serve("127.0.0.1:50051".parse()?)
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Then a guard-ended call ends with the grpc-web trailer frame in the
+/// body (`grpc-status: 4`, what a browser reads over HTTP/1.1) and a cap
+/// refusal is a grpc-web trailers-only response with `grpc-status: 8`.
+/// The other way round, the guard's gRPC trailers are dropped on
+/// HTTP/1.1 (the browser sees a body end without a status) and its
+/// refusals carry `content-type: application/grpc`, which grpc-web
+/// clients reject.
 pub struct StreamGuardLayer<W = PlainBody> {
     policy: Policy,
     shared: Arc<Shared>,
@@ -117,42 +146,41 @@ impl<W> StreamGuardLayer<W> {
         &self.policy
     }
 
-    /// The same guard, handing the inner service a `tonic::body::Body`, as
-    /// tonic's `Server::layer` requires.
-    ///
-    /// With gRPC-Web (`tonic_web::GrpcWebLayer`), the guard must sit *inside*
-    /// the grpc-web translation. tonic's `Server::builder().layer(A).layer(B)`
-    /// makes `A` the outer layer, so add `GrpcWebLayer` first:
+    /// The same guard, handing the inner service a `tonic::body::Body`: for
+    /// a tonic client `Channel`, whose `Service` implementation takes exactly
+    /// that body type. Servers do not need it: tonic's routes and axum's
+    /// router take any request body, so a plain `.layer(guard)` works there.
     ///
     /// ```no_run
-    /// # use tower_stream_guard::StreamGuardLayer;
-    /// # async fn run(routes: tonic::service::Routes, guard: StreamGuardLayer) -> Result<(), Box<dyn std::error::Error>> {
-    /// tonic::transport::Server::builder()
-    ///     .accept_http1(true)
-    ///     .layer(tonic_web::GrpcWebLayer::new()) // outer
-    ///     .layer(guard.for_tonic())              // inner: sees plain gRPC
-    ///     .add_routes(routes)
-    ///     .serve("127.0.0.1:50051".parse()?)
+    /// use std::time::Duration;
+    /// use tower_stream_guard::StreamGuardLayer;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .idle_timeout(Duration::from_secs(30))
+    ///     .response_handle(true)
+    ///     .build()?;
+    /// let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50051")
+    ///     .connect()
     ///     .await?;
+    /// let guarded = tower::ServiceBuilder::new()
+    ///     .layer(guard.for_tonic_channel())
+    ///     .service(channel);
+    /// // EchoClient::new(guarded): every call is guarded like a server's stream.
+    /// # drop(guarded);
     /// # Ok(())
     /// # }
     /// ```
-    ///
-    /// Then a guard-ended call ends with the grpc-web trailer frame in the
-    /// body (`grpc-status: 4`, what a browser reads over HTTP/1.1) and a cap
-    /// refusal is a grpc-web trailers-only response with `grpc-status: 8`.
-    /// The other way round, the guard's gRPC trailers are dropped on
-    /// HTTP/1.1 (the browser sees a body end without a status) and its
-    /// refusals carry `content-type: application/grpc`, which grpc-web
-    /// clients reject.
     #[cfg(feature = "tonic")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
-    pub fn for_tonic(self) -> StreamGuardLayer<crate::TonicBody> {
+    pub fn for_tonic_channel(self) -> StreamGuardLayer<super::TonicBody> {
         self.wrap_request_body()
     }
 
     /// The same guard, handing request bodies to the inner service as `W2`
-    /// says (see [`WrapRequestBody`](crate::WrapRequestBody)).
+    /// says (see [`WrapRequestBody`](super::WrapRequestBody)): for an inner
+    /// service that takes exactly one body type, other than a tonic
+    /// `Channel` ([`for_tonic_channel`](Self::for_tonic_channel)).
     pub fn wrap_request_body<W2>(self) -> StreamGuardLayer<W2> {
         StreamGuardLayer {
             policy: self.policy,

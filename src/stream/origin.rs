@@ -13,7 +13,7 @@
 //! | [`ConnectionHandle`] | its id | its peer | itself |
 //! | `GuardedConnectInfo<T>`, `T` any of the connect infos below | the handle's id | from `T` | yes |
 //! | `TlsConnectInfo<GuardedConnectInfo<T>>` (feature `tls`) | the handle's id | from `T` | yes |
-//! | [`StreamGuard::for_connection`](crate::StreamGuard::for_connection) | that key | its remote address | |
+//! | [`StreamGuard::for_connection`](crate::stream::StreamGuard::for_connection) | that key | its remote address | |
 //! | [`connection_key`](crate::StreamGuardBuilder::connection_key) (yours) | what it returns | its remote address | |
 //! | tonic's `TcpConnectInfo` | both addresses | remote | |
 //! | `TlsConnectInfo<TcpConnectInfo>` (feature `tls`) | both addresses | remote | |
@@ -198,7 +198,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::{Found, identify};
-    use crate::{ConnectionGuard, ConnectionKey, PeerAddr, PeerOf};
+    use crate::{ConnectionGuard, ConnectionKey, PeerAddr, connection::PeerOf};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("a socket address")
@@ -264,7 +264,7 @@ mod tests {
         use tonic::transport::server::{Connected, TcpConnectInfo};
 
         use super::*;
-        use crate::GuardedConnectInfo;
+        use crate::connection::GuardedConnectInfo;
 
         /// An IO whose connect info is whatever the test says.
         struct Info<T>(T);

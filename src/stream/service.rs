@@ -113,7 +113,7 @@ impl<S, W> StreamGuard<S, W> {
     /// use http::Request;
     /// use hyper::body::Incoming;
     /// use tower::Layer;
-    /// use tower_stream_guard::{ConnectionKey, RequestBody, StreamGuardLayer};
+    /// use tower_stream_guard::{ConnectionKey, StreamGuardLayer, stream::RequestBody};
     ///
     /// let guard = StreamGuardLayer::builder()
     ///     .max_streams_per_connection(16)
