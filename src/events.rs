@@ -34,6 +34,10 @@ use tokio::sync::broadcast;
 
 use crate::{end::EndReason, json::JsonLine, peer::ConnectionKey};
 
+/// The default capacity of an event channel (end events, connection
+/// events): 1024 events.
+pub(crate) const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
 /// A process-wide unique number for a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(u64);

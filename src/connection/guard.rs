@@ -66,7 +66,7 @@ impl ConnectionGuard {
                 max_age_grace: Duration::ZERO,
                 resolution: DEFAULT_CONNECTION_RESOLUTION,
             },
-            capacity: crate::stream::builder::DEFAULT_EVENT_CAPACITY,
+            capacity: crate::events::DEFAULT_EVENT_CAPACITY,
             drain: None,
         }
     }

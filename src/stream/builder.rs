@@ -16,12 +16,9 @@ use crate::{
     drain::Drain,
     end::{IdleDirection, StreamCap},
     error::{ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity},
-    events::{EndCallback, EndEvent},
+    events::{DEFAULT_EVENT_CAPACITY, EndCallback, EndEvent},
     peer::{ConnectionKey, KeyFn},
 };
-
-/// The default capacity of the end-event channel: 1024 events.
-pub(crate) const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
 /// Configures a [`StreamGuardLayer`]; every setting is optional.
 #[derive(Clone)]

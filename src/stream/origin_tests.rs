@@ -1,0 +1,346 @@
+//! Unit tests of how the guard reads a request's origin.
+
+use std::net::SocketAddr;
+
+use super::{Found, identify};
+use crate::{ConnectionGuard, ConnectionKey, PeerAddr, connection::PeerOf};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("a socket address")
+}
+
+fn found(extensions: &mut http::Extensions) -> Found {
+    identify(extensions, None, None)
+}
+
+/// An IO whose only trait is its peer: enough to get a handle.
+struct Peer(Option<SocketAddr>);
+
+impl PeerOf for Peer {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.0
+    }
+}
+
+#[test]
+fn nothing_identifies_an_empty_request() {
+    let found = found(&mut http::Extensions::new());
+    assert_eq!(found.connection, None);
+    assert_eq!(found.peer, None);
+    assert!(found.handle.is_none());
+}
+
+#[test]
+fn explicit_key_and_peer_win() {
+    let mut ext = http::Extensions::new();
+    ext.insert(ConnectionKey::from_id(7));
+    ext.insert(PeerAddr(addr("10.0.0.1:5")));
+    let found = identify(&mut ext, Some(ConnectionKey::from_id(8)), None);
+    assert_eq!(found.connection, Some(ConnectionKey::from_id(7)));
+    assert_eq!(found.peer, Some(addr("10.0.0.1:5")));
+}
+
+#[test]
+fn a_fixed_key_comes_before_the_extractor() {
+    let mut ext = http::Extensions::new();
+    let extractor = |_: &http::Extensions| Some(ConnectionKey::from_id(2));
+    let fixed = ConnectionKey::from_remote(addr("10.0.0.3:9"));
+    let found = identify(&mut ext, Some(fixed), Some(&extractor));
+    assert_eq!(found.connection, Some(fixed));
+    assert_eq!(found.peer, Some(addr("10.0.0.3:9")), "from the key");
+    let found = identify(&mut ext, None, Some(&extractor));
+    assert_eq!(found.connection, Some(ConnectionKey::from_id(2)));
+}
+
+#[tokio::test]
+async fn a_connection_handle_extension_gives_key_and_peer() {
+    let guard = ConnectionGuard::builder().build().expect("valid");
+    let io = guard.wrap(Peer(Some(addr("10.0.0.4:1"))));
+    let mut ext = http::Extensions::new();
+    ext.insert(io.handle().clone());
+    let found = found(&mut ext);
+    assert_eq!(found.connection, Some(io.handle().key()));
+    assert_eq!(found.peer, Some(addr("10.0.0.4:1")));
+    assert_eq!(found.handle.map(|h| h.id()), Some(io.handle().id()));
+}
+
+#[cfg(feature = "tonic")]
+mod tonic_infos {
+    use tonic::transport::server::{Connected, TcpConnectInfo};
+
+    use super::*;
+    use crate::connection::GuardedConnectInfo;
+
+    /// An IO whose connect info is whatever the test says.
+    struct Info<T>(T);
+
+    impl<T: Clone + Send + Sync + 'static> Connected for Info<T> {
+        type ConnectInfo = T;
+        fn connect_info(&self) -> T {
+            self.0.clone()
+        }
+    }
+
+    impl<T> PeerOf for Info<T> {
+        fn peer(&self) -> Option<SocketAddr> {
+            Some(addr("10.9.9.9:9"))
+        }
+    }
+
+    fn tcp() -> TcpConnectInfo {
+        TcpConnectInfo {
+            local_addr: Some(addr("127.0.0.1:443")),
+            remote_addr: Some(addr("10.0.0.5:40000")),
+        }
+    }
+
+    /// `GuardedConnectInfo<T>` the way tonic makes it.
+    fn guarded<T: Clone + Send + Sync + 'static>(
+        guard: &ConnectionGuard,
+        info: T,
+    ) -> (GuardedConnectInfo<T>, crate::ConnectionHandle) {
+        let io = guard.wrap(Info(info));
+        (io.connect_info(), io.handle().clone())
+    }
+
+    #[test]
+    fn tcp_connect_info_gives_both_addresses() {
+        let mut ext = http::Extensions::new();
+        ext.insert(tcp());
+        let found = found(&mut ext);
+        assert_eq!(
+            found.connection,
+            Some(ConnectionKey::from_addrs(
+                addr("127.0.0.1:443"),
+                addr("10.0.0.5:40000")
+            ))
+        );
+        assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
+    }
+
+    #[tokio::test]
+    async fn guarded_tcp_is_unpacked() {
+        let guard = ConnectionGuard::builder().build().expect("valid");
+        let (info, handle) = guarded(&guard, tcp());
+        let mut ext = http::Extensions::new();
+        ext.insert(info);
+        let found = found(&mut ext);
+        assert_eq!(found.connection, Some(handle.key()));
+        assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
+        assert!(ext.get::<TcpConnectInfo>().is_some(), "unpacked");
+        assert!(ext.get::<crate::ConnectionHandle>().is_some(), "unpacked");
+    }
+
+    /// Behind a PROXY-protocol listener the connect info names the
+    /// proxy; the key the user inserts names the real client, and the
+    /// per-peer cap keys on it.
+    #[test]
+    fn an_explicit_key_s_remote_address_beats_the_connect_info() {
+        let client = addr("203.0.113.7:5555");
+        let mut ext = http::Extensions::new();
+        ext.insert(tcp());
+        ext.insert(ConnectionKey::from_remote(client));
+        let found = found(&mut ext);
+        assert_eq!(found.connection, Some(ConnectionKey::from_remote(client)));
+        assert_eq!(found.peer, Some(client));
+    }
+
+    #[tokio::test]
+    async fn an_explicit_key_s_remote_address_beats_a_guarded_connect_info() {
+        let client = addr("203.0.113.7:5555");
+        let guard = ConnectionGuard::builder().build().expect("valid");
+        let (info, _) = guarded(&guard, tcp());
+        let mut ext = http::Extensions::new();
+        ext.insert(info);
+        ext.insert(ConnectionKey::from_remote(client));
+        assert_eq!(found(&mut ext).peer, Some(client));
+    }
+
+    #[test]
+    fn peer_addr_beats_an_explicit_key_and_the_connect_info() {
+        let mut ext = http::Extensions::new();
+        ext.insert(tcp());
+        ext.insert(ConnectionKey::from_remote(addr("203.0.113.7:5555")));
+        ext.insert(PeerAddr(addr("198.51.100.1:1")));
+        assert_eq!(found(&mut ext).peer, Some(addr("198.51.100.1:1")));
+    }
+
+    /// A key without an address says nothing about the peer: the
+    /// connect info still does.
+    #[test]
+    fn an_explicit_key_without_an_address_leaves_the_connect_info_s_peer() {
+        let mut ext = http::Extensions::new();
+        ext.insert(tcp());
+        ext.insert(ConnectionKey::from_id(3));
+        assert_eq!(found(&mut ext).peer, Some(addr("10.0.0.5:40000")));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn unix_sockets_need_a_connection_guard() {
+        use tonic::transport::server::UdsConnectInfo;
+        let uds = UdsConnectInfo {
+            peer_addr: None,
+            peer_cred: None,
+        };
+        let mut ext = http::Extensions::new();
+        ext.insert(uds.clone());
+        let alone = found(&mut ext);
+        assert_eq!((alone.connection, alone.peer), (None, None));
+
+        let guard = ConnectionGuard::builder().build().expect("valid");
+        let (info, handle) = guarded(&guard, uds);
+        let mut ext = http::Extensions::new();
+        ext.insert(info);
+        let found = found(&mut ext);
+        assert_eq!(found.connection, Some(handle.key()));
+        assert_eq!(found.peer, Some(addr("10.9.9.9:9")), "the IO's own peer");
+        assert!(ext.get::<UdsConnectInfo>().is_some(), "unpacked");
+    }
+
+    #[cfg(feature = "tls")]
+    mod tls {
+        use std::sync::Arc;
+
+        use tokio::io::{AsyncRead, AsyncWrite};
+        use tokio_rustls::rustls;
+        use tonic::transport::server::TlsConnectInfo;
+
+        use super::*;
+
+        /// `TlsConnectInfo<T>` has no public constructor: make it the way
+        /// tonic does, from a TLS stream over an IO whose connect info is
+        /// `T`, after a real in-memory handshake.
+        async fn tls_info<T>(info: T) -> TlsConnectInfo<T>
+        where
+            T: Clone + Send + Sync + Unpin + 'static,
+        {
+            let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+                .expect("certificate");
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let key = rustls::pki_types::PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+            let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![made.cert.der().clone()], key.into())
+                .expect("server config");
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(made.cert.der().clone()).expect("root");
+            let client = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            let (client, server) = tokio::join!(
+                connector.connect(name, b),
+                acceptor.accept(WithInfo(a, info))
+            );
+            let _client = client.expect("client handshake");
+            server.expect("server handshake").connect_info()
+        }
+
+        /// An in-memory IO that reports `T` as its connect info.
+        struct WithInfo<T>(tokio::io::DuplexStream, T);
+
+        impl<T: Clone + Send + Sync + 'static> Connected for WithInfo<T> {
+            type ConnectInfo = T;
+            fn connect_info(&self) -> T {
+                self.1.clone()
+            }
+        }
+
+        impl<T: Unpin> AsyncRead for WithInfo<T> {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+            }
+        }
+
+        impl<T: Unpin> AsyncWrite for WithInfo<T> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+            }
+        }
+
+        #[tokio::test]
+        async fn tls_over_tcp_gives_both_addresses() {
+            let mut ext = http::Extensions::new();
+            ext.insert(tls_info(tcp()).await);
+            let found = found(&mut ext);
+            assert_eq!(
+                found.connection,
+                Some(ConnectionKey::from_addrs(
+                    addr("127.0.0.1:443"),
+                    addr("10.0.0.5:40000")
+                ))
+            );
+            assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
+        }
+
+        #[tokio::test]
+        async fn guard_under_tls_is_unpacked() {
+            let guard = ConnectionGuard::builder().build().expect("valid");
+            let (info, handle) = guarded(&guard, tcp());
+            let mut ext = http::Extensions::new();
+            ext.insert(tls_info(info).await);
+            let found = found(&mut ext);
+            assert_eq!(found.connection, Some(handle.key()));
+            assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
+            assert!(ext.get::<TcpConnectInfo>().is_some(), "for remote_addr");
+        }
+
+        #[tokio::test]
+        async fn guard_around_tls_is_unpacked() {
+            let guard = ConnectionGuard::builder().build().expect("valid");
+            let (info, handle) = guarded(&guard, tls_info(tcp()).await);
+            let mut ext = http::Extensions::new();
+            ext.insert(info);
+            let found = found(&mut ext);
+            assert_eq!(found.connection, Some(handle.key()));
+            assert_eq!(found.peer, Some(addr("10.0.0.5:40000")));
+            assert!(
+                ext.get::<TlsConnectInfo<TcpConnectInfo>>().is_some(),
+                "for remote_addr"
+            );
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+#[test]
+fn axums_connect_info_gives_the_remote_address() {
+    let mut ext = http::Extensions::new();
+    ext.insert(axum::extract::ConnectInfo(addr("10.0.0.6:6")));
+    let found = found(&mut ext);
+    assert_eq!(
+        found.connection,
+        Some(ConnectionKey::from_remote(addr("10.0.0.6:6")))
+    );
+    assert_eq!(found.peer, Some(addr("10.0.0.6:6")));
+}
