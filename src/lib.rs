@@ -58,6 +58,62 @@
 //! # }
 //! ```
 //!
+//! # Quick start (axum)
+//!
+//! A server-sent-events route whose producer stops the moment its stream
+//! ends; with the `axum` feature, the guard reads the peer from axum's
+//! `ConnectInfo` for the per-peer cap.
+//!
+//! ```no_run
+//! use std::{convert::Infallible, net::SocketAddr, time::Duration};
+//!
+//! use axum::{
+//!     Extension, Router,
+//!     response::sse::{Event, Sse},
+//!     routing::get,
+//! };
+//! use tokio_stream::wrappers::ReceiverStream;
+//! use tower_stream_guard::{StreamGuardLayer, StreamHandle};
+//!
+//! async fn events(
+//!     Extension(handle): Extension<StreamHandle>,
+//! ) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
+//!     let (tx, rx) = tokio::sync::mpsc::channel(16);
+//!     tokio::spawn(async move {
+//!         // The whole loop stops when the stream ends, even inside `send`.
+//!         let produce = async move {
+//!             for n in 0u64.. {
+//!                 let event = Event::default().data(n.to_string());
+//!                 if tx.send(Ok(event)).await.is_err() {
+//!                     return;
+//!                 }
+//!                 tokio::time::sleep(Duration::from_secs(1)).await;
+//!             }
+//!         };
+//!         handle.run_until_cancelled(produce).await;
+//!     });
+//!     Sse::new(ReceiverStream::new(rx))
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let guard = StreamGuardLayer::builder()
+//!     .response_idle_timeout(Duration::from_secs(30))
+//!     .max_streams_per_peer(8)
+//!     .build()?;
+//! let app = Router::new().route("/events", get(events)).layer(guard);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(
+//!     listener,
+//!     app.into_make_service_with_connect_info::<SocketAddr>(),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A tonic client `Channel` takes exactly `tonic::body::Body`: guard it with
+//! [`StreamGuardLayer::for_tonic_channel`]. Servers need no adapter.
+//!
 //! # What happens when a guard fires
 //!
 //! | situation | gRPC response | plain HTTP response |
@@ -92,19 +148,58 @@
 //! last 4,096 such ticks). The runtime needs its time driver (`enable_time`,
 //! on by default with `#[tokio::main]`).
 //!
+//! # How it is built
+//!
+//! A stream's life, from [`StreamGuardLayer`]'s service to its end event:
+//!
+//! 1. The service's `call` ([`stream::StreamGuard`]) picks the
+//!    request's route, finds where it came from (its connection and peer,
+//!    from extensions the server filled in), creates the stream's record
+//!    inside a *ticket* (the one value that owns the stream: its `Drop`
+//!    ends it), refuses it if a drain is in progress or a cap is full, puts
+//!    a [`StreamHandle`] into the request extensions, wraps the request body
+//!    and files the stream with the layer's timer.
+//! 2. The [`stream::ResponseFuture`] holds the ticket while the service
+//!    answers; if the stream ends first it answers for the guard (trailers
+//!    only, or `504`/`503`). Its answer's body, a [`stream::ResponseBody`],
+//!    takes the ticket over.
+//! 3. The bodies count frames and stamp the time of the last one with the
+//!    timer's coarse clock: that is all they do per frame. **Idle timeouts
+//!    and the maximum lifetime are enforced by the timer** (one task per
+//!    layer, waking each resolution while the layer has streams), which
+//!    finds streams whose deadline passed and ends them; **caps** when the
+//!    stream starts (slots held until it ends); the **drain** by moving
+//!    every stream's deadline to the end of its grace.
+//! 4. An end, whoever makes it (the timer, a body's last frame or error, a
+//!    dropped ticket, [`StreamHandle::cancel`], a panic), is decided by one
+//!    compare-and-swap of the record's phase, so it happens once. Then the
+//!    stream's wakers fire (a guard-ended body yields its trailers or
+//!    error, a handler's `cancelled()` resolves), its timer filing and cap
+//!    slots are released, its connection's and the drain's counts settle,
+//!    and its one [`EndEvent`] goes to subscribers, counters and logs.
+//!
+//! The [`ConnectionGuard`] works a level below, on the accepted IO: it
+//! fails reads and writes of connections it closes, which makes hyper drop
+//! them. In the source, `src/stream/` holds the stream guard, one file per
+//! step above; `src/connection/` the connection guard; small leaf modules
+//! (endings, errors, peers, events, gRPC endings, JSON lines, sync helpers)
+//! serve both, and `src/drain.rs` reaches both through a small trait. The
+//! table of ways a stream can end, with each one's gRPC status and message,
+//! is `src/end.rs`.
+//!
 //! # Features
 //!
-//! - `tonic` (default): [`TonicBody`] and [`StreamGuardLayer::for_tonic`]
-//!   for `tonic::transport::Server::layer`, `tonic::Status` inside
-//!   [`GuardError`], peer addresses from tonic's `TcpConnectInfo`, and
-//!   tonic's `Connected` for [`GuardedIo`].
+//! - `tonic` (default): `tonic::Status` inside [`GuardError`], peer
+//!   addresses from tonic's `TcpConnectInfo`, tonic's `Connected` for
+//!   [`connection::GuardedIo`], and [`StreamGuardLayer::for_tonic_channel`]
+//!   for a tonic client `Channel`.
 //! - `hyper`: [`ConnectionGuard::serve_connection`], which drives accepted
 //!   connections with hyper-util and sends GOAWAY at their maximum age and
 //!   when a drain begins.
 //! - `tls`: connections under TLS: tonic's `TlsConnectInfo` (its own
 //!   `tls_config`, or your own rustls acceptor feeding
 //!   `serve_with_incoming`) gives connection keys and peers, in either
-//!   nesting with a [`ConnectionGuard`]; [`PeerOf`] for
+//!   nesting with a [`ConnectionGuard`]; [`connection::PeerOf`] for
 //!   `tokio_rustls::server::TlsStream`. Adds tokio-rustls without a crypto
 //!   provider.
 //! - `axum`: axum's `ConnectInfo<SocketAddr>` gives connection keys and peers.

@@ -292,6 +292,24 @@ fn absurd_configuration_is_refused_when_built() {
         conn(ConnectionGuard::builder().event_capacity(usize::MAX)),
         ConfigError::EventCapacityTooLarge { value: usize::MAX }
     );
+    // Each guard's error names its own setting.
+    let wrong = conn(ConnectionGuard::builder().resolution(Duration::from_secs(5)));
+    assert_eq!(
+        wrong,
+        ConfigError::ResolutionOutOfRange {
+            setting: "resolution",
+            value: Duration::from_secs(5)
+        }
+    );
+    assert!(
+        wrong.to_string().starts_with("`resolution` is 5s"),
+        "{wrong}"
+    );
+    assert!(
+        err(base().timer_resolution(Duration::ZERO))
+            .to_string()
+            .starts_with("`timer_resolution` is 0ns")
+    );
     assert!(matches!(
         conn(ConnectionGuard::builder().idle_timeout(Duration::MAX)),
         ConfigError::TooLong { .. }
