@@ -230,3 +230,36 @@ async fn a_bodyless_request_is_never_cut_by_the_request_idle_timeout() {
     assert!(body.frame().await.is_none());
     assert_eq!(next_event(&mut events).await.reason(), EndReason::Completed);
 }
+
+/// `call` panics on a runtime that has shut down: the task that would finish
+/// the end (it is not finished during the unwinding) is dropped unrun, and
+/// the end is finished all the same: one event, the slot back.
+#[test]
+fn a_call_that_panics_on_a_runtime_that_shut_down_still_ends_its_stream() {
+    let guard = StreamGuardLayer::builder().max_streams(1).build().unwrap();
+    let mut events = guard.subscribe();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    let svc = guard.layer(tower::service_fn(|_: Request<_>| {
+        panic!("call panics");
+        #[allow(unreachable_code)]
+        async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }
+    }));
+    let outcome = std::thread::spawn(move || {
+        let _entered = handle.enter();
+        let mut svc = svc;
+        drop(svc.call(request("/panics", 1, false)));
+    })
+    .join();
+    assert!(outcome.is_err(), "call panicked");
+    let event = events.try_recv().expect("the end event, already emitted");
+    assert_eq!(event.reason(), EndReason::Panicked);
+    assert_eq!(guard.stats().active(), 0);
+    assert!(events.try_recv().is_err(), "one event");
+}

@@ -44,12 +44,12 @@ impl Drop for Ticket {
             // the process. So it is finished on a task of its own (inline
             // when there is no runtime).
             self.decide_deferred(Ending::Cancelled);
-            let record = Arc::clone(&self.0);
+            let finish = FinishOnDrop(Arc::clone(&self.0));
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(async move { record.finish_deferred() });
-                }
-                Err(_) => record.finish_deferred(),
+                // A runtime that is shutting down drops the task unrun: the
+                // end is finished then, inline, rather than never.
+                Ok(runtime) => drop(runtime.spawn(async move { drop(finish) })),
+                Err(_) => drop(finish),
             }
             return;
         }
@@ -57,6 +57,17 @@ impl Drop for Ticket {
         // body's last frame, else: abandoned.
         self.finish_deferred();
         self.end(Ending::Cancelled);
+    }
+}
+
+/// Finishes a decided end when dropped: carried by the task that finishes
+/// an end decided during an unwinding, so that the end is finished whether
+/// the task runs or is dropped unrun.
+struct FinishOnDrop(Arc<Record>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_deferred();
     }
 }
 
