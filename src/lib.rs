@@ -175,8 +175,9 @@
 //!    compare-and-swap of the record's phase, so it happens once. Then the
 //!    stream's wakers fire (a guard-ended body yields its trailers or
 //!    error, a handler's `cancelled()` resolves), its timer filing and cap
-//!    slots are released, its connection's and the drain's counts settle,
-//!    and its one [`EndEvent`] goes to subscribers, counters and logs.
+//!    slots are released, its connection's counts settle, its one
+//!    [`EndEvent`] goes to counters, logs and subscribers, and last a drain
+//!    in progress is told (it counts the streams still active).
 //!
 //! The [`ConnectionGuard`] works a level below, on the accepted IO: it
 //! fails reads and writes of connections it closes, which makes hyper drop

@@ -273,3 +273,99 @@ async fn a_drain_cuts_a_stream_without_deadline_behind_many_moving_streams() {
     assert_eq!(guard.stats().ended(EndReason::Drained), 1);
     drop((moving, quiet));
 }
+
+mod drain_order {
+    //! Real threads and real time: the race needs a second worker.
+
+    use std::{
+        convert::Infallible,
+        pin::Pin,
+        task::{Context, Poll},
+        time::Duration,
+    };
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body::{Body, Frame};
+    use http_body_util::Empty;
+    use tower::{Layer, ServiceExt};
+    use tower_stream_guard::{Drain, StreamGuardLayer, StreamHandle, stream::RequestBody};
+
+    /// A response body that never yields: the stream stays open.
+    struct Pending;
+    impl Body for Pending {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A subscriber whose handling of the guard's log lines takes a while (a
+    /// slow log sink).
+    struct Slow;
+    impl tracing::Subscriber for Slow {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if event.metadata().target() == "tower_stream_guard" {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The drain is told a stream ended only once that stream no longer counts
+    /// as active: otherwise the drain task, waking on another worker in between,
+    /// sees it still active, waits again, and is not woken before the grace's
+    /// end. A slow log sink on the ending thread widens the window (it failed
+    /// with the drain told first: "still waits 3.3s after its last stream ended").
+    #[test]
+    fn the_drain_finishes_when_the_last_stream_ends() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _slow = tracing::subscriber::set_default(Slow);
+        rt.block_on(async {
+            let drain = Drain::new();
+            let guard = StreamGuardLayer::builder()
+                .drain(&drain)
+                .response_handle(true)
+                .build()
+                .unwrap();
+            let svc = guard.layer(tower::service_fn(
+                |_request: Request<RequestBody<Empty<Bytes>>>| async {
+                    Ok::<_, Infallible>(Response::new(Pending))
+                },
+            ));
+            let response = svc.oneshot(Request::new(Empty::new())).await.unwrap();
+            let handle = response.extensions().get::<StreamHandle>().unwrap().clone();
+            let report = drain.start(Duration::from_secs(10));
+            // Time for the drain task to start waiting (if it has not, the test
+            // passes trivially: it cannot fail falsely).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = std::time::Instant::now();
+            assert!(handle.cancel());
+            let report = tokio::time::timeout(Duration::from_secs(3), report).await;
+            assert!(
+                report.is_ok(),
+                "the drain still waits {:?} after its last stream ended (active {})",
+                started.elapsed(),
+                drain.active_streams()
+            );
+            drop(response);
+        });
+    }
+}

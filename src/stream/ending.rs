@@ -270,16 +270,19 @@ impl Record {
             }
             conn.stream_ended();
         }
-        if let Some(drain) = self.shared.drain() {
-            if ending == Ending::Drained {
-                drain.count_cut();
-            }
-            drain.ended_one();
+        if let Some(drain) = self.shared.drain()
+            && ending == Ending::Drained
+        {
+            drain.count_cut();
         }
         let event = self.event(ending);
         self.shared
             .report
             .ended(ending, &event, self.shared.timer.now_ns());
+        // Last: the drain task counts the streams still active.
+        if let Some(drain) = self.shared.drain() {
+            drain.ended_one();
+        }
     }
 
     fn event(&self, ending: Ending) -> EndEvent {

@@ -2,9 +2,10 @@
 //!
 //! Every stream is born inside a [`Ticket`], which moves from the service's
 //! `call` into the response future and from there into the response body.
-//! Whatever becomes of the last holder (finished, dropped, forgotten in a
-//! panicking task), the ticket's `Drop` ends the stream: no path can lose a
-//! stream without its end event, its cap slots or its handle's wake-up.
+//! Whatever becomes of the last holder (finished, dropped with its task,
+//! unwound by a panic), the ticket's `Drop` ends the stream: no path that
+//! drops it can lose a stream's end event, cap slots or handle wake-up. (A
+//! holder leaked with `mem::forget` never drops it; nothing can help that.)
 
 use std::{ops::Deref, sync::Arc};
 
@@ -78,8 +79,8 @@ impl Drop for FinishOnDrop {
 /// `call`, its future, the response body); disarmed, at no cost, when that
 /// code returns. It only decides (one compare-and-swap and a store): the
 /// [`Ticket`] finishes the end when it is dropped, which is what tokio and
-/// hyper do right after they catch the panic, or during the unwinding when
-/// the ticket itself is unwound (the service's `call` panicked).
+/// hyper do right after they catch the panic; a ticket unwound itself (the
+/// service's `call` panicked) hands the finish to a task of its own.
 #[must_use = "dropping it at once decides the end"]
 pub(crate) struct EndOnUnwind<'a>(&'a Record);
 
