@@ -165,7 +165,8 @@ pub enum EndReason {
     Completed,
     /// The stream was abandoned before it completed: the server dropped the
     /// response future or body, usually because the peer reset the stream or
-    /// the connection went away.
+    /// the connection went away, or
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel) ended it.
     Cancelled,
     /// No frame moved in the given direction for the idle timeout.
     IdleTimeout(IdleDirection),

@@ -119,7 +119,8 @@ impl GuardError {
         self.reason
     }
 
-    /// The configured limit that was reached (zero for a rejection).
+    /// The configured limit that was reached: the idle timeout or lifetime,
+    /// a drain's grace period, zero for a rejection or a cancel.
     pub fn limit(&self) -> Duration {
         self.limit
     }

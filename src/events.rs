@@ -229,7 +229,8 @@ impl EndEvent {
 
     /// The configured limit that fired, when an idle timeout or the lifetime
     /// ended the stream (for a lifetime cut short by the client's
-    /// `grpc-timeout`, that timeout).
+    /// `grpc-timeout`, that timeout), or the drain's grace period when a
+    /// drain ended it.
     pub fn limit(&self) -> Option<Duration> {
         self.limit
     }
@@ -260,7 +261,8 @@ impl EndEvent {
 
     /// The event as one line of JSON (no trailing newline), with the keys
     /// `id`, `method`, `route`, `peer`, `connection`, `reason`, `direction`
-    /// (idle timeouts only), `limit_ms` (idle timeouts and lifetimes only),
+    /// (idle timeouts only), `limit_ms` (idle timeouts, lifetimes and drains
+    /// only),
     /// `cap` and `cap_limit` (rejections only), `started_at_ms` (Unix time),
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
     /// `response_bytes` and `grpc_status` (`null` when none).

@@ -144,7 +144,7 @@ impl StreamGuardBuilder {
     /// Lets a client's `grpc-timeout` header shorten the lifetime of its
     /// stream: the stream ends at whichever comes first, the lifetime this
     /// guard sets or the client's deadline (a client cannot lengthen it).
-    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason)
+    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason::LifetimeExceeded)
     /// and the `grpc-message` names `grpc-timeout`. Malformed headers are
     /// ignored.
     ///

@@ -32,11 +32,15 @@ pub(crate) enum Gate {
 pin_project! {
     /// The response future of [`StreamGuard`](super::StreamGuard).
     ///
-    /// If a guard fires before the service has answered, it resolves at once
-    /// with a response of the guard's own (trailers-only `grpc-status: 4` for
-    /// gRPC, `504` otherwise) and drops the service's future, which cancels a
-    /// handler still running. A stream a cap refuses gets `grpc-status: 8`
-    /// (`RESOURCE_EXHAUSTED`) or `503` the same way.
+    /// If the stream ends before the service has answered (a limit fired, a
+    /// drain cut it, [`StreamHandle::cancel`](crate::StreamHandle::cancel)),
+    /// it resolves at once with a response of the guard's own and drops the
+    /// service's future, which cancels a handler still running: for gRPC a
+    /// trailers-only response with the guard's status (`4` for a limit, `14`
+    /// for a drain, `1` for a cancel), otherwise `504 Gateway Timeout` (`503`
+    /// for a drain). A stream a cap refuses, or that arrives while a drain is
+    /// in progress, gets `grpc-status: 8` (`RESOURCE_EXHAUSTED`) or `14`
+    /// (`UNAVAILABLE`), or `503`, the same way.
     ///
     /// # Cancel safety
     ///

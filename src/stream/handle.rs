@@ -25,7 +25,8 @@ use super::record::Record;
 /// reaches it with `request.extensions().get::<StreamHandle>()` and a hyper or
 /// axum handler through the `http::Request`'s extensions. Clones are cheap and
 /// may move into spawned tasks; a handle keeps the stream's small shared
-/// record alive, not the stream.
+/// record alive, not the stream. Under nested guards, each inserts its own
+/// handle: a handler finds the innermost guard's.
 ///
 /// ```
 /// use tower_stream_guard::StreamHandle;
@@ -269,8 +270,9 @@ impl StreamHandle {
 
     /// Ends the stream now, as [`EndReason::Cancelled`], the way a guard
     /// would: a gRPC response ends with `grpc-status: 1` (`CANCELLED`), a
-    /// plain one with a body error, and reads of the request body fail with
-    /// `CANCELLED`. On a client ([`response_handle`](crate::StreamGuardBuilder::response_handle)),
+    /// plain one with a body error (before the response headers: a
+    /// trailers-only `CANCELLED` response, or `504`), and reads of the
+    /// request body fail with `CANCELLED`. On a client ([`response_handle`](crate::StreamGuardBuilder::response_handle)),
     /// the pending `message().await` returns `Code::Cancelled` and the HTTP/2
     /// stream is reset, so the server sees the client go. Returns whether this
     /// call ended the stream (`false` if it had ended already).
