@@ -12,7 +12,17 @@ use std::{fmt, time::Duration};
 
 use crate::grpc;
 
-/// Which side of a stream an idle timeout watches.
+/// Which side of a stream an idle timeout watches: the one an
+/// [`EndReason::IdleTimeout`] names.
+///
+/// ```
+/// use tower_stream_guard::{EndReason, IdleDirection};
+///
+/// let reason = EndReason::IdleTimeout(IdleDirection::Request);
+/// assert_eq!(reason.direction(), Some(IdleDirection::Request));
+/// assert_eq!(IdleDirection::Request.as_str(), "request");
+/// assert_eq!(reason.to_string(), "idle timeout (request)");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdleDirection {
     /// Frames the peer sends to the service (the request body).
@@ -47,7 +57,37 @@ impl fmt::Display for IdleDirection {
     }
 }
 
-/// Which cap refused a stream.
+/// Which cap refused a stream: the one an [`EndReason::Rejected`] names.
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use http::{Request, Response, StatusCode};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{BoxError, EndReason, StreamCap, StreamGuardLayer, stream::RequestBody};
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder().max_streams(1).build()?;
+/// let mut events = guard.subscribe();
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///     Ok::<_, Infallible>(Response::new("hello".to_owned()))
+/// }));
+/// // Holds the one slot until its body is read or dropped.
+/// let first = service.clone().oneshot(Request::new(String::new())).await?;
+/// let second = service.oneshot(Request::new(String::new())).await?;
+/// assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+///
+/// let event = events.recv().await?;
+/// assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+/// assert_eq!(event.reason().cap().map(StreamCap::setting), Some("max_streams"));
+/// assert_eq!(event.cap_limit(), Some(1));
+/// assert_eq!(guard.stats().rejected(StreamCap::Total), 1);
+/// # drop(first);
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StreamCap {
     /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection).
@@ -95,7 +135,24 @@ impl fmt::Display for StreamCap {
     }
 }
 
-/// Why a stream ended.
+/// Why a stream ended: in every [`EndEvent`](crate::EndEvent), from
+/// [`StreamHandle::end_reason`](crate::StreamHandle::end_reason), and counted
+/// in [`GuardStats`](crate::GuardStats).
+///
+/// ```
+/// use tower_stream_guard::{EndReason, IdleDirection};
+///
+/// // One row per reason, for a dashboard.
+/// for reason in EndReason::ALL {
+///     println!("{:<18} {reason} (guard-made: {})", reason.as_str(), reason.is_guard());
+/// }
+/// let idle = EndReason::IdleTimeout(IdleDirection::Both);
+/// assert_eq!(idle.as_str(), "idle_timeout");
+/// assert_eq!(idle.grpc_code(), Some(4)); // DEADLINE_EXCEEDED
+/// assert!(idle.is_guard());
+/// assert!(!EndReason::Completed.is_guard());
+/// assert_eq!(EndReason::Completed.grpc_code(), None);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EndReason {
@@ -103,11 +160,13 @@ pub enum EndReason {
     ///
     /// This says how the stream ended, not whether the call succeeded: a gRPC
     /// call that failed with a status of its own (`INTERNAL`, `UNIMPLEMENTED`,
-    /// …) also completes; look at [`EndEvent::grpc_status`] for that.
+    /// …) also completes; look at
+    /// [`EndEvent::grpc_status`](crate::EndEvent::grpc_status) for that.
     Completed,
     /// The stream was abandoned before it completed: the server dropped the
     /// response future or body, usually because the peer reset the stream or
-    /// the connection went away.
+    /// the connection went away, or
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel) ended it.
     Cancelled,
     /// No frame moved in the given direction for the idle timeout.
     IdleTimeout(IdleDirection),

@@ -1,4 +1,6 @@
-//! The error a guarded body yields when a guard ends its stream.
+//! The error a guarded body yields when a guard ends its stream
+//! ([`GuardError`]), the error a builder reports for a configuration that
+//! cannot work ([`ConfigError`]), and the checks behind it.
 
 use std::{error::Error, fmt, time::Duration};
 
@@ -39,6 +41,49 @@ pub type BoxError = Box<dyn Error + Send + Sync>;
 /// the reason's code ([`EndReason::grpc_code`]: `DEADLINE_EXCEEDED` for a
 /// limit), so tonic's `Streaming::message()` returns exactly that status to
 /// the handler.
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+///
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body::Frame;
+/// use http_body_util::{BodyExt, StreamBody};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{
+///     BoxError, EndReason, GuardError, IdleDirection, StreamGuardLayer, stream::RequestBody,
+/// };
+///
+/// # fn main() -> Result<(), BoxError> {
+/// // Paused time: the second below passes at once.
+/// let runtime = tokio::runtime::Builder::new_current_thread()
+///     .enable_all()
+///     .start_paused(true)
+///     .build()?;
+/// runtime.block_on(async {
+///     let guard = StreamGuardLayer::builder()
+///         .response_idle_timeout(Duration::from_secs(1))
+///         .build()?;
+///     let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///         // A producer that went quiet.
+///         let frames = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+///         Ok::<_, Infallible>(Response::new(StreamBody::new(frames)))
+///     }));
+///     let response = service.oneshot(Request::new(String::new())).await?;
+///
+///     let err = response.into_body().frame().await.unwrap().unwrap_err();
+///     let err = err.downcast_ref::<GuardError>().unwrap();
+///     assert_eq!(err.reason(), EndReason::IdleTimeout(IdleDirection::Response));
+///     assert_eq!(err.limit(), Duration::from_secs(1));
+///     assert_eq!(err.grpc_code(), 4);
+///     assert_eq!(
+///         err.to_string(),
+///         "stream idle: no response frame for 1s (response_idle_timeout)"
+///     );
+///     Ok::<_, BoxError>(())
+/// })
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct GuardError {
     reason: EndReason,
@@ -74,7 +119,8 @@ impl GuardError {
         self.reason
     }
 
-    /// The configured limit that was reached (zero for a rejection).
+    /// The configured limit that was reached: the idle timeout or lifetime,
+    /// a drain's grace period, zero for a rejection or a cancel.
     pub fn limit(&self) -> Duration {
         self.limit
     }
@@ -145,6 +191,33 @@ pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError
 }
 
 /// A guard configuration that cannot work, reported when the layer is built.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::{ConfigError, RoutePolicy, StreamGuardLayer};
+///
+/// let err = StreamGuardLayer::builder()
+///     .idle_timeout(Duration::from_secs(60))
+///     .max_lifetime(Duration::from_secs(60))
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(
+///     err,
+///     ConfigError::IdleNotBelowLifetime { setting: "idle_timeout", .. }
+/// ));
+///
+/// let err = StreamGuardLayer::builder()
+///     .route("/chat.Chat/Subscribe", RoutePolicy::new().max_streams(0))
+///     .build()
+///     .unwrap_err();
+/// match err {
+///     ConfigError::Route { route, error } => {
+///         assert_eq!(route, "/chat.Chat/Subscribe");
+///         assert_eq!(*error, ConfigError::ZeroCap { setting: "max_streams" });
+///     }
+///     other => panic!("unexpected: {other}"),
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {

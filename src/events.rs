@@ -38,7 +38,32 @@ use crate::{end::EndReason, json::JsonLine, peer::ConnectionKey};
 /// events): 1024 events.
 pub(crate) const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
-/// A process-wide unique number for a stream.
+/// A process-wide unique number for a stream: the same in its
+/// [`StreamHandle`](crate::StreamHandle), its [`EndEvent`] and its log lines
+/// (`stream_id`).
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use http::{Request, Response};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{BoxError, StreamGuardLayer, StreamHandle, stream::RequestBody};
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder().response_handle(true).build()?;
+/// let mut events = guard.subscribe();
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///     Ok::<_, Infallible>(Response::new(String::new()))
+/// }));
+/// let response = service.oneshot(Request::new(String::new())).await?;
+/// let id = response.extensions().get::<StreamHandle>().unwrap().id();
+/// assert_eq!(events.recv().await?.id(), id);
+/// assert_eq!(id.to_string(), id.get().to_string());
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(u64);
 
@@ -65,7 +90,36 @@ impl fmt::Display for StreamId {
     }
 }
 
-/// Frames and bytes that moved in one direction of a stream.
+/// Frames and bytes that moved in one direction of a stream, as an
+/// [`EndEvent`] reports them ([`request`](EndEvent::request),
+/// [`response`](EndEvent::response)).
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{BoxError, StreamGuardLayer, Traffic, stream::RequestBody};
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder().build()?;
+/// let mut events = guard.subscribe();
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
+///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+/// }));
+/// let response = service.oneshot(Request::new(Full::new(Bytes::new()))).await?;
+/// response.into_body().collect().await?;
+///
+/// let event = events.recv().await?;
+/// assert_eq!(event.request(), Traffic::default());
+/// assert_eq!(event.response(), Traffic { frames: 1, bytes: 5 });
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// Data frames that carried data (empty end-of-stream frames are not
@@ -75,7 +129,41 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
-/// What one stream did, emitted once when it ends.
+/// What one stream did, emitted once when it ends: to every
+/// [`subscribe`](crate::StreamGuardLayer::subscribe)r and every
+/// [`on_end`](crate::StreamGuardBuilder::on_end) callback.
+///
+/// ```
+/// use std::{
+///     convert::Infallible,
+///     sync::{Arc, Mutex},
+/// };
+///
+/// use http::{Request, Response};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{BoxError, StreamGuardLayer, stream::RequestBody};
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let lines = Arc::new(Mutex::new(Vec::new()));
+/// let sink = Arc::clone(&lines);
+/// let guard = StreamGuardLayer::builder()
+///     .on_end(move |event| sink.lock().unwrap().push(event.to_json()))
+///     .build()?;
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///     Ok::<_, Infallible>(Response::new(String::new()))
+/// }));
+/// let request = Request::post("/echo.Echo/Say").body(String::new())?;
+/// drop(service.oneshot(request).await?);
+///
+/// let lines = lines.lock().unwrap();
+/// assert_eq!(lines.len(), 1);
+/// assert!(lines[0].contains(r#""route":"/echo.Echo/Say""#), "{}", lines[0]);
+/// assert!(lines[0].contains(r#""reason":"completed""#), "{}", lines[0]);
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct EndEvent {
     pub(crate) id: StreamId,
@@ -141,7 +229,8 @@ impl EndEvent {
 
     /// The configured limit that fired, when an idle timeout or the lifetime
     /// ended the stream (for a lifetime cut short by the client's
-    /// `grpc-timeout`, that timeout).
+    /// `grpc-timeout`, that timeout), or the drain's grace period when a
+    /// drain ended it.
     pub fn limit(&self) -> Option<Duration> {
         self.limit
     }
@@ -172,7 +261,8 @@ impl EndEvent {
 
     /// The event as one line of JSON (no trailing newline), with the keys
     /// `id`, `method`, `route`, `peer`, `connection`, `reason`, `direction`
-    /// (idle timeouts only), `limit_ms` (idle timeouts and lifetimes only),
+    /// (idle timeouts only), `limit_ms` (idle timeouts, lifetimes and drains
+    /// only),
     /// `cap` and `cap_limit` (rejections only), `started_at_ms` (Unix time),
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
     /// `response_bytes` and `grpc_status` (`null` when none).

@@ -18,8 +18,8 @@ use std::{fmt, net::SocketAddr, sync::Arc};
 ///    and with feature `tls`, `TlsConnectInfo<GuardedConnectInfo<T>>` (the
 ///    guard under an application-managed TLS acceptor);
 /// 3. the key a guard service was built for
-///    (`stream::StreamGuard::for_connection`: hyper-util accept loops that
-///    build the service per connection);
+///    ([`StreamGuard::for_connection`](crate::stream::StreamGuard::for_connection):
+///    hyper-util accept loops that build the service per connection);
 /// 4. the [`connection_key`](crate::StreamGuardBuilder::connection_key)
 ///    function, if set (a custom `Connected` type);
 /// 5. tonic's `TcpConnectInfo` (local and remote address: `serve`, and
@@ -110,8 +110,36 @@ pub(crate) type KeyFn = Arc<dyn Fn(&http::Extensions) -> Option<ConnectionKey> +
 
 /// The peer's address, for servers that know it but are not tonic.
 ///
-/// Insert it into the request extensions before the guard (tonic's
-/// `TcpConnectInfo` and `TlsConnectInfo` are read without help) and end
-/// events and the per-peer cap use it.
+/// Insert it into the request extensions before the guard (in your accept
+/// loop, or a layer outside the guard; tonic's `TcpConnectInfo` and
+/// `TlsConnectInfo` are read without help) and end events and the per-peer
+/// cap use it. It comes before every other source of the peer's address,
+/// so a proxy-aware layer can name the real client.
+///
+/// ```
+/// use std::{convert::Infallible, net::SocketAddr};
+///
+/// use http::{Request, Response};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{BoxError, PeerAddr, StreamGuardLayer, stream::RequestBody};
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder().max_streams_per_peer(8).build()?;
+/// let mut events = guard.subscribe();
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///     Ok::<_, Infallible>(Response::new(String::new()))
+/// }));
+///
+/// let peer: SocketAddr = "192.0.2.7:40000".parse()?;
+/// let mut request = Request::new(String::new());
+/// request.extensions_mut().insert(PeerAddr(peer));
+/// let response = service.oneshot(request).await?;
+/// assert!(response.status().is_success()); // without a peer: refused
+/// assert_eq!(events.recv().await?.peer(), Some(peer));
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);

@@ -35,6 +35,34 @@ pin_project! {
     /// `Streaming::message()` returns `Status::deadline_exceeded` naming the
     /// guard. After the error the body ends. Frames, `is_end_stream` and
     /// `size_hint` of the inner body pass through otherwise unchanged.
+    ///
+    /// A service behind a guard with the default [`PlainBody`](super::PlainBody)
+    /// receives `Request<RequestBody<B>>` and reads it like any body:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    ///
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder().build()?;
+    /// let echo = guard.layer(tower::service_fn(
+    ///     |request: Request<RequestBody<Full<Bytes>>>| async move {
+    ///         let body = request.into_body().collect().await?.to_bytes();
+    ///         Ok::<_, BoxError>(Response::new(Full::new(body)))
+    ///     },
+    /// ));
+    /// let response = echo.oneshot(Request::new(Full::new(Bytes::from("ping")))).await?;
+    /// assert_eq!(response.into_body().collect().await?.to_bytes(), "ping");
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
     pub struct RequestBody<B> {
         #[pin]
         inner: B,
@@ -167,8 +195,9 @@ pin_project! {
     ///
     /// Its end ends the stream: the end event is emitted when it yields its
     /// last frame, and a body dropped before that counts as
-    /// [`Ending::Cancelled`]. A body that ends with trailers is decided
-    /// [`Completed`](Ending::Completed) as the trailers go out (no guard
+    /// [`EndReason::Cancelled`](crate::EndReason::Cancelled). A body that ends
+    /// with trailers is decided [`Completed`](crate::EndReason::Completed) as
+    /// the trailers go out (no guard
     /// fires after them; the handle reports the end at once), and its event,
     /// wake-ups and cap slots follow when it is dropped or polled again:
     /// nothing runs between hyper sending the last DATA frame and the
@@ -177,6 +206,36 @@ pin_project! {
     /// soon as its trailers are sent; a client that keeps a finished
     /// `tonic::Streaming` keeps that part of the end pending until it drops
     /// it. `is_end_stream` and `size_hint` are forwarded.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body::Frame;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, EndReason, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder().build()?;
+    /// let mut events = guard.subscribe();
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     // A response stream that never ends on its own.
+    ///     let frames = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+    ///     Ok::<_, Infallible>(Response::new(StreamBody::new(frames)))
+    /// }));
+    /// let response = service.oneshot(Request::new(String::new())).await?;
+    /// let mut body = response.into_body();
+    /// // Nothing to read yet:
+    /// assert!(tokio::time::timeout(Duration::from_millis(10), body.frame()).await.is_err());
+    /// drop(body); // the peer went away
+    /// assert_eq!(events.recv().await?.reason(), EndReason::Cancelled);
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
     pub struct ResponseBody<B> {
         #[pin]
         inner: Option<B>,

@@ -20,7 +20,40 @@ use crate::{
     peer::{ConnectionKey, KeyFn},
 };
 
-/// Configures a [`StreamGuardLayer`]; every setting is optional.
+/// Configures a [`StreamGuardLayer`]; every setting is optional, and
+/// [`build`](Self::build) checks them all at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::{Drain, RoutePolicy, StreamGuardLayer};
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let drain = Drain::new();
+/// let guard = StreamGuardLayer::builder()
+///     // Limits for every stream...
+///     .idle_timeout(Duration::from_secs(30))
+///     .max_lifetime(Duration::from_secs(30 * 60))
+///     .honor_grpc_timeout(true)
+///     // ...caps that hold until a stream really ends...
+///     .max_streams_per_connection(100)
+///     .max_streams_per_peer(200)
+///     .max_streams(10_000)
+///     .cap_wait(Duration::from_millis(100))
+///     // ...other limits for one method...
+///     .route(
+///         "/chat.Chat/Subscribe",
+///         RoutePolicy::new()
+///             .max_lifetime(Duration::from_secs(4 * 3600))
+///             .max_streams_per_peer(4),
+///     )
+///     // ...and shutdown and reporting.
+///     .drain(&drain)
+///     .on_end(|event| println!("{}", event.to_json()))
+///     .build()?;
+/// assert_eq!(guard.policy().max_lifetime(), Some(Duration::from_secs(30 * 60)));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct StreamGuardBuilder {
     policy: Policy,
@@ -111,7 +144,7 @@ impl StreamGuardBuilder {
     /// Lets a client's `grpc-timeout` header shorten the lifetime of its
     /// stream: the stream ends at whichever comes first, the lifetime this
     /// guard sets or the client's deadline (a client cannot lengthen it).
-    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason)
+    /// The end is reported as [`EndReason::LifetimeExceeded`](crate::EndReason::LifetimeExceeded)
     /// and the `grpc-message` names `grpc-timeout`. Malformed headers are
     /// ignored.
     ///
@@ -262,8 +295,11 @@ impl StreamGuardBuilder {
 
     /// How often deadlines are checked (default 10 ms, between 1 ms and 1 s).
     /// A guard fires at most one resolution after its deadline (an idle
-    /// timeout at most two), never before. Each guard with open streams wakes
-    /// once per resolution, however many streams it has.
+    /// timeout at most two) once the timer task gets to run, and never
+    /// before it, except that an idle timeout may fire up to a quarter
+    /// resolution plus 1 ms early when the runtime runs the timer task late.
+    /// Each guard with streams that have a deadline wakes once per
+    /// resolution, however many streams it has.
     pub fn timer_resolution(mut self, resolution: Duration) -> Self {
         self.resolution = resolution;
         self

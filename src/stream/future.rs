@@ -32,12 +32,46 @@ pub(crate) enum Gate {
 pin_project! {
     /// The response future of [`StreamGuard`](super::StreamGuard).
     ///
-    /// If a guard fires before the service has answered, it resolves at once
-    /// with a response of the guard's own (trailers-only `grpc-status: 4` for
-    /// gRPC, `504` otherwise) and drops the service's future, which cancels a
-    /// handler still running. A stream a cap refuses gets `grpc-status: 8`
-    /// (`RESOURCE_EXHAUSTED`) or `503` the same way. Dropping it before it
-    /// resolves ends the stream as [`EndReason::Cancelled`](crate::EndReason::Cancelled).
+    /// If the stream ends before the service has answered (a limit fired, a
+    /// drain cut it, [`StreamHandle::cancel`](crate::StreamHandle::cancel)),
+    /// it resolves at once with a response of the guard's own and drops the
+    /// service's future, which cancels a handler still running: for gRPC a
+    /// trailers-only response with the guard's status (`4` for a limit, `14`
+    /// for a drain, `1` for a cancel), otherwise `504 Gateway Timeout` (`503`
+    /// for a drain). A stream a cap refuses, or that arrives while a drain is
+    /// in progress, gets `grpc-status: 8` (`RESOURCE_EXHAUSTED`) or `14`
+    /// (`UNAVAILABLE`), or `503`, the same way.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it before it resolves ends the stream as
+    /// [`EndReason::Cancelled`](crate::EndReason::Cancelled) (cap slots back,
+    /// handle woken, one end event) and drops the service's future.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use http::{Request, Response};
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use tower_stream_guard::{BoxError, EndReason, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder().build()?;
+    /// let mut events = guard.subscribe();
+    /// let mut service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     tokio::time::sleep(Duration::from_secs(3600)).await; // a slow handler
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
+    /// }));
+    /// let future = service.ready().await?.call(Request::new(String::new()));
+    /// assert_eq!(guard.active_streams(), 1);
+    /// drop(future);
+    /// assert_eq!(guard.active_streams(), 0);
+    /// assert_eq!(events.recv().await?.reason(), EndReason::Cancelled);
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,

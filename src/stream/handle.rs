@@ -25,7 +25,8 @@ use super::record::Record;
 /// reaches it with `request.extensions().get::<StreamHandle>()` and a hyper or
 /// axum handler through the `http::Request`'s extensions. Clones are cheap and
 /// may move into spawned tasks; a handle keeps the stream's small shared
-/// record alive, not the stream.
+/// record alive, not the stream. Under nested guards, each inserts its own
+/// handle: a handler finds the innermost guard's.
 ///
 /// ```
 /// use tower_stream_guard::StreamHandle;
@@ -45,6 +46,52 @@ use super::record::Record;
 ///         println!("stream {} ended: {:?}", handle.id(), handle.end_reason());
 ///     }
 /// });
+/// # }
+/// ```
+///
+/// Observing and ending a stream (here a client's, through
+/// [`response_handle`](crate::StreamGuardBuilder::response_handle)):
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+///
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body::Frame;
+/// use http_body_util::{BodyExt, StreamBody};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{
+///     BoxError, EndReason, GuardError, StreamGuardLayer, StreamHandle, stream::RequestBody,
+/// };
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder()
+///     .max_lifetime(Duration::from_secs(60))
+///     .response_handle(true)
+///     .build()?;
+/// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+///     let frames = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+///     Ok::<_, Infallible>(Response::new(StreamBody::new(frames)))
+/// }));
+/// let response = service.oneshot(Request::new(String::new())).await?;
+/// let handle = response.extensions().get::<StreamHandle>().cloned().unwrap();
+///
+/// assert!(!handle.is_ended());
+/// assert!(handle.remaining_lifetime().is_some_and(|left| left <= Duration::from_secs(60)));
+/// let ended = handle.cancelled(); // owns what it needs: could move into a task
+///
+/// assert!(handle.cancel());
+/// assert!(!handle.cancel(), "only the first end counts");
+/// assert!(handle.is_ended());
+/// assert_eq!(handle.end_reason(), Some(EndReason::Cancelled));
+/// assert_eq!(ended.await, EndReason::Cancelled);
+///
+/// // A plain HTTP response body ends with the guard's error.
+/// let err = response.into_body().frame().await.unwrap().unwrap_err();
+/// assert_eq!(err.downcast_ref::<GuardError>().unwrap().grpc_code(), 1);
+/// # Ok::<_, BoxError>(())
+/// # })
 /// # }
 /// ```
 #[derive(Clone)]
@@ -169,7 +216,37 @@ impl StreamHandle {
     /// at once if it has: time to tell the client to reconnect elsewhere and
     /// finish up before the grace period ends. Never resolves when the
     /// guard was built without a drain. `'static`, like
-    /// [`cancelled`](Self::cancelled).
+    /// [`cancelled`](Self::cancelled); dropping it cancels nothing.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use http::{Request, Response};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, Drain, StreamGuardLayer, StreamHandle, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let drain = Drain::new();
+    /// let guard = StreamGuardLayer::builder()
+    ///     .drain(&drain)
+    ///     .response_handle(true)
+    ///     .build()?;
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new("a long answer".to_owned()))
+    /// }));
+    /// let response = service.oneshot(Request::new(String::new())).await?;
+    /// let handle = response.extensions().get::<StreamHandle>().cloned().unwrap();
+    ///
+    /// let notice = handle.draining();
+    /// assert!(!handle.is_draining());
+    /// let _report = drain.start(Duration::from_secs(5));
+    /// notice.await; // time to tell the client to reconnect elsewhere
+    /// assert!(handle.is_draining());
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
     pub fn draining(&self) -> impl Future<Output = ()> + Send + use<> {
         let drain = self.record.shared.drain().cloned();
         async move {
@@ -193,8 +270,9 @@ impl StreamHandle {
 
     /// Ends the stream now, as [`EndReason::Cancelled`], the way a guard
     /// would: a gRPC response ends with `grpc-status: 1` (`CANCELLED`), a
-    /// plain one with a body error, and reads of the request body fail with
-    /// `CANCELLED`. On a client ([`response_handle`](crate::StreamGuardBuilder::response_handle)),
+    /// plain one with a body error (before the response headers: a
+    /// trailers-only `CANCELLED` response, or `504`), and reads of the
+    /// request body fail with `CANCELLED`. On a client ([`response_handle`](crate::StreamGuardBuilder::response_handle)),
     /// the pending `message().await` returns `Code::Cancelled` and the HTTP/2
     /// stream is reset, so the server sees the client go. Returns whether this
     /// call ended the stream (`false` if it had ended already).

@@ -95,7 +95,8 @@ impl StreamGuardLayer {
 impl<W> StreamGuardLayer<W> {
     /// A receiver of this guard's end events: one per stream, never blocking
     /// a stream. A receiver that falls more than the channel's capacity
-    /// behind is told how many it missed
+    /// ([`event_capacity`](StreamGuardBuilder::event_capacity), 1024 by
+    /// default) behind is told how many it missed
     /// ([`RecvError::Lagged`](broadcast::error::RecvError::Lagged)).
     pub fn subscribe(&self) -> broadcast::Receiver<EndEvent> {
         self.shared.report.subscribe()

@@ -9,7 +9,25 @@ use crate::{
 
 /// The limits a guard puts on each stream. `None` means "no limit".
 ///
-/// Built and validated by [`StreamGuardBuilder`](crate::StreamGuardBuilder).
+/// Built and validated by [`StreamGuardBuilder`](crate::StreamGuardBuilder);
+/// read with [`StreamGuardLayer::policy`](crate::StreamGuardLayer::policy)
+/// (the limits of streams no route matches).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::{IdleDirection, StreamGuardLayer};
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let guard = StreamGuardLayer::builder()
+///     .request_idle_timeout(Duration::from_secs(5))
+///     .build()?;
+/// let policy = guard.policy();
+/// assert_eq!(policy.idle_timeout(IdleDirection::Request), Some(Duration::from_secs(5)));
+/// assert_eq!(policy.idle_timeout(IdleDirection::Both), None);
+/// assert_eq!(policy.max_lifetime(), None);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub(crate) idle_both: Option<Duration>,

@@ -119,6 +119,33 @@ impl RoutePolicy {
 
 /// What a [`route_when`](crate::StreamGuardBuilder::route_when) predicate
 /// sees of a request.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::{RoutePolicy, RouteRequest, StreamGuardLayer};
+///
+/// /// Server-sent events: asked for with `accept: text/event-stream`.
+/// fn is_event_stream(request: &RouteRequest<'_>) -> bool {
+///     request.method() == http::Method::GET
+///         && request
+///             .headers()
+///             .get(http::header::ACCEPT)
+///             .is_some_and(|accept| accept.as_bytes().starts_with(b"text/event-stream"))
+/// }
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let guard = StreamGuardLayer::builder()
+///     .idle_timeout(Duration::from_secs(30))
+///     .max_lifetime(Duration::from_secs(60))
+///     .route_when(
+///         is_event_stream,
+///         RoutePolicy::new().max_lifetime(Duration::from_secs(3600)),
+///     )
+///     .build()?;
+/// # drop(guard);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct RouteRequest<'a> {
     pub(crate) method: &'a Method,

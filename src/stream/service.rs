@@ -30,11 +30,55 @@ use super::{
 
 /// How a guard hands the wrapped request body to the service it wraps.
 ///
-/// Most services accept any body type: [`PlainBody`] hands them a
-/// [`RequestBody<B>`]. Routers that accept exactly one body type (tonic's
-/// routes take `tonic::body::Body`, axum's take `axum::body::Body`) need the
-/// wrapper boxed back into that type: [`TonicBody`] does it for tonic, and
-/// other routers can implement this trait for a marker type of their own.
+/// Most services accept any body type, tonic's server routes and axum's
+/// router included: [`PlainBody`], the default, hands them a
+/// [`RequestBody<B>`]. A service that takes exactly one body type needs the
+/// wrapper boxed into that type: [`TonicBody`] does it for a tonic client
+/// `Channel` (see
+/// [`for_tonic_channel`](crate::StreamGuardLayer::for_tonic_channel)); for
+/// another, implement this trait for a marker type of your own and pick it
+/// with [`wrap_request_body`](crate::StreamGuardLayer::wrap_request_body):
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body::Body;
+/// use http_body_util::{BodyExt, Empty, combinators::UnsyncBoxBody};
+/// use tower::{Layer, ServiceExt};
+/// use tower_stream_guard::{
+///     BoxError, StreamGuardLayer,
+///     stream::{RequestBody, WrapRequestBody},
+/// };
+///
+/// type Boxed = UnsyncBoxBody<Bytes, BoxError>;
+///
+/// /// Boxes request bodies, for a service that takes only `Boxed`.
+/// struct BoxIt;
+///
+/// impl<B> WrapRequestBody<B> for BoxIt
+/// where
+///     B: Body<Data = Bytes> + Send + 'static,
+///     B::Error: Into<BoxError>,
+/// {
+///     type Body = Boxed;
+///
+///     fn wrap(body: RequestBody<B>) -> Boxed {
+///         body.boxed_unsync()
+///     }
+/// }
+///
+/// # fn main() -> Result<(), BoxError> {
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let guard = StreamGuardLayer::builder().build()?.wrap_request_body::<BoxIt>();
+/// let service = guard.layer(tower::service_fn(|_: Request<Boxed>| async {
+///     Ok::<_, BoxError>(Response::new(Empty::<Bytes>::new()))
+/// }));
+/// let response = service.oneshot(Request::new(Empty::<Bytes>::new())).await?;
+/// assert!(response.into_body().collect().await?.to_bytes().is_empty());
+/// # Ok::<_, BoxError>(())
+/// # })
+/// # }
+/// ```
 pub trait WrapRequestBody<B> {
     /// The request body type the inner service receives.
     type Body;
@@ -43,8 +87,19 @@ pub trait WrapRequestBody<B> {
     fn wrap(body: RequestBody<B>) -> Self::Body;
 }
 
-/// Hands the inner service a [`RequestBody<B>`]; for services generic over
-/// their body type (hyper `service_fn`, most tower stacks).
+/// Hands the inner service a [`RequestBody<B>`]: the default, for services
+/// that take any body type (tonic's server routes, axum's router, hyper and
+/// tower `service_fn`s generic over the body).
+///
+/// ```
+/// use tower_stream_guard::{StreamGuardLayer, stream::PlainBody};
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let guard: StreamGuardLayer<PlainBody> = StreamGuardLayer::builder().build()?;
+/// # drop(guard);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlainBody;
 
@@ -56,8 +111,21 @@ impl<B> WrapRequestBody<B> for PlainBody {
     }
 }
 
-/// Hands the inner service a `tonic::body::Body`, as tonic's
-/// `Server::layer` requires: the guarded body is boxed once per stream.
+/// Hands the inner service a `tonic::body::Body`, the one body type a tonic
+/// client `Channel` takes: the guarded body is boxed once per stream. Picked
+/// by [`for_tonic_channel`](crate::StreamGuardLayer::for_tonic_channel);
+/// servers do not need it.
+///
+/// ```
+/// use tower_stream_guard::{StreamGuardLayer, stream::TonicBody};
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let guard: StreamGuardLayer<TonicBody> =
+///     StreamGuardLayer::builder().response_handle(true).build()?.for_tonic_channel();
+/// # drop(guard);
+/// # Ok(())
+/// # }
+/// ```
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,7 +140,29 @@ impl WrapRequestBody<tonic::body::Body> for TonicBody {
     }
 }
 
-/// The guard service: see [`StreamGuardLayer`](crate::StreamGuardLayer).
+/// The guard service: what [`StreamGuardLayer`](crate::StreamGuardLayer)
+/// wraps around a service. Each `call` starts one guarded stream (see the
+/// [module docs](crate::stream)); clones share the layer's timer, caps and
+/// events.
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use http::{Request, Response};
+/// use tower::Layer;
+/// use tower_stream_guard::{StreamGuardLayer, stream::{RequestBody, StreamGuard}};
+///
+/// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+/// let guard = StreamGuardLayer::builder().build()?;
+/// let service: StreamGuard<_> = guard.layer(tower::service_fn(
+///     |_: Request<RequestBody<String>>| async {
+///         Ok::<_, Infallible>(Response::new(String::new()))
+///     },
+/// ));
+/// let _inner = service.into_inner(); // the service_fn again
+/// # Ok(())
+/// # }
+/// ```
 pub struct StreamGuard<S, W = PlainBody> {
     inner: S,
     policy: Policy,
@@ -136,7 +226,7 @@ impl<S, W> StreamGuard<S, W> {
     }
 
     /// Where `request` came from: its connection and peer, as far as the
-    /// extensions tell (`peer::identify` knows how).
+    /// extensions tell (`origin::identify` knows how).
     fn origin<B>(
         &self,
         request: &mut Request<B>,

@@ -12,8 +12,9 @@
 //! lock), one more per idle period of an active stream, and one wake-up per
 //! resolution per guard, however many streams there are. Precision: a deadline
 //! fires on the first tick at or after it, so at most one resolution late;
-//! because frames are stamped with the next tick's time, an idle timeout never
-//! fires early and at most two resolutions late.
+//! because frames are stamped with the next tick's time, an idle timeout
+//! fires at most two resolutions late, and never early while ticks run on
+//! time (see below for late ticks).
 //!
 //! A tick can run late (a runtime too busy to poll the timer task on time).
 //! Frames stamped meanwhile carry the time the late tick was due, though they
