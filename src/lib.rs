@@ -137,8 +137,10 @@
 //!
 //! Per data frame: no timer, no lock, no allocation, no clock read; an atomic
 //! load and a few relaxed stores. Per stream: one allocation for its shared
-//! record, two insertions into the guard's timer map, and a short lock of the
-//! per-connection count on the way in and out (plus one per keyed cap set). Per guard: one timer
+//! record, one insertion into the guard's timer map and one removal (plus one
+//! more of each per idle period), and, only with keyed caps or
+//! `track_connections`, a short lock of the cap set's counts on the way in
+//! and out. Per guard: one timer
 //! task that wakes every [`timer_resolution`](StreamGuardBuilder::timer_resolution)
 //! (10 ms) while it has streams and exits when it has none. Deadlines fire at
 //! most one resolution late (idle timeouts two) after the timer task gets to
