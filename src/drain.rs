@@ -266,7 +266,10 @@ impl Drain {
     /// A drain not yet started that closes the guarded connections still
     /// open `delay` after its grace period (default 500 ms): time for the
     /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
-    /// longer than 365 days counts as 365 days.
+    /// longer than 365 days counts as 365 days. Keep it above the stream
+    /// guards' timer resolution (10 ms by default): the report is made when
+    /// the delay is over, and a stream the timer cuts after that counts as
+    /// finished within the grace period instead of cut.
     ///
     /// ```
     /// use std::time::Duration;

@@ -2,8 +2,8 @@
 //! connections open and close, and closing the connections hyper would
 //! otherwise keep forever.
 //!
-//! A [`ConnectionGuard`] wraps each accepted IO
-//! object (a `TcpStream`, a TLS stream, a `UnixStream`) in a [`GuardedIo`].
+//! A [`ConnectionGuard`] wraps each accepted IO object (a `TcpStream`, a
+//! TLS stream, a `UnixStream`) in a [`GuardedIo`].
 //! Reads and writes pass through unchanged until the guard closes the
 //! connection; from then on they fail with `ConnectionAborted` (a pending
 //! read or write is woken to see it), so hyper drops the connection at once
@@ -19,8 +19,8 @@
 //!   [`idle_timeout`](crate::ConnectionGuardBuilder::idle_timeout);
 //! - **over age**: older than
 //!   [`max_age`](crate::ConnectionGuardBuilder::max_age): a graceful close
-//!   is asked for first ([`ConnectionHandle::goaway`],
-//!   which [`serve_connection`](crate::ConnectionGuard::serve_connection)
+//!   is asked for first ([`ConnectionHandle::goaway`], which
+//!   [`serve_connection`](crate::ConnectionGuard::serve_connection)
 //!   turns into an HTTP/2 GOAWAY), the hard close follows
 //!   [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace) later;
 //! - **drained**: still open when a [`Drain`](crate::Drain) given to the
@@ -32,13 +32,12 @@
 //! closes them at a drain's end).
 //!
 //! Each connection gets an id, unique within the process, and a
-//! [`ConnectionHandle`] that stream guards and
-//! handlers find in the request extensions: the
+//! [`ConnectionHandle`] that stream guards and handlers find in the request
+//! extensions: the
 //! [`StreamGuardLayer`](crate::StreamGuardLayer) counts the connection's
 //! streams through it (for the idle timeout and the stalled grace) and uses
 //! its id as the [`ConnectionKey`](crate::ConnectionKey) of per-connection
-//! caps. Every connection yields two
-//! [`ConnectionEvent`]s from
+//! caps. Every connection yields two [`ConnectionEvent`]s from
 //! [`subscribe`](crate::ConnectionGuard::subscribe): one when it is wrapped
 //! and one when its `GuardedIo` is dropped, saying why it closed
 //! ([`ConnectionEnd`]).
@@ -191,33 +190,36 @@
 //! # Costs
 //!
 //! Per read or write of a connection: one atomic load (has the guard closed
-//! it?). When the IO is pending, the task's waker is registered, but only
-//! when it differs from the one registered last time (hyper polls a
-//! connection from one task, so usually once per connection). Per
-//! connection: one allocation for its shared record and a short lock of
-//! the guard's table when it is wrapped and when it is dropped. Per guard:
+//! it?), and a second one when the IO is pending. The task's waker is
+//! registered only when the IO is pending with a different waker than the
+//! one registered last time (hyper polls a connection from one task, so
+//! usually once per connection). Per connection: one allocation for its
+//! shared record, a short lock of the guard's table when it is wrapped and
+//! when it is dropped, and with a timer, a look-up of the current runtime
+//! when it is wrapped. Per guard:
 //! one timer task, ticking every
 //! [`resolution`](crate::ConnectionGuardBuilder::resolution) (100 ms by
 //! default) while the guard has connections and one of `idle_timeout`,
 //! `stalled_grace` or `max_age` is set; it scans the open connections on
 //! each tick and exits when none is left. Closes therefore happen up to
-//! one resolution late. Nothing is spent per frame or per stream beyond the
-//! stream guard's counting of the connection's streams (a few atomic
+//! one resolution late. Nothing more is spent per frame, nor per stream
+//! beyond the stream guard's counting of the connection's streams (a few atomic
 //! updates as each stream starts and ends).
 //!
 //! # Cancel safety
 //!
 //! - Dropping a [`GuardedIo`] emits its close event exactly once (with the
-//!   reason the guard closed it for, or [`ConnectionEnd::Closed`]
-//!   when the guard did not) and forgets the connection: it no longer
-//!   counts in [`open_connections`](crate::ConnectionGuard::open_connections)
-//!   nor keeps a drain waiting.
-//! - The future of [`ConnectionHandle::goaway`]
-//!   owns what it needs (it is `'static`): dropping it cancels nothing, and a
-//!   new one resolves at once if the graceful close was already asked for.
-//!   Dropping the future of
+//!   reason the guard closed it for, or [`ConnectionEnd::Closed`] when the
+//!   guard did not) and forgets the connection: it no longer counts in
+//!   [`open_connections`](crate::ConnectionGuard::open_connections) nor
+//!   keeps a drain waiting.
+//! - The future of [`ConnectionHandle::goaway`] owns what it needs (it is
+//!   `'static`): dropping it cancels nothing, and a new one resolves at once
+//!   if the graceful close was already asked for.
+//! - Dropping the future of
 //!   [`serve_connection`](crate::ConnectionGuard::serve_connection) drops
-//!   the connection, with a close event saying `closed`.
+//!   the connection at once, without GOAWAY (its close event says `closed`
+//!   unless the guard had closed it).
 //! - When the guard closes a connection, hyper drops it with every stream
 //!   on it: stream guards see those streams abandoned, so each stream's
 //!   [`StreamHandle`](crate::StreamHandle) is cancelled, its cap slots are
