@@ -1,55 +1,7 @@
-//! Graceful shutdown with a deadline, and a notice to handlers that it began.
-//!
-//! tonic's `serve_with_shutdown` (like grpc-go's `GracefulStop`) waits for
-//! every open stream to finish, so one endless stream keeps a server alive
-//! forever. A [`Drain`] bounds that wait:
-//!
-//! 1. [`Drain::start`] begins the drain: every stream's
-//!    [`StreamHandle::draining`](crate::StreamHandle::draining) resolves, so a
-//!    handler can tell its client to reconnect elsewhere, and new streams are
-//!    refused with gRPC `UNAVAILABLE` (HTTP `503`).
-//! 2. When the grace period ends, every stream still open ends with
-//!    `UNAVAILABLE` trailers (a body error for plain HTTP) and an end event
-//!    saying [`EndReason::Drained`](crate::EndReason::Drained).
-//! 3. A little later ([`Drain::with_close_delay`], 500 ms by default),
-//!    connections a [`ConnectionGuard`](crate::ConnectionGuard) wraps that
-//!    are still open are closed: those of peers that stopped reading, whose
-//!    streams hyper would otherwise keep until the peer reads.
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tonic::transport::server::TcpIncoming;
-//! use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer};
-//!
-//! # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
-//! let drain = Drain::new();
-//! let guard = StreamGuardLayer::builder()
-//!     .idle_timeout(Duration::from_secs(30))
-//!     .drain(&drain)
-//!     .build()?;
-//! let connections = ConnectionGuard::builder().drain(&drain).build()?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
-//!
-//! let on_signal = drain.clone();
-//! tokio::spawn(async move {
-//!     let _ = tokio::signal::ctrl_c().await;
-//!     let report = on_signal.start(Duration::from_secs(5)).await;
-//!     println!("{}", report.to_json());
-//! });
-//! tonic::transport::Server::builder()
-//!     .layer(guard)
-//!     .add_routes(routes)
-//!     // Stops accepting and sends GOAWAY as soon as the drain begins; returns
-//!     // within the grace period plus the close delay.
-//!     .serve_with_incoming_shutdown(
-//!         // TCP_NODELAY, as tonic's `serve(addr)` sets it.
-//!         connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
-//!         drain.started(),
-//!     )
-//!     .await?;
-//! # Ok(())
-//! # }
-//! ```
+//! Graceful shutdown with a deadline: the [`Drain`] (its documentation is
+//! on the type, this module is private), its [`DrainReport`], and the
+//! [`Drained`] trait through which a drain reaches stream and connection
+//! guards.
 
 use std::{
     fmt,
@@ -91,9 +43,96 @@ pub(crate) trait Drained: Send + Sync {
 /// connections still open: 500 ms.
 pub(crate) const DEFAULT_CLOSE_CONNECTIONS_AFTER: Duration = Duration::from_millis(500);
 
-/// Starts and bounds a graceful shutdown of every guard layer and connection
-/// guard it was given to (see the [module docs](crate::drain) for the
-/// sequence). Clones share the drain.
+/// Graceful shutdown with a deadline, and a notice to handlers that it
+/// began.
+///
+/// tonic's `serve_with_shutdown` (like grpc-go's `GracefulStop`) waits for
+/// every open stream to finish, so one endless stream keeps a server alive
+/// forever. A `Drain`, given to stream guards
+/// ([`StreamGuardBuilder::drain`](crate::StreamGuardBuilder::drain)) and
+/// connection guards
+/// ([`ConnectionGuardBuilder::drain`](crate::ConnectionGuardBuilder::drain)),
+/// bounds that wait:
+///
+/// 1. [`start`](Self::start) begins the drain: every stream's
+///    [`StreamHandle::draining`](crate::StreamHandle::draining) resolves, so
+///    a handler can tell its client to reconnect elsewhere and finish;
+///    [`started`](Self::started) resolves, so the server stops accepting and
+///    sends GOAWAY (tonic's `serve_with_shutdown` or
+///    [`serve_connection`](crate::ConnectionGuard::serve_connection));
+///    new streams are refused with gRPC `UNAVAILABLE` (HTTP `503`), and
+///    connections wrapped from now on are closed at once.
+/// 2. When the grace period ends, every stream still open is cut: it ends
+///    with `UNAVAILABLE` trailers (a body error for plain HTTP) and an end
+///    event saying [`EndReason::Drained`](crate::EndReason::Drained),
+///    within one timer resolution of its stream guard.
+/// 3. The close delay later ([`with_close_delay`](Self::with_close_delay),
+///    500 ms by default), the guarded connections still open are closed
+///    (their close events say
+///    [`Drained`](crate::ConnectionEnd::Drained)): those of peers that
+///    stopped reading, whose streams hyper would otherwise keep until the
+///    peer reads.
+/// 4. The [`DrainReport`] says what happened: as soon as no stream and no
+///    guarded connection is left, at the latest at step 3.
+///
+/// Clones share the drain; one drain may serve several guards.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tonic::transport::server::TcpIncoming;
+/// use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer};
+///
+/// # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
+/// let drain = Drain::new();
+/// let guard = StreamGuardLayer::builder()
+///     .idle_timeout(Duration::from_secs(30))
+///     .drain(&drain)
+///     .build()?;
+/// let connections = ConnectionGuard::builder().drain(&drain).build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+///
+/// let on_signal = drain.clone();
+/// tokio::spawn(async move {
+///     let _ = tokio::signal::ctrl_c().await;
+///     let report = on_signal.start(Duration::from_secs(5)).await;
+///     println!("{}", report.to_json());
+/// });
+/// tonic::transport::Server::builder()
+///     .layer(guard)
+///     .add_routes(routes)
+///     // Stops accepting and sends GOAWAY as soon as the drain begins; returns
+///     // within the grace period plus the close delay.
+///     .serve_with_incoming_shutdown(
+///         // TCP_NODELAY, as tonic's `serve(addr)` sets it.
+///         connections.wrap_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
+///         drain.started(),
+///     )
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Without a [`ConnectionGuard`](crate::ConnectionGuard), step 3 does
+/// nothing: a peer that stopped reading keeps its connection, and tonic's
+/// graceful shutdown waits for it.
+///
+/// # Cancel safety
+///
+/// The drain runs on a task of its own, spawned by [`start`](Self::start):
+/// it proceeds whether or not the future `start` returns is awaited, and
+/// dropping that future does not stop it (a later `start` returns a future
+/// of the same report). The futures of [`start`](Self::start) and
+/// [`started`](Self::started) own what they need (`'static`); dropping them
+/// cancels nothing.
+///
+/// # Costs
+///
+/// Until the drain starts: one atomic load per new stream. At the start,
+/// in the caller of `start`: the open streams whose next deadline lies
+/// after the drain's are filed again, once each, in batches. While
+/// draining: each stream or guarded connection that ends wakes the drain
+/// task, which counts what is still open (a short lock per guard). One
+/// task per started drain, gone when it has reported.
 #[derive(Clone)]
 pub struct Drain {
     shared: Arc<DrainShared>,
@@ -118,7 +157,23 @@ pub(crate) struct DrainShared {
     report: watch::Sender<Option<DrainReport>>,
 }
 
-/// What a drain did, from [`Drain::start`].
+/// What a drain did, from [`Drain::start`]; also logged (`tracing`, level
+/// `info`) when the drain finishes.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::Drain;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let drain = Drain::new();
+/// // Nothing open: the report comes at once.
+/// let report = drain.start(Duration::from_secs(5)).await;
+/// assert_eq!(report.open_at_start(), 0);
+/// assert_eq!(report.cut(), 0);
+/// assert!(report.to_json().starts_with(r#"{"event":"drain","open_at_start":0,"#));
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrainReport {
     open_at_start: u64,
@@ -165,7 +220,8 @@ impl DrainReport {
 
     /// The report as one line of JSON: `event` (`"drain"`),
     /// `open_at_start`, `finished_within_grace`, `cut`, `refused`,
-    /// `connections_closed` and `elapsed_ms`.
+    /// `connections_closed` and `elapsed_ms`, e.g.
+    /// `{"event":"drain","open_at_start":12,"finished_within_grace":11,"cut":1,"refused":3,"connections_closed":1,"elapsed_ms":5502}`.
     pub fn to_json(&self) -> String {
         JsonLine::new()
             .str("event", "drain")
@@ -210,7 +266,10 @@ impl Drain {
     /// A drain not yet started that closes the guarded connections still
     /// open `delay` after its grace period (default 500 ms): time for the
     /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
-    /// longer than 365 days counts as 365 days.
+    /// longer than 365 days counts as 365 days. Keep it above the stream
+    /// guards' timer resolution (10 ms by default): the report is made when
+    /// the delay is over, and a stream the timer cuts after that counts as
+    /// finished within the grace period instead of cut.
     ///
     /// ```
     /// use std::time::Duration;
@@ -244,7 +303,23 @@ impl Drain {
 
     /// Resolves when the drain begins (at once if it has). Hand it to tonic's
     /// `serve_with_shutdown` / `serve_with_incoming_shutdown`, so that the
-    /// server stops accepting and sends GOAWAY when the drain begins.
+    /// server stops accepting and sends GOAWAY when the drain begins (see
+    /// the example on [`Drain`]). The future owns what it needs; dropping
+    /// it cancels nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::Drain;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let drain = Drain::new();
+    /// let stop_accepting = tokio::spawn(drain.started());
+    /// drain.start(Duration::from_secs(5)).await;
+    /// stop_accepting.await.unwrap();
+    /// assert!(drain.is_draining());
+    /// # }
+    /// ```
     pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         async move { shared.began().await }
@@ -255,17 +330,37 @@ impl Drain {
         self.shared.active()
     }
 
-    /// Begins the drain now, with `grace` for open streams to finish, and
-    /// returns a future of its report: it resolves once every stream has
-    /// ended and the connections left have been closed, at the latest
-    /// `grace` plus [the close delay](Self::with_close_delay)
-    /// plus one timer resolution from now.
+    /// Begins the drain now, with `grace` for open streams to finish (see
+    /// [`Drain`] for the sequence), and returns a future of its report. It
+    /// resolves as soon as no stream of the guards given this drain and no
+    /// connection of its connection guards is open; otherwise `grace` plus
+    /// [the close delay](Self::with_close_delay) from now, once the
+    /// connections still open have been closed.
     ///
     /// The drain runs on a task of its own, so it proceeds whether or not
-    /// the future is awaited. Calling `start` again does not restart it; the
-    /// future resolves with the first drain's report. A grace longer than
-    /// 365 days counts as 365 days. Must be called within a
-    /// tokio runtime.
+    /// the future is awaited, and dropping the future does not stop it.
+    /// Calling `start` again does not restart it; the future resolves with
+    /// the first drain's report. If the runtime shuts down before the drain
+    /// finishes, the future resolves with an all-zero report. A grace
+    /// longer than 365 days counts as 365 days.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (the drain task is spawned on the current
+    /// one).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::Drain;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let drain = Drain::new();
+    /// let report = drain.start(Duration::from_secs(30));
+    /// assert!(drain.is_draining());
+    /// println!("{}", report.await.to_json());
+    /// # }
+    /// ```
     pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = &self.shared;
         let mut report = shared.report.subscribe();

@@ -8,7 +8,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-/// Why a guarded connection closed.
+/// Why a guarded connection closed, in its close
+/// [`ConnectionEvent`]'s [`end`](ConnectionEvent::end).
+///
+/// ```
+/// use tower_stream_guard::ConnectionEnd;
+///
+/// assert_eq!(ConnectionEnd::MaxAge.as_str(), "max_age");
+/// assert_eq!(ConnectionEnd::Stalled.to_string(), "stalled");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ConnectionEnd {
@@ -24,13 +32,13 @@ pub enum ConnectionEnd {
     MaxAge,
     /// It was still open when a drain's grace period ended.
     Drained,
-    /// [`ConnectionHandle::close`] was called.
+    /// [`ConnectionHandle::close`](crate::ConnectionHandle::close) was called.
     Manual,
 }
 
 impl ConnectionEnd {
-    /// A short snake-case name: `closed`, `idle`, `stalled`, `max_age`,
-    /// `drained` or `manual`.
+    /// A short snake-case name, as in [`ConnectionEvent::to_json`]:
+    /// `closed`, `idle`, `stalled`, `max_age`, `drained` or `manual`.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionEnd::Closed => "closed",
@@ -72,7 +80,36 @@ impl fmt::Display for ConnectionEnd {
     }
 }
 
-/// A connection opened or closed.
+/// A connection opened or closed, from
+/// [`ConnectionGuard::subscribe`](crate::ConnectionGuard::subscribe): one
+/// event when a connection is wrapped ([`end`](Self::end) is `None`), one
+/// when its IO is dropped.
+///
+/// ```
+/// use tower_stream_guard::{ConnectionEnd, ConnectionGuard};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connections = ConnectionGuard::builder().build()?;
+/// let mut events = connections.subscribe();
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let io = connections.wrap(tcp);
+/// io.handle().close();
+/// drop(io);
+///
+/// let opened = events.recv().await?;
+/// assert!(opened.to_json().starts_with(r#"{"event":"connection_opened","connection":"#));
+/// let closed = events.recv().await?;
+/// assert_eq!(closed.end(), Some(ConnectionEnd::Manual));
+/// assert_eq!(closed.streams(), 0);
+/// let line = closed.to_json();
+/// assert!(line.contains(r#""event":"connection_closed""#));
+/// assert!(line.contains(r#""reason":"manual""#));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct ConnectionEvent {
     pub(crate) id: u64,
@@ -84,7 +121,9 @@ pub struct ConnectionEvent {
 }
 
 impl ConnectionEvent {
-    /// The connection's id (as in [`ConnectionKey::from_id`]).
+    /// The connection's id, as [`ConnectionHandle::id`](crate::ConnectionHandle::id)
+    /// (and [`ConnectionKey::from_id`](crate::ConnectionKey::from_id) of it
+    /// is the key stream caps count the connection under).
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -104,14 +143,17 @@ impl ConnectionEvent {
         self.duration
     }
 
-    /// Streams the connection carried (guarded ones).
+    /// Streams the connection carried, as counted by the stream guards that
+    /// found its handle (zero when it opened).
     pub fn streams(&self) -> u64 {
         self.streams
     }
 
     /// One line of JSON: `event` (`connection_opened` or
-    /// `connection_closed`), `connection`, `peer`, and for closes `reason`,
-    /// `duration_ms` and `streams`; `at_ms` is Unix time.
+    /// `connection_closed`), `connection`, `peer` (a string, or `null`), and
+    /// for closes `reason` ([`ConnectionEnd::as_str`]), `duration_ms` and
+    /// `streams`; last `at_ms`, when it happened in Unix milliseconds. See
+    /// the example on [`ConnectionEvent`].
     pub fn to_json(&self) -> String {
         let at = self
             .at

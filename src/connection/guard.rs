@@ -27,8 +27,33 @@ use crate::{
     ticker::Ticker,
 };
 
-/// Wraps accepted connections; see the [module docs](crate::connection).
-/// Clones share the connections and the timer.
+/// Wraps accepted connections: gives each an id, a [`ConnectionHandle`] and
+/// open and close events, and closes the stalled, idle, over-age and drained
+/// ones by failing their IO. See the [module docs](crate::connection) for
+/// tonic, hyper-util, TLS and Unix sockets, costs and cancel safety.
+///
+/// Clones share the connections, the events and the timer.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::ConnectionGuard;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connections = ConnectionGuard::builder()
+///     .idle_timeout(Duration::from_secs(300))
+///     .build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let io = connections.wrap(tcp);
+/// assert_eq!(io.handle().peer(), Some(client.local_addr()?));
+/// assert_eq!(connections.open_connections(), 1);
+/// drop(io);
+/// assert_eq!(connections.open_connections(), 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ConnectionGuard {
     pub(crate) connections: Arc<Connections>,
@@ -46,7 +71,37 @@ impl fmt::Debug for ConnectionGuard {
 /// The default tick of a connection guard's timer: 100 ms.
 pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
 
-/// Configures a [`ConnectionGuard`]; every setting is optional.
+/// Configures a [`ConnectionGuard`]; every setting is optional, and checked
+/// by [`build`](Self::build).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_guard::{ConfigError, ConnectionGuard, Drain};
+///
+/// let drain = Drain::new();
+/// let connections = ConnectionGuard::builder()
+///     .stalled_grace(Duration::from_secs(30))
+///     .idle_timeout(Duration::from_secs(10 * 60))
+///     .max_age(Duration::from_secs(30 * 60))
+///     .max_age_grace(Duration::from_secs(60))
+///     .resolution(Duration::from_millis(250))
+///     .event_capacity(4096)
+///     .drain(&drain)
+///     .build()?;
+///
+/// // Mistakes are refused when the guard is built.
+/// let error = ConnectionGuard::builder()
+///     .max_age_grace(Duration::from_secs(60))
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(error, ConfigError::GraceWithoutMaxAge);
+/// let error = ConnectionGuard::builder()
+///     .idle_timeout(Duration::from_millis(10)) // below the 100 ms resolution
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(error, ConfigError::BelowResolution { setting: "idle_timeout", .. }));
+/// # Ok::<(), ConfigError>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct ConnectionGuardBuilder {
     policy: ConnPolicy,
@@ -56,7 +111,8 @@ pub struct ConnectionGuardBuilder {
 
 impl ConnectionGuard {
     /// Starts building a connection guard. With nothing set it only gives
-    /// connections ids and events, and closes them at a drain's end.
+    /// connections ids, handles and events (and closes them at the end of a
+    /// drain given with [`drain`](ConnectionGuardBuilder::drain)).
     pub fn builder() -> ConnectionGuardBuilder {
         ConnectionGuardBuilder {
             policy: ConnPolicy {
@@ -71,8 +127,32 @@ impl ConnectionGuard {
         }
     }
 
-    /// Wraps one accepted connection, with an `Opened` event. `peer` is
-    /// read from the IO where it can tell (see [`PeerOf`]).
+    /// Wraps one accepted connection and emits its open event (a
+    /// [`ConnectionEvent`] whose [`end`](ConnectionEvent::end) is `None`).
+    /// The peer address is read from the IO where it can tell (see
+    /// [`PeerOf`]). A connection wrapped after a drain given to this guard
+    /// began is closed at once: its first read fails.
+    ///
+    /// Starts the guard's timer task if it needs one and none runs; without
+    /// a tokio runtime, the timer cannot run and idle, stalled and over-age
+    /// connections are not closed (a warning is logged once).
+    ///
+    /// ```
+    /// use tower_stream_guard::ConnectionGuard;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder().build()?;
+    /// let mut events = connections.subscribe();
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+    /// let (tcp, _) = listener.accept().await?;
+    /// let io = connections.wrap(tcp);
+    /// let opened = events.recv().await?;
+    /// assert_eq!((opened.id(), opened.end()), (io.handle().id(), None));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn wrap<IO: PeerOf>(&self, io: IO) -> GuardedIo<IO> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let connections = &self.connections;
@@ -134,8 +214,26 @@ impl ConnectionGuard {
         }
     }
 
-    /// Wraps every connection an accept stream yields, e.g. for tonic's
-    /// `serve_with_incoming`.
+    /// Wraps every connection an accept stream yields (as
+    /// [`wrap`](Self::wrap) does), e.g. for tonic's `serve_with_incoming`;
+    /// accept errors pass through.
+    ///
+    /// ```
+    /// use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+    /// use tower_stream_guard::ConnectionGuard;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder().build()?;
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let addr = listener.local_addr()?;
+    /// let mut incoming = connections.wrap_incoming(TcpListenerStream::new(listener));
+    /// let _client = tokio::net::TcpStream::connect(addr).await?;
+    /// let io = incoming.next().await.expect("a connection")?;
+    /// assert!(!io.handle().is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn wrap_incoming<S, IO, E>(&self, incoming: S) -> GuardedIncoming<S>
     where
         S: Stream<Item = Result<IO, E>>,
@@ -147,13 +245,18 @@ impl ConnectionGuard {
         }
     }
 
-    /// A receiver of connection events: one when a connection opens, one
-    /// when it closes.
+    /// A receiver of connection events: one when a connection is wrapped,
+    /// one when its [`GuardedIo`] is dropped (see [`ConnectionEvent`] for an
+    /// example). Events are sent only while a receiver exists; a receiver
+    /// that falls more than the
+    /// [`event_capacity`](ConnectionGuardBuilder::event_capacity) behind is
+    /// told how many it missed.
     pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
         self.connections.events.subscribe()
     }
 
-    /// Connections wrapped and not yet closed.
+    /// Connections wrapped whose [`GuardedIo`] has not been dropped yet (one
+    /// the guard closed counts until hyper drops it).
     pub fn open_connections(&self) -> usize {
         self.connections.open()
     }
@@ -168,7 +271,10 @@ impl ConnectionGuardBuilder {
     /// Closes a connection that had no guarded stream open for `timeout`.
     ///
     /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
-    /// in front of the service: without one, every connection looks idle.
+    /// in front of the service, when it finds the connection's
+    /// [`ConnectionHandle`] in the request extensions: without one, every
+    /// connection looks idle. At least the
+    /// [`resolution`](Self::resolution).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.policy.idle = Some(timeout);
         self
@@ -176,7 +282,9 @@ impl ConnectionGuardBuilder {
 
     /// Closes a connection `grace` after a guard ended one of its streams
     /// while the peer was not reading it (the ending was never sent): the
-    /// only way to free what hyper keeps for such a stream.
+    /// only way to free what hyper keeps for such a stream. The stall is
+    /// reported by the [`StreamGuardLayer`](crate::StreamGuardLayer) in
+    /// front of the service. At least the [`resolution`](Self::resolution).
     pub fn stalled_grace(mut self, grace: Duration) -> Self {
         self.policy.stalled_grace = Some(grace);
         self
@@ -184,14 +292,17 @@ impl ConnectionGuardBuilder {
 
     /// Asks for a graceful close ([`ConnectionHandle::goaway`]) of
     /// connections older than `age`, and closes them hard after
-    /// [`max_age_grace`](Self::max_age_grace).
+    /// [`max_age_grace`](Self::max_age_grace): clients reconnect, so load
+    /// spreads over servers added since. At least the
+    /// [`resolution`](Self::resolution).
     pub fn max_age(mut self, age: Duration) -> Self {
         self.policy.max_age = Some(age);
         self
     }
 
     /// Time between the graceful-close request at
-    /// [`max_age`](Self::max_age) and the hard close (default zero).
+    /// [`max_age`](Self::max_age) and the hard close (default zero: closed
+    /// hard at `max_age`). Needs `max_age`; at most 365 days.
     pub fn max_age_grace(mut self, grace: Duration) -> Self {
         self.policy.max_age_grace = grace;
         self
@@ -204,14 +315,18 @@ impl ConnectionGuardBuilder {
         self
     }
 
-    /// How many connection events a lagging receiver may fall behind.
+    /// How many connection events a lagging receiver may fall behind
+    /// (default 1,024, at most 65,536: the channel allocates its slots up
+    /// front).
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
-    /// Closes the connections still open when `drain`'s grace period ends,
-    /// and refuses (closes) connections accepted after it began.
+    /// Closes the connections still open when `drain` is over (its grace
+    /// period plus [its close delay](Drain::with_close_delay)), and closes
+    /// connections wrapped after it began at once. The drain's report counts
+    /// the former in [`connections_closed`](crate::DrainReport::connections_closed).
     pub fn drain(mut self, drain: &Drain) -> Self {
         self.drain = Some(drain.clone());
         self
@@ -221,9 +336,10 @@ impl ConnectionGuardBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] for a zero or absurd duration, a resolution out of
-    /// range, a duration below the resolution, a grace without `max_age`, or
-    /// a zero event capacity.
+    /// A [`ConfigError`] for a zero duration or one over 365 days, a
+    /// resolution outside 1 ms..=1 s, an `idle_timeout`, `stalled_grace` or
+    /// `max_age` below the resolution, a `max_age_grace` without `max_age`,
+    /// or an event capacity of zero or over 65,536.
     pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
         let policy = self.policy;
         let resolution = policy.resolution;

@@ -13,8 +13,50 @@ use crate::{
     sync::{NEVER, wait_until},
 };
 
-/// A handle on a guarded connection, in the request extensions of its
-/// streams (see the [module docs](crate::connection)). Clones are cheap.
+/// A handle on a guarded connection: its id and peer, its open streams, a
+/// way to close it, and the notice that it should close gracefully.
+///
+/// Handlers find it in the request extensions of the connection's streams
+/// (tonic's `GuardedConnectInfo` is unpacked into it by the
+/// [`StreamGuardLayer`](crate::StreamGuardLayer);
+/// [`serve_connection`](crate::ConnectionGuard::serve_connection) inserts it
+/// itself); an accept loop has it from
+/// [`GuardedIo::handle`](crate::connection::GuardedIo::handle). See the
+/// [module docs](crate::connection). Clones are cheap and refer to the same
+/// connection.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_stream_guard::ConnectionGuard;
+///
+/// let connections = ConnectionGuard::builder().build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let io = connections.wrap(tcp);
+///
+/// let handle = io.handle().clone();
+/// assert_eq!(handle.open_streams(), 0); // streams are counted by a StreamGuardLayer
+/// assert!(!handle.is_closed());
+/// handle.close();
+/// assert!(handle.is_closed());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// In a tonic handler:
+///
+/// ```
+/// use tower_stream_guard::ConnectionHandle;
+///
+/// fn log_connection<T>(request: &tonic::Request<T>) {
+///     if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
+///         println!("connection {} from {:?}", connection.id(), connection.peer());
+///     }
+/// }
+/// # log_connection(&tonic::Request::new(()));
+/// ```
 #[derive(Clone)]
 pub struct ConnectionHandle {
     pub(crate) state: Arc<ConnState>,
@@ -31,7 +73,8 @@ impl fmt::Debug for ConnectionHandle {
 }
 
 impl ConnectionHandle {
-    /// The connection's id, unique within the process.
+    /// The connection's id, unique within the process (the same in its
+    /// [`ConnectionEvent`](crate::ConnectionEvent)s).
     pub fn id(&self) -> u64 {
         self.state.id
     }
@@ -42,32 +85,74 @@ impl ConnectionHandle {
         ConnectionKey::from_id(self.state.id)
     }
 
-    /// The peer's address, if the IO told it.
+    /// The peer's address, if the IO told it (see
+    /// [`PeerOf`](crate::connection::PeerOf); `None` on a Unix socket).
     pub fn peer(&self) -> Option<SocketAddr> {
         self.state.peer
     }
 
-    /// Guarded streams open on this connection.
+    /// Streams open on this connection, as counted by the
+    /// [`StreamGuardLayer`](crate::StreamGuardLayer)s that found this handle
+    /// (streams no stream guard saw are not counted).
     pub fn open_streams(&self) -> usize {
         self.state.streams_open.load(Ordering::Relaxed)
     }
 
-    /// Closes the connection now: its next read or write fails and hyper
-    /// drops it (the peer sees the TCP connection close). Streams still open
-    /// on it are cancelled.
+    /// Closes the connection now: its next read or write fails with
+    /// `ConnectionAborted` (a pending one is woken), so hyper drops it and
+    /// the peer sees the TCP connection close, without GOAWAY. Streams still
+    /// open on it are dropped with it: their stream guards end them as
+    /// [`Cancelled`](crate::EndReason::Cancelled). The close event says
+    /// [`Manual`](crate::ConnectionEnd::Manual). Does nothing if the
+    /// connection was already closed.
     pub fn close(&self) {
         self.state.close(ConnectionEnd::Manual);
     }
 
-    /// Whether the guard closed the connection.
+    /// Whether the guard closed the connection (for any
+    /// [`ConnectionEnd`](crate::ConnectionEnd) but `Closed`: a connection the
+    /// peer or server closed is not seen here).
     pub fn is_closed(&self) -> bool {
         self.state.end.load(Ordering::Acquire) != 0
     }
 
     /// Resolves when the guard asks for a graceful close of this connection
-    /// (its maximum age was reached): the code driving the connection should
-    /// call hyper's `graceful_shutdown` (HTTP/2 GOAWAY). The guard closes it
-    /// hard [`max_age_grace`](ConnectionGuardBuilder::max_age_grace) later.
+    /// (its [`max_age`](crate::ConnectionGuardBuilder::max_age) was reached;
+    /// at once if it was asked already): the code driving the connection
+    /// should call hyper's `graceful_shutdown` (HTTP/2 GOAWAY).
+    /// [`serve_connection`](crate::ConnectionGuard::serve_connection) does.
+    /// The guard closes the connection hard
+    /// [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace)
+    /// later. Never resolves without a `max_age`.
+    ///
+    /// The future owns what it needs (`'static`): dropping it cancels
+    /// nothing, and any number may wait.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::ConnectionGuard;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder()
+    ///     .max_age(Duration::from_secs(60))
+    ///     .max_age_grace(Duration::from_secs(10))
+    ///     .build()?;
+    /// # struct Accepted;
+    /// # impl tower_stream_guard::connection::PeerOf for Accepted {
+    /// #     fn peer(&self) -> Option<std::net::SocketAddr> { None }
+    /// # }
+    /// # let accepted = Accepted;
+    /// let io = connections.wrap(accepted);
+    /// let handle = io.handle().clone();
+    ///
+    /// handle.goaway().await; // 60 s later (time is paused here)
+    /// assert!(!handle.is_closed(), "graceful first");
+    /// tokio::time::sleep(Duration::from_secs(11)).await;
+    /// assert!(handle.is_closed(), "then hard");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn goaway(&self) -> impl Future<Output = ()> + Send + 'static {
         let state = Arc::clone(&self.state);
         async move {

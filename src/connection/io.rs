@@ -23,7 +23,40 @@ use super::{ConnectionGuard, ConnectionHandle, registry::ConnState};
 /// `tokio_rustls::server::TlsStream` over any of them, so that the guard can
 /// wrap either the TCP stream under an application's TLS acceptor or the TLS
 /// stream it yields. Implement it for your own IO type by returning the
-/// underlying socket's peer address, or `None`.
+/// underlying socket's peer address, or `None`; it is read once, when the
+/// connection is wrapped.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use tower_stream_guard::{ConnectionGuard, connection::PeerOf};
+///
+/// /// A connection accepted behind a PROXY-protocol header.
+/// struct Proxied {
+///     io: tokio::io::DuplexStream,
+///     client: SocketAddr,
+/// }
+///
+/// impl PeerOf for Proxied {
+///     fn peer(&self) -> Option<SocketAddr> {
+///         Some(self.client)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connections = ConnectionGuard::builder().build()?;
+/// let (io, _client_side) = tokio::io::duplex(1024);
+/// let client: SocketAddr = "203.0.113.9:41000".parse()?;
+/// let guarded = connections.wrap(Proxied { io, client });
+/// assert_eq!(guarded.handle().peer(), Some(client));
+/// assert_eq!(guarded.get_ref().client, client);
+/// # let _ = &guarded.get_ref().io;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// (To serve it, the type also implements tokio's `AsyncRead` and
+/// `AsyncWrite`, and tonic's `Connected` for `serve_with_incoming`.)
 pub trait PeerOf {
     /// The peer's address, if known.
     fn peer(&self) -> Option<SocketAddr>;
@@ -60,10 +93,43 @@ impl<IO: PeerOf> PeerOf for GuardedIo<IO> {
 }
 
 pin_project! {
-    /// An accepted connection a [`ConnectionGuard`] watches. Reads and
-    /// writes pass through until the guard closes the connection; then they
-    /// fail with `ConnectionAborted`, and hyper drops the connection.
-    /// Dropping it emits the connection's close event.
+    /// An accepted connection a [`ConnectionGuard`] watches, from
+    /// [`ConnectionGuard::wrap`] or [`ConnectionGuard::wrap_incoming`]. Reads
+    /// and writes pass through until the guard closes the connection; then
+    /// they fail with `ConnectionAborted` (pending ones are woken), and hyper
+    /// drops the connection. Flushes fail too; a shutdown passes through.
+    ///
+    /// Dropping it emits the connection's close event, once, saying why the
+    /// guard closed it, or [`ConnectionEnd::Closed`](crate::ConnectionEnd::Closed).
+    /// With feature `tonic` it implements tonic's `Connected`, whose connect
+    /// info is a [`GuardedConnectInfo`](crate::connection::GuardedConnectInfo).
+    ///
+    /// ```
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// use tower_stream_guard::{ConnectionEnd, ConnectionGuard};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder().build()?;
+    /// let mut events = connections.subscribe();
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+    /// let (tcp, _) = listener.accept().await?;
+    /// let mut io = connections.wrap(tcp);
+    ///
+    /// client.write_all(b"ping").await?;
+    /// let mut buf = [0; 4];
+    /// io.read_exact(&mut buf).await?; // passes through
+    /// assert_eq!(&buf, b"ping");
+    ///
+    /// drop(client); // the peer goes away: the server drops the IO
+    /// assert_eq!(io.read(&mut buf).await?, 0);
+    /// drop(io);
+    /// let _opened = events.recv().await?;
+    /// assert_eq!(events.recv().await?.end(), Some(ConnectionEnd::Closed));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub struct GuardedIo<IO> {
         #[pin]
         pub(crate) inner: IO,
@@ -80,13 +146,14 @@ pin_project! {
 }
 
 impl<IO> GuardedIo<IO> {
-    /// The connection's handle; insert it into request extensions in a
-    /// hand-written hyper accept loop so that stream guards find it.
+    /// The connection's handle; insert a clone into the request extensions
+    /// in a hand-written hyper accept loop, so that stream guards and
+    /// handlers find it.
     pub fn handle(&self) -> &ConnectionHandle {
         &self.handle
     }
 
-    /// The wrapped IO.
+    /// The wrapped IO (reading it does not go through the guard).
     pub fn get_ref(&self) -> &IO {
         &self.inner
     }
@@ -190,8 +257,28 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
 }
 
 pin_project! {
-    /// An accept stream whose connections a [`ConnectionGuard`] wraps; from
-    /// [`ConnectionGuard::wrap_incoming`].
+    /// An accept stream whose connections a [`ConnectionGuard`] wraps, from
+    /// [`ConnectionGuard::wrap_incoming`]: it yields a [`GuardedIo`] for
+    /// every accepted IO and passes accept errors through. Give it to tonic's
+    /// `serve_with_incoming` (see the [module docs](crate::connection)), or
+    /// poll it yourself:
+    ///
+    /// ```
+    /// use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+    /// use tower_stream_guard::ConnectionGuard;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder().build()?;
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let addr = listener.local_addr()?;
+    /// let mut incoming = connections.wrap_incoming(TcpListenerStream::new(listener));
+    /// let client = tokio::net::TcpStream::connect(addr).await?;
+    /// let io = incoming.next().await.expect("a connection")?;
+    /// assert_eq!(io.handle().peer(), Some(client.local_addr()?));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub struct GuardedIncoming<S> {
         #[pin]
         pub(crate) incoming: S,

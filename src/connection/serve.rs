@@ -28,11 +28,14 @@ impl ConnectionGuard {
     /// [`max_age`](crate::ConnectionGuardBuilder::max_age) or a
     /// [`Drain`](crate::Drain) given to this guard begins, hyper is asked for
     /// a graceful shutdown (HTTP/2 GOAWAY: the client opens no new stream here
-    /// and reconnects). The guard's timer closes the connection hard after
-    /// `max_age_grace`, or at the drain's end.
+    /// and reconnects). If the connection is still open, the guard's timer
+    /// closes it hard
+    /// [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace) after
+    /// `max_age`, and the drain when it is over.
     ///
     /// The future it returns resolves when the connection is done; spawn
-    /// one per accepted connection:
+    /// one per accepted connection. Dropping it drops the connection (its
+    /// close event says [`Closed`](crate::ConnectionEnd::Closed)).
     ///
     /// ```no_run
     /// use std::convert::Infallible;

@@ -4,10 +4,37 @@ use super::ConnectionHandle;
 #[cfg(feature = "tonic")]
 use super::GuardedIo;
 
-/// What tonic puts in the request extensions for a [`GuardedIo`](super::GuardedIo): the inner
-/// IO's connect info and the connection's handle. The stream guard layer
-/// also inserts both separately (the inner info as itself, e.g.
-/// `TcpConnectInfo`, so `tonic::Request::remote_addr` keeps working).
+/// What tonic puts in the request extensions for a
+/// [`GuardedIo`](crate::connection::GuardedIo) (its `Connected` connect
+/// info, feature `tonic`): the inner IO's connect info and the connection's
+/// handle. The [`StreamGuardLayer`](crate::StreamGuardLayer) also inserts
+/// both separately, the handle as a
+/// [`ConnectionHandle`](crate::ConnectionHandle) and the inner info as
+/// itself (e.g. `TcpConnectInfo`, so `tonic::Request::remote_addr` keeps
+/// working); under TLS it reads `TlsConnectInfo<GuardedConnectInfo<_>>` as
+/// well. Handlers rarely need this type: ask for the `ConnectionHandle`.
+///
+/// ```
+/// # #[cfg(feature = "tonic")]
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tonic::transport::server::{Connected, TcpConnectInfo};
+/// use tower_stream_guard::{ConnectionGuard, connection::GuardedConnectInfo};
+///
+/// let connections = ConnectionGuard::builder().build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let io = connections.wrap(tcp);
+///
+/// let info: GuardedConnectInfo<TcpConnectInfo> = io.connect_info();
+/// assert_eq!(info.get_ref().remote_addr(), Some(client.local_addr()?));
+/// assert_eq!(info.handle().id(), io.handle().id());
+/// # Ok(())
+/// # }
+/// # #[cfg(not(feature = "tonic"))]
+/// # fn main() {}
+/// ```
 #[derive(Clone, Debug)]
 pub struct GuardedConnectInfo<T> {
     pub(crate) inner: T,
