@@ -37,6 +37,13 @@ pub(crate) trait Drained: Send + Sync {
     /// The grace period and the delay after it are over: closes what is
     /// still open and says how many it closed.
     fn close_rest(&self) -> u64;
+
+    /// How long after the grace period what is still open may take to be
+    /// cut (a stream guard's timer resolution): nothing is closed, and the
+    /// report is not made, before that.
+    fn cut_within(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The default delay between the end of the grace period and the closing of
@@ -266,10 +273,10 @@ impl Drain {
     /// A drain not yet started that closes the guarded connections still
     /// open `delay` after its grace period (default 500 ms): time for the
     /// `UNAVAILABLE` trailers of cut streams to reach their peers. A delay
-    /// longer than 365 days counts as 365 days. Keep it above the stream
-    /// guards' timer resolution (10 ms by default): the report is made when
-    /// the delay is over, and a stream the timer cuts after that counts as
-    /// finished within the grace period instead of cut.
+    /// longer than 365 days counts as 365 days. A delay shorter than the
+    /// stream guards' timer resolution (10 ms by default) is stretched to
+    /// it: the timers cut the streams left up to one resolution after the
+    /// grace, and connections are closed, and the report made, after that.
     ///
     /// ```
     /// use std::time::Duration;
@@ -334,8 +341,9 @@ impl Drain {
     /// [`Drain`] for the sequence), and returns a future of its report. It
     /// resolves as soon as no stream of the guards given this drain and no
     /// connection of its connection guards is open; otherwise `grace` plus
-    /// [the close delay](Self::with_close_delay) from now, once the
-    /// connections still open have been closed.
+    /// [the close delay](Self::with_close_delay) (at least one stream-timer
+    /// resolution) from now, once the connections still open have been
+    /// closed.
     ///
     /// The drain runs on a task of its own, so it proceeds whether or not
     /// the future is awaited, and dropping the future does not stop it.
@@ -473,7 +481,16 @@ async fn run(shared: Arc<DrainShared>, deadline: Instant) {
     let started = Instant::now();
     // Streams end by themselves until the deadline; then the guards' timers
     // cut the rest (within one resolution).
-    let close_after = Duration::from_nanos(shared.close_after_ns.load(Ordering::Relaxed));
+    // Connections are closed, and the report made, no sooner than the
+    // timers can have cut the streams left, whatever the close delay.
+    let cut_within = shared
+        .streams()
+        .iter()
+        .map(|streams| streams.cut_within())
+        .max()
+        .unwrap_or_default();
+    let close_after =
+        Duration::from_nanos(shared.close_after_ns.load(Ordering::Relaxed)).max(cut_within);
     let all_gone = |s: &DrainShared| s.active() == 0 && s.open_connections() == 0;
     if !shared.wait_until(deadline, all_gone).await {
         shared.wait_until(deadline + close_after, all_gone).await;

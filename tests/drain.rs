@@ -274,6 +274,27 @@ async fn a_drain_cuts_a_stream_without_deadline_behind_many_moving_streams() {
     drop((moving, quiet));
 }
 
+/// A close delay shorter than the stream timer's resolution: the report
+/// still waits for the timer to cut the streams left (it said `cut: 0` and
+/// counted the cut stream as finished within the grace).
+#[tokio::test(start_paused = true)]
+async fn a_close_delay_below_the_resolution_still_reports_the_cut() {
+    let drain = Drain::with_close_delay(std::time::Duration::ZERO);
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _feed = feeders.recv().await.unwrap();
+    let started = Instant::now();
+    let report = drain.start(3 * SECOND).await;
+    assert_eq!(report.open_at_start(), 1);
+    assert_eq!(report.cut(), 1, "{report:?}");
+    assert_eq!(report.finished_within_grace(), 0);
+    assert!(started.elapsed() <= 3 * SECOND + 2 * TICK, "{report:?}");
+    assert_eq!(guard.active_streams(), 0);
+    drop(response);
+}
+
 mod drain_order {
     //! Real threads and real time: the race needs a second worker.
 

@@ -105,4 +105,10 @@ impl Drained for Shared {
         // The timer already cut every stream at the deadline.
         0
     }
+
+    fn cut_within(&self) -> Duration {
+        // A tick at most one resolution after the deadline, plus 1 ms of
+        // tokio's timer granularity.
+        self.timer.resolution() + Duration::from_millis(1)
+    }
 }

@@ -206,6 +206,11 @@ impl Sweeper {
         self.coarse.load(Ordering::Relaxed)
     }
 
+    /// How often the timer ticks.
+    pub(crate) fn resolution(&self) -> Duration {
+        self.resolution
+    }
+
     fn resolution_ns(&self) -> u64 {
         nanos(Some(self.resolution))
     }
