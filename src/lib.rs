@@ -186,7 +186,7 @@
 //! them. In the source, `src/stream/` holds the stream guard, one file per
 //! step above; `src/connection/` the connection guard; small leaf modules
 //! (endings, errors, peers, events, gRPC endings, JSON lines, sync helpers)
-//! serve both, and `src/drain.rs` reaches both through a small trait. The
+//! serve both, and `src/drain/` reaches both through a small trait. The
 //! table of ways a stream can end, with each one's gRPC status and message,
 //! is `src/end.rs`.
 //!

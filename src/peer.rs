@@ -18,7 +18,7 @@ use std::{fmt, net::SocketAddr, sync::Arc};
 ///    and with feature `tls`, `TlsConnectInfo<GuardedConnectInfo<T>>` (the
 ///    guard under an application-managed TLS acceptor);
 /// 3. the key a guard service was built for
-///    ([`StreamGuard::for_connection`](crate::stream::StreamGuard::for_connection):
+///    (`stream::StreamGuard::for_connection`:
 ///    hyper-util accept loops that build the service per connection);
 /// 4. the [`connection_key`](crate::StreamGuardBuilder::connection_key)
 ///    function, if set (a custom `Connected` type);

@@ -12,9 +12,9 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use super::{
-    body::ResponseBody,
     cap::{CapPermit, Refusal},
     handle::StreamHandle,
+    response_body::ResponseBody,
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};

@@ -106,7 +106,6 @@
 //!   dropping one cancels nothing else (dropping `run_until_cancelled`'s
 //!   drops the future it runs).
 
-mod body;
 pub(crate) mod builder;
 mod cap;
 mod ending;
@@ -117,15 +116,18 @@ mod origin;
 mod policy;
 mod record;
 mod report;
+mod request_body;
+mod response_body;
 pub(crate) mod route;
 mod service;
 mod shared;
 mod ticket;
 mod timer;
 
-pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use policy::Policy;
+pub use request_body::RequestBody;
+pub use response_body::ResponseBody;
 #[cfg(feature = "tonic")]
 pub use service::TonicBody;
 pub use service::{PlainBody, StreamGuard, WrapRequestBody};

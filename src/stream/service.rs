@@ -15,7 +15,6 @@ use tower_service::Service;
 use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::ConnectionKey};
 
 use super::{
-    body::{RequestBody, ResponseBody},
     cap::{self, CapSet, Origin},
     ending::After,
     future::{Gate, ResponseFuture},
@@ -23,6 +22,8 @@ use super::{
     origin,
     policy::Policy,
     record::Record,
+    request_body::RequestBody,
+    response_body::ResponseBody,
     route::{self, RouteRequest},
     shared::Shared,
     ticket::{EndOnUnwind, Ticket},
