@@ -35,7 +35,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tower_stream_guard::{StreamGuardLayer, StreamHandle};
+use tower_stream_guard::{RoutePolicy, StreamGuardLayer, StreamHandle};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -96,6 +96,9 @@ async fn request(addr: std::net::SocketAddr) -> Result<TcpStream, BoxError> {
 async fn main() -> Result<(), BoxError> {
     let guard = StreamGuardLayer::builder()
         .response_idle_timeout(Duration::from_millis(300))
+        // A route's cap counts only that route's streams (a layer-wide cap
+        // would count every request, health checks too).
+        .route("/events", RoutePolicy::new().max_streams(16))
         .build()?;
     let mut end_events = guard.subscribe();
     let app = Router::new()

@@ -197,14 +197,10 @@ pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError
 /// use tower_stream_guard::{ConfigError, RoutePolicy, StreamGuardLayer};
 ///
 /// let err = StreamGuardLayer::builder()
-///     .idle_timeout(Duration::from_secs(60))
-///     .max_lifetime(Duration::from_secs(60))
+///     .idle_timeout(Duration::ZERO)
 ///     .build()
 ///     .unwrap_err();
-/// assert!(matches!(
-///     err,
-///     ConfigError::IdleNotBelowLifetime { setting: "idle_timeout", .. }
-/// ));
+/// assert_eq!(err, ConfigError::Zero { setting: "idle_timeout" });
 ///
 /// let err = StreamGuardLayer::builder()
 ///     .route("/chat.Chat/Subscribe", RoutePolicy::new().max_streams(0))
@@ -235,8 +231,10 @@ pub enum ConfigError {
         /// The value given.
         value: Duration,
     },
-    /// An idle timeout is not shorter than the maximum lifetime, so it could
-    /// never fire.
+    /// An idle timeout is not shorter than the maximum lifetime. No longer
+    /// returned: such an idle timeout can never fire first, which is
+    /// harmless, so it is accepted.
+    #[deprecated(note = "never returned: an idle timeout not below the lifetime is accepted")]
     IdleNotBelowLifetime {
         /// The idle setting at fault.
         setting: &'static str,
@@ -306,6 +304,7 @@ impl fmt::Display for ConfigError {
                 f,
                 "`{setting}` is {value:?}, longer than the {MAX_DURATION:?} maximum (leave it unset for no limit)"
             ),
+            #[allow(deprecated)]
             ConfigError::IdleNotBelowLifetime {
                 setting,
                 idle,

@@ -62,7 +62,8 @@
 //!
 //! A server-sent-events route whose producer stops the moment its stream
 //! ends; with the `axum` feature, the guard reads the peer from axum's
-//! `ConnectInfo` for the per-peer cap.
+//! `ConnectInfo` for the per-peer cap. The cap is the route's: a layer-wide
+//! cap would count every request, health checks too.
 //!
 //! ```no_run
 //! use std::{convert::Infallible, net::SocketAddr, time::Duration};
@@ -73,7 +74,7 @@
 //!     routing::get,
 //! };
 //! use tokio_stream::wrappers::ReceiverStream;
-//! use tower_stream_guard::{StreamGuardLayer, StreamHandle};
+//! use tower_stream_guard::{RoutePolicy, StreamGuardLayer, StreamHandle};
 //!
 //! async fn events(
 //!     Extension(handle): Extension<StreamHandle>,
@@ -98,7 +99,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let guard = StreamGuardLayer::builder()
 //!     .response_idle_timeout(Duration::from_secs(30))
-//!     .max_streams_per_peer(8)
+//!     .route("/events", RoutePolicy::new().max_streams_per_peer(8))
 //!     .build()?;
 //! let app = Router::new().route("/events", get(events)).layer(guard);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;

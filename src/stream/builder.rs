@@ -135,7 +135,8 @@ impl StreamGuardBuilder {
     }
 
     /// Ends a stream `lifetime` after its request reached the guard, whatever
-    /// it is doing.
+    /// it is doing. An idle timeout not shorter than it is accepted but can
+    /// never fire first: the lifetime ends the stream.
     pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
         self.policy.max_lifetime = Some(lifetime);
         self
@@ -170,6 +171,11 @@ impl StreamGuardBuilder {
     /// Connections are told apart as [`ConnectionKey`] describes; a request
     /// on a connection nothing identifies is refused the same way, with a
     /// message naming what is missing, and a warning is logged once.
+    ///
+    /// A layer's cap counts every request through the layer, a health check
+    /// or a plain `GET` as much as a long stream. To cap only the streams of
+    /// some routes, set it on a [`RoutePolicy`] instead
+    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
     pub fn max_streams_per_connection(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerConnection, limit);
         self
@@ -183,12 +189,22 @@ impl StreamGuardBuilder {
     /// an IO that knows its peer). A request whose peer address is unknown
     /// is refused, naming what is missing (and a warning is logged once),
     /// rather than let through uncounted.
+    ///
+    /// A layer's cap counts every request through the layer, a health check
+    /// or a plain `GET` as much as a long stream. To cap only the streams of
+    /// some routes, set it on a [`RoutePolicy`] instead
+    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
     pub fn max_streams_per_peer(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerPeer, limit);
         self
     }
 
     /// At most `limit` open streams through this guard in total.
+    ///
+    /// A layer's cap counts every request through the layer, a health check
+    /// or a plain `GET` as much as a long stream. To cap only the streams of
+    /// some routes, set it on a [`RoutePolicy`] instead
+    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
     pub fn max_streams(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::Total, limit);
         self
@@ -327,10 +343,9 @@ impl StreamGuardBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] when a duration is zero, longer than
-    /// 365 days or shorter than the timer
-    /// resolution, when an idle timeout is not shorter than the maximum
-    /// lifetime, when the resolution is out of range, when the event
+    /// A [`ConfigError`] when a duration is zero, longer than 365 days or
+    /// shorter than the timer resolution, when the resolution is out of
+    /// range, when the event
     /// capacity or a cap is zero, or when a route's path does not start with
     /// `/` or its settings laid over the layer's break one of these rules
     /// ([`ConfigError::Route`] names the route).

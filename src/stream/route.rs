@@ -346,7 +346,7 @@ mod tests {
         };
         let err = spec(
             Matcher::Exact("/svc.S/Upload".into()),
-            RoutePolicy::new().request_idle_timeout(Duration::from_secs(90)),
+            RoutePolicy::new().request_idle_timeout(Duration::from_millis(5)),
         )
         .compile(0, base, Duration::from_millis(10))
         .err()
