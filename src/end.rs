@@ -10,6 +10,8 @@
 
 use std::{fmt, time::Duration};
 
+use http::StatusCode;
+
 use crate::grpc;
 
 /// Which side of a stream an idle timeout watches: the one an
@@ -139,6 +141,15 @@ impl fmt::Display for StreamCap {
 /// [`StreamHandle::end_reason`](crate::StreamHandle::end_reason), and counted
 /// in [`GuardStats`](crate::GuardStats).
 ///
+/// A peer reads the reason of a guard-made end too: whatever the guard
+/// writes itself (gRPC trailers, a trailers-only response, a plain-HTTP
+/// answer before headers) carries `stream-guard-reason: ` and
+/// [`as_str`](Self::as_str): `idle_timeout`, `lifetime_exceeded`,
+/// `rejected`, `drained`, or `cancelled` for
+/// [`StreamHandle::cancel`](crate::StreamHandle::cancel). A guard around a
+/// client reports the server guard's as
+/// [`EndEvent::server_guard_reason`](crate::EndEvent::server_guard_reason).
+///
 /// ```
 /// use tower_stream_guard::{EndReason, IdleDirection};
 ///
@@ -181,12 +192,14 @@ pub enum EndReason {
     /// back, one event.
     Panicked,
     /// A stream cap refused the stream: the service never saw it. gRPC
-    /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503`.
+    /// clients get `RESOURCE_EXHAUSTED`, plain HTTP clients `503` with a
+    /// `Retry-After` ([`retry_after`](crate::StreamGuardBuilder::retry_after)).
     Rejected(StreamCap),
     /// The server drained: the stream was still open when the drain's grace
     /// period ended, or it arrived after the drain began. gRPC clients get
     /// `UNAVAILABLE`, plain HTTP clients a reset stream (or `503` before
-    /// headers). See [`Drain`](crate::Drain).
+    /// headers, with a `Retry-After` when the drain refused the stream). See
+    /// [`Drain`](crate::Drain).
     Drained,
 }
 
@@ -320,6 +333,9 @@ pub(crate) struct Row {
     /// The gRPC status a guard-made end carries; `None` when the stream
     /// ended by itself (its bodies then end as the inner ones did).
     pub(crate) status: Option<u32>,
+    /// The HTTP status of a plain-HTTP response the guard makes itself
+    /// (before the service answered).
+    pub(crate) http: StatusCode,
     pub(crate) log: Log,
     /// The sentence the peer and the logs read: `{limit}` stands for the
     /// limit that fired (a duration), `{cap_limit}` for a cap's limit.
@@ -327,7 +343,7 @@ pub(crate) struct Row {
 }
 
 macro_rules! rows {
-    ($($ending:ident => $reason:expr, $name:literal, $key:literal, $status:expr, $log:ident, $message:expr;)*) => {
+    ($($ending:ident => $reason:expr, $name:literal, $key:literal, $status:expr, $http:ident, $log:ident, $message:expr;)*) => {
         /// The table of endings, in [`Ending`] order.
         pub(crate) const ROWS: [Row; 17] = [$(Row {
             ending: Ending::$ending,
@@ -335,6 +351,7 @@ macro_rules! rows {
             name: $name,
             key: $key,
             status: $status,
+            http: StatusCode::$http,
             log: Log::$log,
             message: $message,
         }),*];
@@ -351,46 +368,46 @@ const EXHAUSTED: Option<u32> = Some(grpc::RESOURCE_EXHAUSTED);
 const UNAVAILABLE: Option<u32> = Some(grpc::UNAVAILABLE);
 
 rows! {
-    Completed => EndReason::Completed, "completed", "completed", None, Quiet,
+    Completed => EndReason::Completed, "completed", "completed", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: completed";
-    Cancelled => EndReason::Cancelled, "cancelled", "cancelled", None, Quiet,
+    Cancelled => EndReason::Cancelled, "cancelled", "cancelled", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: cancelled";
-    CancelledByHandle => EndReason::Cancelled, "cancelled", "cancelled", Some(grpc::CANCELLED), Quiet,
+    CancelledByHandle => EndReason::Cancelled, "cancelled", "cancelled", Some(grpc::CANCELLED), GATEWAY_TIMEOUT, Quiet,
         "stream cancelled through its handle (StreamHandle::cancel)";
-    IdleRequest => EndReason::IdleTimeout(IdleDirection::Request), "idle_timeout", "idle_timeout_request", DEADLINE, Guard,
+    IdleRequest => EndReason::IdleTimeout(IdleDirection::Request), "idle_timeout", "idle_timeout_request", DEADLINE, REQUEST_TIMEOUT, Guard,
         "stream idle: no request frame for {limit} (request_idle_timeout)";
-    IdleResponse => EndReason::IdleTimeout(IdleDirection::Response), "idle_timeout", "idle_timeout_response", DEADLINE, Guard,
+    IdleResponse => EndReason::IdleTimeout(IdleDirection::Response), "idle_timeout", "idle_timeout_response", DEADLINE, GATEWAY_TIMEOUT, Guard,
         "stream idle: no response frame for {limit} (response_idle_timeout)";
-    IdleBoth => EndReason::IdleTimeout(IdleDirection::Both), "idle_timeout", "idle_timeout_both", DEADLINE, Guard,
+    IdleBoth => EndReason::IdleTimeout(IdleDirection::Both), "idle_timeout", "idle_timeout_both", DEADLINE, GATEWAY_TIMEOUT, Guard,
         "stream idle: no frame moved either way for {limit} (idle_timeout)";
-    Lifetime => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, Guard,
+    Lifetime => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, GATEWAY_TIMEOUT, Guard,
         "stream exceeded its maximum lifetime of {limit} (max_lifetime)";
-    ClientDeadline => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, Guard,
+    ClientDeadline => EndReason::LifetimeExceeded, "lifetime_exceeded", "lifetime_exceeded", DEADLINE, GATEWAY_TIMEOUT, Guard,
         "stream passed the deadline of {limit} the client set (grpc-timeout)";
-    Error => EndReason::Error, "error", "error", None, Quiet,
+    Error => EndReason::Error, "error", "error", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: error";
-    Panicked => EndReason::Panicked, "panicked", "panicked", None, Quiet,
+    Panicked => EndReason::Panicked, "panicked", "panicked", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: panicked";
-    RejectedPerConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, Refused,
+    RejectedPerConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: at most {cap_limit} concurrent streams per connection (max_streams_per_connection)";
-    RejectedPerPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, Refused,
+    RejectedPerPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: at most {cap_limit} concurrent streams per peer (max_streams_per_peer)";
-    RejectedTotal => EndReason::Rejected(StreamCap::Total), "rejected", "rejected_total", EXHAUSTED, Refused,
+    RejectedTotal => EndReason::Rejected(StreamCap::Total), "rejected", "rejected_total", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: at most {cap_limit} concurrent streams in total (max_streams)";
-    RejectedNoConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, Refused,
+    RejectedNoConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: max_streams_per_connection is set but the request carries no connection identity \
          (no connect info names its connection; Unix sockets and custom IO have none): \
          wrap the accepted IO with ConnectionGuard, or supply a ConnectionKey or ConnectionHandle extension, \
          tonic's TcpConnectInfo or TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> \
          (feature `axum`), or a connection_key function (per connection)";
-    RejectedNoPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, Refused,
+    RejectedNoPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: max_streams_per_peer is set but the request carries no peer \
          address; supply a PeerAddr extension, tonic's TcpConnectInfo or \
          TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> (feature `axum`), an \
          address-based ConnectionKey, or a ConnectionGuard over an IO that knows its peer (per peer)";
-    Drained => EndReason::Drained, "drained", "drained", UNAVAILABLE, Guard,
+    Drained => EndReason::Drained, "drained", "drained", UNAVAILABLE, SERVICE_UNAVAILABLE, Guard,
         "stream cut: the server is draining and its {limit} grace period ended (drain)";
-    DrainRefused => EndReason::Drained, "drained", "drained", UNAVAILABLE, Guard,
+    DrainRefused => EndReason::Drained, "drained", "drained", UNAVAILABLE, SERVICE_UNAVAILABLE, Guard,
         "stream refused: the server is draining and accepts no new streams (drain)";
 }
 
@@ -436,6 +453,33 @@ impl Ending {
     /// The gRPC status the peer reads when this ending was guard-made.
     pub(crate) fn status(self) -> Option<u32> {
         self.row().status
+    }
+
+    /// The HTTP status of a plain-HTTP answer the guard makes before the
+    /// service answered: `408` for a request-side idle timeout (the client
+    /// stalled), `503` for a cap or a drain, `504` otherwise.
+    pub(crate) fn http_status(self) -> StatusCode {
+        self.row().http
+    }
+
+    /// Whether this ending refused a stream the service never saw (a cap, a
+    /// drain in progress): its plain-HTTP answer says when to retry.
+    pub(crate) fn is_refusal(self) -> bool {
+        self.row().log == Log::Refused || self == Ending::DrainRefused
+    }
+
+    /// The first guard-made ending whose name ([`EndReason::as_str`]) is
+    /// `value`, as a guard writes it in `stream-guard-reason`; `None` for
+    /// anything else.
+    pub(crate) fn guard_named(value: &[u8]) -> Option<Ending> {
+        ROWS.iter()
+            .find(|row| row.status.is_some() && row.name.as_bytes() == value)
+            .map(|row| row.ending)
+    }
+
+    /// [`EndReason::as_str`] of this ending's reason.
+    pub(crate) fn name(self) -> &'static str {
+        self.row().name
     }
 
     /// The sentence the peer and the logs read, with the limit that fired

@@ -179,6 +179,7 @@ pub struct EndEvent {
     pub(crate) request: Traffic,
     pub(crate) response: Traffic,
     pub(crate) grpc_status: Option<u32>,
+    pub(crate) server_guard_reason: Option<&'static str>,
 }
 
 impl EndEvent {
@@ -259,13 +260,29 @@ impl EndEvent {
         self.grpc_status
     }
 
+    /// The reason a guard on the other end of the call named in its
+    /// `stream-guard-reason` header or trailer ([`EndReason::as_str`]:
+    /// `idle_timeout`, `lifetime_exceeded`, `rejected`, `drained`,
+    /// `cancelled`), when this guard wraps a client and the server's guard
+    /// ended the call; `None` when the response carried none, or a value no
+    /// guard writes. It tells the server guard's `DEADLINE_EXCEEDED` from
+    /// the server's own.
+    ///
+    /// [`reason`](Self::reason) is this guard's own view: usually
+    /// [`Completed`](EndReason::Completed), since the server ended the call
+    /// with a status.
+    pub fn server_guard_reason(&self) -> Option<&'static str> {
+        self.server_guard_reason
+    }
+
     /// The event as one line of JSON (no trailing newline), with the keys
     /// `id`, `method`, `route`, `peer`, `connection`, `reason`, `direction`
     /// (idle timeouts only), `limit_ms` (idle timeouts, lifetimes and drains
     /// only),
     /// `cap` and `cap_limit` (rejections only), `started_at_ms` (Unix time),
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
-    /// `response_bytes` and `grpc_status` (`null` when none).
+    /// `response_bytes`, `grpc_status` (`null` when none) and
+    /// `server_guard_reason` (only when the response named one).
     pub fn to_json(&self) -> String {
         let started = self
             .started_at
@@ -296,8 +313,11 @@ impl EndEvent {
             .num("request_bytes", self.request.bytes)
             .num("response_frames", self.response.frames)
             .num("response_bytes", self.response.bytes)
-            .opt_num("grpc_status", self.grpc_status)
-            .finish()
+            .opt_num("grpc_status", self.grpc_status);
+        if let Some(reason) = self.server_guard_reason {
+            line.str("server_guard_reason", reason);
+        }
+        line.finish()
     }
 }
 
@@ -365,6 +385,7 @@ mod tests {
             },
             response: Traffic::default(),
             grpc_status: Some(4),
+            server_guard_reason: None,
         }
     }
 
@@ -373,6 +394,19 @@ mod tests {
         assert_eq!(
             event().to_json(),
             r##"{"id":7,"method":"POST","route":"/echo.Echo/Bidi","peer":"127.0.0.1:4000","connection":"#3","reason":"idle_timeout","direction":"request","limit_ms":2000,"started_at_ms":1500,"duration_ms":2500,"request_frames":3,"request_bytes":30,"response_frames":0,"response_bytes":0,"grpc_status":4}"##
+        );
+    }
+
+    #[test]
+    fn json_line_names_the_servers_guard_reason_when_there_is_one() {
+        let mut event = event();
+        event.server_guard_reason = Some("idle_timeout");
+        assert!(
+            event
+                .to_json()
+                .ends_with(r#""grpc_status":4,"server_guard_reason":"idle_timeout"}"#),
+            "{}",
+            event.to_json()
         );
     }
 

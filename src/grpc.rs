@@ -6,18 +6,37 @@
 //! `grpc-status: 4` (`DEADLINE_EXCEEDED`) and a `grpc-message` naming the guard.
 //! Before response headers exist, it answers with a trailers-only response
 //! carrying the same status. Plain HTTP responses get a body error (RST_STREAM
-//! on HTTP/2), or a `504 Gateway Timeout` before headers.
+//! on HTTP/2), or before headers a response of the guard's own: `408 Request
+//! Timeout` when the request body went silent, `503 Service Unavailable` for a
+//! cap or a drain (with a `Retry-After` when it refused the stream, see
+//! [`StreamGuardBuilder::retry_after`](crate::StreamGuardBuilder::retry_after)),
+//! `504 Gateway Timeout` otherwise.
+//!
+//! # The `stream-guard-reason` trailer
+//!
+//! Everything the guard writes itself (those trailers, the trailers-only
+//! response, a plain-HTTP answer before headers) also carries
+//! `stream-guard-reason` with [`EndReason::as_str`](crate::EndReason::as_str)
+//! of the end: `idle_timeout`, `lifetime_exceeded`, `rejected`, `drained`,
+//! or `cancelled` for [`StreamHandle::cancel`](crate::StreamHandle::cancel).
+//! So a client tells a guard's `DEADLINE_EXCEEDED` from the server's own by
+//! that key, not by the message text. A guard on the client side reads it
+//! back: [`EndEvent::server_guard_reason`](crate::EndEvent::server_guard_reason).
 
 use std::{fmt::Write as _, time::Duration};
 
 use http::{
-    HeaderMap, HeaderValue, Response, StatusCode,
-    header::{CONTENT_TYPE, HeaderName},
+    HeaderMap, HeaderValue, Response,
+    header::{CONTENT_TYPE, HeaderName, RETRY_AFTER},
 };
+
+use crate::end::Ending;
 
 // Parsed once, not on every lookup.
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// Names the guard's reason for an end it wrote itself.
+const GUARD_REASON: HeaderName = HeaderName::from_static("stream-guard-reason");
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
@@ -83,49 +102,66 @@ pub(crate) fn percent_encode(message: &str) -> String {
     out
 }
 
-/// Writes `grpc-status` and `grpc-message` into `headers`.
-pub(crate) fn put_status(headers: &mut HeaderMap, code: u32, message: &str) {
+/// Writes `grpc-status`, `grpc-message` and `stream-guard-reason` into
+/// `headers`.
+fn put_status(headers: &mut HeaderMap, code: u32, message: &str, reason: &'static str) {
     headers.insert(GRPC_STATUS, HeaderValue::from(code));
     // Percent-encoding leaves only visible ASCII, which is always a valid
     // header value.
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
         headers.insert(GRPC_MESSAGE, value);
     }
+    headers.insert(GUARD_REASON, HeaderValue::from_static(reason));
 }
 
-/// Trailers that end a gRPC response with `code` and `message`.
-pub(crate) fn trailers(code: u32, message: &str) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(2);
-    put_status(&mut headers, code, message);
+/// Trailers that end a gRPC response with `code` and `message`, naming the
+/// guard's `reason` ([`EndReason::as_str`](crate::EndReason::as_str)).
+pub(crate) fn trailers(code: u32, message: &str, reason: &'static str) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(3);
+    put_status(&mut headers, code, message, reason);
     headers
 }
 
-/// The HTTP status a plain-HTTP response made by the guard carries for a
-/// given gRPC code: `503` for a refusal, `504` for a limit.
-fn http_status(code: u32) -> StatusCode {
-    match code {
-        RESOURCE_EXHAUSTED | UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::GATEWAY_TIMEOUT,
-    }
+/// The reason a guard named in `headers` (`stream-guard-reason`), as the
+/// first ending of that name, if it is one a guard writes; anything else
+/// reads as none.
+pub(crate) fn guard_reason_of(headers: &HeaderMap) -> Option<Ending> {
+    Ending::guard_named(headers.get(&GUARD_REASON)?.as_bytes())
 }
 
-/// A response made by the guard before the service produced one: trailers-only
-/// for gRPC, `504 Gateway Timeout` (a limit) or `503 Service Unavailable` (a
-/// refusal or a drain) otherwise.
-pub(crate) fn early_response<B>(grpc: bool, code: u32, message: &str, body: B) -> Response<B> {
+/// A response made by the guard before the service produced one, for a
+/// stream that ended as `ending`: trailers-only for gRPC, otherwise
+/// [`Ending::http_status`], with `Retry-After: retry_after_secs` when the
+/// guard refused the stream. Either way `stream-guard-reason` names the
+/// reason.
+pub(crate) fn early_response<B>(
+    grpc: bool,
+    ending: Ending,
+    message: &str,
+    retry_after_secs: u64,
+    body: B,
+) -> Response<B> {
     let mut response = Response::new(body);
+    let reason = ending.reason().as_str();
+    let headers = response.headers_mut();
     if grpc {
-        let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        put_status(headers, code, message);
+        let code = ending.status().unwrap_or(DEADLINE_EXCEEDED);
+        put_status(headers, code, message, reason);
     } else {
-        *response.status_mut() = http_status(code);
+        headers.insert(GUARD_REASON, HeaderValue::from_static(reason));
+        if ending.is_refusal() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        *response.status_mut() = ending.http_status();
     }
     response
 }
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
 
     #[test]
@@ -159,14 +195,71 @@ mod tests {
 
     #[test]
     fn early_grpc_response_is_trailers_only() {
-        let r = early_response(true, DEADLINE_EXCEEDED, "too long", ());
+        let r = early_response(true, Ending::Lifetime, "too long", 1, ());
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(status_of(r.headers()), Some(4));
         assert_eq!(r.headers()["grpc-message"], "too long");
-        let r = early_response(false, DEADLINE_EXCEEDED, "too long", ());
-        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
-        let r = early_response(false, RESOURCE_EXHAUSTED, "full", ());
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            guard_reason_of(r.headers()).map(Ending::name),
+            Some("lifetime_exceeded")
+        );
+        assert!(r.headers().get(RETRY_AFTER).is_none());
+        let r = early_response(true, Ending::RejectedTotal, "full", 1, ());
+        assert_eq!(status_of(r.headers()), Some(8));
+        assert!(r.headers().get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn early_plain_response_status_says_who_stalled() {
+        let status = |ending| early_response(false, ending, "", 7, ()).status();
+        assert_eq!(status(Ending::IdleRequest), StatusCode::REQUEST_TIMEOUT);
+        for ending in [
+            Ending::IdleResponse,
+            Ending::IdleBoth,
+            Ending::Lifetime,
+            Ending::ClientDeadline,
+            Ending::CancelledByHandle,
+        ] {
+            assert_eq!(status(ending), StatusCode::GATEWAY_TIMEOUT, "{ending:?}");
+        }
+        for ending in [
+            Ending::RejectedPerPeer,
+            Ending::RejectedNoConnection,
+            Ending::DrainRefused,
+        ] {
+            let r = early_response(false, ending, "", 7, ());
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{ending:?}");
+            assert_eq!(r.headers()[RETRY_AFTER], "7", "{ending:?}");
+        }
+        let cut = early_response(false, Ending::Drained, "", 7, ());
+        assert_eq!(cut.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(cut.headers().get(RETRY_AFTER).is_none());
+        assert_eq!(
+            guard_reason_of(cut.headers()).map(Ending::name),
+            Some("drained")
+        );
+    }
+
+    #[test]
+    fn only_the_names_a_guard_writes_are_read_back() {
+        let read = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(GUARD_REASON, HeaderValue::from_static(v));
+            guard_reason_of(&h).map(Ending::name)
+        };
+        for name in [
+            "idle_timeout",
+            "lifetime_exceeded",
+            "rejected",
+            "drained",
+            "cancelled",
+        ] {
+            assert_eq!(read(name), Some(name));
+        }
+        for other in ["completed", "error", "IDLE_TIMEOUT", "idle_timeout ", "x"] {
+            assert_eq!(read(other), None, "{other:?}");
+        }
+        assert_eq!(guard_reason_of(&HeaderMap::new()), None);
     }
 
     #[test]

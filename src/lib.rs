@@ -120,12 +120,18 @@
 //! | situation | gRPC response | plain HTTP response |
 //! |---|---|---|
 //! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (RST_STREAM on HTTP/2) |
-//! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `504 Gateway Timeout` |
+//! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `408 Request Timeout` when the request body went silent ([`request_idle_timeout`](StreamGuardBuilder::request_idle_timeout)), `504 Gateway Timeout` for the other idle timeouts and the lifetime; the handler's future is dropped |
+//! | a cap refuses the stream, or a drain is in progress | trailers-only response, `grpc-status: 8` (cap) or `14` (drain) | `503 Service Unavailable` with `Retry-After: 1` ([`retry_after`](StreamGuardBuilder::retry_after)) |
 //! | peer stopped reading (hyper no longer polls the body) | handle cancelled, event emitted, state released at once; the trailers go out if the peer ever reads again | same |
 //! | request body awaited by the handler | the read fails with [`GuardError`]; tonic handlers see `Status::deadline_exceeded` from `message()` | the read fails with [`GuardError`] |
 //!
 //! In every case the [`StreamHandle`] is cancelled and the end event is
-//! emitted when the guard fires. What stays with hyper after a stalled reader
+//! emitted when the guard fires. Whatever the guard writes itself (trailers,
+//! a trailers-only or plain response) also carries a `stream-guard-reason`
+//! header or trailer: [`EndReason::as_str`] of the end (`idle_timeout`,
+//! `lifetime_exceeded`, `rejected`, `drained`, `cancelled`), so that a
+//! client tells the guard's `DEADLINE_EXCEEDED` from the server's own; a
+//! guard on the client reports it as [`EndEvent::server_guard_reason`]. What stays with hyper after a stalled reader
 //! is released, until the peer reads, resets the stream or the connection
 //! closes: the HTTP/2 stream and its unsent buffered data (at most the
 //! flow-control window), and the response body, with the inner body it wraps
@@ -164,7 +170,7 @@
 //!    and files the stream with the layer's timer.
 //! 2. The [`stream::ResponseFuture`] holds the ticket while the service
 //!    answers; if the stream ends first it answers for the guard (trailers
-//!    only, or `504`/`503`). Its answer's body, a [`stream::ResponseBody`],
+//!    only, or `408`/`504`/`503`). Its answer's body, a [`stream::ResponseBody`],
 //!    takes the ticket over.
 //! 3. The bodies count frames and stamp the time of the last one with the
 //!    timer's coarse clock: that is all they do per frame. **Idle timeouts

@@ -29,6 +29,8 @@ async fn refused_plain_stream_gets_503_and_never_reaches_the_service() {
     let first = call(&mut svc, request("/a", 1, false)).await;
     let refused = call(&mut svc, request("/a", 1, false)).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["stream-guard-reason"], "rejected");
     assert!(refused.body().is_end_stream());
     assert_eq!(app.handled.load(Ordering::SeqCst), 1);
     // Another connection is not affected.
@@ -488,4 +490,32 @@ proptest! {
             assert_eq!(guard.stats().ended_total(), plan.len() as u64, "no second end");
         });
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_says_when_to_retry_as_configured() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_streams(1)
+            .retry_after(std::time::Duration::from_millis(2500)),
+    );
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let _first = call(&mut svc, request("/a", 1, false)).await;
+    let refused = call(&mut svc, request("/a", 1, false)).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Whole seconds, rounded up: never sooner than asked.
+    assert_eq!(refused.headers()["retry-after"], "3");
+    // gRPC refusals carry their status, not an HTTP hint.
+    let refused = call(&mut svc, request("/a", 1, true)).await;
+    assert_eq!(refused.headers()["grpc-status"], "8");
+    assert!(refused.headers().get("retry-after").is_none());
+}
+
+#[test]
+fn retry_after_is_at_most_a_year() {
+    let too_long = StreamGuardLayer::builder()
+        .retry_after(std::time::Duration::from_secs(366 * 24 * 3600))
+        .build();
+    assert!(too_long.is_err());
 }

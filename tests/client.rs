@@ -323,3 +323,160 @@ async fn hyper_client_guard_ends_a_silent_plain_body_with_an_error() {
         EndReason::IdleTimeout(IdleDirection::Response)
     );
 }
+
+/// A tonic server behind a guard built from `builder`.
+async fn serve_with(builder: tower_stream_guard::StreamGuardBuilder) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let guard = builder.build().unwrap();
+    let router = tonic::transport::Server::builder()
+        .layer(guard)
+        .add_service(EchoServer::new(EchoService::new()));
+    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_guard_names_its_reason_in_a_trailer_the_client_guard_reports() {
+    let addr =
+        serve_with(StreamGuardLayer::builder().response_idle_timeout(Duration::from_millis(300)))
+            .await;
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let mut events = guard.subscribe();
+    let mut client = guarded_client(addr, &guard).await;
+
+    // One message echoed, then the server has nothing more to say.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(EchoRequest {
+        message: "one".into(),
+    })
+    .await
+    .unwrap();
+    let mut replies = client
+        .bidi(ReceiverStream::new(rx))
+        .await
+        .expect("bidi call")
+        .into_inner();
+    timeout(PATIENCE, replies.message())
+        .await
+        .expect("reply in time")
+        .expect("reply ok")
+        .expect("open");
+    let status = timeout(PATIENCE, replies.message())
+        .await
+        .expect("the server's guard ends the call")
+        .expect_err("a guard-made status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("stream-guard-reason")
+            .map(|v| v.to_str().unwrap()),
+        Some("idle_timeout"),
+        "{status:?}"
+    );
+    drop(replies);
+    let event = next_event(&mut events).await;
+    assert_eq!(event.grpc_status(), Some(4));
+    assert_eq!(
+        event.server_guard_reason(),
+        Some("idle_timeout"),
+        "{event:?}"
+    );
+    assert!(
+        event
+            .to_json()
+            .contains(r#""server_guard_reason":"idle_timeout""#),
+        "{}",
+        event.to_json()
+    );
+    drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_the_servers_cap_says_rejected_in_its_trailers_only_response() {
+    let addr = serve_with(StreamGuardLayer::builder().max_streams(1)).await;
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let mut events = guard.subscribe();
+    let mut client = guarded_client(addr, &guard).await;
+
+    // Holds the server's one slot.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(EchoRequest {
+        message: "hold".into(),
+    })
+    .await
+    .unwrap();
+    let mut held = client
+        .bidi(ReceiverStream::new(rx))
+        .await
+        .expect("bidi call")
+        .into_inner();
+    timeout(PATIENCE, held.message())
+        .await
+        .expect("reply in time")
+        .expect("reply ok")
+        .expect("open");
+
+    let status = client
+        .unary(EchoRequest {
+            message: "refused".into(),
+        })
+        .await
+        .expect_err("the cap refuses");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("stream-guard-reason")
+            .map(|v| v.to_str().unwrap()),
+        Some("rejected"),
+        "{status:?}"
+    );
+    let event = next_event(&mut events).await;
+    assert_eq!(event.path(), "/echo.Echo/Unary");
+    assert_eq!(event.grpc_status(), Some(8));
+    assert_eq!(event.server_guard_reason(), Some("rejected"), "{event:?}");
+    drop((tx, held));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_own_deadline_exceeded_carries_no_guard_reason() {
+    // A server (no guard) that answers every call with its own
+    // DEADLINE_EXCEEDED, trailers-only.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (io, _) = listener.accept().await.unwrap();
+        let service = hyper::service::service_fn(|_request| async {
+            let mut response = Response::new(Empty::<Bytes>::new());
+            let headers = response.headers_mut();
+            headers.insert("content-type", "application/grpc".parse().unwrap());
+            headers.insert("grpc-status", "4".parse().unwrap());
+            headers.insert(
+                "grpc-message",
+                "the database took too long".parse().unwrap(),
+            );
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    });
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let mut events = guard.subscribe();
+    let mut client = guarded_client(addr, &guard).await;
+
+    let status = client
+        .unary(EchoRequest {
+            message: "slow".into(),
+        })
+        .await
+        .expect_err("the server's own status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.metadata().get("stream-guard-reason").is_none());
+    let event = next_event(&mut events).await;
+    assert_eq!(event.grpc_status(), Some(4));
+    assert_eq!(event.server_guard_reason(), None);
+    assert!(!event.to_json().contains("server_guard_reason"));
+}

@@ -30,6 +30,9 @@ async fn new_streams_are_refused_once_the_drain_begins() {
     assert!(message.contains("draining"), "{message}");
     let plain = call(&mut svc, request("/page", 1, false)).await;
     assert_eq!(plain.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(plain.headers()["retry-after"], "1");
+    assert_eq!(plain.headers()["stream-guard-reason"], "drained");
+    assert_eq!(grpc.headers()["stream-guard-reason"], "drained");
     assert_eq!(app.handled.load(std::sync::atomic::Ordering::SeqCst), 0);
     for _ in 0..2 {
         let event = next_event(&mut events).await;

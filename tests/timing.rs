@@ -208,6 +208,7 @@ async fn response_idle_fires_exactly_on_time_and_ends_with_deadline_exceeded_tra
     assert_eq!(trailers["grpc-status"], "4");
     let message = trailers["grpc-message"].to_str().unwrap();
     assert!(message.contains("response_idle_timeout"), "{message}");
+    assert_eq!(trailers["stream-guard-reason"], "idle_timeout");
     assert!(body.frame().await.is_none());
     assert!(body.is_end_stream());
     assert_eq!(guard.active_streams(), 0);
@@ -350,6 +351,10 @@ async fn lifetime_before_headers_answers_trailers_only_for_grpc() {
     assert_eq!(response.headers()["grpc-status"], "4");
     let message = response.headers()["grpc-message"].to_str().unwrap();
     assert!(message.contains("max_lifetime"), "{message}");
+    assert_eq!(
+        response.headers()["stream-guard-reason"],
+        "lifetime_exceeded"
+    );
     assert!(
         stream.respond.is_closed(),
         "the handler's future was dropped"
@@ -366,6 +371,43 @@ async fn lifetime_before_headers_answers_504_for_plain_http() {
     let response = stream.response.await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(response.headers().get("grpc-status").is_none());
+    assert_eq!(
+        response.headers()["stream-guard-reason"],
+        "lifetime_exceeded"
+    );
+    assert!(response.headers().get("retry-after").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_body_silent_before_headers_answers_408_for_plain_http() {
+    let guard = guard(StreamGuardLayer::builder().request_idle_timeout(SECOND));
+    let mut events = guard.subscribe();
+    let stream = open(&guard, false).await;
+    let response = stream.response.await.unwrap().unwrap();
+    assert_eq!(stream.started.elapsed(), SECOND);
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(response.headers()["stream-guard-reason"], "idle_timeout");
+    assert!(response.headers().get("retry-after").is_none());
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Request)
+    );
+    drop(stream.request_tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_side_idle_before_headers_still_answers_504_for_plain_http() {
+    for builder in [
+        StreamGuardLayer::builder().response_idle_timeout(SECOND),
+        StreamGuardLayer::builder().idle_timeout(SECOND),
+    ] {
+        let layer = guard(builder);
+        let stream = open(&layer, false).await;
+        let response = stream.response.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        drop(stream.request_tx);
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -20,6 +20,9 @@ use crate::{
     peer::{ConnectionKey, KeyFn},
 };
 
+/// `Retry-After` of a plain-HTTP refusal unless set.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Configures a [`StreamGuardLayer`]; every setting is optional, and
 /// [`build`](Self::build) checks them all at once.
 ///
@@ -59,6 +62,7 @@ pub struct StreamGuardBuilder {
     policy: Policy,
     caps: CapLimits,
     cap_wait: Option<Duration>,
+    retry_after: Duration,
     routes: Vec<RouteSpec>,
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
@@ -76,6 +80,7 @@ impl Default for StreamGuardBuilder {
             policy: Policy::default(),
             caps: CapLimits::default(),
             cap_wait: None,
+            retry_after: DEFAULT_RETRY_AFTER,
             routes: Vec::new(),
             connection_key: None,
             honor_grpc_timeout: false,
@@ -95,6 +100,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("policy", &self.policy)
             .field("caps", &self.caps)
             .field("cap_wait", &self.cap_wait)
+            .field("retry_after", &self.retry_after)
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
@@ -109,6 +115,42 @@ impl fmt::Debug for StreamGuardBuilder {
 }
 
 impl StreamGuardBuilder {
+    /// How long a plain-HTTP client refused by a stream cap or a drain in
+    /// progress is told to wait before it retries: the `Retry-After` of the
+    /// `503` answer, in whole seconds rounded up (default 1 second, at most
+    /// 365 days). gRPC refusals carry their status only.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams(1)
+    ///     .retry_after(Duration::from_secs(5))
+    ///     .build()?;
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new("hello".to_owned()))
+    /// }));
+    /// let first = service.clone().oneshot(Request::new(String::new())).await?;
+    /// let refused = service.oneshot(Request::new(String::new())).await?;
+    /// assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// assert_eq!(refused.headers()["retry-after"], "5");
+    /// assert_eq!(refused.headers()["stream-guard-reason"], "rejected");
+    /// # drop(first);
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = wait;
+        self
+    }
+
     /// Ends a stream when no frame moved in *either* direction for `timeout`:
     /// the safe choice for bidirectional calls where one side is quiet for a
     /// while. Ends gRPC responses with `DEADLINE_EXCEEDED`.
@@ -356,6 +398,10 @@ impl StreamGuardBuilder {
         if let Some(patience) = self.cap_wait {
             check_duration("cap_wait", patience, None)?;
         }
+        check_duration("retry_after", self.retry_after, None)?;
+        // Rounded up: a client never retries sooner than asked.
+        let retry_after_secs =
+            self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
         let routes = self
             .routes
             .into_iter()
@@ -371,6 +417,7 @@ impl StreamGuardBuilder {
             honor_grpc_timeout: self.honor_grpc_timeout,
             cap_wait: self.cap_wait,
             handle_in_response: self.response_handle,
+            retry_after_secs,
         };
         let shared = Shared::new(
             Sweeper::new(self.resolution, drain.is_some()),

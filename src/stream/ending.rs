@@ -176,6 +176,18 @@ impl Record {
         held.get_or_insert_default().extend(permits);
     }
 
+    /// Records the reason the response's `stream-guard-reason` named (a
+    /// guard further along: a client's guard reads the server's).
+    pub(crate) fn set_server_guard_reason(&self, ending: Ending) {
+        self.server_guard_reason
+            .store(ending.code(), Ordering::Relaxed);
+    }
+
+    /// The reason a guard further along named, for the end event.
+    fn server_guard_reason(&self) -> Option<&'static str> {
+        Ending::from_code(self.server_guard_reason.load(Ordering::Relaxed)).map(Ending::name)
+    }
+
     /// Ends the stream as refused by `cap`, whose limit is `limit`.
     pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
         // A limit past u32::MAX is reported as u32::MAX.
@@ -307,6 +319,7 @@ impl Record {
             request: self.request_traffic(),
             response: self.response_traffic(),
             grpc_status: after.grpc_status(),
+            server_guard_reason: self.server_guard_reason(),
         }
     }
 }

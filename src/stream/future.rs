@@ -37,10 +37,16 @@ pin_project! {
     /// it resolves at once with a response of the guard's own and drops the
     /// service's future, which cancels a handler still running: for gRPC a
     /// trailers-only response with the guard's status (`4` for a limit, `14`
-    /// for a drain, `1` for a cancel), otherwise `504 Gateway Timeout` (`503`
-    /// for a drain). A stream a cap refuses, or that arrives while a drain is
-    /// in progress, gets `grpc-status: 8` (`RESOURCE_EXHAUSTED`) or `14`
-    /// (`UNAVAILABLE`), or `503`, the same way.
+    /// for a drain, `1` for a cancel), otherwise `408 Request Timeout` when
+    /// the request body went silent
+    /// ([`request_idle_timeout`](crate::StreamGuardBuilder::request_idle_timeout)),
+    /// `503 Service Unavailable` for a drain, `504 Gateway Timeout` for the
+    /// other limits and a cancel. A stream a cap refuses, or that arrives
+    /// while a drain is in progress, gets `grpc-status: 8`
+    /// (`RESOURCE_EXHAUSTED`) or `14` (`UNAVAILABLE`), or `503` with a
+    /// `Retry-After` ([`retry_after`](crate::StreamGuardBuilder::retry_after)),
+    /// the same way. Each of these answers names its reason in
+    /// `stream-guard-reason` ([`EndReason::as_str`](crate::EndReason::as_str)).
     ///
     /// # Cancel safety
     ///
@@ -132,8 +138,9 @@ impl<F> ResponseFuture<F> {
         let ending = ticket.ending().unwrap_or(Ending::Cancelled);
         let response = grpc::early_response(
             ticket.grpc,
-            ending.status().unwrap_or(grpc::DEADLINE_EXCEEDED),
+            ending,
             &ticket.message(ending),
+            ticket.shared.admission.retry_after_secs,
             (),
         );
         Poll::Ready(Ok(response.map(|()| ResponseBody::answered(ticket))))
@@ -203,6 +210,9 @@ where
                 let grpc = grpc::is_grpc(response.headers());
                 if let Some(code) = grpc::status_of(response.headers()) {
                     ticket.set_grpc_status(code);
+                }
+                if let Some(reason) = grpc::guard_reason_of(response.headers()) {
+                    ticket.set_server_guard_reason(reason);
                 }
                 Poll::Ready(Ok(
                     response.map(|body| ResponseBody::guarded(body, ticket, grpc))

@@ -103,6 +103,10 @@ pub(crate) struct Record {
     /// The response body's side of the stream, for stalled readers
     /// (`ending::BODY_*`).
     pub(crate) body: AtomicU8,
+    /// The code of the ending a guard further along named in
+    /// `stream-guard-reason`, 0 for none: a code, never the peer's string.
+    /// Here rather than in `after`: it fills padding.
+    pub(crate) server_guard_reason: AtomicU8,
     /// Wakes `ended()` waiters.
     pub(crate) ended: Notify,
     /// What the stream's end does and reports: event metadata, slots, its
@@ -137,6 +141,7 @@ impl Record {
             client_deadline: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
             body: AtomicU8::new(super::ending::BODY_NONE),
+            server_guard_reason: AtomicU8::new(0),
             ended: Notify::new(),
             after,
             response_waker: AtomicWaker::new(),

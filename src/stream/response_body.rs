@@ -187,8 +187,13 @@ fn end_on_trailers(
     if !decided && state.guard_error().is_some() {
         return false;
     }
-    if decided && let Some(code) = grpc::status_of(trailers) {
-        state.set_grpc_status(code);
+    if decided {
+        if let Some(code) = grpc::status_of(trailers) {
+            state.set_grpc_status(code);
+        }
+        if let Some(reason) = grpc::guard_reason_of(trailers) {
+            state.set_server_guard_reason(reason);
+        }
     }
     *closed = true;
     state.response_closed();
@@ -214,7 +219,7 @@ fn end_fired<B: Body>(
         return Poll::Ready(None);
     };
     if grpc {
-        let trailers = grpc::trailers(err.grpc_code(), &err.to_string());
+        let trailers = grpc::trailers(err.grpc_code(), &err.to_string(), err.reason().as_str());
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     } else {
         Poll::Ready(Some(Err(err.into())))

@@ -37,6 +37,8 @@ pub(crate) struct Admission {
     pub(crate) cap_wait: Option<Duration>,
     /// Put the handle into response extensions too (clients).
     pub(crate) handle_in_response: bool,
+    /// `Retry-After` of a plain-HTTP refusal, in whole seconds.
+    pub(crate) retry_after_secs: u64,
 }
 
 /// A drain this layer answers to, and when it cuts the streams still open.
