@@ -107,8 +107,7 @@ impl RoutePolicy {
     }
 
     /// Names this route in metrics: the `route` label of the streams it
-    /// matches (see [`StreamGuardBuilder::metrics`](crate::StreamGuardBuilder::metrics),
-    /// feature `metrics`). A `&'static str`, so that a label value is
+    /// matches (see `StreamGuardBuilder::metrics`, feature `metrics`). A `&'static str`, so that a label value is
     /// always one the server chose, never one a peer sent. Without a name,
     /// a route's streams are labelled as if no route matched; so are those
     /// of named routes past the 127th.
