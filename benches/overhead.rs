@@ -24,7 +24,9 @@
 //!   taken and given back per stream; its requests carry a `ConnectionKey`
 //!   and a `PeerAddr`, as a server's would), `guard+caps-baseline` (the same
 //!   requests without caps) and `guard+drain` (a drain configured, not
-//!   started).
+//!   started), and with the `metrics` feature `guard+metrics` (metrics on,
+//!   recorded by metrics-util's in-memory `DebuggingRecorder`; run with
+//!   `--features metrics`).
 //!
 //! The per-frame benchmarks poll [`FRAMES_PER_ITER`] frames per iteration and
 //! report throughput in frames: with 1000 frames per iteration, the time per
@@ -383,6 +385,26 @@ fn per_stream(c: &mut Criterion) {
         b.iter(|| one_stream(&mut guard));
     });
     assert_eq!(layer.active_streams(), 0, "every stream has ended");
+
+    // The same with metrics on, recorded by a real (in-memory) recorder.
+    #[cfg(feature = "metrics")]
+    {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
+        let layer = StreamGuardLayer::builder()
+            .idle_timeout(IDLE)
+            .max_lifetime(LIFETIME)
+            .metrics(true)
+            .build()
+            .expect("valid configuration");
+        let mut guard = layer.layer(service_fn(respond));
+        group.bench_function("guard+metrics", |b| {
+            b.iter(|| one_stream(&mut guard));
+        });
+        assert_eq!(layer.active_streams(), 0, "every stream has ended");
+        black_box(snapshotter.snapshot());
+    }
 
     let layer = guard_layer();
     let mut events = layer.subscribe();

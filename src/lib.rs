@@ -213,6 +213,13 @@
 //!   `tokio_rustls::server::TlsStream`. Adds tokio-rustls without a crypto
 //!   provider.
 //! - `axum`: axum's `ConnectInfo<SocketAddr>` gives connection keys and peers.
+//! - `metrics`: stream and connection metrics through the
+//!   [`metrics`](https://docs.rs/metrics) facade, for any exporter
+//!   (Prometheus, OpenTelemetry, ...), switched on with
+//!   `StreamGuardBuilder::metrics(true)` and
+//!   `ConnectionGuardBuilder::metrics(true)`. Recorded when a stream or
+//!   connection starts and ends, never per frame; `route` labels are
+//!   route names or served gRPC methods, never a path a peer made up.
 //!
 //! [`ConnectionKey`] lists everything the guard reads to tell connections
 //! apart; a per-connection or per-peer cap refuses a stream it cannot place
@@ -229,6 +236,7 @@ mod error;
 mod events;
 mod grpc;
 mod json;
+mod meter;
 mod peer;
 mod stats;
 pub mod stream;

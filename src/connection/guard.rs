@@ -107,6 +107,7 @@ pub struct ConnectionGuardBuilder {
     policy: ConnPolicy,
     capacity: usize,
     drain: Option<Drain>,
+    metrics: bool,
 }
 
 impl ConnectionGuard {
@@ -124,6 +125,7 @@ impl ConnectionGuard {
             },
             capacity: crate::events::DEFAULT_EVENT_CAPACITY,
             drain: None,
+            metrics: false,
         }
     }
 
@@ -175,6 +177,9 @@ impl ConnectionGuard {
             goaway: Notify::new(),
             reported: AtomicBool::new(false),
         });
+        if connections.metrics {
+            crate::meter::connection_opened();
+        }
         if connections.needs_timer() {
             connections.ticker.note_current();
         }
@@ -332,6 +337,37 @@ impl ConnectionGuardBuilder {
         self
     }
 
+    /// Records connection metrics through the
+    /// [`metrics`](https://docs.rs/metrics) facade, for whatever exporter
+    /// the application installs: when a connection is wrapped and when its
+    /// [`GuardedIo`] is dropped, never per read or write. Off by default.
+    ///
+    /// | Name | Kind | Labels |
+    /// |------|------|--------|
+    /// | `stream_guard_connections_active` | gauge | |
+    /// | `stream_guard_connections_closed_total` | counter | `reason` |
+    ///
+    /// `reason` is [`ConnectionEnd::as_str`](crate::ConnectionEnd::as_str):
+    /// `closed` when the guard did not close the connection, else `idle`,
+    /// `stalled`, `max_age`, `drained` or `manual`. Stream metrics are
+    /// [`StreamGuardBuilder::metrics`](crate::StreamGuardBuilder::metrics).
+    ///
+    /// ```
+    /// use tower_stream_guard::ConnectionGuard;
+    ///
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let connections = ConnectionGuard::builder().metrics(true).build()?;
+    /// # drop(connections);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.metrics = enabled;
+        self
+    }
+
     /// Checks the configuration and builds the guard.
     ///
     /// # Errors
@@ -371,6 +407,7 @@ impl ConnectionGuardBuilder {
             events: broadcast::channel(self.capacity).0,
             drain: drain.clone(),
             ticker: Ticker::default(),
+            metrics: self.metrics,
         });
         if let Some(drain) = drain {
             let drained: std::sync::Weak<dyn Drained> = Arc::downgrade(&connections) as _;

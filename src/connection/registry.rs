@@ -45,6 +45,8 @@ pub(crate) struct Connections {
     /// The runtimes the timer task may run on: it moves when its runtime
     /// shuts down while connections of other runtimes are open.
     pub(crate) ticker: Ticker,
+    /// Records metrics (`ConnectionGuardBuilder::metrics`).
+    pub(crate) metrics: bool,
 }
 
 #[derive(Default)]
@@ -120,6 +122,9 @@ impl ConnState {
             at: SystemTime::now(),
         };
         self.connections.lock().open.remove(&self.id);
+        if self.connections.metrics {
+            crate::meter::connection_closed(end);
+        }
         if self.connections.events.receiver_count() > 0 {
             let _ = self.connections.events.send(event);
         }

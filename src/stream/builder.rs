@@ -8,7 +8,7 @@ use super::{
     layer::StreamGuardLayer,
     policy::Policy,
     report::Report,
-    route::{Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
+    route::{self, Matcher, RoutePolicy, RouteRequest, RouteSpec, validate_caps},
     shared::{Admission, Shared},
     timer::Sweeper,
 };
@@ -68,6 +68,7 @@ pub struct StreamGuardBuilder {
     honor_grpc_timeout: bool,
     track_connections: bool,
     response_handle: bool,
+    metrics: bool,
     drain: Option<Drain>,
     resolution: Duration,
     capacity: usize,
@@ -86,6 +87,7 @@ impl Default for StreamGuardBuilder {
             honor_grpc_timeout: false,
             track_connections: false,
             response_handle: false,
+            metrics: false,
             drain: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
@@ -106,6 +108,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
             .field("track_connections", &self.track_connections)
             .field("response_handle", &self.response_handle)
+            .field("metrics", &self.metrics)
             .field("drain", &self.drain)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
@@ -271,6 +274,61 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Records metrics through the [`metrics`](https://docs.rs/metrics)
+    /// facade, for whatever exporter the application installs (Prometheus,
+    /// OpenTelemetry, ...): when a stream starts and when it ends, never per
+    /// frame. Off by default; with no recorder installed the facade drops
+    /// them.
+    ///
+    /// | Name | Kind | Labels |
+    /// |------|------|--------|
+    /// | `stream_guard_streams_active` | gauge | |
+    /// | `stream_guard_streams_ended_total` | counter | `reason`, `direction`, `route`, `grpc_code` |
+    /// | `stream_guard_streams_rejected_total` | counter | `cap` |
+    /// | `stream_guard_stream_duration_seconds` | histogram | `reason`, `route` |
+    ///
+    /// - `reason`: [`EndReason::as_str`](crate::EndReason::as_str), e.g.
+    ///   `completed`, `idle_timeout`, `rejected`.
+    /// - `direction`: [`IdleDirection::as_str`](crate::IdleDirection::as_str)
+    ///   for idle timeouts, `none` otherwise.
+    /// - `cap`: [`StreamCap::as_str`](crate::StreamCap::as_str) of the cap
+    ///   that refused the stream (refused streams are also counted as ended
+    ///   with reason `rejected`).
+    /// - `grpc_code`: the [end event's](crate::EndEvent::grpc_status) gRPC
+    ///   status as a number (`"0"` to `"16"`), or `none`.
+    /// - `route`: the [`name`](crate::RoutePolicy::name) of the route the
+    ///   stream matched; else, for a gRPC stream the service answered with a
+    ///   status other than `UNIMPLEMENTED` (12), its path
+    ///   (`/package.Service/Method`: a method the service serves; tonic
+    ///   answers made-up ones with 12); else `other`. So a peer cannot add
+    ///   label values by making up paths, and a stream refused by a cap or
+    ///   ended before the service answered is `other` unless a named route
+    ///   matched.
+    ///
+    /// The durations are seconds (`f64`) from the stream's start to its end.
+    /// The [`ConnectionGuard`](crate::ConnectionGuard) has connection
+    /// metrics of its own
+    /// ([`ConnectionGuardBuilder::metrics`](crate::ConnectionGuardBuilder::metrics)).
+    ///
+    /// ```
+    /// use tower_stream_guard::{RoutePolicy, StreamGuardLayer};
+    ///
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .route_prefix("/assets/", RoutePolicy::new().name("assets"))
+    ///     .metrics(true)
+    ///     .build()?;
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.metrics = enabled;
+        self
+    }
+
     /// A stream over a cap waits up to `patience` for a slot instead of being
     /// refused at once; it is refused if none comes free in time. The
     /// service is called at once but its future is not polled while the
@@ -402,15 +460,17 @@ impl StreamGuardBuilder {
         // Rounded up: a client never retries sooner than asked.
         let retry_after_secs =
             self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
-        let routes = self
+        let mut routes = self
             .routes
             .into_iter()
             .enumerate()
             .map(|(index, spec)| spec.compile(index, self.policy, self.resolution))
             .collect::<Result<Vec<_>, _>>()?;
         let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
+        let route_names = route::name_routes(&mut routes);
         let admission = Admission {
             routes,
+            route_names,
             caps: (!self.caps.is_empty() || self.track_connections)
                 .then(|| Arc::new(CapSet::new(self.caps, self.track_connections))),
             connection_key: self.connection_key,
@@ -421,7 +481,7 @@ impl StreamGuardBuilder {
         };
         let shared = Shared::new(
             Sweeper::new(self.resolution, drain.is_some()),
-            Report::new(self.capacity, self.callbacks),
+            Report::new(self.capacity, self.callbacks, self.metrics),
             admission,
             drain,
         );

@@ -288,9 +288,12 @@ impl Record {
             drain.count_cut();
         }
         let event = self.event(ending);
-        self.shared
-            .report
-            .ended(ending, &event, self.shared.timer.now_ns());
+        self.shared.report.ended(
+            ending,
+            &event,
+            || self.route_of(),
+            self.shared.timer.now_ns(),
+        );
         // Last: the drain task counts the streams still active.
         if let Some(drain) = self.shared.drain() {
             drain.ended_one();

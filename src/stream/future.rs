@@ -208,12 +208,14 @@ where
                     });
                 }
                 let grpc = grpc::is_grpc(response.headers());
-                if let Some(code) = grpc::status_of(response.headers()) {
+                let status = grpc::status_of(response.headers());
+                if let Some(code) = status {
                     ticket.set_grpc_status(code);
                 }
                 if let Some(reason) = grpc::guard_reason_of(response.headers()) {
                     ticket.set_server_guard_reason(reason);
                 }
+                ticket.set_answered(status);
                 Poll::Ready(Ok(
                     response.map(|body| ResponseBody::guarded(body, ticket, grpc))
                 ))

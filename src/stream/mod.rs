@@ -115,7 +115,7 @@ pub(crate) mod layer;
 mod origin;
 mod policy;
 mod record;
-mod report;
+pub(crate) mod report;
 mod request_body;
 mod response_body;
 pub(crate) mod route;

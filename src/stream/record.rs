@@ -19,7 +19,7 @@ use std::{
 use atomic_waker::AtomicWaker;
 use tokio::{sync::Notify, time::Instant};
 
-use super::{ending::After, policy::Policy, shared::Shared, timer::LateTicks};
+use super::{ending::After, policy::Policy, report::RouteOf, shared::Shared, timer::LateTicks};
 use crate::{
     end::{EndReason, Ending, IdleDirection},
     events::{StreamId, Traffic},
@@ -28,6 +28,11 @@ use crate::{
 
 /// `phase` while the stream is open; afterwards the [`Ending`]'s code.
 const OPEN: u8 = 0;
+
+/// The bit of `Record::route` set when the service answered with a response
+/// head that did not say `UNIMPLEMENTED`: for metrics, the path is a method
+/// the service serves.
+const ANSWERED: u8 = 0x80;
 
 /// Counters of one direction, written only by that direction's body.
 #[derive(Default)]
@@ -107,6 +112,9 @@ pub(crate) struct Record {
     /// `stream-guard-reason`, 0 for none: a code, never the peer's string.
     /// Here rather than in `after`: it fills padding.
     pub(crate) server_guard_reason: AtomicU8,
+    /// For metrics, in one byte that fits in padding: the named route the
+    /// stream matched (`route::Route::tag`, the low bits) and [`ANSWERED`].
+    pub(crate) route: AtomicU8,
     /// Wakes `ended()` waiters.
     pub(crate) ended: Notify,
     /// What the stream's end does and reports: event metadata, slots, its
@@ -120,7 +128,15 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    pub(crate) fn new(shared: &Arc<Shared>, policy: &Policy, grpc: bool, after: After) -> Self {
+    /// A stream's record; `route` is the tag of the named route it matched
+    /// (`route::Route::tag`, 0 for none).
+    pub(crate) fn new(
+        shared: &Arc<Shared>,
+        policy: &Policy,
+        grpc: bool,
+        after: After,
+        route: u8,
+    ) -> Self {
         let start_ns = shared.timer.ns_of(Instant::now());
         shared.timer.note_idle(policy);
         shared.report.started();
@@ -142,6 +158,7 @@ impl Record {
             unfinished: AtomicBool::new(false),
             body: AtomicU8::new(super::ending::BODY_NONE),
             server_guard_reason: AtomicU8::new(0),
+            route: AtomicU8::new(route),
             ended: Notify::new(),
             after,
             response_waker: AtomicWaker::new(),
@@ -192,6 +209,28 @@ impl Record {
 
     pub(crate) fn set_grpc_status(&self, code: u32) {
         self.after.set_grpc_status(code);
+    }
+
+    /// The service answered with a response head; `grpc_status` is the
+    /// status in it, if any (a trailers-only response).
+    pub(crate) fn set_answered(&self, grpc_status: Option<u32>) {
+        if grpc_status != Some(crate::grpc::UNIMPLEMENTED) {
+            self.route.fetch_or(ANSWERED, Ordering::Relaxed);
+        }
+    }
+
+    /// What the stream's end tells of its route, for the metrics.
+    pub(crate) fn route_of(&self) -> RouteOf {
+        let route = self.route.load(Ordering::Relaxed);
+        RouteOf {
+            name: self
+                .shared
+                .admission
+                .route_names
+                .get(usize::from(route & !ANSWERED).wrapping_sub(1))
+                .copied(),
+            served: self.grpc && route & ANSWERED != 0,
+        }
     }
 
     #[inline]

@@ -26,11 +26,25 @@ pub(crate) struct Report {
     /// Which keyed caps already warned that a stream had no key (a bit per
     /// cap): the warning is logged once per guard layer.
     warned_unidentified: AtomicU8,
+    /// Records metrics (`StreamGuardBuilder::metrics`).
+    metrics: bool,
+}
+
+/// What a stream's end tells of its route, for the `route` metric label.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) struct RouteOf {
+    /// The name of the route it matched, if the route has one.
+    pub(crate) name: Option<&'static str>,
+    /// A gRPC stream the service answered with a response head that did not
+    /// say `UNIMPLEMENTED`.
+    pub(crate) served: bool,
 }
 
 impl Report {
-    pub(crate) fn new(capacity: usize, callbacks: Vec<EndCallback>) -> Self {
+    pub(crate) fn new(capacity: usize, callbacks: Vec<EndCallback>, metrics: bool) -> Self {
         Report {
+            metrics,
             events: EventHub::new(capacity, callbacks),
             active: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -54,12 +68,26 @@ impl Report {
 
     pub(crate) fn started(&self) {
         self.active.fetch_add(1, Ordering::Relaxed);
+        if self.metrics {
+            crate::meter::stream_started();
+        }
     }
 
     /// A stream ended as `ending`, `now_ns` on the guard's clock: logs it,
-    /// counts it and hands its event to every subscriber.
-    pub(crate) fn ended(&self, ending: Ending, event: &EndEvent, now_ns: u64) {
+    /// counts it (and records its metrics) and hands its event to every
+    /// subscriber.
+    /// `route` is asked only when metrics are on.
+    pub(crate) fn ended(
+        &self,
+        ending: Ending,
+        event: &EndEvent,
+        route: impl FnOnce() -> RouteOf,
+        now_ns: u64,
+    ) {
         trace_end(ending, event);
+        if self.metrics {
+            crate::meter::stream_ended(event, route());
+        }
         if let Some(cap) = event.reason().cap() {
             self.refusals.note(cap);
             if matches!(

@@ -55,6 +55,7 @@ use super::{
 pub struct RoutePolicy {
     durations: Policy,
     caps: CapLimits,
+    name: Option<&'static str>,
 }
 
 impl RoutePolicy {
@@ -102,6 +103,28 @@ impl RoutePolicy {
     /// At most `limit` open streams of this route in total.
     pub fn max_streams(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::Total, limit);
+        self
+    }
+
+    /// Names this route in metrics: the `route` label of the streams it
+    /// matches (see `StreamGuardBuilder::metrics`, feature `metrics`). A `&'static str`, so that a label value is
+    /// always one the server chose, never one a peer sent. Without a name,
+    /// a route's streams are labelled as if no route matched; so are those
+    /// of named routes past the 127th.
+    ///
+    /// ```
+    /// use tower_stream_guard::{RoutePolicy, StreamGuardLayer};
+    ///
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .route_prefix("/assets/", RoutePolicy::new().max_streams(64).name("assets"))
+    ///     .build()?;
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = Some(name);
         self
     }
 
@@ -230,6 +253,32 @@ pub(crate) struct Route {
     matcher: Matcher,
     pub(crate) policy: Policy,
     pub(crate) caps: Option<Arc<CapSet>>,
+    /// Its [`RoutePolicy::name`], for metrics.
+    pub(crate) name: Option<&'static str>,
+    /// What a stream of this route keeps to find `name` at its end: one
+    /// more than `name`'s index in `Admission::route_names`, 0 for none
+    /// ([`name_routes`]). Seven bits in a byte of the stream's record rather
+    /// than a 16-byte `&str`.
+    pub(crate) tag: u8,
+}
+
+/// At most this many routes carry their name into metrics: a stream keeps
+/// its route's tag in seven bits.
+pub(crate) const MAX_NAMED_ROUTES: usize = 127;
+
+/// Tags the named routes (the first [`MAX_NAMED_ROUTES`]) and returns their
+/// names, by tag minus one.
+pub(crate) fn name_routes(routes: &mut [Route]) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for route in routes {
+        if let Some(name) = route.name
+            && names.len() < MAX_NAMED_ROUTES
+        {
+            names.push(name);
+            route.tag = names.len() as u8;
+        }
+    }
+    names
 }
 
 /// Checks a cap set's limits.
@@ -274,6 +323,8 @@ impl RouteSpec {
             matcher: self.matcher,
             policy,
             caps,
+            name: self.policy.name,
+            tag: 0,
         })
     }
 }

@@ -330,7 +330,13 @@ where
 
         let after = After::new(&request, origin.connection, peer, connection);
         let grpc = grpc::is_grpc(request.headers());
-        let ticket = Ticket::new(Record::new(shared, &policy, grpc, after));
+        let ticket = Ticket::new(Record::new(
+            shared,
+            &policy,
+            grpc,
+            after,
+            route.map_or(0, |route| route.tag),
+        ));
         if shared.is_draining() {
             ticket.refuse_draining();
             return ResponseFuture::answered(ticket);

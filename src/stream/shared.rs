@@ -30,6 +30,8 @@ pub(crate) struct Shared {
 /// connections. Read once per request, before the service is called.
 pub(crate) struct Admission {
     pub(crate) routes: Vec<Route>,
+    /// The names of the named routes, by `Route::tag` minus one.
+    pub(crate) route_names: Vec<&'static str>,
     /// The layer's own caps (and connection counts), if it has any.
     pub(crate) caps: Option<Arc<CapSet>>,
     pub(crate) connection_key: Option<KeyFn>,
