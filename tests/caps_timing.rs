@@ -386,14 +386,25 @@ fn bad_configuration_fails_at_build_time_with_the_setting_named() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("`cap_wait` is zero"), "{err}");
+    // A route's idle timeout past the layer's lifetime is harmless (it can
+    // never fire first): accepted.
+    assert!(
+        StreamGuardLayer::builder()
+            .max_lifetime(SECOND)
+            .route("/svc.S/Upload", RoutePolicy::new().idle_timeout(2 * SECOND))
+            .build()
+            .is_ok()
+    );
     let err = StreamGuardLayer::builder()
-        .max_lifetime(SECOND)
-        .route("/svc.S/Upload", RoutePolicy::new().idle_timeout(2 * SECOND))
+        .route(
+            "/svc.S/Upload",
+            RoutePolicy::new().idle_timeout(Duration::ZERO),
+        )
         .build()
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "route `/svc.S/Upload`: `idle_timeout` (2s) is not shorter than `max_lifetime` (1s), so it could never fire"
+        "route `/svc.S/Upload`: `idle_timeout` is zero; every stream would end at once (leave it unset for no limit)"
     );
     let err = StreamGuardLayer::builder()
         .route_prefix("svc.S", RoutePolicy::new())

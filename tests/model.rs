@@ -167,13 +167,11 @@ fn build(limits: &Limits, drain: &Drain) -> Option<StreamGuardLayer> {
     if limits.drain {
         builder = builder.drain(drain);
     }
-    let idle_too_long = [limits.idle_both, limits.idle_request, limits.idle_response]
-        .into_iter()
-        .flatten()
-        .any(|idle| limits.lifetime.is_some_and(|lifetime| idle >= lifetime));
+    // Every generated policy is accepted, idle timeouts not below the
+    // lifetime included (they can never fire first, which the model's
+    // earliest-deadline rule covers).
     let built = builder.build();
-    // The builder refuses exactly the idle timeouts that could never fire.
-    assert_eq!(built.is_err(), idle_too_long, "{built:?}");
+    assert!(built.is_ok(), "{built:?}");
     built.ok()
 }
 
