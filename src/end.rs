@@ -12,7 +12,7 @@ use std::{fmt, time::Duration};
 
 use http::StatusCode;
 
-use crate::grpc;
+use crate::status;
 
 /// Which side of a stream an idle timeout watches: the one an
 /// [`EndReason::IdleTimeout`] names.
@@ -363,16 +363,16 @@ macro_rules! rows {
     };
 }
 
-const DEADLINE: Option<u32> = Some(grpc::DEADLINE_EXCEEDED);
-const EXHAUSTED: Option<u32> = Some(grpc::RESOURCE_EXHAUSTED);
-const UNAVAILABLE: Option<u32> = Some(grpc::UNAVAILABLE);
+const DEADLINE: Option<u32> = Some(status::DEADLINE_EXCEEDED);
+const EXHAUSTED: Option<u32> = Some(status::RESOURCE_EXHAUSTED);
+const UNAVAILABLE: Option<u32> = Some(status::UNAVAILABLE);
 
 rows! {
     Completed => EndReason::Completed, "completed", "completed", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: completed";
     Cancelled => EndReason::Cancelled, "cancelled", "cancelled", None, GATEWAY_TIMEOUT, Quiet,
         "stream ended: cancelled";
-    CancelledByHandle => EndReason::Cancelled, "cancelled", "cancelled", Some(grpc::CANCELLED), GATEWAY_TIMEOUT, Quiet,
+    CancelledByHandle => EndReason::Cancelled, "cancelled", "cancelled", Some(status::CANCELLED), GATEWAY_TIMEOUT, Quiet,
         "stream cancelled through its handle (StreamHandle::cancel)";
     IdleRequest => EndReason::IdleTimeout(IdleDirection::Request), "idle_timeout", "idle_timeout_request", DEADLINE, REQUEST_TIMEOUT, Guard,
         "stream idle: no request frame for {limit} (request_idle_timeout)";

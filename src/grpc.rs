@@ -40,20 +40,8 @@ const GUARD_REASON: HeaderName = HeaderName::from_static("stream-guard-reason");
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
-/// `CANCELLED`.
-pub(crate) const CANCELLED: u32 = 1;
-
-/// `DEADLINE_EXCEEDED`.
-pub(crate) const DEADLINE_EXCEEDED: u32 = 4;
-
-/// `RESOURCE_EXHAUSTED`.
-pub(crate) const RESOURCE_EXHAUSTED: u32 = 8;
-
-/// `UNIMPLEMENTED`: what tonic answers a method it does not serve with.
-pub(crate) const UNIMPLEMENTED: u32 = 12;
-
-/// `UNAVAILABLE`.
-pub(crate) const UNAVAILABLE: u32 = 14;
+// The status codes, shared with the table of endings.
+pub(crate) use crate::status::{DEADLINE_EXCEEDED, UNIMPLEMENTED};
 
 /// The client's deadline from a `grpc-timeout` header: up to eight ASCII
 /// digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`). Anything else is

@@ -239,6 +239,7 @@ mod json;
 mod meter;
 mod peer;
 mod stats;
+mod status;
 pub mod stream;
 mod sync;
 mod ticker;

@@ -4,7 +4,18 @@
 
 #[cfg(feature = "metrics")]
 use crate::end::EndReason;
-use crate::{connection::ConnectionEnd, events::EndEvent, stream::report::RouteOf};
+use crate::events::EndEvent;
+
+/// What a stream's end tells of its route, for the `route` metric label.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) struct RouteOf {
+    /// The name of the route it matched, if the route has one.
+    pub(crate) name: Option<&'static str>,
+    /// A gRPC stream the service answered with a response head that did not
+    /// say `UNIMPLEMENTED`.
+    pub(crate) served: bool,
+}
 
 /// Gauge: streams started and not yet ended.
 #[cfg(feature = "metrics")]
@@ -70,14 +81,15 @@ pub(crate) fn connection_opened() {
     ::metrics::gauge!(CONNECTIONS_ACTIVE).increment(1.0);
 }
 
-pub(crate) fn connection_closed(end: ConnectionEnd) {
+/// A connection closed; `reason` is its `ConnectionEnd::as_str`.
+pub(crate) fn connection_closed(reason: &'static str) {
     #[cfg(feature = "metrics")]
     {
         ::metrics::gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
-        ::metrics::counter!(CONNECTIONS_CLOSED, "reason" => end.as_str()).increment(1);
+        ::metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = end;
+    let _ = reason;
 }
 
 /// The `route` label: the matched route's name; else the path of a gRPC

@@ -123,7 +123,7 @@ impl ConnState {
         };
         self.connections.lock().open.remove(&self.id);
         if self.connections.metrics {
-            crate::meter::connection_closed(end);
+            crate::meter::connection_closed(end.as_str());
         }
         if self.connections.events.receiver_count() > 0 {
             let _ = self.connections.events.send(event);

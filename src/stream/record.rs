@@ -19,7 +19,8 @@ use std::{
 use atomic_waker::AtomicWaker;
 use tokio::{sync::Notify, time::Instant};
 
-use super::{ending::After, policy::Policy, report::RouteOf, shared::Shared, timer::LateTicks};
+use super::{ending::After, policy::Policy, shared::Shared, timer::LateTicks};
+use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
     events::{StreamId, Traffic},

@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 use crate::{
     end::{Ending, Log, StreamCap},
     events::{EndCallback, EndEvent, EventHub},
+    meter::RouteOf,
     stats::{Counters, GuardStats},
 };
 
@@ -28,17 +29,6 @@ pub(crate) struct Report {
     warned_unidentified: AtomicU8,
     /// Records metrics (`StreamGuardBuilder::metrics`).
     metrics: bool,
-}
-
-/// What a stream's end tells of its route, for the `route` metric label.
-#[derive(Clone, Copy, Debug)]
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) struct RouteOf {
-    /// The name of the route it matched, if the route has one.
-    pub(crate) name: Option<&'static str>,
-    /// A gRPC stream the service answered with a response head that did not
-    /// say `UNIMPLEMENTED`.
-    pub(crate) served: bool,
 }
 
 impl Report {
