@@ -13,7 +13,9 @@ use std::{
 use bytes::Bytes;
 use common::{
     EchoService,
-    echo::{EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer},
+    echo::{
+        EchoReply, EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer,
+    },
 };
 use http::{Request, Response};
 use http_body::Frame;
@@ -336,19 +338,15 @@ async fn serve_with(builder: tower_stream_guard::StreamGuardBuilder) -> SocketAd
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_servers_guard_names_its_reason_in_a_trailer_the_client_guard_reports() {
-    let addr =
-        serve_with(StreamGuardLayer::builder().response_idle_timeout(Duration::from_millis(300)))
-            .await;
-    let guard = StreamGuardLayer::builder().build().unwrap();
-    let mut events = guard.subscribe();
-    let mut client = guarded_client(addr, &guard).await;
-
-    // One message echoed, then the server has nothing more to say.
+/// Opens a bidi call, sends `message` and waits for its echo: the call is
+/// open on both sides. The sender keeps the request side open.
+async fn open_bidi(
+    client: &mut EchoClient<GuardedChannel>,
+    message: &str,
+) -> (mpsc::Sender<EchoRequest>, tonic::Streaming<EchoReply>) {
     let (tx, rx) = mpsc::channel(4);
     tx.send(EchoRequest {
-        message: "one".into(),
+        message: message.into(),
     })
     .await
     .unwrap();
@@ -362,6 +360,20 @@ async fn the_servers_guard_names_its_reason_in_a_trailer_the_client_guard_report
         .expect("reply in time")
         .expect("reply ok")
         .expect("open");
+    (tx, replies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_guard_names_its_reason_in_a_trailer_the_client_guard_reports() {
+    let addr =
+        serve_with(StreamGuardLayer::builder().response_idle_timeout(Duration::from_millis(300)))
+            .await;
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let mut events = guard.subscribe();
+    let mut client = guarded_client(addr, &guard).await;
+
+    // One message echoed, then the server has nothing more to say.
+    let (tx, mut replies) = open_bidi(&mut client, "one").await;
     let status = timeout(PATIENCE, replies.message())
         .await
         .expect("the server's guard ends the call")
@@ -401,22 +413,7 @@ async fn a_refusal_by_the_servers_cap_says_rejected_in_its_trailers_only_respons
     let mut client = guarded_client(addr, &guard).await;
 
     // Holds the server's one slot.
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(EchoRequest {
-        message: "hold".into(),
-    })
-    .await
-    .unwrap();
-    let mut held = client
-        .bidi(ReceiverStream::new(rx))
-        .await
-        .expect("bidi call")
-        .into_inner();
-    timeout(PATIENCE, held.message())
-        .await
-        .expect("reply in time")
-        .expect("reply ok")
-        .expect("open");
+    let (tx, held) = open_bidi(&mut client, "hold").await;
 
     let status = client
         .unary(EchoRequest {

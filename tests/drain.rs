@@ -301,32 +301,14 @@ async fn a_close_delay_below_the_resolution_still_reports_the_cut() {
 mod drain_order {
     //! Real threads and real time: the race needs a second worker.
 
-    use std::{
-        convert::Infallible,
-        pin::Pin,
-        task::{Context, Poll},
-        time::Duration,
-    };
+    use std::{convert::Infallible, time::Duration};
 
     use bytes::Bytes;
     use http::{Request, Response};
-    use http_body::{Body, Frame};
-    use http_body_util::Empty;
+    use http_body::Frame;
+    use http_body_util::{Empty, StreamBody};
     use tower::{Layer, ServiceExt};
     use tower_stream_guard::{Drain, StreamGuardLayer, StreamHandle, stream::RequestBody};
-
-    /// A response body that never yields: the stream stays open.
-    struct Pending;
-    impl Body for Pending {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Pending
-        }
-    }
 
     /// A subscriber whose handling of the guard's log lines takes a while (a
     /// slow log sink).
@@ -371,7 +353,9 @@ mod drain_order {
                 .unwrap();
             let svc = guard.layer(tower::service_fn(
                 |_request: Request<RequestBody<Empty<Bytes>>>| async {
-                    Ok::<_, Infallible>(Response::new(Pending))
+                    // A response body that never yields: the stream stays open.
+                    let never = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+                    Ok::<_, Infallible>(Response::new(StreamBody::new(never)))
                 },
             ));
             let response = svc.oneshot(Request::new(Empty::new())).await.unwrap();

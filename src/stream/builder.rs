@@ -57,6 +57,16 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Caps
+///
+/// A layer's caps ([`max_streams_per_connection`](Self::max_streams_per_connection),
+/// [`max_streams_per_peer`](Self::max_streams_per_peer),
+/// [`max_streams`](Self::max_streams)) count every request through the
+/// layer, a health check or a plain `GET` as much as a long stream. To cap
+/// only the streams of some routes, set the cap on a [`RoutePolicy`]
+/// instead (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`):
+/// a route's caps count only that route's streams, on top of the layer's.
 #[derive(Clone)]
 pub struct StreamGuardBuilder {
     policy: Policy,
@@ -217,10 +227,7 @@ impl StreamGuardBuilder {
     /// on a connection nothing identifies is refused the same way, with a
     /// message naming what is missing, and a warning is logged once.
     ///
-    /// A layer's cap counts every request through the layer, a health check
-    /// or a plain `GET` as much as a long stream. To cap only the streams of
-    /// some routes, set it on a [`RoutePolicy`] instead
-    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
+    /// Counts every request through the layer: see [caps](Self#caps).
     pub fn max_streams_per_connection(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerConnection, limit);
         self
@@ -235,10 +242,7 @@ impl StreamGuardBuilder {
     /// is refused, naming what is missing (and a warning is logged once),
     /// rather than let through uncounted.
     ///
-    /// A layer's cap counts every request through the layer, a health check
-    /// or a plain `GET` as much as a long stream. To cap only the streams of
-    /// some routes, set it on a [`RoutePolicy`] instead
-    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
+    /// Counts every request through the layer: see [caps](Self#caps).
     pub fn max_streams_per_peer(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::PerPeer, limit);
         self
@@ -246,10 +250,7 @@ impl StreamGuardBuilder {
 
     /// At most `limit` open streams through this guard in total.
     ///
-    /// A layer's cap counts every request through the layer, a health check
-    /// or a plain `GET` as much as a long stream. To cap only the streams of
-    /// some routes, set it on a [`RoutePolicy`] instead
-    /// (`.route_prefix("/events", RoutePolicy::new().max_streams_per_peer(4))`).
+    /// Counts every request through the layer: see [caps](Self#caps).
     pub fn max_streams(mut self, limit: usize) -> Self {
         self.caps.set(StreamCap::Total, limit);
         self
