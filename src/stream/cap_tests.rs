@@ -320,17 +320,36 @@ enum Step {
     Advance(u64),
 }
 
-fn step() -> impl proptest::strategy::Strategy<Value = Step> {
-    use proptest::prelude::*;
-    prop_oneof![
-        (0u16..4, 0u8..3, 1u64..4).prop_map(|(conn, peer, patience)| Step::Arrive {
-            conn,
-            peer,
-            patience
-        }),
-        (0usize..8).prop_map(Step::Release),
-        (1u64..1500).prop_map(Step::Advance),
-    ]
+/// A small seeded generator (SplitMix64), so the property runs without a
+/// property-testing crate in the library's dev-dependencies; a failing case
+/// prints its seed.
+struct Draw(u64);
+
+impl Draw {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `low..high`.
+    fn within(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next() % (high - low)
+    }
+
+    fn step(&mut self) -> Step {
+        match self.within(0, 3) {
+            0 => Step::Arrive {
+                conn: self.within(0, 4) as u16,
+                peer: self.within(0, 3) as u8,
+                patience: self.within(1, 4),
+            },
+            1 => Step::Release(self.within(0, 8) as usize),
+            _ => Step::Advance(self.within(1, 1500)),
+        }
+    }
 }
 
 fn origin_of(conn: u16, peer: u8) -> Origin {
@@ -338,98 +357,115 @@ fn origin_of(conn: u16, peer: u8) -> Origin {
     origin(u16::from(peer) * 100 + conn, [10, 0, 0, peer])
 }
 
-proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-
-    /// Waiters queued by what refused them are all admitted or refused
-    /// exactly once, never left asleep while they could proceed, and
-    /// slots are conserved.
-    #[test]
-    fn waiters_are_admitted_or_refused_once_and_slots_are_conserved(
-        limits in (1usize..3, 1usize..4, 1usize..5),
-        steps in proptest::collection::vec(step(), 1..60),
-    ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let set = caps(CapLimits {
-                per_connection: Some(limits.0),
-                per_peer: Some(limits.1),
-                total: Some(limits.2),
-            });
-            let mut held: Vec<CapPermit> = Vec::new();
-            let mut pending = Vec::new();
-            let (mut admitted, mut refused) = (0usize, 0usize);
-            for step in steps {
-                match step {
-                    Step::Arrive { conn, peer, patience } => {
-                        let origin = origin_of(conn, peer);
-                        pending.push((
-                            origin,
-                            tokio::spawn(acquire_all_within(
-                                vec![Arc::clone(&set)],
-                                origin,
-                                Duration::from_secs(patience),
-                            )),
-                        ));
-                    }
-                    Step::Release(n) if !held.is_empty() => {
-                        let n = n % held.len();
-                        held.swap_remove(n).release();
-                    }
-                    Step::Release(_) => {}
-                    Step::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
-                }
-                settle().await;
-                let mut still = Vec::new();
-                for (origin, task) in pending {
-                    if task.is_finished() {
-                        match task.await.unwrap() {
-                            Ok(permits) => {
-                                admitted += 1;
-                                held.extend(permits);
-                            }
-                            Err(_) => refused += 1,
-                        }
-                    } else {
-                        still.push((origin, task));
-                    }
-                }
-                pending = still;
-                // Conserved: the counts are exactly the slots held.
-                assert_eq!(set.total.load(Ordering::SeqCst), held.len());
-                assert!(held.len() <= limits.2);
-                // No lost wake-up: no waiter sleeps while it could proceed.
-                for (origin, _) in &pending {
-                    if let Ok(permit) = set.try_acquire(origin) {
-                        permit.release();
-                        panic!("a waiter on {:?} sleeps with a slot free", origin.connection);
-                    }
-                }
-            }
-            let arrived = admitted + refused + pending.len();
-            // Everything ends: every waiter resolves exactly once.
-            held.drain(..).for_each(CapPermit::release);
-            tokio::time::advance(Duration::from_secs(10)).await;
-            settle().await;
-            for (_, task) in pending {
-                match task.await.unwrap() {
-                    Ok(permits) => {
-                        admitted += 1;
-                        permits.into_iter().for_each(CapPermit::release);
-                    }
-                    Err(_) => refused += 1,
-                }
-            }
-            assert_eq!(admitted + refused, arrived);
-            assert_eq!(set.total.load(Ordering::SeqCst), 0);
-            assert_eq!(set.entries(), 0, "no counts or queues left");
-            assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
-        });
+/// Waiters queued by what refused them are all admitted or refused
+/// exactly once, never left asleep while they could proceed, and slots are
+/// conserved: 128 random cases of limits and arrivals, releases and time.
+#[test]
+fn waiters_are_admitted_or_refused_once_and_slots_are_conserved() {
+    for seed in 0..128 {
+        let mut draw = Draw(seed);
+        let limits = (
+            draw.within(1, 3) as usize,
+            draw.within(1, 4) as usize,
+            draw.within(1, 5) as usize,
+        );
+        let steps: Vec<Step> = (0..draw.within(1, 60)).map(|_| draw.step()).collect();
+        let case = std::panic::AssertUnwindSafe(|| waiters_case(limits, steps));
+        if let Err(panic) = std::panic::catch_unwind(case) {
+            eprintln!("failing case: seed {seed}");
+            std::panic::resume_unwind(panic);
+        }
     }
+}
+
+fn waiters_case(limits: (usize, usize, usize), steps: Vec<Step>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let set = caps(CapLimits {
+            per_connection: Some(limits.0),
+            per_peer: Some(limits.1),
+            total: Some(limits.2),
+        });
+        let mut held: Vec<CapPermit> = Vec::new();
+        let mut pending = Vec::new();
+        let (mut admitted, mut refused) = (0usize, 0usize);
+        for step in steps {
+            match step {
+                Step::Arrive {
+                    conn,
+                    peer,
+                    patience,
+                } => {
+                    let origin = origin_of(conn, peer);
+                    pending.push((
+                        origin,
+                        tokio::spawn(acquire_all_within(
+                            vec![Arc::clone(&set)],
+                            origin,
+                            Duration::from_secs(patience),
+                        )),
+                    ));
+                }
+                Step::Release(n) if !held.is_empty() => {
+                    let n = n % held.len();
+                    held.swap_remove(n).release();
+                }
+                Step::Release(_) => {}
+                Step::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+            }
+            settle().await;
+            let mut still = Vec::new();
+            for (origin, task) in pending {
+                if task.is_finished() {
+                    match task.await.unwrap() {
+                        Ok(permits) => {
+                            admitted += 1;
+                            held.extend(permits);
+                        }
+                        Err(_) => refused += 1,
+                    }
+                } else {
+                    still.push((origin, task));
+                }
+            }
+            pending = still;
+            // Conserved: the counts are exactly the slots held.
+            assert_eq!(set.total.load(Ordering::SeqCst), held.len());
+            assert!(held.len() <= limits.2);
+            // No lost wake-up: no waiter sleeps while it could proceed.
+            for (origin, _) in &pending {
+                if let Ok(permit) = set.try_acquire(origin) {
+                    permit.release();
+                    panic!(
+                        "a waiter on {:?} sleeps with a slot free",
+                        origin.connection
+                    );
+                }
+            }
+        }
+        let arrived = admitted + refused + pending.len();
+        // Everything ends: every waiter resolves exactly once.
+        held.drain(..).for_each(CapPermit::release);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle().await;
+        for (_, task) in pending {
+            match task.await.unwrap() {
+                Ok(permits) => {
+                    admitted += 1;
+                    permits.into_iter().for_each(CapPermit::release);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(admitted + refused, arrived);
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
+        assert_eq!(set.entries(), 0, "no counts or queues left");
+        assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
+    });
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,9 +2,9 @@
 //! bare body, a do-nothing wrapper and tower-http's body timeouts.
 //!
 //! ```text
-//! cargo bench --bench overhead                       # full run, about two minutes
-//! cargo bench --bench overhead -- --quick            # smoke run
-//! cargo bench --bench overhead -- per-frame/always   # one family of groups
+//! cargo bench -p stream-guard-suites --bench overhead                       # full run, about two minutes
+//! cargo bench -p stream-guard-suites --bench overhead -- --quick            # smoke run
+//! cargo bench -p stream-guard-suites --bench overhead -- per-frame/always   # one family of groups
 //! ```
 //!
 //! # Groups
@@ -24,9 +24,9 @@
 //!   taken and given back per stream; its requests carry a `ConnectionKey`
 //!   and a `PeerAddr`, as a server's would), `guard+caps-baseline` (the same
 //!   requests without caps) and `guard+drain` (a drain configured, not
-//!   started), and with the `metrics` feature `guard+metrics` (metrics on,
-//!   recorded by metrics-util's in-memory `DebuggingRecorder`; run with
-//!   `--features metrics`).
+//!   started) and `guard+metrics` (metrics on, recorded by
+//!   metrics-exporter-prometheus's recorder, the one the `prometheus`
+//!   example serves).
 //!
 //! The per-frame benchmarks poll [`FRAMES_PER_ITER`] frames per iteration and
 //! report throughput in frames: with 1000 frames per iteration, the time per
@@ -386,11 +386,12 @@ fn per_stream(c: &mut Criterion) {
     });
     assert_eq!(layer.active_streams(), 0, "every stream has ended");
 
-    // The same with metrics on, recorded by a real (in-memory) recorder.
-    #[cfg(feature = "metrics")]
+    // The same with metrics on, recorded by the Prometheus exporter's
+    // recorder (what the `prometheus` example installs), rendered once at
+    // the end as a scrape would.
     {
-        let recorder = metrics_util::debugging::DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
         metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
         let layer = StreamGuardLayer::builder()
             .idle_timeout(IDLE)
@@ -403,7 +404,7 @@ fn per_stream(c: &mut Criterion) {
             b.iter(|| one_stream(&mut guard));
         });
         assert_eq!(layer.active_streams(), 0, "every stream has ended");
-        black_box(snapshotter.snapshot());
+        black_box(handle.render());
     }
 
     let layer = guard_layer();

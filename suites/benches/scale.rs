@@ -3,8 +3,8 @@
 //! how long after their deadline the last of them has ended.
 //!
 //! ```text
-//! cargo bench --bench scale                 # 100,000 streams
-//! STREAMS=20000 cargo bench --bench scale   # fewer
+//! cargo bench -p stream-guard-suites --bench scale                 # 100,000 streams
+//! STREAMS=20000 cargo bench -p stream-guard-suites --bench scale   # fewer
 //! ```
 //!
 //! Streams are opened through the layer as a server opens them (service

@@ -38,6 +38,7 @@ const MAX_EVENT_CAPACITY: usize = 1 << 16;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 #[allow(dead_code)]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 use support::{wait_for_no_tasks, wait_until};
 

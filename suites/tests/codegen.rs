@@ -6,7 +6,7 @@
 //! are needed. After editing `proto/echo.proto`, regenerate with:
 //!
 //! ```text
-//! UPDATE_GENERATED=1 cargo test --test codegen
+//! UPDATE_GENERATED=1 cargo test -p stream-guard-suites --test codegen
 //! ```
 //!
 //! Without `UPDATE_GENERATED=1` the test regenerates into a temporary
@@ -42,7 +42,7 @@ impl Drop for TempDir {
 /// Runs `protoc` + `tonic-prost-build` on `proto/echo.proto`, writing
 /// `echo.rs` into `out_dir`, and returns the generated file's path.
 fn generate(out_dir: &Path) -> PathBuf {
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc binary");
 
     // Point prost at the vendored protoc directly instead of via `PROTOC`,
@@ -86,7 +86,7 @@ fn generated_code_matches_proto() {
     let generated_path = generate(&tmp.0);
     let generated = fs::read(&generated_path).expect("read freshly generated code");
 
-    let checked_in_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/echo.rs");
+    let checked_in_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/echo.rs");
 
     if std::env::var_os("UPDATE_GENERATED").is_some_and(|v| v == "1") {
         fs::write(&checked_in_path, &generated).expect("write proto/echo.rs");
@@ -96,14 +96,14 @@ fn generated_code_matches_proto() {
 
     let checked_in = fs::read(&checked_in_path).unwrap_or_else(|e| {
         panic!(
-            "cannot read {}: {e}\nGenerate it with: UPDATE_GENERATED=1 cargo test --test codegen",
+            "cannot read {}: {e}\nGenerate it with: UPDATE_GENERATED=1 cargo test -p stream-guard-suites --test codegen",
             checked_in_path.display()
         )
     });
     assert!(
         checked_in == generated,
         "{} is out of date with proto/echo.proto ({}).\n\
-         Regenerate it with: UPDATE_GENERATED=1 cargo test --test codegen",
+         Regenerate it with: UPDATE_GENERATED=1 cargo test -p stream-guard-suites --test codegen",
         checked_in_path.display(),
         first_difference(
             &String::from_utf8_lossy(&checked_in),

@@ -71,7 +71,7 @@
 // Some connections are Unix sockets.
 #![cfg(unix)]
 
-#[path = "../examples/common/mod.rs"]
+#[path = "../../examples/common/mod.rs"]
 mod common;
 
 use std::{
@@ -117,6 +117,7 @@ use tower_stream_guard::{
 };
 
 #[allow(dead_code)]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 use support::{PATIENCE, wait_for_no_tasks, wait_until};
 
@@ -1140,9 +1141,7 @@ fn plan(rng: &mut Rng, scale: usize) -> Vec<Planned> {
                 Server::First
             },
             transport: match rng.below(4) {
-                // Without the crate's `tls` feature the guard cannot tell
-                // TLS connections apart.
-                0 if cfg!(feature = "tls") => Transport::Tls,
+                0 => Transport::Tls,
                 1 => Transport::Uds,
                 _ => Transport::Tcp,
             },

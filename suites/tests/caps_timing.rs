@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use tokio::time::{Instant, sleep};
 use tower::{Layer, Service, ServiceExt};
 
-#[path = "support/paused.rs"]
+#[path = "../../tests/support/paused.rs"]
 mod paused;
 use paused::{App, SECOND, TICK, call, guard, next_event, request};
 use tower_stream_guard::{

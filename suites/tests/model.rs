@@ -33,7 +33,7 @@ const TICK_MS: u64 = 10;
 /// How late after the model's deadline the guard may end a stream.
 const SLACK_MS: u64 = 2 * TICK_MS;
 
-#[path = "support/paused.rs"]
+#[path = "../../tests/support/paused.rs"]
 mod paused;
 /// A body fed through a channel; the sender dropped is its end.
 use paused::Feed as Chan;

@@ -5,12 +5,11 @@
 //! Every test runs on a current-thread runtime inside
 //! `metrics::with_local_recorder`: the guard records on the thread that
 //! polls it, so each test sees its own recorder and nothing of the others'.
-#![cfg(feature = "metrics")]
 
-#[path = "../examples/common/mod.rs"]
+#[path = "../../examples/common/mod.rs"]
 mod common;
 
-#[path = "support/paused.rs"]
+#[path = "../../tests/support/paused.rs"]
 mod paused;
 
 use std::{cell::RefCell, collections::BTreeMap, future::Future, time::Duration};

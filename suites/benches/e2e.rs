@@ -3,10 +3,10 @@
 //! timeout, in the same run.
 //!
 //! ```text
-//! cargo bench --bench e2e                   # about a minute
-//! ROUNDS=1 CALLS=2000 cargo bench --bench e2e   # a quick look
-//! GUARD=idle,caps cargo bench --bench e2e       # part of the stack only
-//! NAGLE=1 cargo bench --bench e2e               # without TCP_NODELAY
+//! cargo bench -p stream-guard-suites --bench e2e                   # about a minute
+//! ROUNDS=1 CALLS=2000 cargo bench -p stream-guard-suites --bench e2e   # a quick look
+//! GUARD=idle,caps cargo bench -p stream-guard-suites --bench e2e       # part of the stack only
+//! NAGLE=1 cargo bench -p stream-guard-suites --bench e2e               # without TCP_NODELAY
 //! ```
 //!
 //! `GUARD` picks the guard's parts from `idle`, `lifetime`, `caps` and
@@ -30,7 +30,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-#[path = "../examples/common/mod.rs"]
+#[path = "../../examples/common/mod.rs"]
 mod common;
 
 use common::{

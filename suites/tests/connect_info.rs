@@ -4,9 +4,9 @@
 //! (wrapping the TCP stream under the TLS, or the TLS stream). Real tonic
 //! servers and clients over loopback; certificates made here with `rcgen`.
 
-#![cfg(all(unix, feature = "tls"))]
+#![cfg(unix)]
 
-#[path = "../examples/common/mod.rs"]
+#[path = "../../examples/common/mod.rs"]
 mod common;
 
 use std::{
@@ -51,6 +51,7 @@ use tower_stream_guard::{
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 use support::{PATIENCE, next_event};
 
