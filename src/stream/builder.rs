@@ -193,11 +193,11 @@ impl StreamGuardBuilder {
     /// guard never answers for the other reasons (`Completed`, `Error`,
     /// `Panicked`), nor for gRPC streams, which get a trailers-only response
     /// with the gRPC status; once the service has answered, a plain-HTTP
-    /// stream the guard ends is reset instead. The statuses are read only
-    /// when the guard answers, never per stream.
+    /// stream the guard ends is reset instead. Costs nothing per stream: the
+    /// statuses are read only when the guard answers.
     ///
     /// ```
-    /// use std::{convert::Infallible, time::Duration};
+    /// use std::convert::Infallible;
     ///
     /// use http::{Request, Response, StatusCode};
     /// use tower::{Layer, ServiceExt};
