@@ -4,6 +4,8 @@
 
 use std::{error::Error, fmt, time::Duration};
 
+use http::StatusCode;
+
 use crate::end::EndReason;
 
 /// The longest duration any guard setting accepts: 365 days.
@@ -291,6 +293,16 @@ pub enum ConfigError {
         /// What is wrong with it.
         error: Box<ConfigError>,
     },
+    /// [`early_status`](crate::StreamGuardBuilder::early_status) was given a
+    /// status that is not an error (`4xx` or `5xx`): a stream the guard ended
+    /// before the service answered cannot be reported as a success or a
+    /// redirect.
+    EarlyStatusNotError {
+        /// The reason the status was given for.
+        reason: EndReason,
+        /// The status given.
+        status: StatusCode,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -343,6 +355,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Route { route, error } => write!(f, "route `{route}`: {error}"),
             ConfigError::GraceWithoutMaxAge => f.write_str(
                 "`max_age_grace` is set without `max_age`; the grace follows the maximum age",
+            ),
+            ConfigError::EarlyStatusNotError { reason, status } => write!(
+                f,
+                "`early_status` for {reason} is {status}; the guard's own answer to a stream it ended must be a 4xx or 5xx status"
             ),
         }
     }

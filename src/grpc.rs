@@ -26,7 +26,7 @@
 use std::{fmt::Write as _, time::Duration};
 
 use http::{
-    HeaderMap, HeaderValue, Response,
+    HeaderMap, HeaderValue, Response, StatusCode,
     header::{CONTENT_TYPE, HeaderName, RETRY_AFTER},
 };
 
@@ -121,14 +121,15 @@ pub(crate) fn guard_reason_of(headers: &HeaderMap) -> Option<Ending> {
 }
 
 /// A response made by the guard before the service produced one, for a
-/// stream that ended as `ending`: trailers-only for gRPC, otherwise
-/// [`Ending::http_status`], with `Retry-After: retry_after_secs` when the
-/// guard refused the stream. Either way `stream-guard-reason` names the
-/// reason.
+/// stream that ended as `ending`: trailers-only for gRPC, otherwise `status`
+/// (by default [`Ending::http_status`]), with `Retry-After:
+/// retry_after_secs` when the guard refused the stream. Either way
+/// `stream-guard-reason` names the reason.
 pub(crate) fn early_response<B>(
     grpc: bool,
     ending: Ending,
     message: &str,
+    status: StatusCode,
     retry_after_secs: u64,
     body: B,
 ) -> Response<B> {
@@ -144,15 +145,13 @@ pub(crate) fn early_response<B>(
         if ending.is_refusal() {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
-        *response.status_mut() = ending.http_status();
+        *response.status_mut() = status;
     }
     response
 }
 
 #[cfg(test)]
 mod tests {
-    use http::StatusCode;
-
     use super::*;
 
     #[test]
@@ -186,7 +185,14 @@ mod tests {
 
     #[test]
     fn early_grpc_response_is_trailers_only() {
-        let r = early_response(true, Ending::Lifetime, "too long", 1, ());
+        let r = early_response(
+            true,
+            Ending::Lifetime,
+            "too long",
+            StatusCode::IM_A_TEAPOT,
+            1,
+            (),
+        );
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(status_of(r.headers()), Some(4));
         assert_eq!(r.headers()["grpc-message"], "too long");
@@ -195,14 +201,22 @@ mod tests {
             Some("lifetime_exceeded")
         );
         assert!(r.headers().get(RETRY_AFTER).is_none());
-        let r = early_response(true, Ending::RejectedTotal, "full", 1, ());
+        let r = early_response(
+            true,
+            Ending::RejectedTotal,
+            "full",
+            StatusCode::IM_A_TEAPOT,
+            1,
+            (),
+        );
         assert_eq!(status_of(r.headers()), Some(8));
         assert!(r.headers().get(RETRY_AFTER).is_none());
     }
 
     #[test]
     fn early_plain_response_status_says_who_stalled() {
-        let status = |ending| early_response(false, ending, "", 7, ()).status();
+        let status =
+            |ending| early_response(false, ending, "", ending.http_status(), 7, ()).status();
         assert_eq!(status(Ending::IdleRequest), StatusCode::REQUEST_TIMEOUT);
         for ending in [
             Ending::IdleResponse,
@@ -218,11 +232,18 @@ mod tests {
             Ending::RejectedNoConnection,
             Ending::DrainRefused,
         ] {
-            let r = early_response(false, ending, "", 7, ());
+            let r = early_response(false, ending, "", ending.http_status(), 7, ());
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{ending:?}");
             assert_eq!(r.headers()[RETRY_AFTER], "7", "{ending:?}");
         }
-        let cut = early_response(false, Ending::Drained, "", 7, ());
+        let cut = early_response(
+            false,
+            Ending::Drained,
+            "",
+            Ending::Drained.http_status(),
+            7,
+            (),
+        );
         assert_eq!(cut.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(cut.headers().get(RETRY_AFTER).is_none());
         assert_eq!(

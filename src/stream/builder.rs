@@ -3,6 +3,8 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use http::StatusCode;
+
 use super::{
     cap::{CapLimits, CapSet},
     layer::StreamGuardLayer,
@@ -14,7 +16,7 @@ use super::{
 };
 use crate::{
     drain::Drain,
-    end::{IdleDirection, StreamCap},
+    end::{EndReason, IdleDirection, StreamCap},
     error::{ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity},
     events::{DEFAULT_EVENT_CAPACITY, EndCallback, EndEvent},
     peer::{ConnectionKey, KeyFn},
@@ -73,6 +75,7 @@ pub struct StreamGuardBuilder {
     caps: CapLimits,
     cap_wait: Option<Duration>,
     retry_after: Duration,
+    early_statuses: Vec<(EndReason, StatusCode)>,
     routes: Vec<RouteSpec>,
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
@@ -92,6 +95,7 @@ impl Default for StreamGuardBuilder {
             caps: CapLimits::default(),
             cap_wait: None,
             retry_after: DEFAULT_RETRY_AFTER,
+            early_statuses: Vec::new(),
             routes: Vec::new(),
             connection_key: None,
             honor_grpc_timeout: false,
@@ -113,6 +117,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("caps", &self.caps)
             .field("cap_wait", &self.cap_wait)
             .field("retry_after", &self.retry_after)
+            .field("early_statuses", &self.early_statuses)
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
@@ -161,6 +166,66 @@ impl StreamGuardBuilder {
     /// ```
     pub fn retry_after(mut self, wait: Duration) -> Self {
         self.retry_after = wait;
+        self
+    }
+
+    /// The status of the plain-HTTP answer the guard makes itself when a
+    /// stream ends with `reason` before the service answered (see
+    /// [`ResponseFuture`](crate::stream::ResponseFuture)). Matched by
+    /// equality with the stream's [`EndReason`], so
+    /// `EndReason::IdleTimeout(IdleDirection::Request)` covers the request
+    /// side only and [`EndReason::Cancelled`] covers
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel). Set twice for
+    /// one reason, the last status wins. It must be a `4xx` or `5xx` status
+    /// ([`ConfigError::EarlyStatusNotError`] otherwise).
+    ///
+    /// | Reason | Default status |
+    /// |--------|----------------|
+    /// | `IdleTimeout(Request)` | `408 Request Timeout` |
+    /// | `IdleTimeout(Response)`, `IdleTimeout(Both)` | `504 Gateway Timeout` |
+    /// | `LifetimeExceeded` | `504 Gateway Timeout` |
+    /// | `Cancelled` (a handle's `cancel`) | `504 Gateway Timeout` |
+    /// | `Rejected(_)` | `503 Service Unavailable`, with `Retry-After` |
+    /// | `Drained` | `503 Service Unavailable`, with `Retry-After` when refused on arrival |
+    ///
+    /// A refusal keeps its `Retry-After` ([`retry_after`](Self::retry_after))
+    /// whatever its status, and every answer its `stream-guard-reason`. The
+    /// guard never answers for the other reasons (`Completed`, `Error`,
+    /// `Panicked`), nor for gRPC streams, which get a trailers-only response
+    /// with the gRPC status; once the service has answered, a plain-HTTP
+    /// stream the guard ends is reset instead. Costs nothing per stream: the
+    /// statuses are read only when the guard answers.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    ///
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, EndReason, StreamCap, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams(1)
+    ///     .early_status(EndReason::Rejected(StreamCap::Total), StatusCode::TOO_MANY_REQUESTS)
+    ///     .early_status(EndReason::LifetimeExceeded, StatusCode::SERVICE_UNAVAILABLE)
+    ///     .build()?;
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new("hello".to_owned()))
+    /// }));
+    /// let first = service.clone().oneshot(Request::new(String::new())).await?;
+    /// let refused = service.oneshot(Request::new(String::new())).await?;
+    /// assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(refused.headers()["retry-after"], "1");
+    /// assert_eq!(refused.headers()["stream-guard-reason"], "rejected");
+    /// # drop(first);
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn early_status(mut self, reason: EndReason, status: StatusCode) -> Self {
+        self.early_statuses.retain(|(chosen, _)| *chosen != reason);
+        self.early_statuses.push((reason, status));
         self
     }
 
@@ -449,7 +514,8 @@ impl StreamGuardBuilder {
     /// range, when the event
     /// capacity or a cap is zero, or when a route's path does not start with
     /// `/` or its settings laid over the layer's break one of these rules
-    /// ([`ConfigError::Route`] names the route).
+    /// ([`ConfigError::Route`] names the route), or when an
+    /// [`early_status`](Self::early_status) is not a `4xx` or `5xx` status.
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
         validate_event_capacity(self.capacity)?;
@@ -458,6 +524,11 @@ impl StreamGuardBuilder {
             check_duration("cap_wait", patience, None)?;
         }
         check_duration("retry_after", self.retry_after, None)?;
+        for &(reason, status) in &self.early_statuses {
+            if !(status.is_client_error() || status.is_server_error()) {
+                return Err(ConfigError::EarlyStatusNotError { reason, status });
+            }
+        }
         // Rounded up: a client never retries sooner than asked.
         let retry_after_secs =
             self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
@@ -479,6 +550,8 @@ impl StreamGuardBuilder {
             cap_wait: self.cap_wait,
             handle_in_response: self.response_handle,
             retry_after_secs,
+            early_statuses: (!self.early_statuses.is_empty())
+                .then(|| self.early_statuses.into_boxed_slice()),
         };
         let shared = Shared::new(
             Sweeper::new(self.resolution, drain.is_some()),

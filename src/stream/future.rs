@@ -47,6 +47,9 @@ pin_project! {
     /// `Retry-After` ([`retry_after`](crate::StreamGuardBuilder::retry_after)),
     /// the same way. Each of these answers names its reason in
     /// `stream-guard-reason` ([`EndReason::as_str`](crate::EndReason::as_str)).
+    /// The plain-HTTP statuses are defaults:
+    /// [`early_status`](crate::StreamGuardBuilder::early_status) chooses
+    /// another per reason (a refusal keeps its `Retry-After`).
     ///
     /// # Cancel safety
     ///
@@ -136,11 +139,13 @@ impl<F> ResponseFuture<F> {
             return Poll::Pending;
         };
         let ending = ticket.ending().unwrap_or(Ending::Cancelled);
+        let admission = &ticket.shared.admission;
         let response = grpc::early_response(
             ticket.grpc,
             ending,
             &ticket.message(ending),
-            ticket.shared.admission.retry_after_secs,
+            admission.early_status(ending),
+            admission.retry_after_secs,
             (),
         );
         Poll::Ready(Ok(response.map(|()| ResponseBody::answered(ticket))))

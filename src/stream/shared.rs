@@ -9,11 +9,13 @@ use std::{
     time::Duration,
 };
 
+use http::StatusCode;
 use tokio::time::Instant;
 
 use super::{cap::CapSet, report::Report, route::Route, timer::Sweeper};
 use crate::{
     drain::{DrainShared, Drained},
+    end::{EndReason, Ending},
     peer::KeyFn,
     sync::NEVER,
 };
@@ -41,6 +43,22 @@ pub(crate) struct Admission {
     pub(crate) handle_in_response: bool,
     /// `Retry-After` of a plain-HTTP refusal, in whole seconds.
     pub(crate) retry_after_secs: u64,
+    /// The plain-HTTP statuses of the guard's own answers that differ from
+    /// the table's, if any were chosen: read only when the guard answers.
+    pub(crate) early_statuses: Option<Box<[(EndReason, StatusCode)]>>,
+}
+
+impl Admission {
+    /// The status of a plain-HTTP answer the guard makes for a stream that
+    /// ended as `ending` before the service answered.
+    pub(crate) fn early_status(&self, ending: Ending) -> StatusCode {
+        let reason = ending.reason();
+        self.early_statuses
+            .iter()
+            .flat_map(|chosen| chosen.iter())
+            .find(|(chosen, _)| *chosen == reason)
+            .map_or_else(|| ending.http_status(), |&(_, status)| status)
+    }
 }
 
 /// A drain this layer answers to, and when it cuts the streams still open.
