@@ -61,7 +61,9 @@ use tokio::{
 };
 use tonic::transport::{Server, server::TcpIncoming};
 use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardBuilder, StreamGuardLayer};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    filter::Targets, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
 use common::{EchoService, echo::echo_server::EchoServer};
 
@@ -320,12 +322,17 @@ async fn main() -> ExitCode {
         }
     };
 
+    // `RUST_LOG` as `target=level` pairs and a default level (`info`,
+    // `tower_stream_guard=debug,info`); anything else falls back to `info`.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .finish()
+        .with(filter)
         .init();
 
     let listener = match TcpListener::bind(args.addr).await {
