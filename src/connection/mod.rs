@@ -232,12 +232,18 @@ pub(crate) mod event;
 pub(crate) mod guard;
 pub(crate) mod handle;
 mod io;
+mod notice;
 mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
 mod tonic;
 
+pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
+pub(crate) use notice::NoticeShared;
+#[cfg(feature = "hyper")]
+pub use notice::{Connecting, NoticeConnector};
+pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 pub use tonic::GuardedConnectInfo;
 
 pub(crate) use event::{ConnectionEnd, ConnectionEvent};

@@ -15,6 +15,7 @@ use super::{
     timer::Sweeper,
 };
 use crate::{
+    connection::GoawayNotice,
     drain::Drain,
     end::{EndReason, IdleDirection, StreamCap},
     error::{ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity},
@@ -83,6 +84,7 @@ pub struct StreamGuardBuilder {
     response_handle: bool,
     metrics: bool,
     drain: Option<Drain>,
+    notice: Option<GoawayNotice>,
     resolution: Duration,
     capacity: usize,
     callbacks: Vec<EndCallback>,
@@ -103,6 +105,7 @@ impl Default for StreamGuardBuilder {
             response_handle: false,
             metrics: false,
             drain: None,
+            notice: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
             capacity: DEFAULT_EVENT_CAPACITY,
             callbacks: Vec::new(),
@@ -125,6 +128,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("response_handle", &self.response_handle)
             .field("metrics", &self.metrics)
             .field("drain", &self.drain)
+            .field("notice", &self.notice)
             .field("resolution", &self.resolution)
             .field("capacity", &self.capacity)
             .field("callbacks", &self.callbacks.len())
@@ -475,6 +479,20 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Ties this guard's streams to the client connections `notice` watches
+    /// (a guard around a client: a tonic `Channel` built with
+    /// [`GoawayNotice::connector`], a hyper-util client): a stream's
+    /// [`draining`](crate::StreamHandle::draining) resolves, and
+    /// [`is_draining`](crate::StreamHandle::is_draining) turns true, when a
+    /// connection of the notice receives GOAWAY after the stream started
+    /// (see [`GoawayNotice`] for which streams that tells). Costs an atomic
+    /// load per stream. The handle is in the response's extensions with
+    /// [`response_handle`](Self::response_handle).
+    pub fn goaway_notice(mut self, notice: &GoawayNotice) -> Self {
+        self.notice = Some(notice.clone());
+        self
+    }
+
     /// How often deadlines are checked (default 10 ms, between 1 ms and 1 s).
     /// A guard fires at most one resolution after its deadline (an idle
     /// timeout at most two) once the timer task gets to run, and never
@@ -558,6 +576,7 @@ impl StreamGuardBuilder {
             Report::new(self.capacity, self.callbacks, self.metrics),
             admission,
             drain,
+            self.notice.map(|notice| Arc::clone(notice.shared())),
         );
         Ok(StreamGuardLayer::new(self.policy, shared))
     }

@@ -97,6 +97,8 @@ pin_project! {
             future: F,
             gate: Gate,
             ticket: Ticket,
+            // For the handle in the response: see `StreamHandle`.
+            goaways_seen: u64,
         },
         /// The guard answers without the service: the stream has ended.
         Answered { ticket: Ticket },
@@ -107,12 +109,13 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     /// The service was called for the stream `ticket` owns.
-    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket) -> Self {
+    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket, goaways_seen: u64) -> Self {
         ResponseFuture {
             state: State::Calling {
                 future,
                 gate,
                 ticket,
+                goaways_seen,
             },
         }
     }
@@ -160,12 +163,13 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (future, gate, ticket) = match self.as_mut().project().state.project() {
+        let (future, gate, ticket, goaways_seen) = match self.as_mut().project().state.project() {
             StateProj::Calling {
                 future,
                 gate,
                 ticket,
-            } => (future, gate, ticket),
+                goaways_seen,
+            } => (future, gate, ticket, *goaways_seen),
             StateProj::Answered { .. } => return self.answer(),
             // Polled again after it resolved.
             StateProj::Done => return Poll::Pending,
@@ -210,6 +214,7 @@ where
                 if ticket.shared.admission.handle_in_response {
                     response.extensions_mut().insert(StreamHandle {
                         record: std::sync::Arc::clone(ticket.record()),
+                        goaways_seen,
                     });
                 }
                 let grpc = grpc::is_grpc(response.headers());

@@ -97,6 +97,9 @@ use super::record::Record;
 #[derive(Clone)]
 pub struct StreamHandle {
     pub(crate) record: Arc<Record>,
+    /// The GOAWAYs the layer's notice had seen when the stream started
+    /// (`StreamGuardBuilder::goaway_notice`; 0 without one).
+    pub(crate) goaways_seen: u64,
 }
 
 impl StreamHandle {
@@ -212,10 +215,15 @@ impl StreamHandle {
         }
     }
 
-    /// Resolves when the server begins to drain (see [`Drain`](crate::Drain)),
-    /// at once if it has: time to tell the client to reconnect elsewhere and
-    /// finish up before the grace period ends. Never resolves when the
-    /// guard was built without a drain. `'static`, like
+    /// Resolves when the server begins to drain, at once if it has: time to
+    /// tell the client to reconnect elsewhere (or, for a client, to open the
+    /// replacement stream) and finish up before the grace period ends. On a
+    /// server's guard that is its [`Drain`](crate::Drain) beginning; on a
+    /// client's guard with a
+    /// [`goaway_notice`](crate::StreamGuardBuilder::goaway_notice), also a
+    /// GOAWAY from the server on the stream's connection (see
+    /// [`GoawayNotice`](crate::connection::GoawayNotice) for which streams
+    /// are told). Never resolves when the guard has neither. `'static`, like
     /// [`cancelled`](Self::cancelled); dropping it cancels nothing.
     ///
     /// ```
@@ -249,17 +257,39 @@ impl StreamHandle {
     /// ```
     pub fn draining(&self) -> impl Future<Output = ()> + Send + use<> {
         let drain = self.record.shared.drain().cloned();
+        let notice = self.record.shared.notice().cloned();
+        let seen = self.goaways_seen;
         async move {
-            match drain {
-                Some(drain) => drain.began().await,
-                None => std::future::pending().await,
-            }
+            let drain = async {
+                match drain {
+                    Some(drain) => drain.began().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let goaway = async {
+                match notice {
+                    Some(notice) => notice.goaway_after(seen).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (mut drain, mut goaway) = (std::pin::pin!(drain), std::pin::pin!(goaway));
+            std::future::poll_fn(|cx| {
+                if drain.as_mut().poll(cx).is_ready() || goaway.as_mut().poll(cx).is_ready() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await
         }
     }
 
-    /// Whether the server has begun to drain.
+    /// Whether the server has begun to drain: the guard's
+    /// [`Drain`](crate::Drain) began, or (a client's guard with a
+    /// [`goaway_notice`](crate::StreamGuardBuilder::goaway_notice)) a GOAWAY
+    /// arrived since the stream started.
     pub fn is_draining(&self) -> bool {
-        self.record.shared.is_draining()
+        self.record.shared.is_draining() || self.record.shared.goaways_seen() > self.goaways_seen
     }
 
     /// The connection the stream came on, when a

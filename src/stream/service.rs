@@ -360,8 +360,10 @@ where
             },
         };
         let record = ticket.record();
+        let goaways_seen = shared.goaways_seen();
         request.extensions_mut().insert(StreamHandle {
             record: Arc::clone(record),
+            goaways_seen,
         });
         let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(record))));
         // If `call` panics, the ticket is dropped by the unwinding: the
@@ -370,6 +372,6 @@ where
         let future = self.inner.call(request);
         unwinding.disarm();
         shared.timer.arm_new(ticket.record());
-        ResponseFuture::calling(future, gate, ticket)
+        ResponseFuture::calling(future, gate, ticket, goaways_seen)
     }
 }

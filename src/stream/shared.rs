@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{cap::CapSet, report::Report, route::Route, timer::Sweeper};
 use crate::{
+    connection::NoticeShared,
     drain::{DrainShared, Drained},
     end::{EndReason, Ending},
     peer::KeyFn,
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     pub(crate) report: Report,
     pub(crate) admission: Admission,
     drain: Option<DrainLink>,
+    /// The client connections whose GOAWAY this layer's streams hear of.
+    notice: Option<Arc<NoticeShared>>,
 }
 
 /// How a guard layer admits a request: its routes, caps and where it finds
@@ -76,6 +79,7 @@ impl Shared {
         report: Report,
         admission: Admission,
         drain: Option<Arc<DrainShared>>,
+        notice: Option<Arc<NoticeShared>>,
     ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             timer: Arc::new(timer),
@@ -85,6 +89,7 @@ impl Shared {
                 drain,
                 deadline: AtomicU64::new(NEVER),
             }),
+            notice,
         });
         if let Some(link) = &shared.drain {
             let streams: std::sync::Weak<dyn Drained> = Arc::downgrade(&shared) as _;
@@ -100,6 +105,17 @@ impl Shared {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.drain().is_some_and(|drain| drain.is_draining())
+    }
+
+    /// The client connections whose GOAWAY this layer's streams hear of.
+    pub(crate) fn notice(&self) -> Option<&Arc<NoticeShared>> {
+        self.notice.as_ref()
+    }
+
+    /// What a stream starting now records of the notice: the GOAWAYs seen
+    /// so far (0 without a notice).
+    pub(crate) fn goaways_seen(&self) -> u64 {
+        self.notice.as_ref().map_or(0, |notice| notice.goaways())
     }
 
     /// When the drain cuts this layer's streams, ns on its clock; [`NEVER`]

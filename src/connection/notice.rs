@@ -1,0 +1,462 @@
+//! The client's side of a server's drain: seeing GOAWAY on a client's
+//! connections and telling the application.
+//!
+//! A server that drains sends HTTP/2 GOAWAY, and the client's HTTP/2 stack
+//! stops opening streams on that connection; the application does not hear
+//! of it, so its long-lived streams run on until the server cuts them. A
+//! [`GoawayNotice`] wraps each connection's IO ([`NoticedIo`], or a whole
+//! connector with [`GoawayNotice::connector`]) and follows the frame headers
+//! the server sends, without buffering or parsing anything else; when a
+//! GOAWAY arrives it tells subscribers ([`NoticeEvent`]) and the client
+//! guard's [`StreamHandle::draining`](crate::StreamHandle::draining) of every
+//! stream that may be on that connection.
+
+use std::{
+    fmt,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, ready},
+};
+
+use pin_project_lite::pin_project;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{Notify, broadcast},
+};
+
+use crate::frames::{FrameReader, Goaway};
+
+/// How many connection events a subscriber may fall behind by.
+const EVENT_CAPACITY: usize = 256;
+
+/// Sees GOAWAY on a client's HTTP/2 connections and tells the application:
+/// through [`subscribe`](Self::subscribe) (every connection's opening,
+/// GOAWAY and closing) and through the client guard's
+/// [`StreamHandle::draining`](crate::StreamHandle::draining), with
+/// [`StreamGuardBuilder::goaway_notice`](crate::StreamGuardBuilder::goaway_notice).
+///
+/// It sees what it wraps: give a tonic `Endpoint` or a hyper-util client
+/// [`connector`](Self::connector) (feature `hyper`), or wrap an IO yourself
+/// with [`wrap`](Self::wrap). It must see plain HTTP/2: under TLS, do the TLS
+/// inside the connector it wraps (the wrapper then sees what the TLS
+/// decrypted). Bytes that are not HTTP/2 (the first frame a server sends is
+/// SETTINGS) switch the wrapper off for that connection.
+///
+/// Which streams are told: a stream's `draining()` resolves when any
+/// connection of its notice receives a GOAWAY after the stream started. With
+/// one connection at a time (a tonic `Channel` to one endpoint, which opens
+/// a new connection once the old one is going away) that is exactly the
+/// streams the GOAWAY concerns; with several (a balanced channel, a pool),
+/// streams on other connections of the same notice are told too, never
+/// fewer than those concerned. Use one notice per endpoint to narrow it.
+///
+/// ```
+/// use tokio::io::AsyncWriteExt;
+/// use tower_stream_guard::connection::{GoawayNotice, NoticeEvent};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let notice = GoawayNotice::new();
+/// let mut events = notice.subscribe();
+/// let (client, mut server) = tokio::io::duplex(1024);
+/// let mut io = notice.wrap(client);
+///
+/// // The server's SETTINGS, then GOAWAY(last stream 1, NO_ERROR).
+/// server.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+/// server.write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]).await?;
+/// let mut read = [0; 64];
+/// tokio::io::AsyncReadExt::read(&mut io, &mut read).await?;
+///
+/// assert!(matches!(events.recv().await, Ok(NoticeEvent::Opened { .. })));
+/// let Ok(NoticeEvent::Goaway { goaway, .. }) = events.recv().await else { panic!() };
+/// assert_eq!(goaway.last_stream_id(), 1);
+/// assert!(goaway.is_graceful());
+/// assert_eq!(notice.goaways(), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct GoawayNotice {
+    shared: Arc<NoticeShared>,
+}
+
+pub(crate) struct NoticeShared {
+    events: broadcast::Sender<NoticeEvent>,
+    /// GOAWAY frames received so far, over every connection.
+    goaways: AtomicU64,
+    /// Woken at every GOAWAY.
+    notify: Notify,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+}
+
+impl NoticeShared {
+    /// How many GOAWAY frames have arrived: a stream records it when it
+    /// starts, and is told once the count passes it.
+    pub(crate) fn goaways(&self) -> u64 {
+        self.goaways.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the count of GOAWAY frames passes `seen`.
+    pub(crate) async fn goaway_after(&self, seen: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.goaways() > seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl fmt::Debug for GoawayNotice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GoawayNotice")
+            .field("open_connections", &self.open_connections())
+            .field("goaways", &self.goaways())
+            .finish()
+    }
+}
+
+impl Default for GoawayNotice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GoawayNotice {
+    /// A notice with no connection yet.
+    pub fn new() -> Self {
+        GoawayNotice {
+            shared: Arc::new(NoticeShared {
+                events: broadcast::channel(EVENT_CAPACITY).0,
+                goaways: AtomicU64::new(0),
+                notify: Notify::new(),
+                next_id: AtomicU64::new(1),
+                open: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Wraps a client connection's IO (under any TLS): it reports its
+    /// opening now, every GOAWAY it reads, and its closing when dropped.
+    pub fn wrap<IO>(&self, io: IO) -> NoticedIo<IO> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .shared
+            .events
+            .send(NoticeEvent::Opened { connection: id });
+        NoticedIo {
+            inner: io,
+            reader: FrameReader::client(),
+            life: Life {
+                id,
+                shared: Arc::clone(&self.shared),
+            },
+        }
+    }
+
+    /// Wraps a connector (a `Service<Uri>` whose connections are tokio IO,
+    /// such as a `tower::service_fn` that opens a `TcpStream`, or one that
+    /// does TLS over it), for
+    /// `tonic::transport::Endpoint::connect_with_connector` or a hyper-util
+    /// client: every connection it makes is a [`NoticedIo`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// use http::Uri;
+    /// use tokio::net::TcpStream;
+    /// use tower_stream_guard::{StreamGuardLayer, StreamHandle, connection::GoawayNotice};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let notice = GoawayNotice::new();
+    /// let connector = notice.connector(tower::service_fn(|uri: Uri| async move {
+    ///     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    ///     TcpStream::connect(authority).await
+    /// }));
+    /// let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50051")
+    ///     .connect_with_connector(connector)
+    ///     .await?;
+    /// let guard = StreamGuardLayer::builder()
+    ///     .idle_timeout(Duration::from_secs(30))
+    ///     .response_handle(true)
+    ///     .goaway_notice(&notice)
+    ///     .build()?;
+    /// let channel = tower::ServiceBuilder::new()
+    ///     .layer(guard.for_tonic_channel())
+    ///     .service(channel);
+    /// // A call's response extensions hold its StreamHandle; its draining()
+    /// // resolves when the server sends GOAWAY: open the replacement then.
+    /// # drop(channel);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "hyper")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+    pub fn connector<C>(&self, connector: C) -> NoticeConnector<C> {
+        NoticeConnector {
+            inner: connector,
+            notice: self.clone(),
+        }
+    }
+
+    /// Every connection's opening, GOAWAY and closing, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NoticeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// GOAWAY frames received so far, over every connection.
+    pub fn goaways(&self) -> u64 {
+        self.shared.goaways()
+    }
+
+    /// Connections wrapped and not yet dropped.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves at the next GOAWAY on any connection of this notice.
+    pub fn next_goaway(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        let seen = shared.goaways();
+        async move { shared.goaway_after(seen).await }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<NoticeShared> {
+        &self.shared
+    }
+}
+
+/// What happened to one connection of a [`GoawayNotice`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NoticeEvent {
+    /// The connection was wrapped (it is open).
+    Opened {
+        /// The connection's id within its notice, from 1.
+        connection: u64,
+    },
+    /// The server sent GOAWAY on it: it takes no new streams; streams up to
+    /// [`Goaway::last_stream_id`] may finish. A graceful drain usually sends
+    /// two (the first with the highest id, then the real last one).
+    Goaway {
+        /// The connection's id within its notice.
+        connection: u64,
+        /// The frame.
+        goaway: Goaway,
+    },
+    /// The connection was dropped.
+    Closed {
+        /// The connection's id within its notice.
+        connection: u64,
+    },
+}
+
+impl NoticeEvent {
+    /// The connection's id within its notice.
+    pub fn connection(&self) -> u64 {
+        match self {
+            NoticeEvent::Opened { connection }
+            | NoticeEvent::Goaway { connection, .. }
+            | NoticeEvent::Closed { connection } => *connection,
+        }
+    }
+}
+
+/// One connection's place in its notice; reports its closing when dropped.
+struct Life {
+    id: u64,
+    shared: Arc<NoticeShared>,
+}
+
+impl Life {
+    /// Cold: a connection sees one or two GOAWAYs in its life.
+    #[cold]
+    fn goaway(&self, goaway: Goaway) {
+        self.shared.goaways.fetch_add(1, Ordering::AcqRel);
+        self.shared.notify.notify_waiters();
+        let _ = self.shared.events.send(NoticeEvent::Goaway {
+            connection: self.id,
+            goaway,
+        });
+    }
+}
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.shared.events.send(NoticeEvent::Closed {
+            connection: self.id,
+        });
+    }
+}
+
+pin_project! {
+    /// A client connection's IO under a [`GoawayNotice`]
+    /// ([`GoawayNotice::wrap`]): reads and writes go straight through; what is
+    /// read is followed frame header by frame header (no copy, no
+    /// allocation, no lock), and a GOAWAY is reported.
+    pub struct NoticedIo<IO> {
+        #[pin]
+        inner: IO,
+        reader: FrameReader,
+        life: Life,
+    }
+}
+
+impl<IO> fmt::Debug for NoticedIo<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NoticedIo")
+            .field("connection", &self.life.id)
+            .field("following", &!self.reader.is_off())
+            .finish()
+    }
+}
+
+impl<IO> NoticedIo<IO> {
+    /// The connection's id within its notice (as in [`NoticeEvent`]).
+    pub fn connection(&self) -> u64 {
+        self.life.id
+    }
+
+    /// The wrapped IO.
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    /// The wrapped IO, mutably.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.inner
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for NoticedIo<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        if !this.reader.is_off() {
+            let life = &*this.life;
+            this.reader
+                .feed(&buf.filled()[before..], |goaway| life.goaway(goaway));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for NoticedIo<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// hyper-util's client asks its connections what they are (HTTP/2
+/// negotiated, proxied, ...): the wrapped IO answers.
+#[cfg(feature = "hyper")]
+impl<IO: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for NoticedIo<IO>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
+/// A connector whose connections report GOAWAY to a [`GoawayNotice`]
+/// ([`GoawayNotice::connector`]).
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+#[derive(Clone, Debug)]
+pub struct NoticeConnector<C> {
+    inner: C,
+    notice: GoawayNotice,
+}
+
+#[cfg(feature = "hyper")]
+impl<C> tower_service::Service<http::Uri> for NoticeConnector<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Response: AsyncRead + AsyncWrite + Unpin,
+{
+    type Response = hyper_util::rt::TokioIo<NoticedIo<C::Response>>;
+    type Error = C::Error;
+    type Future = Connecting<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Connecting {
+            future: self.inner.call(uri),
+            notice: self.notice.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "hyper")]
+pin_project! {
+    /// A connection being made by a [`NoticeConnector`].
+    pub struct Connecting<F> {
+        #[pin]
+        future: F,
+        notice: GoawayNotice,
+    }
+}
+
+#[cfg(feature = "hyper")]
+impl<F, IO, E> Future for Connecting<F>
+where
+    F: Future<Output = Result<IO, E>>,
+{
+    type Output = Result<hyper_util::rt::TokioIo<NoticedIo<IO>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let io = ready!(this.future.poll(cx))?;
+        Poll::Ready(Ok(hyper_util::rt::TokioIo::new(this.notice.wrap(io))))
+    }
+}
+
+#[cfg(feature = "hyper")]
+impl<F> fmt::Debug for Connecting<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connecting").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,173 @@
+//! The client hears of a server's drain: a tonic client whose `Channel`
+//! connects through `GoawayNotice::connector`, behind a client guard with
+//! `goaway_notice`, against a real tonic server over loopback that drains
+//! (`serve_with_incoming_shutdown`: GOAWAY on every connection). The stream
+//! open at the GOAWAY is told (`StreamHandle::draining`), while it still
+//! runs; a stream started afterwards, on the new connection, is not.
+
+#![cfg(feature = "hyper")]
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::{
+    EchoService,
+    echo::{StreamRequest, echo_client::EchoClient, echo_server::EchoServer},
+};
+use http::Uri;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::{Instant, timeout},
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tower_stream_guard::{
+    Drain, StreamGuardLayer, StreamHandle,
+    connection::{GoawayNotice, NoticeEvent},
+    stream::{StreamGuard, TonicBody},
+};
+
+// Only some of the shared helpers are used here.
+#[allow(dead_code)]
+mod support;
+use support::PATIENCE;
+
+/// Serves Echo until `drain` starts (then GOAWAY), behind a guard that cuts
+/// what is left at the end of the drain's grace.
+async fn serve(drain: &Drain) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let guard = StreamGuardLayer::builder().drain(drain).build().unwrap();
+    let router = tonic::transport::Server::builder()
+        .layer(guard)
+        .add_service(EchoServer::new(EchoService::new()));
+    tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started()),
+    );
+    addr
+}
+
+/// A tonic client whose connections `notice` watches, behind a client guard
+/// tied to it.
+async fn client(addr: SocketAddr, notice: &GoawayNotice) -> EchoClient<Guarded> {
+    let connector = notice.connector(tower::service_fn(|uri: Uri| async move {
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        TcpStream::connect(authority).await
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connect");
+    let guard = StreamGuardLayer::builder()
+        .response_handle(true)
+        .goaway_notice(notice)
+        .build()
+        .unwrap();
+    EchoClient::new(tower::Layer::layer(&guard.for_tonic_channel(), channel))
+}
+
+/// A tonic `Channel` behind a client guard.
+type Guarded = StreamGuard<tonic::transport::Channel, TonicBody>;
+
+fn endless() -> StreamRequest {
+    StreamRequest {
+        count: 0,
+        interval_ms: 10,
+        size: 8,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_tells_the_client_stream_while_it_still_runs() {
+    let drain = Drain::new();
+    let addr = serve(&drain).await;
+    let notice = GoawayNotice::new();
+    let mut events = notice.subscribe();
+    let mut client = client(addr, &notice).await;
+
+    let response = client.server_stream(endless()).await.expect("call");
+    let handle = response
+        .extensions()
+        .get::<StreamHandle>()
+        .cloned()
+        .expect("the client guard's handle");
+    let mut stream = response.into_inner();
+    stream.message().await.expect("a message").expect("open");
+    assert!(!handle.is_draining());
+    let draining = handle.draining();
+
+    let started = Instant::now();
+    let _report = drain.start(Duration::from_secs(5));
+    timeout(PATIENCE, draining)
+        .await
+        .expect("the client hears of the GOAWAY");
+    let latency = started.elapsed();
+    eprintln!("GOAWAY notice latency (drain start to draining()): {latency:?}");
+    assert!(handle.is_draining());
+    // The notice came while the stream still runs (the grace is 5 s).
+    stream
+        .message()
+        .await
+        .expect("still streaming after the notice")
+        .expect("a message");
+    assert!(!handle.is_ended());
+
+    let mut goaway = None;
+    while goaway.is_none() {
+        match timeout(PATIENCE, events.recv()).await.unwrap().unwrap() {
+            NoticeEvent::Goaway { goaway: frame, .. } => goaway = Some(frame),
+            NoticeEvent::Opened { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let goaway = goaway.unwrap();
+    assert!(goaway.is_graceful(), "{goaway:?}");
+    assert!(notice.goaways() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_started_after_the_goaway_is_not_told() {
+    // Two servers: the first drains, the channel's next connection goes to
+    // the same address, where a second server now listens.
+    let drain = Drain::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let guard = StreamGuardLayer::builder().drain(&drain).build().unwrap();
+    let first = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(guard)
+            .add_service(EchoServer::new(EchoService::new()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started()),
+    );
+    let notice = GoawayNotice::new();
+    let mut client = client(addr, &notice).await;
+    let old = client.server_stream(endless()).await.expect("call");
+    let old_handle = old.extensions().get::<StreamHandle>().cloned().unwrap();
+
+    let _report = drain.start(Duration::from_millis(200));
+    timeout(PATIENCE, old_handle.draining()).await.unwrap();
+    timeout(PATIENCE, first).await.unwrap().unwrap().unwrap();
+
+    // The restarted server, on the same address.
+    let listener = TcpListener::bind(addr).await.expect("rebind");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService::new()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let new = timeout(PATIENCE, async {
+        loop {
+            if let Ok(response) = client.server_stream(endless()).await {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the channel reconnects");
+    let new_handle = new.extensions().get::<StreamHandle>().cloned().unwrap();
+    assert!(!new_handle.is_draining());
+    assert!(old_handle.is_draining());
+}
