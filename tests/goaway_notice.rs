@@ -5,7 +5,7 @@
 //! open at the GOAWAY is told (`StreamHandle::draining`), while it still
 //! runs; a stream started afterwards, on the new connection, is not.
 
-#![cfg(feature = "hyper")]
+#![cfg(feature = "tonic")]
 
 #[path = "../examples/common/mod.rs"]
 mod common;

@@ -241,7 +241,7 @@ mod tonic;
 pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
 pub(crate) use notice::NoticeShared;
-#[cfg(feature = "hyper")]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 pub use notice::{Connecting, NoticeConnector};
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 pub use tonic::GuardedConnectInfo;

@@ -41,7 +41,7 @@ const EVENT_CAPACITY: usize = 256;
 /// [`StreamGuardBuilder::goaway_notice`](crate::StreamGuardBuilder::goaway_notice).
 ///
 /// It sees what it wraps: give a tonic `Endpoint` or a hyper-util client
-/// [`connector`](Self::connector) (feature `hyper`), or wrap an IO yourself
+/// [`connector`](Self::connector) (features `tonic` or `hyper`), or wrap an IO yourself
 /// with [`wrap`](Self::wrap). It must see plain HTTP/2: under TLS, do the TLS
 /// inside the connector it wraps (the wrapper then sees what the TLS
 /// decrypted). Bytes that are not HTTP/2 (the first frame a server sends is
@@ -200,8 +200,8 @@ impl GoawayNotice {
     /// # Ok(())
     /// # }
     /// ```
-    #[cfg(feature = "hyper")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+    #[cfg(any(feature = "tonic", feature = "hyper"))]
+    #[cfg_attr(docsrs, doc(cfg(any(feature = "tonic", feature = "hyper"))))]
     pub fn connector<C>(&self, connector: C) -> NoticeConnector<C> {
         NoticeConnector {
             inner: connector,
@@ -400,15 +400,15 @@ impl<IO: hyper_util::client::legacy::connect::Connection>
 
 /// A connector whose connections report GOAWAY to a [`GoawayNotice`]
 /// ([`GoawayNotice::connector`]).
-#[cfg(feature = "hyper")]
-#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "tonic", feature = "hyper"))))]
 #[derive(Clone, Debug)]
 pub struct NoticeConnector<C> {
     inner: C,
     notice: GoawayNotice,
 }
 
-#[cfg(feature = "hyper")]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 impl<C> tower_service::Service<http::Uri> for NoticeConnector<C>
 where
     C: tower_service::Service<http::Uri>,
@@ -430,7 +430,7 @@ where
     }
 }
 
-#[cfg(feature = "hyper")]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 pin_project! {
     /// A connection being made by a [`NoticeConnector`].
     pub struct Connecting<F> {
@@ -440,7 +440,7 @@ pin_project! {
     }
 }
 
-#[cfg(feature = "hyper")]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 impl<F, IO, E> Future for Connecting<F>
 where
     F: Future<Output = Result<IO, E>>,
@@ -454,7 +454,7 @@ where
     }
 }
 
-#[cfg(feature = "hyper")]
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 impl<F> fmt::Debug for Connecting<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connecting").finish_non_exhaustive()
