@@ -86,7 +86,7 @@ pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis
 /// let connections = ConnectionGuard::builder()
 ///     .stalled_grace(Duration::from_secs(30))
 ///     .idle_timeout(Duration::from_secs(10 * 60))
-///     .max_age(Duration::from_secs(30 * 60))
+///     .max_age(Duration::from_secs(30 * 60)) // ±10% per connection by default
 ///     .max_age_grace(Duration::from_secs(60))
 ///     .resolution(Duration::from_millis(250))
 ///     .event_capacity(4096)
@@ -307,14 +307,23 @@ impl ConnectionGuardBuilder {
     /// [`max_age_grace`](Self::max_age_grace): clients reconnect, so load
     /// spreads over servers added since. At least the
     /// [`resolution`](Self::resolution).
+    ///
+    /// Each connection's age is jittered by ±10% by default, drawn when it
+    /// is wrapped, as
+    /// [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
+    /// asks: with `age` 30 minutes, connections go away between 27 and 33
+    /// minutes after they open, so that connections opened together are not
+    /// all cycled together again.
+    /// [`max_age_jitter_percent`](Self::max_age_jitter_percent) changes the
+    /// spread; `0` gives every connection exactly `age`.
     pub fn max_age(mut self, age: Duration) -> Self {
         self.policy.max_age = Some(age);
         self
     }
 
-    /// Time between the graceful-close request at
-    /// [`max_age`](Self::max_age) and the hard close (default zero: closed
-    /// hard at `max_age`). Needs `max_age`; at most 365 days.
+    /// Time between the graceful-close request at a connection's (jittered)
+    /// [`max_age`](Self::max_age) and its hard close (default zero: closed
+    /// hard at the age). Needs `max_age`; at most 365 days.
     pub fn max_age_grace(mut self, grace: Duration) -> Self {
         self.policy.max_age_grace = grace;
         self
@@ -423,7 +432,8 @@ impl ConnectionGuardBuilder {
     /// A [`ConfigError`] for a zero duration or one over 365 days, a
     /// resolution outside 1 ms..=1 s, an `idle_timeout`, `stalled_grace` or
     /// `max_age` below the resolution, a `max_age_grace` without `max_age`,
-    /// or an event capacity of zero or over 65,536.
+    /// a `max_age_jitter_percent` of 100 or more, or an event capacity of
+    /// zero or over 65,536.
     pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
         let policy = self.policy;
         let resolution = policy.resolution;
