@@ -285,6 +285,14 @@ pub enum ConfigError {
     },
     /// A connection guard's `max_age_grace` is set without `max_age`.
     GraceWithoutMaxAge,
+    /// A connection guard's
+    /// [`max_age_jitter_percent`](crate::ConnectionGuardBuilder::max_age_jitter_percent)
+    /// is 100 or more: a connection's age could be drawn as zero (or
+    /// below), so it would be asked to go away as it opens.
+    JitterTooLarge {
+        /// The percentage given.
+        percent: u8,
+    },
     /// A route's settings, laid over the layer's, cannot work.
     Route {
         /// The route: its path, its prefix followed by `*`, or
@@ -355,6 +363,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Route { route, error } => write!(f, "route `{route}`: {error}"),
             ConfigError::GraceWithoutMaxAge => f.write_str(
                 "`max_age_grace` is set without `max_age`; the grace follows the maximum age",
+            ),
+            ConfigError::JitterTooLarge { percent } => write!(
+                f,
+                "`max_age_jitter_percent` is {percent}; it must be below 100, or a connection's age could be drawn as zero (gRFC A9 uses 10; 0 turns jitter off)"
             ),
             ConfigError::EarlyStatusNotError { reason, status } => write!(
                 f,

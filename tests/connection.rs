@@ -96,6 +96,8 @@ async fn max_age_sends_goaway_first_and_closes_hard_after_the_grace() {
     let connections = ConnectionGuard::builder()
         .max_age(age)
         .max_age_grace(grace)
+        // Exactly the age: this test times the GOAWAY against it.
+        .max_age_jitter_percent(0)
         .resolution(Duration::from_millis(10))
         .build()
         .unwrap();
@@ -201,4 +203,202 @@ async fn a_drain_sends_goaway_and_cuts_the_stream_at_the_end_of_its_grace() {
     let report = report.await;
     assert_eq!(report.cut(), 1, "{report:?}");
     assert!(report.elapsed() < grace + Duration::from_millis(200) + SLACK);
+}
+
+// === Maximum age jitter (gRFC A9), under paused time ===
+
+/// An accepted connection with no network behind it: its reads stay
+/// pending until the guard closes it.
+struct Quiet;
+
+impl tower_stream_guard::connection::PeerOf for Quiet {
+    fn peer(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+impl tokio::io::AsyncRead for Quiet {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// When one connection was asked to go away and when it was closed hard,
+/// counted from when it was wrapped.
+#[derive(Clone, Copy, Debug)]
+struct Aged {
+    goaway: Duration,
+    closed: Duration,
+}
+
+const MANY: usize = 200;
+const AGE: Duration = Duration::from_secs(100);
+/// The default resolution of a connection guard's timer: a GOAWAY or close
+/// is seen at the first tick at or after its time.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Wraps `MANY` connections at once and follows each to its hard close
+/// (paused time: the runtime jumps from one timer tick to the next).
+async fn age_out(connections: &ConnectionGuard) -> Vec<Aged> {
+    use tokio::io::AsyncReadExt;
+
+    let opened = Instant::now();
+    let tasks: Vec<_> = (0..MANY)
+        .map(|_| {
+            let mut io = connections.wrap(Quiet);
+            let goaway = io.handle().goaway();
+            tokio::spawn(async move {
+                goaway.await;
+                let goaway = opened.elapsed();
+                let err = io.read(&mut [0; 8]).await.expect_err("closed hard");
+                assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+                Aged {
+                    goaway,
+                    closed: opened.elapsed(),
+                }
+            })
+        })
+        .collect();
+    let mut aged = Vec::with_capacity(MANY);
+    for task in tasks {
+        aged.push(task.await.expect("the connection's task"));
+    }
+    aged
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_age_is_jittered_ten_percent_by_default() {
+    let connections = ConnectionGuard::builder()
+        .max_age(AGE)
+        .build()
+        .expect("valid");
+    let aged = age_out(&connections).await;
+    let goaways: Vec<_> = aged.iter().map(|a| a.goaway).collect();
+    for goaway in &goaways {
+        assert!(
+            *goaway >= AGE * 9 / 10 && *goaway <= AGE * 11 / 10 + TICK,
+            "GOAWAY outside 100 s ± 10%: {goaway:?}"
+        );
+    }
+    let (min, max) = (goaways.iter().min().unwrap(), goaways.iter().max().unwrap());
+    // 200 ages spread evenly over 20 s span nearly all of it; under 15 s
+    // happens with a chance of about 200 × 0.75^199.
+    assert!(*max - *min >= Duration::from_secs(15), "{min:?}..{max:?}");
+    assert!(
+        goaways.iter().any(|g| *g < AGE) && goaways.iter().any(|g| *g > AGE + TICK),
+        "ages moved one way only: {min:?}..{max:?}"
+    );
+    let mut distinct = goaways.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() >= 50, "{} distinct instants", distinct.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_age_jitter_percent_sets_the_spread() {
+    let connections = ConnectionGuard::builder()
+        .max_age(AGE)
+        .max_age_jitter_percent(50)
+        .build()
+        .expect("valid");
+    let aged = age_out(&connections).await;
+    let goaways: Vec<_> = aged.iter().map(|a| a.goaway).collect();
+    for goaway in &goaways {
+        assert!(
+            *goaway >= AGE / 2 && *goaway <= AGE * 3 / 2 + TICK,
+            "GOAWAY outside 100 s ± 50%: {goaway:?}"
+        );
+    }
+    let (min, max) = (goaways.iter().min().unwrap(), goaways.iter().max().unwrap());
+    assert!(*max - *min >= Duration::from_secs(75), "{min:?}..{max:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_jitter_gives_every_connection_exactly_the_age() {
+    let grace = Duration::from_secs(10);
+    let connections = ConnectionGuard::builder()
+        .max_age(AGE)
+        .max_age_grace(grace)
+        .max_age_jitter_percent(0)
+        .build()
+        .expect("valid");
+    for aged in age_out(&connections).await {
+        assert_eq!(aged.goaway, AGE, "{aged:?}");
+        assert_eq!(aged.closed, AGE + grace, "{aged:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hard_close_follows_each_connections_own_goaway_by_the_grace() {
+    let grace = Duration::from_secs(10);
+    let connections = ConnectionGuard::builder()
+        .max_age(AGE)
+        .max_age_grace(grace)
+        .build()
+        .expect("valid");
+    let aged = age_out(&connections).await;
+    for aged in &aged {
+        // Both are seen at the first tick at or after their time.
+        let between = aged.closed - aged.goaway;
+        assert!(between + TICK > grace && between < grace + TICK, "{aged:?}");
+    }
+    let mut closes: Vec<_> = aged.iter().map(|a| a.closed).collect();
+    closes.sort();
+    closes.dedup();
+    assert!(closes.len() >= 50, "hard closes bunched: {}", closes.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jittered_age_is_never_below_the_resolution() {
+    let resolution = Duration::from_secs(1);
+    let connections = ConnectionGuard::builder()
+        .max_age(resolution)
+        .max_age_jitter_percent(99)
+        .resolution(resolution)
+        .build()
+        .expect("valid");
+    // Opened half a tick after the timer started, so that an age below the
+    // resolution would be seen a tick early rather than rounded up.
+    let _first = connections.wrap(Quiet);
+    tokio::task::yield_now().await;
+    tokio::time::advance(resolution / 2).await;
+    for aged in age_out(&connections).await {
+        assert!(aged.goaway >= resolution, "{aged:?}");
+    }
+}
+
+#[test]
+fn build_refuses_a_jitter_of_a_hundred_percent_or_more() {
+    use tower_stream_guard::ConfigError;
+
+    for percent in [100, 101, u8::MAX] {
+        let error = ConnectionGuard::builder()
+            .max_age(AGE)
+            .max_age_jitter_percent(percent)
+            .build()
+            .unwrap_err();
+        assert_eq!(error, ConfigError::JitterTooLarge { percent });
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("`max_age_jitter_percent` is {percent};")),
+            "{error}"
+        );
+    }
+    for percent in [0, 10, 99] {
+        ConnectionGuard::builder()
+            .max_age(AGE)
+            .max_age_jitter_percent(percent)
+            .build()
+            .expect("below 100 is fine");
+    }
+    // Without a maximum age there is nothing to jitter: accepted, ignored.
+    ConnectionGuard::builder()
+        .max_age_jitter_percent(50)
+        .build()
+        .expect("jitter without max_age");
 }

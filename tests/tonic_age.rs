@@ -127,6 +127,8 @@ async fn connection_guard_sends_goaway_at_the_age_with_a_grace() {
     let connections = ConnectionGuard::builder()
         .max_age(AGE)
         .max_age_grace(GRACE)
+        // Exactly the age, as tonic's: the GOAWAY is timed against it.
+        .max_age_jitter_percent(0)
         .build()
         .expect("valid");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    hash::RandomState,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
@@ -68,6 +69,9 @@ impl fmt::Debug for ConnectionGuard {
     }
 }
 
+/// The default spread of connections' maximum ages: ±10%, as gRFC A9 asks.
+pub(crate) const DEFAULT_MAX_AGE_JITTER_PERCENT: u8 = 10;
+
 /// The default tick of a connection guard's timer: 100 ms.
 pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
 
@@ -82,7 +86,7 @@ pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis
 /// let connections = ConnectionGuard::builder()
 ///     .stalled_grace(Duration::from_secs(30))
 ///     .idle_timeout(Duration::from_secs(10 * 60))
-///     .max_age(Duration::from_secs(30 * 60))
+///     .max_age(Duration::from_secs(30 * 60)) // ±10% per connection by default
 ///     .max_age_grace(Duration::from_secs(60))
 ///     .resolution(Duration::from_millis(250))
 ///     .event_capacity(4096)
@@ -121,6 +125,7 @@ impl ConnectionGuard {
                 stalled_grace: None,
                 max_age: None,
                 max_age_grace: Duration::ZERO,
+                max_age_jitter_percent: DEFAULT_MAX_AGE_JITTER_PERCENT,
                 resolution: DEFAULT_CONNECTION_RESOLUTION,
             },
             capacity: crate::events::DEFAULT_EVENT_CAPACITY,
@@ -159,11 +164,13 @@ impl ConnectionGuard {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let connections = &self.connections;
         let now = connections.now_ns();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             peer: io.peer(),
             opened: Instant::now(),
             opened_ns: now,
+            max_age_ns: connections.draw_max_age(id),
             connections: Arc::clone(connections),
             end: AtomicU8::new(0),
             read_waker: AtomicWaker::new(),
@@ -300,16 +307,66 @@ impl ConnectionGuardBuilder {
     /// [`max_age_grace`](Self::max_age_grace): clients reconnect, so load
     /// spreads over servers added since. At least the
     /// [`resolution`](Self::resolution).
+    ///
+    /// Each connection's age is jittered by ±10% by default, drawn when it
+    /// is wrapped, as
+    /// [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
+    /// asks: with `age` 30 minutes, connections go away between 27 and 33
+    /// minutes after they open, so that connections opened together are not
+    /// all cycled together again.
+    /// [`max_age_jitter_percent`](Self::max_age_jitter_percent) changes the
+    /// spread; `0` gives every connection exactly `age`.
     pub fn max_age(mut self, age: Duration) -> Self {
         self.policy.max_age = Some(age);
         self
     }
 
-    /// Time between the graceful-close request at
-    /// [`max_age`](Self::max_age) and the hard close (default zero: closed
-    /// hard at `max_age`). Needs `max_age`; at most 365 days.
+    /// Time between the graceful-close request at a connection's (jittered)
+    /// [`max_age`](Self::max_age) and its hard close (default zero: closed
+    /// hard at the age). Needs `max_age`; at most 365 days.
     pub fn max_age_grace(mut self, grace: Duration) -> Self {
         self.policy.max_age_grace = grace;
+        self
+    }
+
+    /// Moves each connection's maximum age by a random amount of up to
+    /// `percent` of [`max_age`](Self::max_age), up or down, drawn when the
+    /// connection is wrapped (default 10: ±10%, as
+    /// [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
+    /// asks, so that connections opened together, e.g. a fleet's clients
+    /// reconnecting after a deploy, do not all reach their age, go away and
+    /// reconnect together again). `0` turns jitter off: every connection
+    /// gets exactly `max_age`. Below 100; ignored without `max_age`.
+    ///
+    /// The ages are spread evenly over `max_age` × (1 ± `percent`/100), and
+    /// never below the [`resolution`](Self::resolution). Each connection's
+    /// hard close still follows its own graceful-close request by
+    /// [`max_age_grace`](Self::max_age_grace). The draw costs a hash of the
+    /// connection's id with a per-guard random key, once per connection.
+    ///
+    /// A percentage rather than a fraction: whole percents are fine enough
+    /// for spreading ages, and no value can be NaN or negative.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::{ConfigError, ConnectionGuard};
+    ///
+    /// // Connections go away between 27 and 33 minutes after they open.
+    /// let connections = ConnectionGuard::builder()
+    ///     .max_age(Duration::from_secs(30 * 60))
+    ///     .max_age_jitter_percent(10)
+    ///     .build()?;
+    /// # drop(connections);
+    /// let error = ConnectionGuard::builder()
+    ///     .max_age(Duration::from_secs(30 * 60))
+    ///     .max_age_jitter_percent(100)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error, ConfigError::JitterTooLarge { percent: 100 });
+    /// # Ok::<(), ConfigError>(())
+    /// ```
+    pub fn max_age_jitter_percent(mut self, percent: u8) -> Self {
+        self.policy.max_age_jitter_percent = percent;
         self
     }
 
@@ -375,7 +432,8 @@ impl ConnectionGuardBuilder {
     /// A [`ConfigError`] for a zero duration or one over 365 days, a
     /// resolution outside 1 ms..=1 s, an `idle_timeout`, `stalled_grace` or
     /// `max_age` below the resolution, a `max_age_grace` without `max_age`,
-    /// or an event capacity of zero or over 65,536.
+    /// a `max_age_jitter_percent` of 100 or more, or an event capacity of
+    /// zero or over 65,536.
     pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
         let policy = self.policy;
         let resolution = policy.resolution;
@@ -398,6 +456,11 @@ impl ConnectionGuardBuilder {
         if !policy.max_age_grace.is_zero() && policy.max_age.is_none() {
             return Err(ConfigError::GraceWithoutMaxAge);
         }
+        if policy.max_age_jitter_percent >= 100 {
+            return Err(ConfigError::JitterTooLarge {
+                percent: policy.max_age_jitter_percent,
+            });
+        }
         crate::error::validate_event_capacity(self.capacity)?;
         let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
         let connections = Arc::new(Connections {
@@ -408,6 +471,7 @@ impl ConnectionGuardBuilder {
             drain: drain.clone(),
             ticker: Ticker::default(),
             metrics: self.metrics,
+            age_key: RandomState::new(),
         });
         if let Some(drain) = drain {
             let drained: std::sync::Weak<dyn Drained> = Arc::downgrade(&connections) as _;

@@ -117,8 +117,9 @@ impl ConnectionHandle {
     }
 
     /// Resolves when the guard asks for a graceful close of this connection
-    /// (its [`max_age`](crate::ConnectionGuardBuilder::max_age) was reached;
-    /// at once if it was asked already): the code driving the connection
+    /// (its [`max_age`](crate::ConnectionGuardBuilder::max_age), jittered
+    /// for this connection, was reached; at once if it was asked already):
+    /// the code driving the connection
     /// should call hyper's `graceful_shutdown` (HTTP/2 GOAWAY).
     /// [`serve_connection`](crate::ConnectionGuard::serve_connection) does.
     /// The guard closes the connection hard
@@ -143,10 +144,13 @@ impl ConnectionHandle {
     /// #     fn peer(&self) -> Option<std::net::SocketAddr> { None }
     /// # }
     /// # let accepted = Accepted;
+    /// let opened = tokio::time::Instant::now();
     /// let io = connections.wrap(accepted);
     /// let handle = io.handle().clone();
     ///
-    /// handle.goaway().await; // 60 s later (time is paused here)
+    /// handle.goaway().await; // 54 to 66 s later: 60 s ± 10% (time is paused here)
+    /// let age = opened.elapsed();
+    /// assert!(age >= Duration::from_secs(54) && age <= Duration::from_millis(66_100));
     /// assert!(!handle.is_closed(), "graceful first");
     /// tokio::time::sleep(Duration::from_secs(11)).await;
     /// assert!(handle.is_closed(), "then hard");

@@ -18,9 +18,13 @@
 //! - **idle**: no guarded stream open for
 //!   [`idle_timeout`](crate::ConnectionGuardBuilder::idle_timeout);
 //! - **over age**: older than
-//!   [`max_age`](crate::ConnectionGuardBuilder::max_age): a graceful close
-//!   is asked for first ([`ConnectionHandle::goaway`], which
-//!   [`serve_connection`](crate::ConnectionGuard::serve_connection)
+//!   [`max_age`](crate::ConnectionGuardBuilder::max_age), jittered by ±10%
+//!   per connection by default as
+//!   [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
+//!   asks, so that connections opened together do not all go away together
+//!   ([`max_age_jitter_percent`](crate::ConnectionGuardBuilder::max_age_jitter_percent)):
+//!   a graceful close is asked for first ([`ConnectionHandle::goaway`],
+//!   which [`serve_connection`](crate::ConnectionGuard::serve_connection)
 //!   turns into an HTTP/2 GOAWAY), the hard close follows
 //!   [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace) later;
 //! - **drained**: still open when a [`Drain`](crate::Drain) given to the
@@ -194,7 +198,7 @@
 //! registered only when the IO is pending with a different waker than the
 //! one registered last time (hyper polls a connection from one task, so
 //! usually once per connection). Per connection: one allocation for its
-//! shared record, a short lock of the guard's table when it is wrapped and
+//! shared record, a hash of its id to draw its jittered maximum age, a short lock of the guard's table when it is wrapped and
 //! when it is dropped, and with a timer, a look-up of the current runtime
 //! when it is wrapped. Per guard:
 //! one timer task, ticking every

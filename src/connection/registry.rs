@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     io,
     net::SocketAddr,
     sync::{
@@ -32,6 +33,9 @@ pub(crate) struct ConnPolicy {
     pub(crate) stalled_grace: Option<Duration>,
     pub(crate) max_age: Option<Duration>,
     pub(crate) max_age_grace: Duration,
+    /// How far each connection's maximum age is moved from `max_age`, up or
+    /// down, in percent of it (below 100).
+    pub(crate) max_age_jitter_percent: u8,
     pub(crate) resolution: Duration,
 }
 
@@ -47,6 +51,10 @@ pub(crate) struct Connections {
     pub(crate) ticker: Ticker,
     /// Records metrics (`ConnectionGuardBuilder::metrics`).
     pub(crate) metrics: bool,
+    /// The per-guard random key each connection's id is hashed with to draw
+    /// its maximum age: std's hasher keys come from the operating system, so
+    /// servers of a fleet draw differently for the same ids.
+    pub(crate) age_key: RandomState,
 }
 
 #[derive(Default)]
@@ -61,6 +69,9 @@ pub(crate) struct ConnState {
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) opened: Instant,
     pub(crate) opened_ns: u64,
+    /// This connection's maximum age, jittered when it was wrapped, in ns;
+    /// `NEVER` without a `max_age`.
+    pub(crate) max_age_ns: u64,
     pub(crate) connections: Arc<Connections>,
     /// 0 while open, else the `ConnectionEnd` code.
     pub(crate) end: AtomicU8,
@@ -168,19 +179,47 @@ impl ConnState {
             self.close(ConnectionEnd::Idle);
             return;
         }
-        if let Some(age) = policy.max_age {
+        if self.max_age_ns != NEVER {
+            let age = self.max_age_ns;
             let lived = now.saturating_sub(self.opened_ns);
-            if lived >= ns(age) && !self.goaway_asked.swap(true, Ordering::AcqRel) {
+            if lived >= age && !self.goaway_asked.swap(true, Ordering::AcqRel) {
                 self.goaway.notify_waiters();
             }
-            if lived >= ns(age).saturating_add(ns(policy.max_age_grace)) {
+            if lived >= age.saturating_add(ns(policy.max_age_grace)) {
                 self.close(ConnectionEnd::MaxAge);
             }
         }
     }
 }
 
+impl ConnPolicy {
+    /// A connection's maximum age in ns for a uniformly random `draw`:
+    /// spread evenly over `max_age` × (1 ± jitter), from `draw == 0` at the
+    /// bottom to `draw == u64::MAX` at the top, and at least the resolution.
+    /// `NEVER` without a `max_age`.
+    pub(crate) fn connection_max_age(&self, draw: u64) -> u64 {
+        let Some(age) = self.max_age else {
+            return NEVER;
+        };
+        // At most 365 days (checked at build): ~3.2e16 ns, so neither the
+        // percentage nor the spread overflows.
+        let age = u128::from(nanos(Some(age)));
+        let jitter = age * u128::from(self.max_age_jitter_percent) / 100;
+        // `draw` scaled onto 0..=2 × jitter, keeping its high bits.
+        let offset = (u128::from(draw) * (2 * jitter + 1)) >> 64;
+        // Never below the resolution, as `max_age` itself (checked at build).
+        let drawn = (age - jitter + offset).max(u128::from(nanos(Some(self.resolution))));
+        u64::try_from(drawn).unwrap_or(NEVER - 1)
+    }
+}
+
 impl Connections {
+    /// This connection's maximum age in ns (see `ConnPolicy::connection_max_age`),
+    /// drawn from a keyed hash of its id: one hash per connection, no lock.
+    pub(crate) fn draw_max_age(&self, id: u64) -> u64 {
+        self.policy.connection_max_age(self.age_key.hash_one(id))
+    }
+
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         lock(&self.table)
     }
@@ -306,6 +345,45 @@ mod tests {
 
     fn secs(s: u64) -> u64 {
         s * 1_000_000_000
+    }
+
+    fn policy(age: Option<Duration>, percent: u8) -> super::ConnPolicy {
+        super::ConnPolicy {
+            idle: None,
+            stalled_grace: None,
+            max_age: age,
+            max_age_grace: Duration::ZERO,
+            max_age_jitter_percent: percent,
+            resolution: Duration::from_millis(100),
+        }
+    }
+
+    /// The draw maps onto max_age × (1 ± jitter) end to end, evenly.
+    #[test]
+    fn a_connections_max_age_spans_the_jitter_both_ways() {
+        let ten = policy(Some(Duration::from_secs(100)), 10);
+        assert_eq!(ten.connection_max_age(0), secs(90));
+        assert_eq!(ten.connection_max_age(u64::MAX), secs(110));
+        assert_eq!(ten.connection_max_age(1 << 63), secs(100));
+        assert_eq!(ten.connection_max_age(1 << 62), secs(95));
+        let none = policy(Some(Duration::from_secs(100)), 0);
+        for draw in [0, 1 << 63, u64::MAX] {
+            assert_eq!(none.connection_max_age(draw), secs(100));
+        }
+        assert_eq!(policy(None, 10).connection_max_age(0), super::NEVER);
+        // The longest age accepted, drawn at the top of the widest jitter.
+        let longest = policy(Some(crate::error::MAX_DURATION), 99);
+        assert_eq!(
+            u128::from(longest.connection_max_age(u64::MAX)),
+            crate::error::MAX_DURATION.as_nanos() * 199 / 100
+        );
+    }
+
+    #[test]
+    fn a_jittered_max_age_is_at_least_the_resolution() {
+        let wide = policy(Some(Duration::from_millis(100)), 99);
+        assert_eq!(wide.connection_max_age(0), 100_000_000);
+        assert_eq!(wide.connection_max_age(u64::MAX), 199_000_000);
     }
 
     /// A stall and an unstall racing: the unstall's "no time" lands first,
