@@ -234,6 +234,7 @@ mod drain;
 mod end;
 mod error;
 mod events;
+mod frames;
 mod grpc;
 mod json;
 mod meter;

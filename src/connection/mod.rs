@@ -237,6 +237,7 @@ mod registry;
 mod serve;
 mod tonic;
 
+pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
 pub use tonic::GuardedConnectInfo;
 
