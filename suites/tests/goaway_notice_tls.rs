@@ -42,10 +42,9 @@ async fn serve(drain: &Drain) -> (SocketAddr, rustls::pki_types::CertificateDer<
         .expect("server TLS")
         .layer(guard)
         .add_service(EchoServer::new(EchoService::new()));
-    tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        drain.started(),
-    ));
+    tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started()),
+    );
     (addr, made.cert.der().clone())
 }
 
@@ -100,7 +99,11 @@ async fn the_notice_inside_tls_tells_the_stream() {
         })
         .await
         .expect("call");
-    let handle = response.extensions().get::<StreamHandle>().cloned().unwrap();
+    let handle = response
+        .extensions()
+        .get::<StreamHandle>()
+        .cloned()
+        .unwrap();
     let mut stream = response.into_inner();
     stream.message().await.unwrap().expect("a message");
 
