@@ -258,6 +258,7 @@ pub use stats::GuardStats;
 pub use stream::{
     builder::StreamGuardBuilder,
     handle::StreamHandle,
+    heartbeat::Heartbeat,
     layer::StreamGuardLayer,
     route::{RoutePolicy, RouteRequest},
 };

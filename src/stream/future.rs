@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use super::{
     cap::{CapPermit, Refusal},
     handle::StreamHandle,
+    heartbeat::Heartbeat,
     response_body::ResponseBody,
     ticket::{EndOnUnwind, Ticket},
 };
@@ -97,6 +98,8 @@ pin_project! {
             future: F,
             gate: Gate,
             ticket: Ticket,
+            // For the response body; `None` unless a heartbeat is set.
+            heartbeat: Option<Heartbeat>,
         },
         /// The guard answers without the service: the stream has ended.
         Answered { ticket: Ticket },
@@ -107,12 +110,18 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     /// The service was called for the stream `ticket` owns.
-    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket) -> Self {
+    pub(crate) fn calling(
+        future: F,
+        gate: Gate,
+        ticket: Ticket,
+        heartbeat: Option<Heartbeat>,
+    ) -> Self {
         ResponseFuture {
             state: State::Calling {
                 future,
                 gate,
                 ticket,
+                heartbeat,
             },
         }
     }
@@ -127,8 +136,17 @@ impl<F> ResponseFuture<F> {
     /// Moves to `Done`, handing over the ticket (dropping the service's
     /// future, if any).
     fn take_ticket(self: Pin<&mut Self>) -> Option<Ticket> {
+        self.take_state().map(|(ticket, _)| ticket)
+    }
+
+    /// Moves to `Done`, handing over the ticket and the heartbeat (dropping
+    /// the service's future, if any).
+    fn take_state(self: Pin<&mut Self>) -> Option<(Ticket, Option<Heartbeat>)> {
         match self.project().state.project_replace(State::Done) {
-            StateTaken::Calling { ticket, .. } | StateTaken::Answered { ticket } => Some(ticket),
+            StateTaken::Calling {
+                ticket, heartbeat, ..
+            } => Some((ticket, heartbeat)),
+            StateTaken::Answered { ticket } => Some((ticket, None)),
             StateTaken::Done => None,
         }
     }
@@ -165,6 +183,7 @@ where
                 future,
                 gate,
                 ticket,
+                ..
             } => (future, gate, ticket),
             StateProj::Answered { .. } => return self.answer(),
             // Polled again after it resolved.
@@ -204,7 +223,7 @@ where
                 Poll::Pending
             }
             Poll::Ready(Ok(mut response)) => {
-                let Some(ticket) = self.take_ticket() else {
+                let Some((ticket, heartbeat)) = self.take_state() else {
                     return Poll::Pending;
                 };
                 if ticket.shared.admission.handle_in_response {
@@ -222,7 +241,7 @@ where
                 }
                 ticket.set_answered(status);
                 Poll::Ready(Ok(
-                    response.map(|body| ResponseBody::guarded(body, ticket, grpc))
+                    response.map(|body| ResponseBody::guarded(body, ticket, grpc, heartbeat))
                 ))
             }
             Poll::Ready(Err(err)) => {

@@ -370,6 +370,10 @@ where
         let future = self.inner.call(request);
         unwinding.disarm();
         shared.timer.arm_new(ticket.record());
-        ResponseFuture::calling(future, gate, ticket)
+        // Once per stream; `None` (nothing to clone) unless a heartbeat is set.
+        let heartbeat = route
+            .map_or(&shared.admission.heartbeat, |route| &route.heartbeat)
+            .clone();
+        ResponseFuture::calling(future, gate, ticket, heartbeat)
     }
 }
