@@ -62,15 +62,18 @@ use bytes::Buf;
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct Heartbeat(Kind);
+pub struct Heartbeat(Arc<Kind>);
 
-#[derive(Clone)]
+// Behind one thin `Arc`: an `Option<Heartbeat>` is one word in the
+// response body and future.
 enum Kind {
     /// [`Heartbeat::sse_comment`], known here so that a data frame costs a
     /// byte compared, not a call through a pointer.
     SseComment,
-    Predicate(Arc<dyn Fn(&[u8]) -> bool + Send + Sync>),
+    Predicate(Predicate),
 }
+
+type Predicate = Box<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 impl Heartbeat {
     /// A heartbeat for the frames `predicate` returns `true` for. It runs
@@ -79,7 +82,7 @@ impl Heartbeat {
     where
         F: Fn(&[u8]) -> bool + Send + Sync + 'static,
     {
-        Heartbeat(Kind::Predicate(Arc::new(predicate)))
+        Heartbeat(Arc::new(Kind::Predicate(Box::new(predicate))))
     }
 
     /// Server-sent-event comments: frames with at least one line and whose
@@ -99,13 +102,13 @@ impl Heartbeat {
     /// assert!(!sse.matches(b"id: 7\n\n"));
     /// ```
     pub fn sse_comment() -> Self {
-        Heartbeat(Kind::SseComment)
+        Heartbeat(Arc::new(Kind::SseComment))
     }
 
     /// Whether `frame` (a response data frame's bytes) is a heartbeat.
     #[inline]
     pub fn matches(&self, frame: &[u8]) -> bool {
-        match &self.0 {
+        match &*self.0 {
             Kind::SseComment => is_sse_comment(frame),
             Kind::Predicate(predicate) => predicate(frame),
         }
@@ -126,10 +129,9 @@ impl Heartbeat {
 /// [`RoutePolicy`](crate::RoutePolicy) can be compared.
 impl PartialEq for Heartbeat {
     fn eq(&self, other: &Self) -> bool {
-        match (&self.0, &other.0) {
+        match (&*self.0, &*other.0) {
             (Kind::SseComment, Kind::SseComment) => true,
-            (Kind::Predicate(one), Kind::Predicate(other)) => Arc::ptr_eq(one, other),
-            _ => false,
+            _ => Arc::ptr_eq(&self.0, &other.0),
         }
     }
 }
@@ -138,7 +140,7 @@ impl Eq for Heartbeat {}
 
 impl fmt::Debug for Heartbeat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
+        match *self.0 {
             Kind::SseComment => f.write_str("Heartbeat(sse_comment)"),
             Kind::Predicate(_) => f.write_str("Heartbeat(..)"),
         }
@@ -227,6 +229,13 @@ mod tests {
         assert!(all.beats(&whole, whole.remaining()));
         let pieces = Bytes::from_static(b":").chain(Bytes::from_static(b"\n\n"));
         assert!(!all.beats(&pieces, pieces.remaining()));
+    }
+
+    /// The response body and the response future each hold one.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_optional_heartbeat_is_one_word() {
+        assert_eq!(std::mem::size_of::<Option<Heartbeat>>(), 8);
     }
 
     #[test]
