@@ -7,7 +7,9 @@
 //! and response bodies to enforce, per stream:
 //!
 //! - **idle timeouts**: no frame moved for a while, on the request side, the
-//!   response side, or both ([`IdleDirection`]);
+//!   response side, or both ([`IdleDirection`]); keep-alive frames a
+//!   service sends (SSE comments, ping messages) can be told not to count
+//!   ([`Heartbeat`]);
 //! - a **maximum lifetime**, from the moment the request reached the guard
 //!   (optionally shortened by the client's `grpc-timeout`);
 //! - **stream caps** per connection, per peer and in total, whose slots are
@@ -259,6 +261,7 @@ pub use stats::GuardStats;
 pub use stream::{
     builder::StreamGuardBuilder,
     handle::StreamHandle,
+    heartbeat::Heartbeat,
     layer::StreamGuardLayer,
     route::{RoutePolicy, RouteRequest},
 };

@@ -12,7 +12,7 @@ use std::{
 
 use axum::{
     Extension, Router,
-    response::sse::{Event, Sse},
+    response::sse::{Event, KeepAlive, Sse},
     routing::get,
 };
 use tokio::{
@@ -21,7 +21,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tower_stream_guard::{EndReason, IdleDirection, StreamGuardLayer, StreamHandle};
+use tower_stream_guard::{EndReason, Heartbeat, IdleDirection, StreamGuardLayer, StreamHandle};
 
 #[allow(dead_code)]
 mod support;
@@ -140,4 +140,97 @@ async fn a_reading_sse_client_is_left_alone_and_its_hang_up_is_seen() {
         producers.0.load(Ordering::SeqCst) == 0
     })
     .await;
+}
+
+/// An event stream whose producer died: no event ever comes, but axum's
+/// keep-alive sends a comment every second.
+async fn dead_events() -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    Sse::new(futures_util::stream::pending()).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// Serves [`dead_events`] on `/events` behind `guard` over loopback; returns
+/// a client's end-event receiver and its reader task, which reads until the
+/// server closes the connection and returns what it read.
+async fn subscribe_to_dead_events(
+    guard: &StreamGuardLayer,
+) -> (
+    tokio::sync::broadcast::Receiver<tower_stream_guard::EndEvent>,
+    tokio::task::JoinHandle<Vec<u8>>,
+) {
+    let events = guard.subscribe();
+    let app = Router::new()
+        .route("/events", get(dead_events))
+        .layer(guard.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut stream = subscribe(addr).await;
+    let reader = tokio::spawn(async move {
+        let mut read = Vec::new();
+        let mut buf = [0; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            read.extend_from_slice(&buf[..n]);
+        }
+        read
+    });
+    (events, reader)
+}
+
+fn keep_alives_in(read: &[u8]) -> usize {
+    read.windows(3).filter(|w| w == b":\n\n").count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn sse_keep_alives_of_a_dead_producer_end_at_the_idle_limit_with_a_heartbeat() {
+    let idle = Duration::from_millis(5500);
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(idle)
+        .heartbeat(Heartbeat::sse_comment())
+        .build()
+        .unwrap();
+    let (mut events, reader) = subscribe_to_dead_events(&guard).await;
+    let event = tokio::time::timeout(Duration::from_secs(3600), events.recv())
+        .await
+        .expect("an end event")
+        .unwrap();
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response),
+        "{event:?}"
+    );
+    assert_eq!(event.path(), "/events");
+    let tick = Duration::from_millis(10);
+    assert!(
+        event.duration() >= idle && event.duration() <= idle + tick,
+        "{:?}",
+        event.duration()
+    );
+    // The keep-alives went to the client (at 1..=5 s) and are counted.
+    assert_eq!(event.response().frames, 5, "{event:?}");
+    let read = reader.await.unwrap();
+    assert_eq!(
+        keep_alives_in(&read),
+        5,
+        "{}",
+        String::from_utf8_lossy(&read)
+    );
+    // Exactly one end event.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(events.try_recv().is_err(), "a second end event");
+    assert_eq!(guard.active_streams(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sse_keep_alives_of_a_dead_producer_keep_it_open_without_a_heartbeat() {
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(Duration::from_millis(5500))
+        .build()
+        .unwrap();
+    let (mut events, reader) = subscribe_to_dead_events(&guard).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(events.try_recv().is_err(), "no end within 60 s");
+    assert_eq!(guard.active_streams(), 1);
+    assert!(!reader.is_finished());
 }

@@ -7,6 +7,7 @@ use http::StatusCode;
 
 use super::{
     cap::{CapLimits, CapSet},
+    heartbeat::Heartbeat,
     layer::StreamGuardLayer,
     policy::Policy,
     report::Report,
@@ -77,6 +78,7 @@ pub struct StreamGuardBuilder {
     cap_wait: Option<Duration>,
     retry_after: Duration,
     early_statuses: Vec<(EndReason, StatusCode)>,
+    heartbeat: Option<Heartbeat>,
     routes: Vec<RouteSpec>,
     connection_key: Option<KeyFn>,
     honor_grpc_timeout: bool,
@@ -98,6 +100,7 @@ impl Default for StreamGuardBuilder {
             cap_wait: None,
             retry_after: DEFAULT_RETRY_AFTER,
             early_statuses: Vec::new(),
+            heartbeat: None,
             routes: Vec::new(),
             connection_key: None,
             honor_grpc_timeout: false,
@@ -121,6 +124,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("cap_wait", &self.cap_wait)
             .field("retry_after", &self.retry_after)
             .field("early_statuses", &self.early_statuses)
+            .field("heartbeat", &self.heartbeat)
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
@@ -255,6 +259,59 @@ impl StreamGuardBuilder {
     /// anyway).
     pub fn response_idle_timeout(mut self, timeout: Duration) -> Self {
         self.policy.set_idle(IdleDirection::Response, timeout);
+        self
+    }
+
+    /// Which response data frames are heartbeats: frames that go to the
+    /// peer and count in the end event's traffic, but do not reset the idle
+    /// clock of [`response_idle_timeout`](Self::response_idle_timeout) and
+    /// [`idle_timeout`](Self::idle_timeout). Without it, axum's
+    /// `Sse::keep_alive` comments or a gRPC service's ping messages keep a
+    /// stream whose producer died open for ever. Response frames only;
+    /// routes may set their own ([`RoutePolicy::heartbeat`]). Costs one call
+    /// of the predicate per response data frame, nothing when unset; see
+    /// [`Heartbeat`].
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body::Frame;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{
+    ///     BoxError, EndReason, Heartbeat, IdleDirection, StreamGuardLayer, stream::RequestBody,
+    /// };
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .response_idle_timeout(Duration::from_secs(5))
+    ///     .heartbeat(Heartbeat::sse_comment())
+    ///     .build()?;
+    /// let mut events = guard.subscribe();
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     // An event stream whose producer died: only keep-alive comments, every 2 s.
+    ///     let beats = futures_util::stream::unfold((), |()| async {
+    ///         tokio::time::sleep(Duration::from_secs(2)).await;
+    ///         Some((Ok::<_, Infallible>(Frame::data(Bytes::from_static(b":\n\n"))), ()))
+    ///     });
+    ///     Ok::<_, Infallible>(Response::new(StreamBody::new(Box::pin(beats))))
+    /// }));
+    /// let mut body = service.oneshot(Request::new(String::new())).await?.into_body();
+    /// while let Some(Ok(frame)) = body.frame().await {
+    ///     assert_eq!(frame.into_data().unwrap(), ":\n\n"); // the heartbeats still go out
+    /// }
+    /// let event = events.recv().await?;
+    /// assert_eq!(event.reason(), EndReason::IdleTimeout(IdleDirection::Response));
+    /// assert_eq!(event.response().frames, 2); // and are counted (at 2 s and 4 s)
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
         self
     }
 
@@ -554,7 +611,9 @@ impl StreamGuardBuilder {
             .routes
             .into_iter()
             .enumerate()
-            .map(|(index, spec)| spec.compile(index, self.policy, self.resolution))
+            .map(|(index, spec)| {
+                spec.compile(index, self.policy, self.heartbeat.as_ref(), self.resolution)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
         let route_names = route::name_routes(&mut routes);
@@ -570,6 +629,7 @@ impl StreamGuardBuilder {
             retry_after_secs,
             early_statuses: (!self.early_statuses.is_empty())
                 .then(|| self.early_statuses.into_boxed_slice()),
+            heartbeat: self.heartbeat,
         };
         let shared = Shared::new(
             Sweeper::new(self.resolution, drain.is_some()),

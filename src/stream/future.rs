@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use super::{
     cap::{CapPermit, Refusal},
     handle::StreamHandle,
+    heartbeat::Heartbeat,
     response_body::ResponseBody,
     ticket::{EndOnUnwind, Ticket},
 };
@@ -97,8 +98,7 @@ pin_project! {
             future: F,
             gate: Gate,
             ticket: Ticket,
-            // For the handle in the response: see `StreamHandle`.
-            goaways_seen: u64,
+            response: ForResponse,
         },
         /// The guard answers without the service: the stream has ended.
         Answered { ticket: Ticket },
@@ -107,15 +107,25 @@ pin_project! {
     }
 }
 
+/// What a stream's start leaves for its response: set once per stream in
+/// `call`, used when the service answers.
+#[derive(Default)]
+pub(crate) struct ForResponse {
+    /// For the handle in the response (see `StreamHandle`).
+    pub(crate) goaways_seen: u64,
+    /// For the response body; `None` unless a heartbeat is set.
+    pub(crate) heartbeat: Option<Heartbeat>,
+}
+
 impl<F> ResponseFuture<F> {
     /// The service was called for the stream `ticket` owns.
-    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket, goaways_seen: u64) -> Self {
+    pub(crate) fn calling(future: F, gate: Gate, ticket: Ticket, response: ForResponse) -> Self {
         ResponseFuture {
             state: State::Calling {
                 future,
                 gate,
                 ticket,
-                goaways_seen,
+                response,
             },
         }
     }
@@ -130,8 +140,17 @@ impl<F> ResponseFuture<F> {
     /// Moves to `Done`, handing over the ticket (dropping the service's
     /// future, if any).
     fn take_ticket(self: Pin<&mut Self>) -> Option<Ticket> {
+        self.take_state().map(|(ticket, _)| ticket)
+    }
+
+    /// Moves to `Done`, handing over the ticket and what the response takes
+    /// (dropping the service's future, if any).
+    fn take_state(self: Pin<&mut Self>) -> Option<(Ticket, ForResponse)> {
         match self.project().state.project_replace(State::Done) {
-            StateTaken::Calling { ticket, .. } | StateTaken::Answered { ticket } => Some(ticket),
+            StateTaken::Calling {
+                ticket, response, ..
+            } => Some((ticket, response)),
+            StateTaken::Answered { ticket } => Some((ticket, ForResponse::default())),
             StateTaken::Done => None,
         }
     }
@@ -163,13 +182,13 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (future, gate, ticket, goaways_seen) = match self.as_mut().project().state.project() {
+        let (future, gate, ticket) = match self.as_mut().project().state.project() {
             StateProj::Calling {
                 future,
                 gate,
                 ticket,
-                goaways_seen,
-            } => (future, gate, ticket, *goaways_seen),
+                ..
+            } => (future, gate, ticket),
             StateProj::Answered { .. } => return self.answer(),
             // Polled again after it resolved.
             StateProj::Done => return Poll::Pending,
@@ -208,7 +227,14 @@ where
                 Poll::Pending
             }
             Poll::Ready(Ok(mut response)) => {
-                let Some(ticket) = self.take_ticket() else {
+                let Some((
+                    ticket,
+                    ForResponse {
+                        goaways_seen,
+                        heartbeat,
+                    },
+                )) = self.take_state()
+                else {
                     return Poll::Pending;
                 };
                 if ticket.shared.admission.handle_in_response {
@@ -227,7 +253,7 @@ where
                 }
                 ticket.set_answered(status);
                 Poll::Ready(Ok(
-                    response.map(|body| ResponseBody::guarded(body, ticket, grpc))
+                    response.map(|body| ResponseBody::guarded(body, ticket, grpc, heartbeat))
                 ))
             }
             Poll::Ready(Err(err)) => {

@@ -111,6 +111,7 @@ mod cap;
 mod ending;
 mod future;
 pub(crate) mod handle;
+pub(crate) mod heartbeat;
 pub(crate) mod layer;
 mod origin;
 mod policy;

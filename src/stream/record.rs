@@ -54,13 +54,19 @@ impl Side {
 
     #[inline]
     fn note(&self, bytes: usize, stamp: u64) {
+        self.count(bytes);
+        self.last.store(stamp, Ordering::Relaxed);
+    }
+
+    /// Counts a frame that moved without marking activity.
+    #[inline]
+    fn count(&self, bytes: usize) {
         // One writer per side: plain load and store, no locked instruction.
         let frames = self.frames.load(Ordering::Relaxed);
         self.frames.store(frames.wrapping_add(1), Ordering::Relaxed);
         let total = self.bytes.load(Ordering::Relaxed);
         self.bytes
             .store(total.wrapping_add(bytes as u64), Ordering::Relaxed);
-        self.last.store(stamp, Ordering::Relaxed);
     }
 }
 
@@ -194,6 +200,14 @@ impl Record {
     #[inline]
     pub(crate) fn note_response_frame(&self, bytes: usize) {
         self.response.note(bytes, self.shared.timer.stamp());
+    }
+
+    /// A response data frame that is a heartbeat (see
+    /// [`Heartbeat`](super::heartbeat::Heartbeat)): counted, but the idle
+    /// clock is not reset.
+    #[inline]
+    pub(crate) fn note_response_heartbeat(&self, bytes: usize) {
+        self.response.count(bytes);
     }
 
     pub(crate) fn request_traffic(&self) -> Traffic {

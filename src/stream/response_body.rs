@@ -19,6 +19,7 @@ use pin_project_lite::pin_project;
 use crate::{end::Ending, error::BoxError, grpc};
 
 use super::{
+    heartbeat::Heartbeat,
     record::Record,
     ticket::{EndOnUnwind, Ticket},
 };
@@ -81,6 +82,9 @@ pin_project! {
         registered: Option<Waker>,
         grpc: bool,
         closed: bool,
+        // The stream's route's or layer's heartbeat, copied at the start:
+        // with none, the data path checks this `None` and nothing else.
+        heartbeat: Option<Heartbeat>,
         // The body handed over its last frame and the stream's end is
         // decided; the rest of the end waits for the next poll or the drop
         // (see `Record::complete_deferred`).
@@ -100,7 +104,12 @@ pin_project! {
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn guarded(inner: B, ticket: Ticket, grpc: bool) -> Self {
+    pub(crate) fn guarded(
+        inner: B,
+        ticket: Ticket,
+        grpc: bool,
+        heartbeat: Option<Heartbeat>,
+    ) -> Self {
         // hyper never polls a body that is already at its end: it sends the
         // headers with END_STREAM and drops it. That is a normal end. The
         // same for the answer to a HEAD request, whose body hyper drops
@@ -119,6 +128,7 @@ impl<B: Body> ResponseBody<B> {
             registered: None,
             grpc,
             closed,
+            heartbeat,
             finishing: false,
         }
     }
@@ -134,6 +144,7 @@ impl<B> ResponseBody<B> {
             registered: None,
             grpc: false,
             closed: true,
+            heartbeat: None,
             finishing: false,
         }
     }
@@ -283,7 +294,14 @@ where
                     Ok(data) => {
                         let len = bytes::Buf::remaining(&data);
                         if len > 0 {
-                            state.note_response_frame(len);
+                            // A heartbeat moves but leaves the idle clock.
+                            if let Some(heartbeat) = this.heartbeat.as_ref()
+                                && heartbeat.beats(&data, len)
+                            {
+                                state.note_response_heartbeat(len);
+                            } else {
+                                state.note_response_frame(len);
+                            }
                         }
                         // hyper stops polling once the body says it is at
                         // its end, so this is where such a body completes.

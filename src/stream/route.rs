@@ -3,7 +3,7 @@
 //! A guard checks its routes in the order they were added and applies the
 //! first that matches; a request no route matches gets the layer's own
 //! limits. A route's durations replace the layer's where the route sets
-//! them and inherit them where it does not. A route's caps count only the
+//! them and inherit them where it does not (its heartbeat likewise). A route's caps count only the
 //! streams of that route and apply on top of the layer's caps, which count
 //! every stream.
 
@@ -18,13 +18,14 @@ use crate::{
 
 use super::{
     cap::{CapLimits, CapSet},
+    heartbeat::Heartbeat,
     policy::Policy,
 };
 
 /// The limits for the streams of one route, given to
 /// [`StreamGuardBuilder::route`](crate::StreamGuardBuilder::route) and its
 /// siblings. Every setting is optional; unset durations are inherited from
-/// the layer.
+/// the layer, and so is the [`heartbeat`](Self::heartbeat).
 ///
 /// ```
 /// use std::time::Duration;
@@ -51,11 +52,12 @@ use super::{
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoutePolicy {
     durations: Policy,
     caps: CapLimits,
     name: Option<&'static str>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl RoutePolicy {
@@ -85,6 +87,30 @@ impl RoutePolicy {
     /// See [`StreamGuardBuilder::max_lifetime`](crate::StreamGuardBuilder::max_lifetime).
     pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
         self.durations.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Which of this route's response data frames are heartbeats, which do
+    /// not reset the idle clock; replaces the layer's
+    /// [`heartbeat`](crate::StreamGuardBuilder::heartbeat) for this route.
+    /// See [`Heartbeat`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::{Heartbeat, RoutePolicy, StreamGuardLayer};
+    ///
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .response_idle_timeout(Duration::from_secs(60))
+    ///     // axum's `Sse::keep_alive` comments keep no event stream open.
+    ///     .route_prefix("/events/", RoutePolicy::new().heartbeat(Heartbeat::sse_comment()))
+    ///     .build()?;
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
         self
     }
 
@@ -253,6 +279,8 @@ pub(crate) struct Route {
     matcher: Matcher,
     pub(crate) policy: Policy,
     pub(crate) caps: Option<Arc<CapSet>>,
+    /// Its heartbeat, or else the layer's.
+    pub(crate) heartbeat: Option<Heartbeat>,
     /// Its [`RoutePolicy::name`], for metrics.
     pub(crate) name: Option<&'static str>,
     /// What a stream of this route keeps to find `name` at its end: one
@@ -294,11 +322,13 @@ pub(crate) fn validate_caps(caps: &CapLimits) -> Result<(), ConfigError> {
 }
 
 impl RouteSpec {
-    /// Validates this route against the layer's settings and readies it.
+    /// Validates this route against the layer's settings and readies it;
+    /// `heartbeat` is the layer's.
     pub(crate) fn compile(
         self,
         index: usize,
         base: Policy,
+        heartbeat: Option<&Heartbeat>,
         resolution: Duration,
     ) -> Result<Route, ConfigError> {
         let name = self.matcher.name(index);
@@ -323,6 +353,7 @@ impl RouteSpec {
             matcher: self.matcher,
             policy,
             caps,
+            heartbeat: self.policy.heartbeat.or_else(|| heartbeat.cloned()),
             name: self.policy.name,
             tag: 0,
         })
@@ -367,13 +398,13 @@ mod tests {
                 Matcher::Exact("/svc.S/Watch".into()),
                 RoutePolicy::new().max_lifetime(Duration::from_secs(86_400)),
             )
-            .compile(0, base, resolution)
+            .compile(0, base, None, resolution)
             .unwrap(),
             spec(
                 Matcher::Prefix("/svc.S/".into()),
                 RoutePolicy::new().idle_timeout(Duration::from_secs(5)),
             )
-            .compile(1, base, resolution)
+            .compile(1, base, None, resolution)
             .unwrap(),
         ];
         request_for("/svc.S/Watch", |r| {
@@ -390,6 +421,24 @@ mod tests {
     }
 
     #[test]
+    fn a_route_heartbeat_replaces_the_layers_and_is_inherited_otherwise() {
+        let layer = Heartbeat::new(|_| true);
+        let own = Heartbeat::sse_comment();
+        let resolution = Duration::from_millis(10);
+        let compile = |policy: RoutePolicy, base: Option<&Heartbeat>| {
+            spec(Matcher::Exact("/svc.S/Watch".into()), policy)
+                .compile(0, Policy::default(), base, resolution)
+                .unwrap()
+                .heartbeat
+        };
+        let with_own = RoutePolicy::new().heartbeat(own.clone());
+        assert_eq!(compile(with_own.clone(), Some(&layer)), Some(own.clone()));
+        assert_eq!(compile(with_own, None), Some(own));
+        assert_eq!(compile(RoutePolicy::new(), Some(&layer)), Some(layer));
+        assert_eq!(compile(RoutePolicy::new(), None), None);
+    }
+
+    #[test]
     fn a_route_that_breaks_the_rules_names_itself() {
         let base = Policy {
             max_lifetime: Some(Duration::from_secs(60)),
@@ -399,7 +448,7 @@ mod tests {
             Matcher::Exact("/svc.S/Upload".into()),
             RoutePolicy::new().request_idle_timeout(Duration::from_millis(5)),
         )
-        .compile(0, base, Duration::from_millis(10))
+        .compile(0, base, None, Duration::from_millis(10))
         .err()
         .unwrap();
         assert!(
@@ -407,7 +456,7 @@ mod tests {
             "{err}"
         );
         let err = spec(Matcher::Prefix("svc.S/".into()), RoutePolicy::new())
-            .compile(0, base, Duration::from_millis(10))
+            .compile(0, base, None, Duration::from_millis(10))
             .err()
             .unwrap();
         assert!(matches!(err, ConfigError::InvalidRoute { .. }), "{err}");
@@ -415,7 +464,7 @@ mod tests {
             Matcher::When(Arc::new(|_: &RouteRequest<'_>| true)),
             RoutePolicy::new().max_streams(0),
         )
-        .compile(3, base, Duration::from_millis(10))
+        .compile(3, base, None, Duration::from_millis(10))
         .err()
         .unwrap();
         assert_eq!(

@@ -17,7 +17,7 @@ use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::Connectio
 use super::{
     cap::{self, CapSet, Origin},
     ending::After,
-    future::{Gate, ResponseFuture},
+    future::{ForResponse, Gate, ResponseFuture},
     handle::StreamHandle,
     origin,
     policy::Policy,
@@ -372,6 +372,14 @@ where
         let future = self.inner.call(request);
         unwinding.disarm();
         shared.timer.arm_new(ticket.record());
-        ResponseFuture::calling(future, gate, ticket, goaways_seen)
+        // Once per stream; `None` (nothing to clone) unless a heartbeat is set.
+        let heartbeat = route
+            .map_or(&shared.admission.heartbeat, |route| &route.heartbeat)
+            .clone();
+        let response = ForResponse {
+            goaways_seen,
+            heartbeat,
+        };
+        ResponseFuture::calling(future, gate, ticket, response)
     }
 }

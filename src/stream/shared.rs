@@ -12,7 +12,7 @@ use std::{
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::{cap::CapSet, report::Report, route::Route, timer::Sweeper};
+use super::{cap::CapSet, heartbeat::Heartbeat, report::Report, route::Route, timer::Sweeper};
 use crate::{
     connection::NoticeShared,
     drain::{DrainShared, Drained},
@@ -49,6 +49,9 @@ pub(crate) struct Admission {
     /// The plain-HTTP statuses of the guard's own answers that differ from
     /// the table's, if any were chosen: read only when the guard answers.
     pub(crate) early_statuses: Option<Box<[(EndReason, StatusCode)]>>,
+    /// The layer's heartbeat, for streams no route matches (a route's
+    /// `Route::heartbeat` already falls back to it).
+    pub(crate) heartbeat: Option<Heartbeat>,
 }
 
 impl Admission {

@@ -40,6 +40,11 @@
 //! - `guard`: the body as the response body of a [`StreamGuardLayer`] with an
 //!   idle timeout and a maximum lifetime, obtained through the layer as a user
 //!   gets it;
+//! - `guard+heartbeat`: the same with
+//!   [`Heartbeat::sse_comment`](tower_stream_guard::Heartbeat::sse_comment)
+//!   set: the predicate runs on every frame (the frames are SSE `data:`
+//!   events, so it answers "not a heartbeat" after one byte, and the frame
+//!   marks activity as in `guard`);
 //! - `tower-http-timeout`: tower-http's `TimeoutBody` (an idle timeout: it
 //!   creates and drops a tokio `Sleep` for every frame);
 //! - `tower-http-deadline`: tower-http's `DeadlineBody` (a total deadline: it
@@ -72,7 +77,7 @@ use tokio::{runtime::Runtime, time::Sleep};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_http::timeout::{DeadlineBody, ResponseBodyTimeoutLayer, TimeoutBody};
 use tower_stream_guard::{
-    BoxError, ConnectionKey, Drain, PeerAddr, StreamGuardLayer, stream::ResponseBody,
+    BoxError, ConnectionKey, Drain, Heartbeat, PeerAddr, StreamGuardLayer, stream::ResponseBody,
 };
 
 /// Frames polled per iteration of a per-frame benchmark.
@@ -203,6 +208,16 @@ fn guard_layer() -> StreamGuardLayer {
         .expect("a valid guard configuration")
 }
 
+/// [`guard_layer`] with SSE comments as heartbeats.
+fn heartbeat_layer() -> StreamGuardLayer {
+    StreamGuardLayer::builder()
+        .idle_timeout(IDLE)
+        .max_lifetime(LIFETIME)
+        .heartbeat(Heartbeat::sse_comment())
+        .build()
+        .expect("a valid guard configuration")
+}
+
 /// Polls a future that is ready at once (every service here answers on its
 /// first poll).
 fn ready_now<F: Future>(future: F) -> F::Output {
@@ -279,6 +294,8 @@ where
     let mut noop = pin!(NoopWrapper(make()));
     let layer = guard_layer();
     let mut guard = pin!(guarded(&layer, make()));
+    let heartbeat = heartbeat_layer();
+    let mut beating = pin!(guarded(&heartbeat, make()));
     let mut timeout = pin!(TimeoutBody::new(IDLE, make()));
     let mut deadline = pin!(DeadlineBody::new(LIFETIME, make()));
     let anchor = pin!(tokio::time::sleep(ANCHOR));
@@ -293,6 +310,9 @@ where
     group.bench_function("guard", |b| {
         b.iter(|| poll_frames(guard.as_mut(), FRAMES_PER_ITER));
     });
+    group.bench_function("guard+heartbeat", |b| {
+        b.iter(|| poll_frames(beating.as_mut(), FRAMES_PER_ITER));
+    });
     group.bench_function("tower-http-timeout", |b| {
         b.iter(|| poll_frames(timeout.as_mut(), FRAMES_PER_ITER));
     });
@@ -300,6 +320,11 @@ where
         b.iter(|| poll_frames(deadline.as_mut(), FRAMES_PER_ITER));
     });
     assert_eq!(layer.active_streams(), 1, "the guarded stream stays open");
+    assert_eq!(
+        heartbeat.active_streams(),
+        1,
+        "the guarded stream stays open"
+    );
 
     group.finish();
 }

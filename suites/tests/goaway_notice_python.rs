@@ -84,7 +84,11 @@ async fn a_grpcio_server_stopping_gracefully_tells_the_client_stream() {
         .server_stream(StreamRequest::default())
         .await
         .expect("call grpcio");
-    let handle = response.extensions().get::<StreamHandle>().cloned().unwrap();
+    let handle = response
+        .extensions()
+        .get::<StreamHandle>()
+        .cloned()
+        .unwrap();
     let mut stream = response.into_inner();
     let first = stream.message().await.unwrap().expect("a message");
     assert_eq!(first.message, "0");
