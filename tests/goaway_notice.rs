@@ -171,3 +171,49 @@ async fn a_stream_started_after_the_goaway_is_not_told() {
     assert!(!new_handle.is_draining());
     assert!(old_handle.is_draining());
 }
+
+/// hyper-util's pooling client with the notice's connector: its HTTP/2
+/// connection to a draining server reports the GOAWAY.
+#[cfg(feature = "hyper")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hyper_util_client_connection_reports_the_goaway() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    let drain = Drain::new();
+    let addr = serve(&drain).await;
+    let notice = GoawayNotice::new();
+    let mut events = notice.subscribe();
+    // hyper-util wants an `Unpin` connecting future: box the async block.
+    let connector = notice.connector(tower::service_fn(|uri: Uri| {
+        Box::pin(async move {
+            let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            TcpStream::connect(authority).await
+        })
+    }));
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector);
+    // Any request opens the connection (tonic answers an unknown path
+    // with a gRPC status).
+    let response = client
+        .request(
+            http::Request::post(format!("http://{addr}/echo.Echo/Unknown"))
+                .header("content-type", "application/grpc")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .expect("a response");
+    let _ = response.into_body().collect().await;
+    assert_eq!(notice.open_connections(), 1);
+
+    let _report = drain.start(Duration::from_secs(5));
+    let goaway = loop {
+        match timeout(PATIENCE, events.recv()).await.unwrap().unwrap() {
+            NoticeEvent::Goaway { goaway, .. } => break goaway,
+            _ => continue,
+        }
+    };
+    assert!(goaway.is_graceful());
+}

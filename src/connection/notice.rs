@@ -168,7 +168,11 @@ impl GoawayNotice {
     /// such as a `tower::service_fn` that opens a `TcpStream`, or one that
     /// does TLS over it), for
     /// `tonic::transport::Endpoint::connect_with_connector` or a hyper-util
-    /// client: every connection it makes is a [`NoticedIo`].
+    /// client: every connection it makes is a [`NoticedIo`]. hyper-util's
+    /// client also wants the inner connector's future to be `Unpin` (return
+    /// `Box::pin(async move { .. })` from a `service_fn`) and its IO to
+    /// implement its `Connection` (a `TcpStream` does; `NoticedIo` passes it
+    /// on, feature `hyper`).
     ///
     /// ```no_run
     /// use std::time::Duration;
