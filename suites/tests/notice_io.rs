@@ -8,6 +8,9 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_stream_guard::connection::{GoawayNotice, NoticeEvent};
 
+/// A GOAWAY's last stream id, error code and (kept) debug data.
+type Fields = (u32, u32, Vec<u8>);
+
 /// One frame: type, stream id, payload.
 #[derive(Clone, Debug)]
 struct Frame {
@@ -26,7 +29,7 @@ impl Frame {
 
     /// `(last stream id, error code, debug data)` if this is a well-formed
     /// GOAWAY.
-    fn goaway(&self) -> Option<(u32, u32, Vec<u8>)> {
+    fn goaway(&self) -> Option<Fields> {
         (self.kind == 7 && self.stream == 0 && self.payload.len() >= 8).then(|| {
             let p = &self.payload;
             (
@@ -79,11 +82,7 @@ fn frame() -> impl Strategy<Value = Frame> {
 /// Writes `bytes` in chunks of `writes` sizes (cycled) to a duplex pipe and
 /// reads it through a `NoticedIo` with reads of `reads` sizes (cycled):
 /// what was read, and the GOAWAYs reported.
-fn run(
-    bytes: Vec<u8>,
-    writes: Vec<usize>,
-    reads: Vec<usize>,
-) -> (Vec<u8>, Vec<(u32, u32, Vec<u8>)>) {
+fn run(bytes: Vec<u8>, writes: Vec<usize>, reads: Vec<usize>) -> (Vec<u8>, Vec<Fields>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
