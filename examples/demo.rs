@@ -7,7 +7,7 @@
 //! No arguments, no setup: the demo starts the Echo gRPC service (from
 //! `examples/common`) on a loopback port behind a guard with short limits
 //! (`idle_timeout` 1 s, `max_lifetime` 3 s), subscribes to the guard's end
-//! events, and runs five clients at once, each on its own TCP connection:
+//! events, and runs six clients at once, each on its own TCP connection:
 //!
 //! | client | what it does | what the guard does |
 //! |---|---|---|
@@ -16,6 +16,7 @@
 //! | `silent-upload` | client-streaming: sends one message, then nothing, never half-closes | `idle_timeout` after 1 s; the client gets `DEADLINE_EXCEEDED` |
 //! | `stalled-reader` | asks for a fast stream of 64 KiB messages and never reads it | `idle_timeout` after 1 s although hyper no longer polls the body |
 //! | `outliver` | reads a slow endless stream, keeping it busy | `lifetime_exceeded` after 3 s; the client gets `DEADLINE_EXCEEDED` |
+//! | `keep-alive-only` | subscribes to an SSE route (axum, beside the gRPC service) whose producer is dead: only keep-alive comments every 250 ms | `idle_timeout` after 1 s: the route's `Heartbeat::sse_comment()` says keep-alives are not activity |
 //!
 //! Every end event is printed as it arrives, one line each: stream id, client,
 //! route, end reason, how long the stream lived, what moved each way and the
@@ -28,12 +29,16 @@ mod common;
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     net::SocketAddr,
     process::ExitCode,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
+use axum::response::sse::{Event, KeepAlive, Sse};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -46,7 +51,9 @@ use tonic::{
     transport::{Channel, Endpoint, Server, Uri},
 };
 use tower::service_fn;
-use tower_stream_guard::{EndEvent, EndReason, IdleDirection, StreamGuardLayer};
+use tower_stream_guard::{
+    EndEvent, EndReason, Heartbeat, IdleDirection, RoutePolicy, StreamGuardLayer,
+};
 
 use common::EchoService;
 use common::echo::{EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer};
@@ -63,6 +70,8 @@ const EVENT_GRACE: Duration = Duration::from_secs(3);
 const UNARY: &str = "/echo.Echo/Unary";
 const SERVER_STREAM: &str = "/echo.Echo/ServerStream";
 const CLIENT_STREAM: &str = "/echo.Echo/ClientStream";
+/// A server-sent-events route (axum) beside the gRPC service.
+const EVENTS: &str = "/events";
 
 /// The demo's clients. Each one uses its own TCP connection, so the peer
 /// address in an end event tells which client the stream belonged to.
@@ -73,6 +82,7 @@ enum Scenario {
     SilentUpload,
     StalledReader,
     Outliver,
+    KeepAliveOnly,
 }
 
 impl Scenario {
@@ -83,12 +93,23 @@ impl Scenario {
             Scenario::SilentUpload => "silent-upload",
             Scenario::StalledReader => "stalled-reader",
             Scenario::Outliver => "outliver",
+            Scenario::KeepAliveOnly => "keep-alive-only",
         }
     }
 }
 
+/// Every client, in the order they are started.
+const SCENARIOS: [Scenario; 6] = [
+    Scenario::WellBehaved,
+    Scenario::Vanishing,
+    Scenario::SilentUpload,
+    Scenario::StalledReader,
+    Scenario::Outliver,
+    Scenario::KeepAliveOnly,
+];
+
 /// Every stream the demo opens, and how it should end.
-const EXPECTED: [(Scenario, &str, EndReason); 6] = [
+const EXPECTED: [(Scenario, &str, EndReason); 7] = [
     (Scenario::WellBehaved, UNARY, EndReason::Completed),
     (Scenario::WellBehaved, SERVER_STREAM, EndReason::Completed),
     (Scenario::Vanishing, SERVER_STREAM, EndReason::Cancelled),
@@ -106,6 +127,11 @@ const EXPECTED: [(Scenario, &str, EndReason); 6] = [
         Scenario::Outliver,
         SERVER_STREAM,
         EndReason::LifetimeExceeded,
+    ),
+    (
+        Scenario::KeepAliveOnly,
+        EVENTS,
+        EndReason::IdleTimeout(IdleDirection::Both),
     ),
 ];
 
@@ -200,6 +226,12 @@ async fn run() -> Result<ExitCode, BoxError> {
     let guard = StreamGuardLayer::builder()
         .idle_timeout(IDLE_TIMEOUT)
         .max_lifetime(MAX_LIFETIME)
+        // SSE keep-alive comments flow to the client but do not count as
+        // activity: a dead producer behind them is still idle.
+        .route_prefix(
+            EVENTS,
+            RoutePolicy::new().heartbeat(Heartbeat::sse_comment()),
+        )
         .build()?;
 
     // Print every end event the moment it is emitted.
@@ -228,10 +260,21 @@ async fn run() -> Result<ExitCode, BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
+    // The Echo service, and beside it an SSE route whose producer is dead:
+    // only axum's keep-alive comments (every 250 ms) ever flow.
+    let routes = tonic::service::Routes::new(EchoServer::new(service.clone()))
+        .into_axum_router()
+        .route(
+            EVENTS,
+            axum::routing::get(|| async {
+                let dead = futures_util::stream::pending::<Result<Event, Infallible>>();
+                Sse::new(dead).keep_alive(KeepAlive::new().interval(Duration::from_millis(250)))
+            }),
+        );
     let mut server = tokio::spawn(
         Server::builder()
             .layer(guard.clone())
-            .add_service(EchoServer::new(service.clone()))
+            .add_routes(routes.into())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stopped.await;
             }),
@@ -239,18 +282,14 @@ async fn run() -> Result<ExitCode, BoxError> {
     println!(
         "guarded Echo server on {addr}: idle_timeout {IDLE_TIMEOUT:?}, max_lifetime {MAX_LIFETIME:?}"
     );
-    println!("running 5 clients at once, one connection each\n");
+    println!(
+        "running {} clients at once, one connection each\n",
+        SCENARIOS.len()
+    );
 
     // All clients at once: the slowest (the lifetime) sets the pace.
-    let scenarios = [
-        Scenario::WellBehaved,
-        Scenario::Vanishing,
-        Scenario::SilentUpload,
-        Scenario::StalledReader,
-        Scenario::Outliver,
-    ];
     let mut clients = tokio::task::JoinSet::new();
-    for scenario in scenarios {
+    for scenario in SCENARIOS {
         let shared = Arc::clone(&shared);
         clients.spawn(async move {
             if let Err(err) = run_scenario(scenario, addr, &shared).await {
@@ -319,6 +358,12 @@ async fn run() -> Result<ExitCode, BoxError> {
             .count();
         println!("  {reason:<18} {count}");
     }
+    // A producer stops at its next step after its stream ended: on a busy
+    // machine give the last ones a moment.
+    let settle = Instant::now() + Duration::from_secs(1);
+    while (service.live_producers() > 0 || service.live_handlers() > 0) && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     println!(
         "server tasks still running: {} stream producers, {} client-stream handlers",
         service.live_producers(),
@@ -371,6 +416,9 @@ async fn run_scenario(
     addr: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Result<(), BoxError> {
+    if scenario == Scenario::KeepAliveOnly {
+        return keep_alive_only(addr, shared).await;
+    }
     let client = connect(addr, scenario, shared).await?;
     match scenario {
         Scenario::WellBehaved => well_behaved(client, shared).await,
@@ -378,6 +426,7 @@ async fn run_scenario(
         Scenario::SilentUpload => silent_upload(client, shared).await,
         Scenario::StalledReader => stalled_reader(client, shared).await,
         Scenario::Outliver => outliver(client, shared).await,
+        Scenario::KeepAliveOnly => unreachable!("served over plain HTTP/2 above"),
     }
 }
 
@@ -540,6 +589,42 @@ async fn outliver(mut client: EchoClient<Channel>, shared: &Shared) -> Result<()
         Err(_) => "the stream outlived its maximum lifetime: the guard did not fire".to_string(),
     };
     shared.client(Scenario::Outliver, &line);
+    Ok(())
+}
+
+/// Subscribes to the SSE route, whose producer never sends an event: only
+/// keep-alive comments arrive, and the guard ends the stream as idle.
+async fn keep_alive_only(addr: SocketAddr, shared: &Arc<Shared>) -> Result<(), BoxError> {
+    let tcp = TcpStream::connect(addr).await?;
+    shared
+        .peers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(tcp.local_addr()?, Scenario::KeepAliveOnly);
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}{EVENTS}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let started = Instant::now();
+    let mut body = sender.send_request(request).await?.into_body();
+    let mut comments = 0;
+    let end = loop {
+        match timeout(MAX_LIFETIME + Duration::from_secs(2), body.frame()).await {
+            Ok(Some(Ok(frame))) if frame.data_ref().is_some_and(|data| data.starts_with(b":")) => {
+                comments += 1;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(err))) => break format!("the stream was reset ({err})"),
+            Ok(None) => break "a clean end".to_string(),
+            Err(_) => break "nothing: the keep-alives hid the dead producer".to_string(),
+        }
+    };
+    let line = format!(
+        "read {comments} keep-alive comments and no event for {}, then {end}",
+        duration_text(started.elapsed())
+    );
+    shared.client(Scenario::KeepAliveOnly, &line);
     Ok(())
 }
 
