@@ -1188,7 +1188,11 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     let mut rng = Rng(seed);
     let events: Arc<Mutex<Vec<EndEvent>>> = Arc::default();
     let fail = |what: &str| format!("CHAOS_SEED={seed}: {what}");
-    let drain = Drain::with_close_delay(Duration::from_millis(200));
+    // The connections left after the cut close a second later: enough for a
+    // client on a loaded machine (CI beside other builds) to read the cut's
+    // UNAVAILABLE trailers before its connection goes (at 200 ms, a drained
+    // client once read `Unknown`: the close came first).
+    let drain = Drain::with_close_delay(Duration::from_secs(1));
     // Closes the connections of stalled readers soon after their streams'
     // guards fire, and what hyper would keep open past the drain: the
     // connections of frozen peers. Its events name each connection's id
