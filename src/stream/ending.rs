@@ -323,6 +323,7 @@ impl Record {
             response: self.response_traffic(),
             grpc_status: after.grpc_status(),
             server_guard_reason: self.server_guard_reason(),
+            blocked_on_reader: self.blocked_on_reader(),
         }
     }
 }
