@@ -185,3 +185,159 @@ async fn without_a_time_limit_the_blocked_time_is_not_measured() {
         event.to_json()
     );
 }
+
+/// A reader that takes one frame every `period`, for `reads` frames (or
+/// until the stream ends); returns the frames it read.
+async fn trickle(body: &mut ResponseBody<Produced>, period: Duration, reads: usize) -> usize {
+    let mut read = 0;
+    while read < reads {
+        match body.frame().await {
+            Some(Ok(_)) => read += 1,
+            _ => break,
+        }
+        sleep(period).await;
+    }
+    read
+}
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+#[tokio::test(start_paused = true)]
+async fn a_trickle_reader_below_the_minimum_rate_ends_slow_reader() {
+    // 10 bytes every 2 s: 50 bytes per 10 s window, against 100 asked for.
+    let guard = guard(StreamGuardLayer::builder().min_response_rate(100, WINDOW));
+    let mut events = guard.subscribe();
+    let mut body = open(&guard, Producer::Endless).await;
+    let read = trickle(&mut body, 2 * SECOND, usize::MAX).await;
+    let event = next_event(&mut events).await;
+    let ended = event.duration();
+    assert_eq!(event.reason(), EndReason::SlowReader, "{event:?}");
+    assert_eq!(event.reason().as_str(), "slow_reader");
+    assert_eq!(event.limit(), Some(WINDOW));
+    // The first window that fell short ends it, within a tick.
+    assert!(
+        ended >= WINDOW && ended <= WINDOW + TICK,
+        "ended after {ended:?}"
+    );
+    assert!(read <= 6, "read {read} frames");
+    within_a_tick(event.blocked_on_reader().expect("measured"), ended);
+    assert!(event.to_json().contains(r#""reason":"slow_reader""#));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trickle_reader_above_the_minimum_rate_is_left_alone() {
+    // 50 bytes per window against 40 asked for.
+    let guard = guard(StreamGuardLayer::builder().min_response_rate(40, WINDOW));
+    let mut events = guard.subscribe();
+    let mut body = open(&guard, Producer::Endless).await;
+    // Two minutes of trickle: twelve windows.
+    assert_eq!(trickle(&mut body, 2 * SECOND, 60).await, 60);
+    assert!(events.try_recv().is_err(), "still open");
+    drop(body);
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_reading_ends_slow_reader_after_one_window() {
+    let guard = guard(StreamGuardLayer::builder().min_response_rate(100, WINDOW));
+    let mut events = guard.subscribe();
+    let started = Instant::now();
+    let mut body = open(&guard, Producer::Endless).await;
+    read_one(&mut body).await;
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::SlowReader);
+    let ended = started.elapsed();
+    assert!(
+        ended >= WINDOW && ended <= WINDOW + TICK,
+        "ended after {ended:?}"
+    );
+    // The guard's end reaches the reader when it comes back.
+    let err = body
+        .frame()
+        .await
+        .expect("an end")
+        .expect_err("the guard's error");
+    assert!(err.to_string().contains("min_response_rate"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_with_nothing_to_send_is_not_a_slow_reader() {
+    let guard = guard(StreamGuardLayer::builder().min_response_rate(100, WINDOW));
+    let mut events = guard.subscribe();
+    let mut body = open(&guard, Producer::OneThenNothing).await;
+    read_one(&mut body).await;
+    // The reader is there: hyper polls, the producer has nothing.
+    poll_nothing(&mut body).await;
+    let waited = tokio::time::timeout(60 * WINDOW, events.recv()).await;
+    assert!(waited.is_err(), "ended: {waited:?}");
+    drop(body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_with_nothing_to_send_ends_at_the_idle_timeout_not_the_rate() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .min_response_rate(100, WINDOW)
+            .response_idle_timeout(3 * WINDOW),
+    );
+    let mut events = guard.subscribe();
+    let started = Instant::now();
+    let mut body = open(&guard, Producer::OneThenNothing).await;
+    read_one(&mut body).await;
+    poll_nothing(&mut body).await;
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response)
+    );
+    assert!(started.elapsed() >= 3 * WINDOW);
+    drop(body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_sets_its_own_minimum_rate() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .min_response_rate(1, WINDOW)
+            .route(
+                "/feed",
+                tower_stream_guard::RoutePolicy::new().min_response_rate(100, WINDOW),
+            ),
+    );
+    assert_eq!(guard.policy().min_response_rate(), Some((1, WINDOW)));
+    let mut events = guard.subscribe();
+    let mut body = open(&guard, Producer::Endless).await;
+    trickle(&mut body, 2 * SECOND, usize::MAX).await;
+    assert_eq!(
+        next_event(&mut events).await.reason(),
+        EndReason::SlowReader
+    );
+}
+
+#[test]
+fn a_minimum_rate_the_timer_cannot_check_fails_at_build() {
+    use tower_stream_guard::ConfigError;
+    let build = |bytes, window| {
+        StreamGuardLayer::builder()
+            .min_response_rate(bytes, window)
+            .build()
+            .err()
+    };
+    let zero = Some(ConfigError::Zero {
+        setting: "min_response_rate",
+    });
+    assert_eq!(build(0, WINDOW), zero);
+    assert_eq!(build(100, Duration::ZERO), zero);
+    assert!(matches!(
+        build(100, Duration::from_millis(1)),
+        Some(ConfigError::BelowResolution { .. })
+    ));
+    let err = StreamGuardLayer::builder()
+        .route(
+            "/feed",
+            tower_stream_guard::RoutePolicy::new().min_response_rate(0, WINDOW),
+        )
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::Route { .. }), "{err}");
+}

@@ -19,7 +19,12 @@ use std::{
 use atomic_waker::AtomicWaker;
 use tokio::{sync::Notify, time::Instant};
 
-use super::{ending::After, policy::Policy, shared::Shared, timer::LateTicks};
+use super::{
+    ending::After,
+    policy::{MinRate, Policy},
+    shared::Shared,
+    timer::LateTicks,
+};
 use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
@@ -80,6 +85,19 @@ impl Side {
         self.bytes
             .store(total.wrapping_add(bytes as u64), Ordering::Relaxed);
     }
+}
+
+/// A stream's minimum response rate and where its current window began.
+/// Only the timer reads and writes the marks, under its lock; boxed, so
+/// that a stream without the setting pays one word.
+struct RateWatch {
+    rate: MinRate,
+    /// When the timer checks next, ns on the guard's clock.
+    check_at: AtomicU64,
+    /// The response bytes and the time blocked on the reader (ns) when the
+    /// window began.
+    mark_bytes: AtomicU64,
+    mark_blocked: AtomicU64,
 }
 
 /// What the timer decides for a stream whose filing came due.
@@ -149,6 +167,8 @@ pub(crate) struct Record {
     /// [`WAITING`], since `response.last`). Written by the response body at
     /// most about once per timer tick, never per frame.
     response_blocked: AtomicU64,
+    /// `min_response_rate`, if set.
+    rate: Option<Box<RateWatch>>,
 }
 
 impl Record {
@@ -188,6 +208,14 @@ impl Record {
             response_waker: AtomicWaker::new(),
             response: Side::default(),
             response_blocked: AtomicU64::new(0),
+            rate: policy.min_rate.map(|rate| {
+                Box::new(RateWatch {
+                    rate,
+                    check_at: AtomicU64::new(start_ns.saturating_add(nanos(Some(rate.window)))),
+                    mark_bytes: AtomicU64::new(0),
+                    mark_blocked: AtomicU64::new(0),
+                })
+            }),
         };
         record.limit_lifetime(policy.max_lifetime, false);
         record
@@ -318,7 +346,8 @@ impl Record {
             &self.lifetime_deadline,
         ]
         .iter()
-        .any(|limit| limit.load(Ordering::Relaxed) != NEVER);
+        .any(|limit| limit.load(Ordering::Relaxed) != NEVER)
+            || self.rate.is_some();
         timed.then(|| {
             Duration::from_nanos(self.blocked_ns(self.shared.timer.stamp(), &LateTicks::default()))
         })
@@ -427,14 +456,61 @@ impl Record {
             after(last_response, &self.idle_response),
             Ending::IdleResponse,
         );
+        if let Some(watch) = &self.rate {
+            consider(watch.check_at.load(Ordering::Relaxed), Ending::SlowReader);
+        }
         best
     }
 
     pub(crate) fn check(&self, now_ns: u64, late: &LateTicks) -> Verdict {
-        match self.next_deadline(late) {
-            (deadline, Some(ending)) if deadline <= now_ns => Verdict::Expired(ending),
-            _ => Verdict::Later,
+        loop {
+            match self.next_deadline(late) {
+                (deadline, Some(Ending::SlowReader)) if deadline <= now_ns => {
+                    if self.too_slow(now_ns, late) {
+                        return Verdict::Expired(Ending::SlowReader);
+                    }
+                    // The rate's next check is later now; another limit
+                    // may be due as well.
+                }
+                (deadline, Some(ending)) if deadline <= now_ns => {
+                    return Verdict::Expired(ending);
+                }
+                _ => return Verdict::Later,
+            }
         }
+    }
+
+    /// The minimum rate's check, by the timer: whether the reader took
+    /// fewer bytes than the rate asks for over a window's worth of time in
+    /// which the response waited on it. Otherwise moves the next check past
+    /// `now` (a new window once enough moved; else the earliest the wait
+    /// could fill the window). No work on the data path: the byte counter
+    /// and the blocked time are compared with the marks.
+    fn too_slow(&self, now: u64, late: &LateTicks) -> bool {
+        let Some(watch) = &self.rate else {
+            return false;
+        };
+        let window = nanos(Some(watch.rate.window));
+        let bytes = self.response.bytes.load(Ordering::Relaxed);
+        let blocked = self.blocked_ns(now, late);
+        let moved = bytes.wrapping_sub(watch.mark_bytes.load(Ordering::Relaxed));
+        let waited = blocked.saturating_sub(watch.mark_blocked.load(Ordering::Relaxed));
+        let next = if moved >= watch.rate.bytes {
+            watch.mark_bytes.store(bytes, Ordering::Relaxed);
+            watch.mark_blocked.store(blocked, Ordering::Relaxed);
+            now.saturating_add(window)
+        } else if waited >= window {
+            return true;
+        } else {
+            now.saturating_add(window - waited)
+        };
+        watch.check_at.store(next, Ordering::Relaxed);
+        false
+    }
+
+    /// The minimum response rate, if the stream has one.
+    pub(crate) fn min_rate(&self) -> Option<MinRate> {
+        self.rate.as_ref().map(|watch| watch.rate)
     }
 
     /// The configured limit behind `ending`, for messages and the event.
@@ -451,6 +527,7 @@ impl Record {
                 .lifetime_deadline
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.start_ns),
+            EndReason::SlowReader => return self.min_rate().map_or(Duration::ZERO, |r| r.window),
             EndReason::Drained => {
                 return self
                     .shared
@@ -492,8 +569,9 @@ mod size {
     #[test]
     fn the_record_stays_small() {
         let size = size_of::<Record>();
-        // 392, and 8 for the time the response waited on the reader.
-        assert!(size <= 400, "Record grew to {size} bytes");
+        // 392, 8 for the time the response waited on the reader and 8 for
+        // the (boxed, usually absent) minimum response rate.
+        assert!(size <= 408, "Record grew to {size} bytes");
     }
 
     /// Bytes `[a, a + len)` and `[b, ..)` with `b` after them share no
