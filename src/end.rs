@@ -145,7 +145,7 @@ impl fmt::Display for StreamCap {
 /// writes itself (gRPC trailers, a trailers-only response, a plain-HTTP
 /// answer before headers) carries `stream-guard-reason: ` and
 /// [`as_str`](Self::as_str): `idle_timeout`, `lifetime_exceeded`,
-/// `rejected`, `drained`, or `cancelled` for
+/// `rejected`, `drained`, `slow_reader`, or `cancelled` for
 /// [`StreamHandle::cancel`](crate::StreamHandle::cancel). A guard around a
 /// client reports the server guard's as
 /// [`EndEvent::server_guard_reason`](crate::EndEvent::server_guard_reason).
@@ -201,12 +201,19 @@ pub enum EndReason {
     /// headers, with a `Retry-After` when the drain refused the stream). See
     /// [`Drain`](crate::Drain).
     Drained,
+    /// The peer read the response too slowly: it took fewer bytes than
+    /// [`min_response_rate`](crate::StreamGuardBuilder::min_response_rate)
+    /// asks for over a window during which the response had data waiting
+    /// for it. gRPC clients get `RESOURCE_EXHAUSTED` (the server will not
+    /// hold the stream's memory for a reader this slow), plain HTTP clients
+    /// a reset stream.
+    SlowReader,
 }
 
 impl EndReason {
     /// Every reason, in a fixed order (idle timeouts per direction, rejections
     /// per cap): for dashboards that list them all.
-    pub const ALL: [EndReason; 12] = [
+    pub const ALL: [EndReason; 13] = [
         EndReason::Completed,
         EndReason::Cancelled,
         EndReason::IdleTimeout(IdleDirection::Request),
@@ -219,11 +226,12 @@ impl EndReason {
         EndReason::Rejected(StreamCap::Total),
         EndReason::Drained,
         EndReason::Panicked,
+        EndReason::SlowReader,
     ];
 
     /// A short snake-case name, as used in JSON event lines: `completed`,
     /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
-    /// `panicked`, `rejected` or `drained`.
+    /// `panicked`, `rejected`, `drained` or `slow_reader`.
     pub fn as_str(self) -> &'static str {
         Ending::of(self).row().name
     }
@@ -245,7 +253,8 @@ impl EndReason {
 
     /// The gRPC status code a guard-made end carries: `4`
     /// (`DEADLINE_EXCEEDED`) for idle timeouts and lifetimes, `8`
-    /// (`RESOURCE_EXHAUSTED`) for rejections, `14` (`UNAVAILABLE`) for drains;
+    /// (`RESOURCE_EXHAUSTED`) for rejections and slow readers, `14`
+    /// (`UNAVAILABLE`) for drains;
     /// `None` for ends the guard did not make.
     pub fn grpc_code(self) -> Option<u32> {
         Ending::of(self).row().status
@@ -272,6 +281,7 @@ impl fmt::Display for EndReason {
             EndReason::IdleTimeout(direction) => write!(f, "idle timeout ({direction})"),
             EndReason::LifetimeExceeded => f.write_str("maximum lifetime exceeded"),
             EndReason::Rejected(cap) => write!(f, "rejected (stream cap {cap})"),
+            EndReason::SlowReader => f.write_str("slow reader (minimum response rate)"),
             other => f.write_str(other.as_str()),
         }
     }
@@ -308,6 +318,8 @@ pub(crate) enum Ending {
     Drained,
     /// Arrived while a drain was in progress.
     DrainRefused,
+    /// The reader took too few bytes (`min_response_rate`).
+    SlowReader,
 }
 
 /// What an end is logged as.
@@ -345,7 +357,7 @@ pub(crate) struct Row {
 macro_rules! rows {
     ($($ending:ident => $reason:expr, $name:literal, $key:literal, $status:expr, $http:ident, $log:ident, $message:expr;)*) => {
         /// The table of endings, in [`Ending`] order.
-        pub(crate) const ROWS: [Row; 17] = [$(Row {
+        pub(crate) const ROWS: [Row; 18] = [$(Row {
             ending: Ending::$ending,
             reason: $reason,
             name: $name,
@@ -358,7 +370,7 @@ macro_rules! rows {
 
         impl Ending {
             /// Every ending, in code order.
-            pub(crate) const ALL: [Ending; 17] = [$(Ending::$ending),*];
+            pub(crate) const ALL: [Ending; 18] = [$(Ending::$ending),*];
         }
     };
 }
@@ -409,6 +421,15 @@ rows! {
         "stream cut: the server is draining and its {limit} grace period ended (drain)";
     DrainRefused => EndReason::Drained, "drained", "drained", UNAVAILABLE, SERVICE_UNAVAILABLE, Guard,
         "stream refused: the server is draining and accepts no new streams (drain)";
+    // RESOURCE_EXHAUSTED, not DEADLINE_EXCEEDED: no deadline passed (the
+    // stream may be young, the producer on time); the server stops holding
+    // buffers for a peer that does not take them, a quota on its memory.
+    // It also keeps the peer from reading it as its own `grpc-timeout`. The
+    // HTTP status is only for an answer before the response head, which
+    // this ending never has (it needs a response body waiting on the
+    // reader); 408 says the client was the slow one.
+    SlowReader => EndReason::SlowReader, "slow_reader", "slow_reader", EXHAUSTED, REQUEST_TIMEOUT, Guard,
+        "stream too slow: the client read fewer than {bytes} bytes in {limit} while data waited for it (min_response_rate)";
 }
 
 impl Ending {
@@ -457,7 +478,8 @@ impl Ending {
 
     /// The HTTP status of a plain-HTTP answer the guard makes before the
     /// service answered: `408` for a request-side idle timeout (the client
-    /// stalled), `503` for a cap or a drain, `504` otherwise.
+    /// stalled; also a slow reader's, which never answers so early), `503`
+    /// for a cap or a drain, `504` otherwise.
     pub(crate) fn http_status(self) -> StatusCode {
         self.row().http
     }
@@ -483,16 +505,19 @@ impl Ending {
     }
 
     /// The sentence the peer and the logs read, with the limit that fired
-    /// (`limit`) or the cap's limit (`cap_limit`) filled in.
-    pub(crate) fn message(self, limit: Duration, cap_limit: usize) -> String {
-        let message = self.row().message;
+    /// (`limit`) and the count that goes with it (`count`: a cap's limit,
+    /// `{cap_limit}`, or a minimum rate's bytes, `{bytes}`) filled in.
+    pub(crate) fn message(self, limit: Duration, count: u64) -> String {
+        let mut message = self.row().message.to_owned();
         if message.contains("{limit}") {
-            message.replace("{limit}", &format!("{limit:?}"))
-        } else if message.contains("{cap_limit}") {
-            message.replace("{cap_limit}", &cap_limit.to_string())
-        } else {
-            message.to_owned()
+            message = message.replace("{limit}", &format!("{limit:?}"));
         }
+        for placeholder in ["{cap_limit}", "{bytes}"] {
+            if message.contains(placeholder) {
+                message = message.replace(placeholder, &count.to_string());
+            }
+        }
+        message
     }
 }
 
@@ -526,6 +551,15 @@ mod tests {
         assert_eq!(
             Ending::IdleRequest.message(Duration::from_secs(2), 0),
             "stream idle: no request frame for 2s (request_idle_timeout)"
+        );
+        assert_eq!(
+            Ending::RejectedTotal.message(Duration::ZERO, 8),
+            "stream refused: at most 8 concurrent streams in total (max_streams)"
+        );
+        assert_eq!(
+            Ending::SlowReader.message(Duration::from_secs(10), 4096),
+            "stream too slow: the client read fewer than 4096 bytes in 10s while data waited \
+             for it (min_response_rate)"
         );
         assert_eq!(
             Ending::RejectedTotal.message(Duration::ZERO, 8),

@@ -219,7 +219,9 @@ pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A duration setting is zero: every stream would end at once.
+    /// A duration setting is zero: every stream would end at once; or
+    /// [`min_response_rate`](crate::StreamGuardBuilder::min_response_rate)
+    /// has zero bytes (nothing could be too slow) or a zero window.
     Zero {
         /// The builder method that was given zero.
         setting: &'static str,
@@ -316,6 +318,11 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ConfigError::Zero {
+                setting: "min_response_rate",
+            } => f.write_str(
+                "`min_response_rate` has a zero window or zero bytes (leave it unset for no minimum)",
+            ),
             ConfigError::Zero { setting } => write!(
                 f,
                 "`{setting}` is zero; every stream would end at once (leave it unset for no limit)"

@@ -180,6 +180,7 @@ pub struct EndEvent {
     pub(crate) response: Traffic,
     pub(crate) grpc_status: Option<u32>,
     pub(crate) server_guard_reason: Option<&'static str>,
+    pub(crate) blocked_on_reader: Option<Duration>,
 }
 
 impl EndEvent {
@@ -275,14 +276,62 @@ impl EndEvent {
         self.server_guard_reason
     }
 
+    /// How long the response waited on the peer: the time during which the
+    /// response body had handed hyper a frame and hyper did not come back
+    /// for the next one, because the peer's flow-control window was shut
+    /// (the client did not read) or the connection could not write. A
+    /// producer with nothing to send is not counted; a stream that a guard
+    /// ended while the peer was not reading counts up to its end.
+    ///
+    /// Measured on the guard's coarse clock, without a clock read per frame:
+    /// within one [`timer_resolution`](crate::StreamGuardBuilder::timer_resolution)
+    /// of the truth per wait (a wait shorter than a tick may count as
+    /// nothing or as a tick). That clock runs while the stream has a time
+    /// limit (an idle timeout, a lifetime, the client's `grpc-timeout`,
+    /// [`min_response_rate`](crate::StreamGuardBuilder::min_response_rate));
+    /// for a stream with none this is `None`. The wait after a
+    /// [`Heartbeat`](crate::Heartbeat) frame is not counted.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_lifetime(Duration::from_secs(60))
+    ///     .build()?;
+    /// let mut events = guard.subscribe();
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+    /// }));
+    /// let response = service.oneshot(Request::new(String::new())).await?;
+    /// response.into_body().collect().await?;
+    /// let blocked = events.recv().await?.blocked_on_reader();
+    /// assert!(blocked.is_some_and(|blocked| blocked < Duration::from_secs(1)));
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn blocked_on_reader(&self) -> Option<Duration> {
+        self.blocked_on_reader
+    }
+
     /// The event as one line of JSON (no trailing newline), with the keys
     /// `id`, `method`, `route`, `peer`, `connection`, `reason`, `direction`
     /// (idle timeouts only), `limit_ms` (idle timeouts, lifetimes and drains
     /// only),
     /// `cap` and `cap_limit` (rejections only), `started_at_ms` (Unix time),
     /// `duration_ms`, `request_frames`, `request_bytes`, `response_frames`,
-    /// `response_bytes`, `grpc_status` (`null` when none) and
-    /// `server_guard_reason` (only when the response named one).
+    /// `response_bytes`, `grpc_status` (`null` when none),
+    /// `server_guard_reason` (only when the response named one) and
+    /// `blocked_ms` ([`blocked_on_reader`](Self::blocked_on_reader) in whole
+    /// milliseconds, only when measured).
     pub fn to_json(&self) -> String {
         let started = self
             .started_at
@@ -316,6 +365,9 @@ impl EndEvent {
             .opt_num("grpc_status", self.grpc_status);
         if let Some(reason) = self.server_guard_reason {
             line.str("server_guard_reason", reason);
+        }
+        if let Some(blocked) = self.blocked_on_reader {
+            line.num("blocked_ms", blocked.as_millis());
         }
         line.finish()
     }
@@ -386,6 +438,7 @@ mod tests {
             response: Traffic::default(),
             grpc_status: Some(4),
             server_guard_reason: None,
+            blocked_on_reader: None,
         }
     }
 
@@ -407,6 +460,17 @@ mod tests {
                 .ends_with(r#""grpc_status":4,"server_guard_reason":"idle_timeout"}"#),
             "{}",
             event.to_json()
+        );
+    }
+
+    #[test]
+    fn json_line_ends_with_the_time_blocked_on_the_reader_when_measured() {
+        let mut event = event();
+        event.blocked_on_reader = Some(Duration::from_millis(3010));
+        let line = event.to_json();
+        assert!(
+            line.ends_with(r#""grpc_status":4,"blocked_ms":3010}"#),
+            "{line}"
         );
     }
 

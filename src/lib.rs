@@ -12,6 +12,11 @@
 //!   ([`Heartbeat`]);
 //! - a **maximum lifetime**, from the moment the request reached the guard
 //!   (optionally shortened by the client's `grpc-timeout`);
+//! - a **minimum response rate** for readers that trickle: fewer than N bytes
+//!   over a window of time the response waited on its peer ends the stream
+//!   ([`min_response_rate`](StreamGuardBuilder::min_response_rate),
+//!   [`EndReason::SlowReader`]); every end event reports that waiting time
+//!   ([`EndEvent::blocked_on_reader`]);
 //! - **stream caps** per connection, per peer and in total, whose slots are
 //!   held until the stream really ends ([`StreamCap`]);
 //! - different limits per route ([`RoutePolicy`]);
@@ -124,6 +129,7 @@
 //! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (RST_STREAM on HTTP/2) |
 //! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `408 Request Timeout` when the request body went silent ([`request_idle_timeout`](StreamGuardBuilder::request_idle_timeout)), `504 Gateway Timeout` for the other idle timeouts and the lifetime; the handler's future is dropped |
 //! | a cap refuses the stream, or a drain is in progress | trailers-only response, `grpc-status: 8` (cap) or `14` (drain) | `503 Service Unavailable` with `Retry-After: 1` ([`retry_after`](StreamGuardBuilder::retry_after)) |
+//! | peer reads too slowly ([`min_response_rate`](StreamGuardBuilder::min_response_rate)) | trailers `grpc-status: 8` (RESOURCE_EXHAUSTED) naming the setting, sent if the peer reads on; released at once, as below | body error: hyper resets the stream |
 //! | peer stopped reading (hyper no longer polls the body) | handle cancelled, event emitted, state released at once; the trailers go out if the peer ever reads again | same |
 //! | request body awaited by the handler | the read fails with [`GuardError`]; tonic handlers see `Status::deadline_exceeded` from `message()` | the read fails with [`GuardError`] |
 //!
@@ -131,7 +137,7 @@
 //! emitted when the guard fires. Whatever the guard writes itself (trailers,
 //! a trailers-only or plain response) also carries a `stream-guard-reason`
 //! header or trailer: [`EndReason::as_str`] of the end (`idle_timeout`,
-//! `lifetime_exceeded`, `rejected`, `drained`, `cancelled`), so that a
+//! `lifetime_exceeded`, `rejected`, `drained`, `slow_reader`, `cancelled`), so that a
 //! client tells the guard's `DEADLINE_EXCEEDED` from the server's own; a
 //! guard on the client reports it as [`EndEvent::server_guard_reason`]. What stays with hyper after a stalled reader
 //! is released, until the peer reads, resets the stream or the connection

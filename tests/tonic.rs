@@ -729,3 +729,78 @@ async fn nested_guards_each_enforce_their_own_limits_and_emit_their_own_events()
     drop(client);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_a_server_stream_too_slowly_ends_slow_reader() {
+    // At least 8 MiB per 500 ms spent waiting on the client; the client
+    // takes one 256 KiB reply every 200 ms (about 640 KiB per window, and
+    // what its HTTP/2 windows buffer at the start).
+    let window = Duration::from_millis(500);
+    let guard = StreamGuardLayer::builder()
+        .min_response_rate(8 << 20, window)
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    let svc = EchoService::new();
+    let server = serve!(guard.clone(), svc);
+    let mut client = server.client().await;
+
+    let started = Instant::now();
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 0,
+            interval_ms: 0,
+            size: 256 * 1024,
+        })
+        .await
+        .expect("server_stream call")
+        .into_inner();
+    let (hurry, mut told) = mpsc::channel::<()>(1);
+    let reader = tokio::spawn(async move {
+        let mut received = 0_u64;
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => received += 1,
+                Ok(None) => panic!("a slow reader's stream ended without an error"),
+                Err(status) => break status,
+            }
+            // Slow until the test has seen the end, then quick.
+            let _ = timeout(Duration::from_millis(200), told.recv()).await;
+        };
+        (received, status)
+    });
+
+    let event = next_event(&mut events).await;
+    let waited = started.elapsed();
+    assert_eq!(event.reason(), EndReason::SlowReader, "{event:?}");
+    assert_eq!(event.grpc_status(), Some(8), "{event:?}");
+    assert_eq!(event.limit(), Some(window));
+    assert!(event.duration() >= window, "fired early: {event:?}");
+    assert!(waited < window + SLACK, "fired late: {waited:?}");
+    assert!(event.response().bytes < 8 << 20, "{event:?}");
+    let blocked = event.blocked_on_reader().expect("measured");
+    assert!(
+        blocked > window / 2 && blocked <= event.duration(),
+        "blocked {blocked:?} of {:?}",
+        event.duration()
+    );
+    assert!(event.to_json().contains(r#""reason":"slow_reader""#));
+
+    // The client reads what was buffered, then the guard's status.
+    drop(hurry);
+    let (received, status) = timeout(PATIENCE + SLACK, reader)
+        .await
+        .expect("the slow reader got its status")
+        .expect("reader task");
+    assert!(received > 0);
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("min_response_rate"), "{status:?}");
+    wait_until("the producer task has stopped", || {
+        svc.live_producers() == 0
+    })
+    .await;
+    assert_eq!(guard.active_streams(), 0);
+    assert_no_more_events(&mut events).await;
+    drop(client);
+    server.stop().await;
+}

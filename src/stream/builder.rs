@@ -253,6 +253,78 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Ends a stream whose reader is too slow: when, over a `window` of time
+    /// during which the response had data waiting for the peer, the peer
+    /// took fewer than `bytes` bytes. Ends gRPC responses with
+    /// `RESOURCE_EXHAUSTED` and reports [`EndReason::SlowReader`]. Off by
+    /// default.
+    ///
+    /// A trickling reader keeps the response moving, so no idle timeout
+    /// fires, while the server holds the stream (and what its producer
+    /// buffered) for as long as the reader likes. This setting is about
+    /// such readers only: the window's clock runs while the response body
+    /// has handed hyper a frame and hyper does not come back for the next
+    /// (the peer's flow-control window is shut), the time
+    /// [`EndEvent::blocked_on_reader`](crate::EndEvent::blocked_on_reader)
+    /// reports. A producer with nothing to send stops that clock: ending
+    /// such a stream is the idle timeouts' job. A peer that stops reading
+    /// altogether is a slow reader too (its window fills, and it ends the
+    /// way a stalled reader's idle timeout does).
+    ///
+    /// Checked by the timer, about once per window and stream, comparing
+    /// the byte counter with the count at the window's start: nothing per
+    /// frame. Each window starts where the last one that met the rate
+    /// ended, so a reader is ended at most one window (and a timer tick)
+    /// after its bytes fell behind. A route can set its own
+    /// ([`RoutePolicy::min_response_rate`](crate::RoutePolicy::min_response_rate)).
+    ///
+    /// [`build`](Self::build) fails with [`ConfigError::Zero`] for zero
+    /// `bytes` or a zero `window`, and with
+    /// [`ConfigError::BelowResolution`] for a window shorter than the timer
+    /// resolution.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body::Frame;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_guard::{BoxError, EndReason, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build()?.block_on(async {
+    /// // At least 64 KiB every 10 s that the response waits on the client.
+    /// let guard = StreamGuardLayer::builder()
+    ///     .min_response_rate(64 * 1024, Duration::from_secs(10))
+    ///     .build()?;
+    /// let mut events = guard.subscribe();
+    /// let service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     // A producer that always has a 1 KiB frame ready.
+    ///     let frames = futures_util::stream::repeat_with(|| {
+    ///         Ok::<_, Infallible>(Frame::data(Bytes::from(vec![0; 1024])))
+    ///     });
+    ///     Ok::<_, Infallible>(Response::new(StreamBody::new(frames)))
+    /// }));
+    /// let response = service.oneshot(Request::new(String::new())).await?;
+    /// let mut body = response.into_body();
+    /// // A client that takes a frame a second: 10 KiB per window.
+    /// while let Some(Ok(_)) = body.frame().await {
+    ///     tokio::time::sleep(Duration::from_secs(1)).await;
+    /// }
+    /// let event = events.recv().await?;
+    /// assert_eq!(event.reason(), EndReason::SlowReader);
+    /// assert_eq!(event.limit(), Some(Duration::from_secs(10)));
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn min_response_rate(mut self, bytes: u64, window: Duration) -> Self {
+        self.policy.min_rate = Some(super::policy::MinRate { bytes, window });
+        self
+    }
+
     /// Ends a stream when the service sent no response frame for `timeout`,
     /// counted from the request's arrival: a silent producer, or a peer that
     /// stopped reading (hyper then no longer polls the body; the guard fires

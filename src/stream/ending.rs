@@ -229,10 +229,11 @@ impl Record {
     /// The sentence a guard-made end is explained with, in `grpc-message`,
     /// errors and logs.
     pub(crate) fn message(&self, ending: Ending) -> String {
-        ending.message(
-            self.limit(ending),
-            self.after.cap_limit.load(Ordering::Relaxed) as usize,
-        )
+        let count = match self.min_rate() {
+            Some(rate) if ending == Ending::SlowReader => rate.bytes,
+            _ => u64::from(self.after.cap_limit.load(Ordering::Relaxed)),
+        };
+        ending.message(self.limit(ending), count)
     }
 
     /// The error a guard-ended stream's bodies yield; `None` while the stream
@@ -323,6 +324,7 @@ impl Record {
             response: self.response_traffic(),
             grpc_status: after.grpc_status(),
             server_guard_reason: self.server_guard_reason(),
+            blocked_on_reader: self.blocked_on_reader(),
         }
     }
 }

@@ -34,6 +34,16 @@ pub struct Policy {
     pub(crate) idle_request: Option<Duration>,
     pub(crate) idle_response: Option<Duration>,
     pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) min_rate: Option<MinRate>,
+}
+
+/// A minimum response rate: at least `bytes` per `window` of time spent
+/// waiting on the reader (see
+/// [`StreamGuardBuilder::min_response_rate`](crate::StreamGuardBuilder::min_response_rate)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MinRate {
+    pub(crate) bytes: u64,
+    pub(crate) window: Duration,
 }
 
 impl Policy {
@@ -51,6 +61,13 @@ impl Policy {
         self.max_lifetime
     }
 
+    /// The minimum response rate, if one is set: the bytes the reader must
+    /// take per window (see
+    /// [`StreamGuardBuilder::min_response_rate`](crate::StreamGuardBuilder::min_response_rate)).
+    pub fn min_response_rate(&self) -> Option<(u64, Duration)> {
+        self.min_rate.map(|rate| (rate.bytes, rate.window))
+    }
+
     pub(crate) fn set_idle(&mut self, direction: IdleDirection, timeout: Duration) {
         match direction {
             IdleDirection::Request => self.idle_request = Some(timeout),
@@ -59,18 +76,25 @@ impl Policy {
         }
     }
 
-    fn settings(&self) -> [(&'static str, Option<Duration>); 4] {
+    fn settings(&self) -> [(&'static str, Option<Duration>); 5] {
         [
             ("idle_timeout", self.idle_both),
             ("request_idle_timeout", self.idle_request),
             ("response_idle_timeout", self.idle_response),
             ("max_lifetime", self.max_lifetime),
+            ("min_response_rate", self.min_rate.map(|rate| rate.window)),
         ]
     }
 
     /// Checks every setting against `resolution` and against each other.
     pub(crate) fn validate(&self, resolution: Duration) -> Result<(), ConfigError> {
         check_resolution("timer_resolution", resolution)?;
+        if self.min_rate.is_some_and(|rate| rate.bytes == 0) {
+            // Zero bytes per window: nothing could ever be too slow.
+            return Err(ConfigError::Zero {
+                setting: "min_response_rate",
+            });
+        }
         for (setting, value) in self.settings() {
             if let Some(value) = value {
                 check_duration(setting, value, Some(resolution))?;
@@ -134,6 +158,29 @@ mod tests {
             ..policy()
         };
         assert_eq!(p.validate(DEFAULT_TIMER_RESOLUTION), Ok(()));
+    }
+
+    #[test]
+    fn a_minimum_rate_needs_bytes_and_a_window_the_timer_can_see() {
+        let rate = |bytes, window| Policy {
+            min_rate: Some(MinRate { bytes, window }),
+            ..policy()
+        };
+        let zero = Err(ConfigError::Zero {
+            setting: "min_response_rate",
+        });
+        let resolution = Duration::from_millis(10);
+        assert_eq!(rate(0, Duration::from_secs(1)).validate(resolution), zero);
+        assert_eq!(rate(1, Duration::ZERO).validate(resolution), zero);
+        assert_eq!(
+            rate(1, Duration::from_millis(5)).validate(resolution),
+            Err(ConfigError::BelowResolution {
+                setting: "min_response_rate",
+                value: Duration::from_millis(5),
+                resolution,
+            })
+        );
+        assert_eq!(rate(1, resolution).validate(resolution), Ok(()));
     }
 
     #[test]

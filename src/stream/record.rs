@@ -19,7 +19,12 @@ use std::{
 use atomic_waker::AtomicWaker;
 use tokio::{sync::Notify, time::Instant};
 
-use super::{ending::After, policy::Policy, shared::Shared, timer::LateTicks};
+use super::{
+    ending::After,
+    policy::{MinRate, Policy},
+    shared::Shared,
+    timer::LateTicks,
+};
 use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
@@ -35,9 +40,16 @@ const OPEN: u8 = 0;
 /// the service serves.
 const ANSWERED: u8 = 0x80;
 
+/// The bit of the response side's `frames` set while the response body has
+/// handed a frame to hyper and waits to be polled again: the peer has it
+/// to read (see [`Record::note_response_frame`]). Set by the store that
+/// counts the frame, so it costs the data path nothing.
+const WAITING: u64 = 1 << 63;
+
 /// Counters of one direction, written only by that direction's body.
 #[derive(Default)]
 pub(crate) struct Side {
+    /// Frames counted; on the response side, [`WAITING`] too.
     frames: AtomicU64,
     bytes: AtomicU64,
     /// Coarse time of the last frame, ns since the guard's origin.
@@ -47,7 +59,7 @@ pub(crate) struct Side {
 impl Side {
     pub(crate) fn traffic(&self) -> Traffic {
         Traffic {
-            frames: self.frames.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed) & !WAITING,
             bytes: self.bytes.load(Ordering::Relaxed),
         }
     }
@@ -64,10 +76,28 @@ impl Side {
         // One writer per side: plain load and store, no locked instruction.
         let frames = self.frames.load(Ordering::Relaxed);
         self.frames.store(frames.wrapping_add(1), Ordering::Relaxed);
+        self.add_bytes(bytes);
+    }
+
+    #[inline]
+    fn add_bytes(&self, bytes: usize) {
         let total = self.bytes.load(Ordering::Relaxed);
         self.bytes
             .store(total.wrapping_add(bytes as u64), Ordering::Relaxed);
     }
+}
+
+/// A stream's minimum response rate and where its current window began.
+/// Only the timer reads and writes the marks, under its lock; boxed, so
+/// that a stream without the setting pays one word.
+struct RateWatch {
+    rate: MinRate,
+    /// When the timer checks next, ns on the guard's clock.
+    check_at: AtomicU64,
+    /// The response bytes and the time blocked on the reader (ns) when the
+    /// window began.
+    mark_bytes: AtomicU64,
+    mark_blocked: AtomicU64,
 }
 
 /// What the timer decides for a stream whose filing came due.
@@ -132,6 +162,13 @@ pub(crate) struct Record {
     pub(crate) response_waker: AtomicWaker,
     /// Written by the response body on every frame.
     response: Side,
+    /// Time the response body waited on the reader, in ns on the coarse
+    /// clock, up to the wait in progress (if `response.frames` has
+    /// [`WAITING`], since `response.last`). Written by the response body at
+    /// most about once per timer tick, never per frame.
+    response_blocked: AtomicU64,
+    /// `min_response_rate`, if set.
+    rate: Option<Box<RateWatch>>,
 }
 
 impl Record {
@@ -170,6 +207,15 @@ impl Record {
             after,
             response_waker: AtomicWaker::new(),
             response: Side::default(),
+            response_blocked: AtomicU64::new(0),
+            rate: policy.min_rate.map(|rate| {
+                Box::new(RateWatch {
+                    rate,
+                    check_at: AtomicU64::new(start_ns.saturating_add(nanos(Some(rate.window)))),
+                    mark_bytes: AtomicU64::new(0),
+                    mark_blocked: AtomicU64::new(0),
+                })
+            }),
         };
         record.limit_lifetime(policy.max_lifetime, false);
         record
@@ -197,17 +243,114 @@ impl Record {
         self.request.note(bytes, self.shared.timer.stamp());
     }
 
+    /// A response data frame the body hands to hyper: counted, the idle
+    /// clock reset, and the body waits on the reader from now until it is
+    /// polled again. The same two stores as a request frame: the stamp,
+    /// then the frame count carrying [`WAITING`] (released, so that whoever
+    /// sees the bit sees the stamp the wait started at).
     #[inline]
     pub(crate) fn note_response_frame(&self, bytes: usize) {
-        self.response.note(bytes, self.shared.timer.stamp());
+        let side = &self.response;
+        side.last
+            .store(self.shared.timer.stamp(), Ordering::Relaxed);
+        let frames = side.frames.load(Ordering::Relaxed);
+        side.frames
+            .store(frames.wrapping_add(1) | WAITING, Ordering::Release);
+        side.add_bytes(bytes);
     }
 
     /// A response data frame that is a heartbeat (see
     /// [`Heartbeat`](super::heartbeat::Heartbeat)): counted, but the idle
-    /// clock is not reset.
+    /// clock is not reset. It has no stamp to start a wait on the reader
+    /// at, so the time it waits is not counted as blocked.
     #[inline]
     pub(crate) fn note_response_heartbeat(&self, bytes: usize) {
-        self.response.count(bytes);
+        let side = &self.response;
+        let frames = side.frames.load(Ordering::Relaxed);
+        side.frames
+            .store(frames.wrapping_add(1) & !WAITING, Ordering::Relaxed);
+        side.add_bytes(bytes);
+    }
+
+    /// hyper polls the response body again after it handed over a frame
+    /// (the body's own note says it did). Per frame this is one load of the
+    /// coarse clock and one compare: the wait is only recorded when a tick
+    /// passed meanwhile, i.e. when hyper did not poll within the tick.
+    #[inline]
+    pub(crate) fn response_polled(&self) -> bool {
+        let now = self.shared.timer.stamp();
+        let since = self.response.last.load(Ordering::Relaxed);
+        if now == since {
+            return false;
+        }
+        self.response_waited(now, since);
+        true
+    }
+
+    /// Records a wait on the reader that lasted from `since` to `now`.
+    /// About once per tick at most.
+    #[cold]
+    #[inline(never)]
+    fn response_waited(&self, now: u64, since: u64) {
+        self.response_not_waiting();
+        let blocked = self.response_blocked.load(Ordering::Relaxed);
+        self.response_blocked.store(
+            blocked.saturating_add(now.saturating_sub(since)),
+            Ordering::Release,
+        );
+    }
+
+    /// The response body has nothing waiting for the reader (its inner body
+    /// is pending, or hyper polls it now): clears [`WAITING`].
+    #[inline]
+    pub(crate) fn response_not_waiting(&self) {
+        let frames = self.response.frames.load(Ordering::Relaxed);
+        self.response
+            .frames
+            .store(frames & !WAITING, Ordering::Release);
+    }
+
+    /// How long the response body has waited on the reader so far, in ns,
+    /// with `now` the current time on the guard's clock. A wait in progress
+    /// counts from its frame's stamp (`late` turns a late tick's stamp into
+    /// the latest time the frame may have moved).
+    pub(crate) fn blocked_ns(&self, now: u64, late: &LateTicks) -> u64 {
+        // The body writes `response_blocked` after clearing `WAITING`, and
+        // the stamp before setting it: a read that saw the total change
+        // under it reads again, so a wait is never counted twice.
+        loop {
+            let before = self.response_blocked.load(Ordering::Acquire);
+            let frames = self.response.frames.load(Ordering::Acquire);
+            let since = self.response.last.load(Ordering::Relaxed);
+            let after = self.response_blocked.load(Ordering::Acquire);
+            if before != after {
+                continue;
+            }
+            let waiting = if frames & WAITING != 0 {
+                now.saturating_sub(late.latest(since))
+            } else {
+                0
+            };
+            return before.saturating_add(waiting);
+        }
+    }
+
+    /// The time the response waited on the reader, for the end event:
+    /// `None` when the stream had no time limit, for then the guard's
+    /// coarse clock (which measures it) may not have run.
+    pub(crate) fn blocked_on_reader(&self) -> Option<Duration> {
+        let timed = [
+            &self.idle_both,
+            &self.idle_request,
+            &self.idle_response,
+            &self.lifetime_deadline,
+        ]
+        .iter()
+        .any(|limit| limit.load(Ordering::Relaxed) != NEVER)
+            || self.rate.is_some();
+        timed.then(|| {
+            Duration::from_nanos(self.blocked_ns(self.shared.timer.stamp(), &LateTicks::default()))
+        })
     }
 
     pub(crate) fn request_traffic(&self) -> Traffic {
@@ -313,14 +456,61 @@ impl Record {
             after(last_response, &self.idle_response),
             Ending::IdleResponse,
         );
+        if let Some(watch) = &self.rate {
+            consider(watch.check_at.load(Ordering::Relaxed), Ending::SlowReader);
+        }
         best
     }
 
     pub(crate) fn check(&self, now_ns: u64, late: &LateTicks) -> Verdict {
-        match self.next_deadline(late) {
-            (deadline, Some(ending)) if deadline <= now_ns => Verdict::Expired(ending),
-            _ => Verdict::Later,
+        loop {
+            match self.next_deadline(late) {
+                (deadline, Some(Ending::SlowReader)) if deadline <= now_ns => {
+                    if self.too_slow(now_ns, late) {
+                        return Verdict::Expired(Ending::SlowReader);
+                    }
+                    // The rate's next check is later now; another limit
+                    // may be due as well.
+                }
+                (deadline, Some(ending)) if deadline <= now_ns => {
+                    return Verdict::Expired(ending);
+                }
+                _ => return Verdict::Later,
+            }
         }
+    }
+
+    /// The minimum rate's check, by the timer: whether the reader took
+    /// fewer bytes than the rate asks for over a window's worth of time in
+    /// which the response waited on it. Otherwise moves the next check past
+    /// `now` (a new window once enough moved; else the earliest the wait
+    /// could fill the window). No work on the data path: the byte counter
+    /// and the blocked time are compared with the marks.
+    fn too_slow(&self, now: u64, late: &LateTicks) -> bool {
+        let Some(watch) = &self.rate else {
+            return false;
+        };
+        let window = nanos(Some(watch.rate.window));
+        let bytes = self.response.bytes.load(Ordering::Relaxed);
+        let blocked = self.blocked_ns(now, late);
+        let moved = bytes.wrapping_sub(watch.mark_bytes.load(Ordering::Relaxed));
+        let waited = blocked.saturating_sub(watch.mark_blocked.load(Ordering::Relaxed));
+        let next = if moved >= watch.rate.bytes {
+            watch.mark_bytes.store(bytes, Ordering::Relaxed);
+            watch.mark_blocked.store(blocked, Ordering::Relaxed);
+            now.saturating_add(window)
+        } else if waited >= window {
+            return true;
+        } else {
+            now.saturating_add(window - waited)
+        };
+        watch.check_at.store(next, Ordering::Relaxed);
+        false
+    }
+
+    /// The minimum response rate, if the stream has one.
+    pub(crate) fn min_rate(&self) -> Option<MinRate> {
+        self.rate.as_ref().map(|watch| watch.rate)
     }
 
     /// The configured limit behind `ending`, for messages and the event.
@@ -337,6 +527,7 @@ impl Record {
                 .lifetime_deadline
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.start_ns),
+            EndReason::SlowReader => return self.min_rate().map_or(Duration::ZERO, |r| r.window),
             EndReason::Drained => {
                 return self
                     .shared
@@ -378,7 +569,9 @@ mod size {
     #[test]
     fn the_record_stays_small() {
         let size = size_of::<Record>();
-        assert!(size <= 392, "Record grew to {size} bytes");
+        // 392, 8 for the time the response waited on the reader and 8 for
+        // the (boxed, usually absent) minimum response rate.
+        assert!(size <= 408, "Record grew to {size} bytes");
     }
 
     /// Bytes `[a, a + len)` and `[b, ..)` with `b` after them share no

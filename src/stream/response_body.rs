@@ -82,6 +82,9 @@ pin_project! {
         registered: Option<Waker>,
         grpc: bool,
         closed: bool,
+        // The last frame went to hyper with the record's `WAITING` bit set:
+        // until hyper polls again, the body waits on the reader.
+        waiting: bool,
         // The stream's route's or layer's heartbeat, copied at the start:
         // with none, the data path checks this `None` and nothing else.
         heartbeat: Option<Heartbeat>,
@@ -128,6 +131,7 @@ impl<B: Body> ResponseBody<B> {
             registered: None,
             grpc,
             closed,
+            waiting: false,
             heartbeat,
             finishing: false,
         }
@@ -144,6 +148,7 @@ impl<B> ResponseBody<B> {
             registered: None,
             grpc: false,
             closed: true,
+            waiting: false,
             heartbeat: None,
             finishing: false,
         }
@@ -271,11 +276,21 @@ where
         if !state.is_ended()
             && let Some(mut inner) = this.inner.as_mut().as_pin_mut()
         {
+            // hyper is back for more: the wait on the reader ended. Only
+            // recorded when a timer tick passed meanwhile.
+            if *this.waiting && state.response_polled() {
+                *this.waiting = false;
+            }
             let unwinding = EndOnUnwind::arm(state);
             let polled = inner.as_mut().poll_frame(cx);
             unwinding.disarm();
             match polled {
                 Poll::Pending => {
+                    // Nothing for the reader: the producer is slow now.
+                    if *this.waiting {
+                        *this.waiting = false;
+                        state.response_not_waiting();
+                    }
                     if !this
                         .registered
                         .as_ref()
@@ -299,8 +314,10 @@ where
                                 && heartbeat.beats(&data, len)
                             {
                                 state.note_response_heartbeat(len);
+                                *this.waiting = false;
                             } else {
                                 state.note_response_frame(len);
+                                *this.waiting = true;
                             }
                         }
                         // hyper stops polling once the body says it is at

@@ -66,6 +66,13 @@ impl RoutePolicy {
         RoutePolicy::default()
     }
 
+    /// See [`StreamGuardBuilder::min_response_rate`](crate::StreamGuardBuilder::min_response_rate):
+    /// this route's minimum rate, in place of the layer's.
+    pub fn min_response_rate(mut self, bytes: u64, window: Duration) -> Self {
+        self.durations.min_rate = Some(super::policy::MinRate { bytes, window });
+        self
+    }
+
     /// See [`StreamGuardBuilder::idle_timeout`](crate::StreamGuardBuilder::idle_timeout).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.durations.set_idle(IdleDirection::Both, timeout);
@@ -162,6 +169,7 @@ impl RoutePolicy {
             idle_request: d.idle_request.or(base.idle_request),
             idle_response: d.idle_response.or(base.idle_response),
             max_lifetime: d.max_lifetime.or(base.max_lifetime),
+            min_rate: d.min_rate.or(base.min_rate),
         }
     }
 }

@@ -129,14 +129,20 @@ impl Sweeper {
         }
     }
 
-    /// A stream of this guard has `policy`'s idle timeouts: late ticks are
-    /// remembered for the longest of them.
+    /// A stream of this guard has `policy`'s idle timeouts (and minimum
+    /// rate window): late ticks are remembered for the longest of them.
     pub(crate) fn note_idle(&self, policy: &Policy) {
-        let longest = [policy.idle_both, policy.idle_request, policy.idle_response]
-            .into_iter()
-            .flatten()
-            .max()
-            .map_or(0, |d| nanos(Some(d)));
+        let window = policy.min_rate.map(|rate| rate.window);
+        let longest = [
+            policy.idle_both,
+            policy.idle_request,
+            policy.idle_response,
+            window,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(0, |d| nanos(Some(d)));
         // A load first: nearly always the same, and a plain load keeps the
         // cache line shared between cores.
         if longest > self.max_idle.load(Ordering::Relaxed) {
