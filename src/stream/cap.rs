@@ -29,16 +29,17 @@ use std::{
     collections::HashMap,
     hash::Hash,
     net::IpAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use tokio::sync::Notify;
 
-use crate::{end::StreamCap, peer::ConnectionKey, sync::lock};
+use crate::{
+    end::StreamCap,
+    peer::ConnectionKey,
+    sync::{AtomicUsize, Mutex, MutexGuard, fence, lock},
+};
 
 /// The limits of one cap set; `None` is "no cap".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,9 +248,11 @@ impl CapSet {
     /// Takes a total slot unless the total is at its limit. Never counts
     /// past the limit, even transiently.
     fn take_total(&self) -> Result<(), StreamCap> {
-        // SeqCst, with the waiter count: a waiter that counted itself before
-        // it looked at the total, and a release that gave the total back
-        // before it looked at the waiter count, cannot both miss each other.
+        // SeqCst, with the waiter count and the fences between each side's
+        // write and read (see `Waiting::new` and `CapPermit::release`): a
+        // waiter that counted itself before it looked at the total, and a
+        // release that gave the total back before it looked at the waiter
+        // count, cannot both miss each other.
         match self.limits.total {
             None => {
                 self.total.fetch_add(1, Ordering::SeqCst);
@@ -305,7 +308,7 @@ impl CapSet {
         }
     }
 
-    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+    fn maps(&self) -> MutexGuard<'_, Maps> {
         lock(&self.maps)
     }
 
@@ -371,17 +374,37 @@ pub(crate) async fn acquire_all_within(
     origin: Origin,
     patience: Duration,
 ) -> Result<Vec<CapPermit>, Refusal> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let _waiting = Waiting::new(&sets);
+    let mut refused = None;
+    let waited = tokio::time::timeout(patience, acquire_all(&sets, &origin, &mut refused)).await;
+    match (waited, refused) {
+        (Ok(admitted), _) => admitted,
+        (Err(_), Some(refusal)) => Err(refusal),
+        // A wait begins with a refusal: only a zero patience can run out
+        // before the first try.
+        (Err(_), None) => try_acquire_all(&sets, &origin),
+    }
+}
+
+/// Waits, however long it takes, until every set has room, then takes the
+/// slots; refuses only a stream that lacks the key a cap needs. `refused`
+/// is the latest refusal, for the caller that gives up waiting. Without a
+/// timer of its own: the loom models drive it as it is.
+pub(crate) async fn acquire_all(
+    sets: &[Arc<CapSet>],
+    origin: &Origin,
+    refused: &mut Option<Refusal>,
+) -> Result<Vec<CapPermit>, Refusal> {
+    let _waiting = Waiting::new(sets);
     // The queue a wake-up came from, until it is acted on.
     let mut woken: Option<(usize, WaitKey)> = None;
     loop {
-        let refusal = match try_acquire_all(&sets, &origin) {
+        let refusal = match try_acquire_all(sets, origin) {
             Ok(permits) => return Ok(permits),
             Err(refusal) if origin.lacks_key_of(refusal.cap) => return Err(refusal),
             Err(refusal) => refusal,
         };
-        let key = WaitKey::of(refusal.cap, &origin);
+        *refused = Some(refusal);
+        let key = WaitKey::of(refusal.cap, origin);
         if let Some((set, woken_key)) = woken.take()
             && (set, woken_key) != (refusal.set, key)
             && sets[set].has_room(woken_key)
@@ -397,16 +420,14 @@ pub(crate) async fn acquire_all_within(
         // and the queueing is not missed. Dropping a `Notified` that a
         // release chose passes the wake on to the next in the queue.
         freed.as_mut().enable();
-        match try_acquire_all(&sets, &origin) {
+        match try_acquire_all(sets, origin) {
             Ok(permits) => return Ok(permits),
-            Err(again) if (again.set, WaitKey::of(again.cap, &origin)) != (refusal.set, key) => {
+            Err(again) if (again.set, WaitKey::of(again.cap, origin)) != (refusal.set, key) => {
                 continue;
             }
             Err(_) => {}
         }
-        if tokio::time::timeout_at(deadline, freed).await.is_err() {
-            return Err(refusal);
-        }
+        freed.await;
         woken = Some((refusal.set, key));
     }
 }
@@ -438,6 +459,9 @@ impl<'a> Waiting<'a> {
         for set in sets {
             set.waiters.fetch_add(1, Ordering::SeqCst);
         }
+        // Counted before the first look at the slots: pairs with the fence
+        // in `CapPermit::release` (see `CapSet::take_total`).
+        fence(Ordering::SeqCst);
         Waiting(sets)
     }
 }
@@ -457,6 +481,11 @@ impl CapPermit {
     pub(crate) fn release(self) {
         if self.connection.is_none() && self.peer.is_none() {
             self.caps.total.fetch_sub(1, Ordering::SeqCst);
+            // Given back before the look at the waiters: pairs with the
+            // fence in `Waiting::new` (found by the loom model
+            // `loom_slot_released_vs_waiter`, which treats SeqCst accesses
+            // alone as acquire-release).
+            fence(Ordering::SeqCst);
             if self.caps.waiters.load(Ordering::SeqCst) > 0 {
                 self.caps.maps().wake(None, None);
             }
@@ -472,6 +501,7 @@ impl CapPermit {
         // After the keyed slots: a stream that finds the total free finds
         // them free too.
         self.caps.total.fetch_sub(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if self.caps.waiters.load(Ordering::SeqCst) > 0 {
             maps.wake(self.connection, self.peer);
         }

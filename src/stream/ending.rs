@@ -7,14 +7,7 @@
 //! response body's last frame and a panic only decide, and leave the rest to
 //! [`Record::finish_deferred`] (see [`Record::complete_deferred`]).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
-    time::SystemTime,
-};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::SystemTime};
 
 use http::{Method, uri::PathAndQuery};
 use tokio::time::Instant;
@@ -26,7 +19,7 @@ use crate::{
     error::GuardError,
     events::EndEvent,
     peer::ConnectionKey,
-    sync::lock,
+    sync::{AtomicU32, Mutex, lock},
 };
 
 /// The response body's side of a stream, for spotting stalled readers.

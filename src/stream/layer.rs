@@ -93,6 +93,12 @@ impl StreamGuardLayer {
 }
 
 impl<W> StreamGuardLayer<W> {
+    /// The layer's shared state, for the loom models.
+    #[cfg(all(test, stream_guard_loom))]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// A receiver of this guard's end events: one per stream, never blocking
     /// a stream. A receiver that falls more than the channel's capacity
     /// ([`event_capacity`](StreamGuardBuilder::event_capacity), 1024 by

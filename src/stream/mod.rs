@@ -113,6 +113,8 @@ mod future;
 pub(crate) mod handle;
 pub(crate) mod heartbeat;
 pub(crate) mod layer;
+#[cfg(all(test, stream_guard_loom))]
+mod loom_tests;
 mod origin;
 mod policy;
 mod record;

@@ -9,14 +9,10 @@
 //! makes sure it happens.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use atomic_waker::AtomicWaker;
 use tokio::{sync::Notify, time::Instant};
 
 use super::{
@@ -29,7 +25,7 @@ use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
     events::{StreamId, Traffic},
-    sync::{NEVER, nanos, wait_until},
+    sync::{AtomicBool, AtomicU8, AtomicU64, AtomicWaker, NEVER, nanos, wait_until},
 };
 
 /// `phase` while the stream is open; afterwards the [`Ending`]'s code.
@@ -558,7 +554,7 @@ impl Record {
     }
 }
 
-#[cfg(all(test, target_pointer_width = "64"))]
+#[cfg(all(test, not(stream_guard_loom), target_pointer_width = "64"))]
 mod size {
     use std::mem::{offset_of, size_of};
 

@@ -29,7 +29,7 @@ use std::{
     collections::BTreeMap,
     panic::AssertUnwindSafe,
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -39,7 +39,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
     end::Ending,
-    sync::{NEVER, lock, nanos},
+    sync::{Mutex, MutexGuard, NEVER, lock, nanos},
     ticker::{Job, Lease, Ticker},
 };
 
