@@ -7,7 +7,7 @@
 //! No arguments, no setup: the demo starts the Echo gRPC service (from
 //! `examples/common`) on a loopback port behind a guard with short limits
 //! (`idle_timeout` 1 s, `max_lifetime` 3 s), subscribes to the guard's end
-//! events, and runs six clients at once, each on its own TCP connection:
+//! events, and runs seven clients at once, each on its own TCP connection:
 //!
 //! | client | what it does | what the guard does |
 //! |---|---|---|
@@ -16,6 +16,7 @@
 //! | `silent-upload` | client-streaming: sends one message, then nothing, never half-closes | `idle_timeout` after 1 s; the client gets `DEADLINE_EXCEEDED` |
 //! | `stalled-reader` | asks for a fast stream of 64 KiB messages and never reads it | `idle_timeout` after 1 s although hyper no longer polls the body |
 //! | `outliver` | reads a slow endless stream, keeping it busy | `lifetime_exceeded` after 3 s; the client gets `DEADLINE_EXCEEDED` |
+//! | `slow-reader` | asks for endless 64 KiB messages and reads one every 500 ms | `slow_reader` after about 1.5 s: under `min_response_rate` (512 KiB per 750 ms of data waiting for it; the first window passes on the burst that fills the flow-control window); the client gets `RESOURCE_EXHAUSTED` |
 //! | `keep-alive-only` | subscribes to an SSE route (axum, beside the gRPC service) whose producer is dead: only keep-alive comments every 250 ms | `idle_timeout` after 1 s: the route's `Heartbeat::sse_comment()` says keep-alives are not activity |
 //!
 //! Every end event is printed as it arrives, one line each: stream id, client,
@@ -64,6 +65,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// No stream lives longer than this.
 const MAX_LIFETIME: Duration = Duration::from_secs(3);
+/// A reader must take this many bytes for every [`RATE_WINDOW`] that data
+/// waited for it.
+const MIN_RATE_BYTES: u64 = 512 * 1024;
+const RATE_WINDOW: Duration = Duration::from_millis(750);
 /// How long to wait for missing end events once every client is done.
 const EVENT_GRACE: Duration = Duration::from_secs(3);
 
@@ -83,6 +88,7 @@ enum Scenario {
     StalledReader,
     Outliver,
     KeepAliveOnly,
+    SlowReader,
 }
 
 impl Scenario {
@@ -94,22 +100,24 @@ impl Scenario {
             Scenario::StalledReader => "stalled-reader",
             Scenario::Outliver => "outliver",
             Scenario::KeepAliveOnly => "keep-alive-only",
+            Scenario::SlowReader => "slow-reader",
         }
     }
 }
 
 /// Every client, in the order they are started.
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario::WellBehaved,
     Scenario::Vanishing,
     Scenario::SilentUpload,
     Scenario::StalledReader,
     Scenario::Outliver,
     Scenario::KeepAliveOnly,
+    Scenario::SlowReader,
 ];
 
 /// Every stream the demo opens, and how it should end.
-const EXPECTED: [(Scenario, &str, EndReason); 7] = [
+const EXPECTED: [(Scenario, &str, EndReason); 8] = [
     (Scenario::WellBehaved, UNARY, EndReason::Completed),
     (Scenario::WellBehaved, SERVER_STREAM, EndReason::Completed),
     (Scenario::Vanishing, SERVER_STREAM, EndReason::Cancelled),
@@ -133,6 +141,7 @@ const EXPECTED: [(Scenario, &str, EndReason); 7] = [
         EVENTS,
         EndReason::IdleTimeout(IdleDirection::Both),
     ),
+    (Scenario::SlowReader, SERVER_STREAM, EndReason::SlowReader),
 ];
 
 /// What the demo shares between the clients, the event printer and `main`.
@@ -232,6 +241,9 @@ async fn run() -> Result<ExitCode, BoxError> {
             EVENTS,
             RoutePolicy::new().heartbeat(Heartbeat::sse_comment()),
         )
+        // A reader that takes less than 512 KiB per 750 ms of data waiting
+        // for it holds the stream's memory for nothing.
+        .min_response_rate(MIN_RATE_BYTES, RATE_WINDOW)
         .build()?;
 
     // Print every end event the moment it is emitted.
@@ -350,6 +362,7 @@ async fn run() -> Result<ExitCode, BoxError> {
         "cancelled",
         "idle_timeout",
         "lifetime_exceeded",
+        "slow_reader",
         "error",
     ] {
         let count = events
@@ -426,6 +439,7 @@ async fn run_scenario(
         Scenario::SilentUpload => silent_upload(client, shared).await,
         Scenario::StalledReader => stalled_reader(client, shared).await,
         Scenario::Outliver => outliver(client, shared).await,
+        Scenario::SlowReader => slow_reader(client, shared).await,
         Scenario::KeepAliveOnly => unreachable!("served over plain HTTP/2 above"),
     }
 }
@@ -589,6 +603,63 @@ async fn outliver(mut client: EchoClient<Channel>, shared: &Shared) -> Result<()
         Err(_) => "the stream outlived its maximum lifetime: the guard did not fire".to_string(),
     };
     shared.client(Scenario::Outliver, &line);
+    Ok(())
+}
+
+/// Asks for endless 64 KiB messages and reads one every 500 ms: the stream
+/// moves (no idle timeout), but far below the minimum rate.
+async fn slow_reader(mut client: EchoClient<Channel>, shared: &Shared) -> Result<(), BoxError> {
+    let started = Instant::now();
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 0,
+            interval_ms: 0,
+            size: 64 * 1024,
+        })
+        .await?
+        .into_inner();
+    // Slowly, until the guard has ended the stream; then what was in flight
+    // (the flow-control window's worth) at once, to see how it ended.
+    let deadline = Instant::now() + MAX_LIFETIME + Duration::from_secs(2);
+    let mut read = 0_u32;
+    let ended = shared.wait_for(Scenario::SlowReader, SERVER_STREAM, deadline);
+    tokio::pin!(ended);
+    loop {
+        tokio::select! {
+            event = &mut ended => {
+                if event.is_none() {
+                    shared.client(Scenario::SlowReader, "the slow reader was never ended");
+                    return Ok(());
+                }
+                break;
+            }
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Ok(Some(_)) = stream.message().await {
+                    read += 1;
+                }
+            }
+        }
+    }
+    let slow = started.elapsed();
+    let rest = timeout(Duration::from_secs(3), async {
+        let mut buffered = 0_u32;
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => buffered += 1,
+                Ok(None) => return (buffered, "a clean end (no error)".to_string()),
+                Err(status) => return (buffered, status_text(&status)),
+            }
+        }
+    })
+    .await;
+    let line = match rest {
+        Ok((buffered, end)) => format!(
+            "read a 64 KiB message every 500ms ({read} in {}); after the guard fired, {buffered} buffered messages, then {end}",
+            duration_text(slow)
+        ),
+        Err(_) => "after the guard fired, the stream never ended".to_string(),
+    };
+    shared.client(Scenario::SlowReader, &line);
     Ok(())
 }
 
