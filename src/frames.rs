@@ -3,8 +3,8 @@
 //! A client application is not told when its server sends a GOAWAY (RFC 9113
 //! §6.8): hyper and h2 act on it inside the connection (no new streams go
 //! out on it) but show it to the application at best as the error of a later
-//! request. To learn of it, the connection's IO is wrapped *inside* TLS (on
-//! the plaintext HTTP/2 bytes) and every byte read from the server goes
+//! request. To learn of it, the connection's decrypted IO (the TLS stream,
+//! not the TCP stream under it) is wrapped and every byte read from the server goes
 //! through a [`FrameReader`], which follows the frame headers and reports
 //! each GOAWAY as a [`Goaway`].
 //!
@@ -21,7 +21,7 @@
 //! on stream 0, without ACK, its length a multiple of 6 (RFC 9113 §3.4 and
 //! §6.5); a reader of a client's bytes ([`FrameReader::server`]) first
 //! checks the 24-byte client connection preface. When a check fails (an
-//! HTTP/1.1 response, TLS records because the wrapper sits outside TLS) the
+//! HTTP/1.1 response, TLS records because the wrapper is under the TLS) the
 //! reader switches off for good ([`FrameReader::is_off`]) and feeding it
 //! costs nothing from then on. Later frames are not validated beyond their
 //! headers: a GOAWAY shorter than 8 bytes or on a stream other than 0 is a

@@ -217,3 +217,44 @@ async fn a_hyper_util_client_connection_reports_the_goaway() {
     };
     assert!(goaway.is_graceful());
 }
+
+/// A graceful drain sends two GOAWAYs (the first with the highest stream id,
+/// the real last one a round trip later). Only a connection's first tells
+/// streams: a stream started between the two (the replacement, on another
+/// connection) must not be told by the second.
+#[tokio::test]
+async fn a_connections_second_goaway_tells_no_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    fn goaway(last: u8) -> [u8; 17] {
+        [
+            0, 0, 8, 7, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, last, 0, 0, 0, 0,
+        ]
+    }
+    let notice = GoawayNotice::new();
+    let mut events = notice.subscribe();
+    let (client, mut server) = tokio::io::duplex(1024);
+    let mut old = notice.wrap(client);
+    let mut read = [0u8; 64];
+
+    server.write_all(&SETTINGS).await.unwrap();
+    server.write_all(&goaway(0xff)).await.unwrap();
+    let _ = old.read(&mut read).await.unwrap();
+    assert_eq!(notice.goaways(), 1);
+    // The replacement starts now: it has seen one connection go away.
+    let replacement_told = notice.next_goaway();
+
+    server.write_all(&goaway(3)).await.unwrap();
+    let _ = old.read(&mut read).await.unwrap();
+    assert_eq!(notice.goaways(), 1, "the same connection counts once");
+    let told = futures_util::FutureExt::now_or_never(replacement_told);
+    assert!(told.is_none(), "the second GOAWAY told a later stream");
+
+    // Both frames are events.
+    let mut frames = 0;
+    while let Ok(event) = events.try_recv() {
+        frames += usize::from(matches!(event, NoticeEvent::Goaway { .. }));
+    }
+    assert_eq!(frames, 2);
+}

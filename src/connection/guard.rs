@@ -336,7 +336,8 @@ impl ConnectionGuardBuilder {
     /// asks, so that connections opened together, e.g. a fleet's clients
     /// reconnecting after a deploy, do not all reach their age, go away and
     /// reconnect together again). `0` turns jitter off: every connection
-    /// gets exactly `max_age`. Below 100; ignored without `max_age`.
+    /// gets exactly `max_age`. Below 100 (checked even without `max_age`,
+    /// where it has no effect).
     ///
     /// The ages are spread evenly over `max_age` × (1 ± `percent`/100), and
     /// never below the [`resolution`](Self::resolution). Each connection's

@@ -245,9 +245,9 @@ mod tonic;
 pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
 pub(crate) use notice::NoticeShared;
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-pub use notice::{Connecting, NoticeConnector};
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
+#[cfg(any(feature = "tonic", feature = "hyper"))]
+pub use notice::{NoticeConnecting, NoticeConnector};
 pub use tonic::GuardedConnectInfo;
 
 pub(crate) use event::{ConnectionEnd, ConnectionEvent};

@@ -47,13 +47,17 @@ const EVENT_CAPACITY: usize = 256;
 /// decrypted). Bytes that are not HTTP/2 (the first frame a server sends is
 /// SETTINGS) switch the wrapper off for that connection.
 ///
-/// Which streams are told: a stream's `draining()` resolves when any
-/// connection of its notice receives a GOAWAY after the stream started. With
-/// one connection at a time (a tonic `Channel` to one endpoint, which opens
-/// a new connection once the old one is going away) that is exactly the
-/// streams the GOAWAY concerns; with several (a balanced channel, a pool),
-/// streams on other connections of the same notice are told too, never
-/// fewer than those concerned. Use one notice per endpoint to narrow it.
+/// Which streams are told: a stream's `draining()` resolves when a
+/// connection of its notice receives its first GOAWAY after the stream
+/// started (a graceful drain sends two GOAWAYs; the second tells no one).
+/// With one connection at a time (a tonic `Channel` to one endpoint, which
+/// opens a new connection once the old one is going away) that is the
+/// streams the GOAWAY concerns, but for one gap: the notice sees the frame
+/// as it is read, a moment before the HTTP/2 client does, so a stream
+/// started in that moment may still go to the old connection without being
+/// told. With several connections (a balanced channel, a pool), streams on
+/// other connections of the same notice are told too. Use one notice per
+/// endpoint to narrow it.
 ///
 /// ```
 /// use tokio::io::AsyncWriteExt;
@@ -87,17 +91,19 @@ pub struct GoawayNotice {
 
 pub(crate) struct NoticeShared {
     events: broadcast::Sender<NoticeEvent>,
-    /// GOAWAY frames received so far, over every connection.
+    /// Connections that received GOAWAY so far (each counted at its first:
+    /// a graceful drain sends two, and the second must not tell streams
+    /// that started, elsewhere, after the first).
     goaways: AtomicU64,
-    /// Woken at every GOAWAY.
+    /// Woken when a connection receives its first GOAWAY.
     notify: Notify,
     next_id: AtomicU64,
     open: AtomicUsize,
 }
 
 impl NoticeShared {
-    /// How many GOAWAY frames have arrived: a stream records it when it
-    /// starts, and is told once the count passes it.
+    /// How many connections have received GOAWAY: a stream records it when
+    /// it starts, and is told once the count passes it.
     pub(crate) fn goaways(&self) -> u64 {
         self.goaways.load(Ordering::Acquire)
     }
@@ -145,8 +151,11 @@ impl GoawayNotice {
         }
     }
 
-    /// Wraps a client connection's IO (under any TLS): it reports its
-    /// opening now, every GOAWAY it reads, and its closing when dropped.
+    /// Wraps a client connection's IO: what it reads must be plain HTTP/2, so
+    /// under TLS wrap the decrypted stream (the TLS stream), never the TCP
+    /// stream under it (the reader would see ciphertext and switch itself
+    /// off). It reports its opening now, every GOAWAY it reads, and its
+    /// closing when dropped.
     pub fn wrap<IO>(&self, io: IO) -> NoticedIo<IO> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.open.fetch_add(1, Ordering::Relaxed);
@@ -160,6 +169,7 @@ impl GoawayNotice {
             life: Life {
                 id,
                 shared: Arc::clone(&self.shared),
+                going_away: false,
             },
         }
     }
@@ -218,7 +228,9 @@ impl GoawayNotice {
         self.shared.events.subscribe()
     }
 
-    /// GOAWAY frames received so far, over every connection.
+    /// Connections that have received GOAWAY so far (a connection counts
+    /// once, at its first: a graceful drain sends two; every frame is a
+    /// [`NoticeEvent::Goaway`]).
     pub fn goaways(&self) -> u64 {
         self.shared.goaways()
     }
@@ -228,7 +240,8 @@ impl GoawayNotice {
         self.shared.open.load(Ordering::Relaxed)
     }
 
-    /// Resolves at the next GOAWAY on any connection of this notice.
+    /// Resolves when another connection of this notice receives its first
+    /// GOAWAY.
     pub fn next_goaway(&self) -> impl Future<Output = ()> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         let seen = shared.goaways();
@@ -280,14 +293,20 @@ impl NoticeEvent {
 struct Life {
     id: u64,
     shared: Arc<NoticeShared>,
+    /// Whether this connection has received a GOAWAY (and was counted).
+    going_away: bool,
 }
 
 impl Life {
-    /// Cold: a connection sees one or two GOAWAYs in its life.
+    /// Cold: a connection sees one or two GOAWAYs in its life. Only the
+    /// first tells streams; every one is an event.
     #[cold]
-    fn goaway(&self, goaway: Goaway) {
-        self.shared.goaways.fetch_add(1, Ordering::AcqRel);
-        self.shared.notify.notify_waiters();
+    fn goaway(&mut self, goaway: Goaway) {
+        if !self.going_away {
+            self.going_away = true;
+            self.shared.goaways.fetch_add(1, Ordering::AcqRel);
+            self.shared.notify.notify_waiters();
+        }
         let _ = self.shared.events.send(NoticeEvent::Goaway {
             connection: self.id,
             goaway,
@@ -353,7 +372,7 @@ impl<IO: AsyncRead> AsyncRead for NoticedIo<IO> {
         let before = buf.filled().len();
         ready!(this.inner.poll_read(cx, buf))?;
         if !this.reader.is_off() {
-            let life = &*this.life;
+            let life = this.life;
             this.reader
                 .feed(&buf.filled()[before..], |goaway| life.goaway(goaway));
         }
@@ -420,14 +439,14 @@ where
 {
     type Response = hyper_util::rt::TokioIo<NoticedIo<C::Response>>;
     type Error = C::Error;
-    type Future = Connecting<C::Future>;
+    type Future = NoticeConnecting<C::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Connecting {
+        NoticeConnecting {
             future: self.inner.call(uri),
             notice: self.notice.clone(),
         }
@@ -437,7 +456,7 @@ where
 #[cfg(any(feature = "tonic", feature = "hyper"))]
 pin_project! {
     /// A connection being made by a [`NoticeConnector`].
-    pub struct Connecting<F> {
+    pub struct NoticeConnecting<F> {
         #[pin]
         future: F,
         notice: GoawayNotice,
@@ -445,7 +464,7 @@ pin_project! {
 }
 
 #[cfg(any(feature = "tonic", feature = "hyper"))]
-impl<F, IO, E> Future for Connecting<F>
+impl<F, IO, E> Future for NoticeConnecting<F>
 where
     F: Future<Output = Result<IO, E>>,
 {
@@ -459,8 +478,8 @@ where
 }
 
 #[cfg(any(feature = "tonic", feature = "hyper"))]
-impl<F> fmt::Debug for Connecting<F> {
+impl<F> fmt::Debug for NoticeConnecting<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connecting").finish_non_exhaustive()
+        f.debug_struct("NoticeConnecting").finish_non_exhaustive()
     }
 }

@@ -199,7 +199,8 @@ impl StreamGuardBuilder {
     /// A refusal keeps its `Retry-After` ([`retry_after`](Self::retry_after))
     /// whatever its status, and every answer its `stream-guard-reason`. The
     /// guard never answers for the other reasons (`Completed`, `Error`,
-    /// `Panicked`), nor for gRPC streams, which get a trailers-only response
+    /// `Panicked`, and `SlowReader`, which needs a response body), so a
+    /// status set for them has no effect; nor for gRPC streams, which get a trailers-only response
     /// with the gRPC status; once the service has answered, a plain-HTTP
     /// stream the guard ends is reset instead. Costs nothing per stream: the
     /// statuses are read only when the guard answers.

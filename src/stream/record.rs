@@ -25,7 +25,7 @@ use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
     events::{StreamId, Traffic},
-    sync::{AtomicBool, AtomicU8, AtomicU64, AtomicWaker, NEVER, nanos, wait_until},
+    sync::{AtomicBool, AtomicU8, AtomicU64, AtomicWaker, NEVER, fence, nanos, wait_until},
 };
 
 /// `phase` while the stream is open; afterwards the [`Ending`]'s code.
@@ -294,6 +294,9 @@ impl Record {
             blocked.saturating_add(now.saturating_sub(since)),
             Ordering::Release,
         );
+        // Before the next frame's stamp (a relaxed store): a timer that sees
+        // that stamp sees this total too (its acquire fence in `blocked_ns`).
+        fence(Ordering::Release);
     }
 
     /// The response body has nothing waiting for the reader (its inner body
@@ -318,6 +321,9 @@ impl Record {
             let before = self.response_blocked.load(Ordering::Acquire);
             let frames = self.response.frames.load(Ordering::Acquire);
             let since = self.response.last.load(Ordering::Relaxed);
+            // Pairs with the fence in `response_waited`: a stamp seen here
+            // comes with the total written before it.
+            fence(Ordering::Acquire);
             let after = self.response_blocked.load(Ordering::Acquire);
             if before != after {
                 continue;

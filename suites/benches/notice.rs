@@ -75,16 +75,20 @@ fn reads(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(PER_ITER as u64));
     let mut buffer = vec![0u8; READ];
 
-    let mut raw = runtime.block_on(feeding_connection());
-    group.bench_function("raw", |b| {
-        b.iter(|| runtime.block_on(read_some(&mut raw, &mut buffer)));
-    });
-
+    // Both connections first, then raw, wrapped, raw again, wrapped again:
+    // what differs between two connections or with the order shows as a
+    // difference between the two runs of the same contestant.
     let notice = GoawayNotice::new();
+    let mut raw = runtime.block_on(feeding_connection());
     let mut noticed = notice.wrap(runtime.block_on(feeding_connection()));
-    group.bench_function("noticed", |b| {
-        b.iter(|| runtime.block_on(read_some(&mut noticed, &mut buffer)));
-    });
+    for round in ["", "-again"] {
+        group.bench_function(format!("raw{round}"), |b| {
+            b.iter(|| runtime.block_on(read_some(&mut raw, &mut buffer)));
+        });
+        group.bench_function(format!("noticed{round}"), |b| {
+            b.iter(|| runtime.block_on(read_some(&mut noticed, &mut buffer)));
+        });
+    }
     assert_eq!(notice.goaways(), 0);
     group.finish();
 }
