@@ -57,7 +57,9 @@ use tower_stream_guard::{
 };
 
 use common::EchoService;
-use common::echo::{EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer};
+use common::echo::{
+    EchoReply, EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -553,17 +555,7 @@ async fn stalled_reader(mut client: EchoClient<Channel>, shared: &Shared) -> Res
     }
     // The guard fired without the response body being polled. If the reader
     // comes back, it gets what was in flight, then the guard's trailers.
-    let drained = timeout(Duration::from_secs(3), async {
-        let mut read = 0_u32;
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => read += 1,
-                Ok(None) => return (read, "a clean end (no error)".to_string()),
-                Err(status) => return (read, status_text(&status)),
-            }
-        }
-    })
-    .await;
+    let drained = timeout(Duration::from_secs(3), read_to_end(&mut stream)).await;
     let line = match drained {
         Ok((read, end)) => {
             format!("after the guard fired, started reading: {read} buffered messages, then {end}")
@@ -585,16 +577,7 @@ async fn outliver(mut client: EchoClient<Channel>, shared: &Shared) -> Result<()
         })
         .await?
         .into_inner();
-    let read_all = async {
-        let mut read = 0_u32;
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => read += 1,
-                Ok(None) => return (read, "a clean end (no error)".to_string()),
-                Err(status) => return (read, status_text(&status)),
-            }
-        }
-    };
+    let read_all = read_to_end(&mut stream);
     let line = match timeout(MAX_LIFETIME + Duration::from_secs(2), read_all).await {
         Ok((read, end)) => format!(
             "read {read} messages (one every 250ms) for {}, then {end}",
@@ -641,17 +624,7 @@ async fn slow_reader(mut client: EchoClient<Channel>, shared: &Shared) -> Result
         }
     }
     let slow = started.elapsed();
-    let rest = timeout(Duration::from_secs(3), async {
-        let mut buffered = 0_u32;
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => buffered += 1,
-                Ok(None) => return (buffered, "a clean end (no error)".to_string()),
-                Err(status) => return (buffered, status_text(&status)),
-            }
-        }
-    })
-    .await;
+    let rest = timeout(Duration::from_secs(3), read_to_end(&mut stream)).await;
     let line = match rest {
         Ok((buffered, end)) => format!(
             "read a 64 KiB message every 500ms ({read} in {}); after the guard fired, {buffered} buffered messages, then {end}",
@@ -697,6 +670,18 @@ async fn keep_alive_only(addr: SocketAddr, shared: &Arc<Shared>) -> Result<(), B
     );
     shared.client(Scenario::KeepAliveOnly, &line);
     Ok(())
+}
+
+/// Reads a server stream to its end: how many messages, and how it ended.
+async fn read_to_end(stream: &mut tonic::Streaming<EchoReply>) -> (u32, String) {
+    let mut read = 0_u32;
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => read += 1,
+            Ok(None) => return (read, "a clean end (no error)".to_string()),
+            Err(status) => return (read, status_text(&status)),
+        }
+    }
 }
 
 /// One end event as one line.

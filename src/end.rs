@@ -561,10 +561,6 @@ mod tests {
             "stream too slow: the client read fewer than 4096 bytes in 10s while data waited \
              for it (min_response_rate)"
         );
-        assert_eq!(
-            Ending::RejectedTotal.message(Duration::ZERO, 8),
-            "stream refused: at most 8 concurrent streams in total (max_streams)"
-        );
         assert!(
             Ending::RejectedNoPeer
                 .message(Duration::ZERO, 1)

@@ -1,6 +1,7 @@
 //! Unit and property tests of the frame reader.
 
 use super::*;
+use crate::draw::{Draw, for_seeds};
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -347,53 +348,13 @@ fn the_reader_is_a_few_dozen_bytes() {
 
 // === property tests ===
 
-/// A small seeded generator (SplitMix64), so the properties run without a
-/// property-testing crate in the library's dev-dependencies; a failing case
-/// prints its seed.
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `low..high`.
-    fn within(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low)
-    }
-
-    /// True one time in `n`.
-    fn one_in(&mut self, n: u64) -> bool {
-        self.within(0, n) == 0
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// The size of the next read: mostly a few bytes, sometimes a page,
-    /// sometimes up to a mebibyte (at most `ZEROS`), and now and then none.
-    fn read_size(&mut self) -> usize {
-        match self.within(0, 10) {
-            0..=4 => self.within(0, 17) as usize,
-            5..=7 => self.within(17, 4097) as usize,
-            _ => self.within(4097, ZEROS as u64 + 1) as usize,
-        }
-    }
-}
-
-/// Runs `case` for seeds `0..cases`, naming the seed of a failing one.
-fn for_seeds(cases: u64, case: impl Fn(u64)) {
-    for seed in 0..cases {
-        let run = std::panic::AssertUnwindSafe(|| case(seed));
-        if let Err(panic) = std::panic::catch_unwind(run) {
-            eprintln!("failing case: seed {seed}");
-            std::panic::resume_unwind(panic);
-        }
+/// The size of the next read: mostly a few bytes, sometimes a page,
+/// sometimes up to a mebibyte (at most `ZEROS`), and now and then none.
+fn read_size(draw: &mut Draw) -> usize {
+    match draw.within(0, 10) {
+        0..=4 => draw.within(0, 17) as usize,
+        5..=7 => draw.within(17, 4097) as usize,
+        _ => draw.within(4097, ZEROS as u64 + 1) as usize,
     }
 }
 
@@ -486,7 +447,7 @@ impl Wire {
     ) -> (Vec<Goaway>, usize) {
         let (mut seen, mut reads, mut at, mut scratch) = (Vec::new(), 0, 0, Vec::new());
         while at < self.len {
-            let end = (at + draw.read_size()).min(self.len);
+            let end = (at + read_size(draw)).min(self.len);
             reader.feed(self.slice(at, end, zeros, &mut scratch), |goaway| {
                 seen.push(goaway)
             });

@@ -239,6 +239,8 @@
 
 pub mod connection;
 mod drain;
+#[cfg(test)]
+mod draw;
 mod end;
 mod error;
 mod events;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use super::*;
+use crate::draw::{Draw, for_seeds};
 
 fn origin(port: u16, ip: [u8; 4]) -> Origin {
     let remote = SocketAddr::from((ip, port));
@@ -320,35 +321,15 @@ enum Step {
     Advance(u64),
 }
 
-/// A small seeded generator (SplitMix64), so the property runs without a
-/// property-testing crate in the library's dev-dependencies; a failing case
-/// prints its seed.
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `low..high`.
-    fn within(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low)
-    }
-
-    fn step(&mut self) -> Step {
-        match self.within(0, 3) {
-            0 => Step::Arrive {
-                conn: self.within(0, 4) as u16,
-                peer: self.within(0, 3) as u8,
-                patience: self.within(1, 4),
-            },
-            1 => Step::Release(self.within(0, 8) as usize),
-            _ => Step::Advance(self.within(1, 1500)),
-        }
+fn step(draw: &mut Draw) -> Step {
+    match draw.within(0, 3) {
+        0 => Step::Arrive {
+            conn: draw.within(0, 4) as u16,
+            peer: draw.within(0, 3) as u8,
+            patience: draw.within(1, 4),
+        },
+        1 => Step::Release(draw.within(0, 8) as usize),
+        _ => Step::Advance(draw.within(1, 1500)),
     }
 }
 
@@ -362,20 +343,16 @@ fn origin_of(conn: u16, peer: u8) -> Origin {
 /// conserved: 128 random cases of limits and arrivals, releases and time.
 #[test]
 fn waiters_are_admitted_or_refused_once_and_slots_are_conserved() {
-    for seed in 0..128 {
+    for_seeds(128, |seed| {
         let mut draw = Draw(seed);
         let limits = (
             draw.within(1, 3) as usize,
             draw.within(1, 4) as usize,
             draw.within(1, 5) as usize,
         );
-        let steps: Vec<Step> = (0..draw.within(1, 60)).map(|_| draw.step()).collect();
-        let case = std::panic::AssertUnwindSafe(|| waiters_case(limits, steps));
-        if let Err(panic) = std::panic::catch_unwind(case) {
-            eprintln!("failing case: seed {seed}");
-            std::panic::resume_unwind(panic);
-        }
-    }
+        let steps: Vec<Step> = (0..draw.within(1, 60)).map(|_| step(&mut draw)).collect();
+        waiters_case(limits, steps);
+    });
 }
 
 fn waiters_case(limits: (usize, usize, usize), steps: Vec<Step>) {
