@@ -394,29 +394,21 @@ impl Target {
 }
 
 /// What ties an end event (and a connection event) to the connection its
-/// stream came on.
+/// stream came on: the connection guard's id for the connection, which the
+/// guard layer uses as its connection key. (Not the peer address the server
+/// sees, the proxy's outbound address: Linux gives one local port to two
+/// connections at once when their destinations differ, so two servers can
+/// see the same peer.)
 #[derive(Clone, Copy, Debug)]
-enum Tie {
-    /// The peer address the server sees: the proxy's outbound address.
-    Peer(SocketAddr),
-    /// No peer address (a Unix socket): the connection guard's id for the
-    /// connection, which the guard layer uses as its connection key.
-    Connection(ConnectionKey),
-}
+struct Tie(u64);
 
 impl Tie {
     fn owns(self, event: &EndEvent) -> bool {
-        match self {
-            Tie::Peer(peer) => event.peer() == Some(peer),
-            Tie::Connection(key) => event.connection() == Some(key),
-        }
+        event.connection() == Some(ConnectionKey::from_id(self.0))
     }
 
     fn owns_connection(self, event: &ConnectionEvent) -> bool {
-        match self {
-            Tie::Peer(peer) => event.peer() == Some(peer),
-            Tie::Connection(key) => ConnectionKey::from_id(event.id()) == key,
-        }
+        event.id() == self.0
     }
 }
 
@@ -1196,7 +1188,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     // Closes the connections of stalled readers soon after their streams'
     // guards fire, and what hyper would keep open past the drain: the
     // connections of frozen peers. Its events name each connection's id
-    // (the Unix sockets' tie) and count its streams.
+    // (the tie of every stream to its connection) and count its streams.
     let connection_guard = ConnectionGuard::builder()
         .stalled_grace(STALLED_GRACE)
         .event_capacity(1 << 14)
@@ -1294,7 +1286,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
         .await;
         let client = Client::connect(&addr, transport, &fates, &mut proxies).await;
         // Waits for the connection guard to wrap the connection: that
-        // names the Unix sockets' connections, and makes the doomed
+        // names the connection (its id), and makes the doomed
         // runtime's connection the first wrapped.
         let peer = peer.await.expect("the proxy connected");
         let opened = timeout(PATIENCE, async {
@@ -1311,10 +1303,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
         })
         .await
         .unwrap_or_else(|_| panic!("{}", fail("a connection was not wrapped")));
-        let tie = match peer {
-            Some(peer) => Tie::Peer(peer),
-            None => Tie::Connection(ConnectionKey::from_id(opened)),
-        };
+        let tie = Tie(opened);
         connections.push(Connection {
             client,
             mode,
