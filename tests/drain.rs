@@ -49,6 +49,23 @@ async fn new_streams_are_refused_once_the_drain_begins() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_guard_built_after_the_drain_began_refuses_its_streams() {
+    let drain = Drain::new();
+    let report = drain.start(5 * SECOND);
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+
+    let grpc = call(&mut svc, request("/echo.Echo/Bidi", 1, true)).await;
+    assert_eq!(grpc.headers()["grpc-status"], "14");
+    assert_eq!(grpc.headers()["stream-guard-reason"], "drained");
+    assert_eq!(app.handled.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let report = report.await;
+    assert_eq!(report.open_at_start(), 0);
+    assert_eq!(report.refused(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn streams_open_when_the_grace_ends_are_cut_with_unavailable() {
     let drain = Drain::new();
     // No limit at all: the drain must reach streams the timer never filed.

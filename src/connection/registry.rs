@@ -254,9 +254,11 @@ impl Connections {
 }
 
 impl Drained for Connections {
-    fn begin(&self, _deadline: Instant) {
+    fn begin(&self, _deadline: Instant) -> u64 {
         // Connections are told through `Drain::started` (GOAWAY) and new
-        // ones are closed as they are wrapped; nothing to do at the start.
+        // ones are closed as they are wrapped; nothing to do at the start,
+        // and no stream to count.
+        0
     }
 
     fn open(&self) -> usize {

@@ -12,7 +12,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -24,15 +24,17 @@ use tokio::{
 
 use crate::{
     error::MAX_DURATION,
-    sync::{lock, nanos, wait_until},
+    sync::{AtomicBool, lock, nanos, wait_until},
 };
 
 /// What a drain reaches: a stream guard layer's streams, or a connection
 /// guard's connections. The drain sees them through this trait only, so that
 /// neither family's registry is known here.
 pub(crate) trait Drained: Send + Sync {
-    /// The drain began: what is still open must be over by `deadline`.
-    fn begin(&self, deadline: Instant);
+    /// The drain began: what is still open must be over by `deadline`, and
+    /// streams that start from now on are refused. Says how many streams
+    /// are open (each admitted before the drain began).
+    fn begin(&self, deadline: Instant) -> u64;
 
     /// How many streams or connections are still open.
     fn open(&self) -> usize;
@@ -297,17 +299,7 @@ impl Drain {
     pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = &self.shared;
         let mut report = shared.report.subscribe();
-        if !shared.draining.swap(true, Ordering::AcqRel) {
-            let grace = grace.min(MAX_DURATION);
-            let deadline = Instant::now() + grace;
-            shared.grace_ns.store(ns(grace), Ordering::Relaxed);
-            shared
-                .open_at_start
-                .store(shared.active() as u64, Ordering::Relaxed);
-            shared.began.notify_waiters();
-            for streams in shared.streams() {
-                streams.begin(deadline);
-            }
+        if let Some(deadline) = shared.begin(grace) {
             tokio::spawn(run(Arc::clone(shared), deadline));
         }
         async move {
@@ -336,6 +328,36 @@ impl Drain {
 }
 
 impl DrainShared {
+    /// The part of [`Drain::start`] that runs in its caller: begins the
+    /// drain, unless it had begun, and says by when the streams must be
+    /// over (`None` if it had begun).
+    pub(crate) fn begin(&self, grace: Duration) -> Option<Instant> {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let grace = grace.min(MAX_DURATION);
+        let deadline = Instant::now() + grace;
+        self.grace_ns.store(ns(grace), Ordering::Relaxed);
+        self.began.notify_waiters();
+        let open: u64 = self
+            .streams()
+            .iter()
+            .map(|streams| streams.begin(deadline))
+            .sum();
+        self.open_at_start.store(open, Ordering::Relaxed);
+        Some(deadline)
+    }
+
+    /// What the drain has counted so far: streams open at its start, and
+    /// refused since.
+    #[cfg(stream_guard_loom)]
+    pub(crate) fn counted(&self) -> (u64, u64) {
+        (
+            self.open_at_start.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

@@ -34,7 +34,6 @@ use super::{
     ending::After,
     handle::StreamHandle,
     layer::StreamGuardLayer,
-    record::Record,
     request_body::RequestBody,
     response_body::ResponseBody,
     ticket::Ticket,
@@ -98,7 +97,10 @@ fn ok_trailers() -> HeaderMap {
 fn start(layer: &StreamGuardLayer, grpc: bool) -> Ticket {
     let request = http::Request::new(());
     let after = After::new(&request, None, None, None);
-    Ticket::new(Record::new(layer.shared(), layer.policy(), grpc, after, 0))
+    match Ticket::start(layer.shared(), layer.policy(), grpc, after, 0) {
+        Ok(ticket) => ticket,
+        Err(_) => panic!("no drain began"),
+    }
 }
 
 /// The reasons of the end events emitted so far.
@@ -355,5 +357,44 @@ fn loom_slot_released_vs_waiter() {
             "two streams in one slot"
         );
         permits.into_iter().for_each(CapPermit::release);
+    });
+}
+
+/// (e) A drain beginning against a stream starting: the stream is refused
+/// (and counted as refused) or admitted and counted among the streams open
+/// at the drain's start; never both, never neither.
+#[test]
+fn loom_drain_begins_vs_stream_starts() {
+    loom::model(|| {
+        let drain = crate::Drain::new();
+        let layer = StreamGuardLayer::builder().drain(&drain).build().unwrap();
+        let mut events = layer.subscribe();
+        let draining = Arc::clone(drain.shared());
+
+        let drainer =
+            thread::spawn(move || draining.begin(std::time::Duration::from_secs(1)).is_some());
+        let request = http::Request::new(());
+        let after = After::new(&request, None, None, None);
+        let started = Ticket::start(layer.shared(), layer.policy(), false, after, 0);
+        let refused = started.is_err();
+        let ticket = started.unwrap_or_else(|refused| refused);
+        assert!(drainer.join().unwrap(), "the drain began once");
+
+        let (open_at_start, refused_count) = drain.shared().counted();
+        assert_eq!(refused_count, u64::from(refused), "refusals counted");
+        assert_eq!(
+            open_at_start,
+            u64::from(!refused),
+            "the stream was {} and the drain counted {open_at_start} open",
+            if refused { "refused" } else { "admitted" }
+        );
+        drop(ticket);
+        let ends = ended(&mut events);
+        let expected = if refused {
+            EndReason::Drained
+        } else {
+            EndReason::Cancelled
+        };
+        assert_eq!(ends, [expected]);
     });
 }

@@ -168,18 +168,19 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// A stream's record; `route` is the tag of the named route it matched
-    /// (`route::Route::tag`, 0 for none).
+    /// A stream's record, and whether the layer's drain had begun when it
+    /// started (the stream is then to be refused); `route` is the tag of the
+    /// named route it matched (`route::Route::tag`, 0 for none).
     pub(crate) fn new(
         shared: &Arc<Shared>,
         policy: &Policy,
         grpc: bool,
         after: After,
         route: u8,
-    ) -> Self {
+    ) -> (Self, bool) {
         let start_ns = shared.timer.ns_of(Instant::now());
         shared.timer.note_idle(policy);
-        shared.report.started();
+        let draining = shared.report.started();
         let record = Record {
             request: Side::default(),
             request_waker: AtomicWaker::new(),
@@ -214,7 +215,7 @@ impl Record {
             }),
         };
         record.limit_lifetime(policy.max_lifetime, false);
-        record
+        (record, draining)
     }
 
     /// Brings the lifetime deadline forward to `lifetime` after the start, if

@@ -2,7 +2,7 @@
 //! behind [`GuardStats`], and the `tracing` lines (refusals summed up).
 
 use std::{
-    sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    sync::atomic::{AtomicU8, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -13,14 +13,24 @@ use crate::{
     events::{EndCallback, EndEvent, EventHub},
     meter::RouteOf,
     stats::{Counters, GuardStats},
+    sync::AtomicUsize,
 };
 
 /// How often, at most, a guard logs a summary of the streams its caps refused.
 const SUMMARY_EVERY_NS: u64 = 1_000_000_000;
 
+/// The bit of [`Report`]'s `active` word that the layer's drain sets as it
+/// begins; the rest of the word counts the open streams.
+const DRAINING: usize = 1 << (usize::BITS - 1);
+
 /// One guard layer's reporting: events, counters, logs.
 pub(crate) struct Report {
     events: EventHub,
+    /// The streams started and not yet ended, and (the top bit) whether the
+    /// layer's drain has begun. One word, so that a stream starting and a
+    /// drain beginning are ordered by a single read-modify-write each: the
+    /// stream either saw the bit (and is refused) or was counted by the
+    /// drain (and is admitted); never both, never neither.
     active: AtomicUsize,
     counters: Counters,
     refusals: RefusalLog,
@@ -49,18 +59,27 @@ impl Report {
 
     /// Streams started and not yet ended.
     pub(crate) fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.active.load(Ordering::Acquire) & !DRAINING
     }
 
     pub(crate) fn stats(&self) -> GuardStats {
         self.counters.snapshot(self.active())
     }
 
-    pub(crate) fn started(&self) {
-        self.active.fetch_add(1, Ordering::Relaxed);
+    /// A stream started: counts it, and says whether the layer's drain had
+    /// begun (the stream is then refused; the drain did not count it open).
+    pub(crate) fn started(&self) -> bool {
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
         if self.metrics {
             crate::meter::stream_started();
         }
+        before & DRAINING != 0
+    }
+
+    /// The layer's drain begins: every stream that starts from now on is
+    /// refused. Says how many are open (each of them was admitted).
+    pub(crate) fn begin_drain(&self) -> usize {
+        self.active.fetch_or(DRAINING, Ordering::AcqRel) & !DRAINING
     }
 
     /// A stream ended as `ending`, `now_ns` on the guard's clock: logs it,

@@ -21,7 +21,6 @@ use super::{
     handle::StreamHandle,
     origin,
     policy::Policy,
-    record::Record,
     request_body::RequestBody,
     response_body::ResponseBody,
     route::{self, RouteRequest},
@@ -330,17 +329,16 @@ where
 
         let after = After::new(&request, origin.connection, peer, connection);
         let grpc = grpc::is_grpc(request.headers());
-        let ticket = Ticket::new(Record::new(
+        let ticket = match Ticket::start(
             shared,
             &policy,
             grpc,
             after,
             route.map_or(0, |route| route.tag),
-        ));
-        if shared.is_draining() {
-            ticket.refuse_draining();
-            return ResponseFuture::answered(ticket);
-        }
+        ) {
+            Ok(ticket) => ticket,
+            Err(refused) => return ResponseFuture::answered(refused),
+        };
         ticket.limit_lifetime(client_deadline, true);
         let gate = match cap::try_acquire_all(&caps, &origin) {
             Ok(permits) => {

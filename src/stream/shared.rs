@@ -97,6 +97,12 @@ impl Shared {
         if let Some(link) = &shared.drain {
             let streams: std::sync::Weak<dyn Drained> = Arc::downgrade(&shared) as _;
             link.drain.register_streams(streams);
+            // Built after the drain began (the drain did not see the layer,
+            // or this sees that it began: registering takes the lock the
+            // drain's start takes after it begins): every stream is refused.
+            if link.drain.is_draining() {
+                shared.report.begin_drain();
+            }
         }
         shared
     }
@@ -131,11 +137,14 @@ impl Shared {
 }
 
 impl Drained for Shared {
-    fn begin(&self, deadline: Instant) {
-        let Some(link) = &self.drain else { return };
-        let deadline = self.timer.ns_of(deadline);
-        link.deadline.store(deadline, Ordering::Release);
-        self.timer.refile_after(deadline);
+    fn begin(&self, deadline: Instant) -> u64 {
+        let open = self.report.begin_drain() as u64;
+        if let Some(link) = &self.drain {
+            let deadline = self.timer.ns_of(deadline);
+            link.deadline.store(deadline, Ordering::Release);
+            self.timer.refile_after(deadline);
+        }
+        open
     }
 
     fn open(&self) -> usize {

@@ -9,7 +9,7 @@
 
 use std::{ops::Deref, sync::Arc};
 
-use super::record::Record;
+use super::{ending::After, policy::Policy, record::Record, shared::Shared};
 use crate::end::Ending;
 
 /// Owns one stream: its `Drop` ends it as [`Ending::Cancelled`] unless it
@@ -17,8 +17,23 @@ use crate::end::Ending;
 pub(crate) struct Ticket(Arc<Record>);
 
 impl Ticket {
-    pub(crate) fn new(record: Record) -> Self {
-        Ticket(Arc::new(record))
+    /// Starts a stream of the layer `shared` (see [`Record::new`]): its
+    /// ticket, or `Err` with the ticket of a stream already ended as refused
+    /// because the layer's drain had begun.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        policy: &Policy,
+        grpc: bool,
+        after: After,
+        route: u8,
+    ) -> Result<Self, Self> {
+        let (record, draining) = Record::new(shared, policy, grpc, after, route);
+        let ticket = Ticket(Arc::new(record));
+        if draining {
+            ticket.refuse_draining();
+            return Err(ticket);
+        }
+        Ok(ticket)
     }
 
     /// The shared record, for the parts that only watch the stream (the
