@@ -5,6 +5,7 @@
 //! cargo bench -p stream-guard-suites --bench overhead                       # full run, about two minutes
 //! cargo bench -p stream-guard-suites --bench overhead -- --quick            # smoke run
 //! cargo bench -p stream-guard-suites --bench overhead -- per-frame/always   # one family of groups
+//! cargo bench -p stream-guard-suites --bench overhead -- per-stream-threads # per stream from N threads, ~20 s
 //! ```
 //!
 //! # Groups
@@ -27,6 +28,21 @@
 //!   started) and `guard+metrics` (metrics on, recorded by
 //!   metrics-exporter-prometheus's recorder, the one the `prometheus`
 //!   example serves).
+//! - `per-stream-threads`: the same whole streams from N threads at once,
+//!   N = 1, 2 and the machine's `available_parallelism` (each once). One
+//!   layer per contestant, shared by every thread as a server's is; each
+//!   thread has its own current-thread runtime (settled, see [`settle`]) and
+//!   its own service made from that layer, and runs its share of the
+//!   iteration's streams. Threads are started once per benchmark and wait on
+//!   a barrier, so their start-up is not measured; the time is from the
+//!   first thread's start to the last one's finish. Throughput in streams:
+//!   compare each contestant's streams/s at N with its own at 1 (the guard
+//!   shares its timer map and counters between threads; tower-http shares
+//!   nothing, each thread's `Sleep`s go to its own runtime's timer wheel).
+//!   The guard's sweeper task lands on the runtime of the first stream and,
+//!   as in `per-stream`, never runs during a measurement. Contestants
+//!   `guard` and `tower-http-timeout`, named
+//!   `per-stream-threads/CONTESTANT/N`.
 //!
 //! The per-frame benchmarks poll [`FRAMES_PER_ITER`] frames per iteration and
 //! report throughput in frames: with 1000 frames per iteration, the time per
@@ -52,7 +68,8 @@
 //!
 //! # Setting
 //!
-//! Every body is polled with a no-op waker on the bench thread, inside a
+//! Every body is polled with a no-op waker on the bench thread (on worker
+//! threads in `per-stream-threads`), inside a
 //! current-thread tokio runtime's context (`Runtime::enter`) so that timers
 //! can be created. The runtime is driven only briefly before measuring (see
 //! [`settle`]): no timer fires and the guard's sweeper task does not run
@@ -64,12 +81,16 @@ use std::{
     future::Future,
     hint::black_box,
     pin::{Pin, pin},
+    sync::{Barrier, mpsc},
     task::{Context, Poll, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+    measurement::WallTime,
+};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, combinators::UnsyncBoxBody};
@@ -496,12 +517,118 @@ fn per_stream(c: &mut Criterion) {
     group.finish();
 }
 
+/// Per stream from several threads at once: see the module docs.
+fn per_stream_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("per-stream-threads");
+    group
+        .throughput(Throughput::Elements(1))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut counts = vec![1, 2, cores];
+    counts.sort_unstable();
+    counts.dedup();
+
+    let guard = guard_layer();
+    let timeout = ResponseBodyTimeoutLayer::new(IDLE);
+    for &threads in &counts {
+        on_threads(&mut group, "guard", threads, &|| {
+            guard.layer(service_fn(respond))
+        });
+        assert_eq!(guard.active_streams(), 0, "every stream has ended");
+        on_threads(&mut group, "tower-http-timeout", threads, &|| {
+            timeout.layer(service_fn(respond))
+        });
+    }
+    group.finish();
+}
+
+/// Benchmarks `name` at `threads` threads, each running streams through a
+/// service `make` builds on that thread. The threads live as long as the
+/// benchmark; per batch of criterion's, each gets its share of the streams,
+/// all start together at a barrier, and the batch takes from the first
+/// thread's start to the last one's finish.
+fn on_threads<S, B>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    threads: usize,
+    make: &(impl Fn() -> S + Sync),
+) where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let start = Barrier::new(threads);
+    let (finished, spans) = mpsc::channel::<(Instant, Instant)>();
+    std::thread::scope(|scope| {
+        let jobs: Vec<mpsc::Sender<u64>> = (0..threads)
+            .map(|_| {
+                let (job, streams) = mpsc::channel::<u64>();
+                let finished = finished.clone();
+                let start = &start;
+                scope.spawn(move || stream_worker(make, start, &streams, &finished));
+                job
+            })
+            .collect();
+        group.bench_function(BenchmarkId::new(name, threads), |b| {
+            b.iter_custom(|iters| {
+                let workers = threads as u64;
+                for (i, job) in (0_u64..).zip(&jobs) {
+                    let share = iters / workers + u64::from(i < iters % workers);
+                    job.send(share).expect("the worker waits for work");
+                }
+                let (first, last) = (0..threads)
+                    .map(|_| spans.recv().expect("every worker reports its batch"))
+                    .fold(None, |span: Option<(Instant, Instant)>, (begun, ended)| {
+                        Some(match span {
+                            None => (begun, ended),
+                            Some((first, last)) => (first.min(begun), last.max(ended)),
+                        })
+                    })
+                    .expect("at least one worker");
+                last.duration_since(first)
+            });
+        });
+        // Closing the job channels lets the workers return.
+        drop(jobs);
+    });
+}
+
+/// One thread of [`on_threads`]: its own runtime and service; per batch, its
+/// share of the streams, started at the common barrier.
+fn stream_worker<S, B>(
+    make: &impl Fn() -> S,
+    start: &Barrier,
+    batches: &mpsc::Receiver<u64>,
+    finished: &mpsc::Sender<(Instant, Instant)>,
+) where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let _context = rt.enter();
+    let anchor = pin!(tokio::time::sleep(ANCHOR));
+    settle(&rt, anchor);
+    let mut service = make();
+    while let Ok(streams) = batches.recv() {
+        start.wait();
+        let begun = Instant::now();
+        for _ in 0..streams {
+            black_box(one_stream(&mut service));
+        }
+        finished
+            .send((begun, Instant::now()))
+            .expect("the bench waits for every worker");
+    }
+}
+
 criterion_group! {
     name = overhead;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(50);
-    targets = always_ready, pending_then_ready, per_stream
+    targets = always_ready, pending_then_ready, per_stream, per_stream_threads
 }
 criterion_main!(overhead);
