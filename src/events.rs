@@ -24,7 +24,7 @@ use std::{
     panic::{AssertUnwindSafe, catch_unwind},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -380,6 +380,9 @@ pub(crate) type EndCallback = Arc<dyn Fn(&EndEvent) + Send + Sync>;
 pub(crate) struct EventHub {
     sender: broadcast::Sender<EndEvent>,
     callbacks: Vec<EndCallback>,
+    /// Someone subscribed once: until then, an end does not take the
+    /// channel's lock to count receivers (most servers never subscribe).
+    subscribed: AtomicBool,
 }
 
 impl EventHub {
@@ -387,10 +390,15 @@ impl EventHub {
         EventHub {
             sender: broadcast::channel(capacity).0,
             callbacks,
+            subscribed: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<EndEvent> {
+        // Set before the receiver exists: an end that starts after
+        // `subscribe` returns sees it (the receiver is handed over through
+        // whatever orders the subscriber's later actions).
+        self.subscribed.store(true, Ordering::Release);
         self.sender.subscribe()
     }
 
@@ -407,7 +415,7 @@ impl EventHub {
                 );
             }
         }
-        if self.sender.receiver_count() > 0 {
+        if self.subscribed.load(Ordering::Acquire) && self.sender.receiver_count() > 0 {
             // Fails only when every receiver went away meanwhile.
             let _ = self.sender.send(event.clone());
         }

@@ -263,6 +263,7 @@ async fn silent_streaming_response_is_reset_by_response_idle_timeout() {
     let (mut sender, _) = connect(addr).await;
 
     let started = Instant::now();
+    let wall_before = std::time::SystemTime::now();
     let response = send(&mut sender, request(addr, "GET", "/stream", "")).await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
@@ -301,6 +302,16 @@ async fn silent_streaming_response_is_reset_by_response_idle_timeout() {
     assert_eq!(event.response().frames, 3, "{event:?}");
     assert_eq!(event.response().bytes, 18, "{event:?}");
     assert!(event.duration() >= idle, "{event:?}");
+    // The start time comes from the guard's clock pair, not a clock read
+    // per stream: still the wall-clock time the stream started (within a
+    // millisecond of rounding).
+    let slack = Duration::from_millis(1);
+    assert!(
+        event.started_at() + slack >= wall_before
+            && event.started_at() <= wall_before + SLACK,
+        "started at {:?}, request sent at {wall_before:?}",
+        event.started_at()
+    );
     wait_until("the producer has stopped", || {
         app.producers.load(Ordering::SeqCst) == 0
     })

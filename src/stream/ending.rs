@@ -7,10 +7,9 @@
 //! response body's last frame and a panic only decide, and leave the rest to
 //! [`Record::finish_deferred`] (see [`Record::complete_deferred`]).
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::SystemTime};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
 use http::{Method, uri::PathAndQuery};
-use tokio::time::Instant;
 
 use super::{cap::CapPermit, record::Record};
 use crate::{
@@ -281,22 +280,23 @@ impl Record {
         {
             drain.count_cut();
         }
-        let event = self.event(ending);
-        self.shared.report.ended(
-            ending,
-            &event,
-            || self.route_of(),
-            self.shared.timer.now_ns(),
-        );
+        // The one clock read of an end.
+        let now_ns = self.shared.timer.now_ns();
+        let event = self.event(ending, now_ns);
+        self.shared
+            .report
+            .ended(ending, &event, || self.route_of(), now_ns);
         // Last: the drain task counts the streams still active.
         if let Some(drain) = self.shared.drain() {
             drain.ended_one();
         }
     }
 
-    fn event(&self, ending: Ending) -> EndEvent {
+    /// The end event of a stream that ended as `ending` at `now_ns` on the
+    /// guard's clock.
+    fn event(&self, ending: Ending, now_ns: u64) -> EndEvent {
         let reason = ending.reason();
-        let duration = Instant::now().saturating_duration_since(self.started());
+        let duration = Duration::from_nanos(now_ns.saturating_sub(self.start_ns()));
         let after = &self.after;
         EndEvent {
             id: self.id,
@@ -304,9 +304,7 @@ impl Record {
             path: after.path.clone(),
             peer: after.peer,
             connection: after.connection,
-            started_at: SystemTime::now()
-                .checked_sub(duration)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
+            started_at: self.shared.timer.wall_of(self.start_ns()),
             duration,
             reason,
             limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(ending)),

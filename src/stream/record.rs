@@ -416,9 +416,9 @@ impl Record {
             .is_ok()
     }
 
-    /// When the stream started, on the guard's clock.
-    pub(crate) fn started(&self) -> Instant {
-        self.shared.timer.instant_of(self.start_ns)
+    /// Start, ns on the guard's clock.
+    pub(crate) fn start_ns(&self) -> u64 {
+        self.start_ns
     }
 
     /// The earliest instant at which a limit could fire, and which one.

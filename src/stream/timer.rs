@@ -32,7 +32,7 @@ use std::{
         Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -92,6 +92,11 @@ impl LateTicks {
 pub(crate) struct Sweeper {
     /// Origin of every nanosecond timestamp of this guard.
     base: Instant,
+    /// The wall clock at `base`, ns since the Unix epoch, so that an end
+    /// event's start time costs no clock read. Taken when the guard is built
+    /// and again on every tick: a step of the wall clock shows in the events
+    /// within a tick while the timer runs.
+    wall_at_base: AtomicU64,
     resolution: Duration,
     /// An upper bound on "now" in nanoseconds since `base`: the time of the
     /// next tick. Bodies copy it on every frame.
@@ -120,6 +125,7 @@ impl Sweeper {
     pub(crate) fn new(resolution: Duration, file_all: bool) -> Self {
         Sweeper {
             base: Instant::now(),
+            wall_at_base: AtomicU64::new(wall_ns()),
             resolution,
             coarse: AtomicU64::new(0),
             wheel: Mutex::new(Wheel::default()),
@@ -203,6 +209,18 @@ impl Sweeper {
 
     pub(crate) fn instant_of(&self, ns: u64) -> Instant {
         self.base + Duration::from_nanos(ns)
+    }
+
+    /// The wall-clock time of `ns` on this guard's clock.
+    pub(crate) fn wall_of(&self, ns: u64) -> SystemTime {
+        let wall = self.wall_at_base.load(Ordering::Relaxed).saturating_add(ns);
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(wall)
+    }
+
+    /// Takes the wall clock again: it is `now` (ns) on this guard's clock.
+    fn sync_wall(&self, now: u64) {
+        self.wall_at_base
+            .store(wall_ns().saturating_sub(now), Ordering::Relaxed);
     }
 
     /// The coarse clock frames are stamped with: never behind real time while
@@ -320,6 +338,7 @@ async fn run(mut lease: Lease<Sweeper>) {
     loop {
         ticks.tick().await;
         let now = sweeper.now_ns();
+        sweeper.sync_wall(now);
         let published = sweeper
             .coarse
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
@@ -395,6 +414,13 @@ async fn run(mut lease: Lease<Sweeper>) {
             return;
         }
     }
+}
+
+/// The wall clock, ns since the Unix epoch (0 before it).
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(NEVER))
 }
 
 #[cfg(test)]
