@@ -307,8 +307,7 @@ async fn silent_streaming_response_is_reset_by_response_idle_timeout() {
     // millisecond of rounding).
     let slack = Duration::from_millis(1);
     assert!(
-        event.started_at() + slack >= wall_before
-            && event.started_at() <= wall_before + SLACK,
+        event.started_at() + slack >= wall_before && event.started_at() <= wall_before + SLACK,
         "started at {:?}, request sent at {wall_before:?}",
         event.started_at()
     );

@@ -32,6 +32,7 @@ use tokio::sync::broadcast;
 use super::{
     cap::{self, CapPermit, CapSet, Origin},
     ending::After,
+    future::{ForResponse, Gate, ResponseFuture},
     handle::StreamHandle,
     layer::StreamGuardLayer,
     request_body::RequestBody,
@@ -396,5 +397,45 @@ fn loom_drain_begins_vs_stream_starts() {
             EndReason::Cancelled
         };
         assert_eq!(ends, [expected]);
+    });
+}
+
+/// A service future that never answers.
+struct NeverAnswers;
+
+impl Future for NeverAnswers {
+    type Output = Result<http::Response<Script>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Pending
+    }
+}
+
+/// (c'') The response future waiting on a service that has not answered,
+/// registering its waker, against the sweeper's end and wake-up: the future
+/// is woken or sees the end when it re-checks, and resolves with the
+/// guard's own answer (`grpc-status: 4`) and an empty body.
+#[test]
+fn loom_pending_response_future_vs_limit() {
+    loom::model(|| {
+        let layer = StreamGuardLayer::builder().build().unwrap();
+        let mut events = layer.subscribe();
+        let ticket = start(&layer, true);
+        let sweeper = Arc::clone(ticket.record());
+        let mut future = pin!(ResponseFuture::calling(
+            NeverAnswers,
+            Gate::Open,
+            ticket,
+            ForResponse::default(),
+        ));
+
+        let sweeper = thread::spawn(move || assert!(sweeper.end(Ending::Lifetime)));
+        let response = loom::future::block_on(poll_fn(|cx| future.as_mut().poll(cx)))
+            .unwrap_or_else(|never| match never {});
+        assert_eq!(grpc::status_of(response.headers()), Some(4));
+        assert!(response.into_body().is_end_stream());
+        sweeper.join().unwrap();
+
+        assert_eq!(ended(&mut events), [EndReason::LifetimeExceeded]);
     });
 }
