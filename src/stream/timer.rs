@@ -8,8 +8,10 @@
 //! When an entry comes due, the sweeper asks the stream for its real deadline
 //! (the stream may have moved meanwhile) and either ends it or files it again.
 //!
-//! Costs: one map insertion and one removal per stream (under the sweeper's
-//! lock), one more per idle period of an active stream, and one wake-up per
+//! Costs: one map insertion and one removal per stream, under the lock of
+//! one of the timer's shards (picked by stream id, several per core, so
+//! that streams starting and ending on different cores seldom wait for each
+//! other), one more per idle period of an active stream, and one wake-up per
 //! resolution per guard, however many streams there are. Precision: a deadline
 //! fires on the first tick at or after it, so at most one resolution late;
 //! because frames are stamped with the next tick's time, an idle timeout
@@ -39,7 +41,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
     end::Ending,
-    sync::{Mutex, MutexGuard, NEVER, lock, nanos},
+    sync::{AtomicBool, Mutex, MutexGuard, NEVER, lock, nanos},
     ticker::{Job, Lease, Ticker},
 };
 
@@ -63,6 +65,9 @@ const SWEEP_BATCH: usize = 256;
 pub(crate) struct LateTicks(BTreeMap<u64, u64>);
 
 impl LateTicks {
+    /// No late tick.
+    pub(crate) const NONE: LateTicks = LateTicks(BTreeMap::new());
+
     /// The latest time a frame stamped `stamp` may have moved.
     #[inline]
     pub(crate) fn latest(&self, stamp: u64) -> u64 {
@@ -101,7 +106,15 @@ pub(crate) struct Sweeper {
     /// An upper bound on "now" in nanoseconds since `base`: the time of the
     /// next tick. Bodies copy it on every frame.
     coarse: AtomicU64,
-    wheel: Mutex<Wheel>,
+    /// Whether the task runs, and the late ticks. Lock order: `control`
+    /// before a shard, never the other way.
+    control: Mutex<Control>,
+    /// The filed streams, spread over shards by stream id: a stream's start
+    /// and end lock only its shard, so that streams starting and ending on
+    /// different cores seldom meet on one lock (see [`shard_count`]).
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    /// `Control::running`, readable without the lock (written under it).
+    running: AtomicBool,
     /// The runtimes the task may run on: it moves when its runtime shuts
     /// down while streams of other runtimes are filed.
     ticker: Ticker,
@@ -114,11 +127,24 @@ pub(crate) struct Sweeper {
 }
 
 #[derive(Default)]
-struct Wheel {
-    /// (deadline ns, stream id) -> stream.
-    entries: BTreeMap<(u64, u64), Weak<Record>>,
+struct Control {
     running: bool,
     late: LateTicks,
+}
+
+/// (deadline ns, stream id) -> stream.
+type Shard = BTreeMap<(u64, u64), Weak<Record>>;
+
+/// A shard on a cache line of its own: two cores locking neighbouring
+/// shards do not take the line from each other.
+#[repr(align(64))]
+struct Padded<T>(T);
+
+/// How many shards a guard's timer has: four per core the process may use,
+/// a power of two, at most 256.
+fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (4 * cores).next_power_of_two().min(256)
 }
 
 impl Sweeper {
@@ -128,7 +154,11 @@ impl Sweeper {
             wall_at_base: AtomicU64::new(wall_ns()),
             resolution,
             coarse: AtomicU64::new(0),
-            wheel: Mutex::new(Wheel::default()),
+            control: Mutex::new(Control::default()),
+            shards: (0..shard_count())
+                .map(|_| Padded(Mutex::new(Shard::new())))
+                .collect(),
+            running: AtomicBool::new(false),
             ticker: Ticker::default(),
             file_all,
             max_idle: AtomicU64::new(0),
@@ -165,36 +195,47 @@ impl Sweeper {
     /// stream once and ends. In batches in key order, the lock released in
     /// between (see `SWEEP_BATCH`).
     pub(crate) fn refile_after(self: &Arc<Self>, deadline: u64) {
-        let mut after = (deadline, u64::MAX);
         let mut batch: Vec<Arc<Record>> = Vec::new();
-        loop {
-            let mut last = None;
-            {
-                let wheel = self.lock();
-                let rest = wheel
-                    .entries
-                    .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
-                for (key, weak) in rest.take(SWEEP_BATCH) {
-                    last = Some(*key);
-                    if let Some(state) = weak.upgrade() {
-                        batch.push(state);
+        for shard in 0..self.shards.len() {
+            let mut after = (deadline, u64::MAX);
+            loop {
+                let mut last = None;
+                {
+                    let entries = self.shard_at(shard);
+                    let rest = entries
+                        .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+                    for (key, weak) in rest.take(SWEEP_BATCH) {
+                        last = Some(*key);
+                        if let Some(state) = weak.upgrade() {
+                            batch.push(state);
+                        }
                     }
                 }
-            }
-            for state in batch.drain(..) {
-                self.arm(&state);
-            }
-            match last {
-                // The key only grows: an entry that stayed past the deadline
-                // (none should) is passed, not met again.
-                Some(key) => after = key,
-                None => return,
+                for state in batch.drain(..) {
+                    self.arm(&state);
+                }
+                match last {
+                    // The key only grows: an entry that stayed past the
+                    // deadline (none should) is passed, not met again.
+                    Some(key) => after = key,
+                    None => break,
+                }
             }
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Wheel> {
-        lock(&self.wheel)
+    fn control(&self) -> MutexGuard<'_, Control> {
+        lock(&self.control)
+    }
+
+    fn shard_at(&self, index: usize) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[index].0)
+    }
+
+    /// The shard of the stream `id`.
+    fn shard(&self, id: u64) -> MutexGuard<'_, Shard> {
+        // The count is a power of two: the low bits pick the shard.
+        self.shard_at(id as usize & (self.shards.len() - 1))
     }
 
     /// The exact time in nanoseconds since this guard's origin.
@@ -239,54 +280,111 @@ impl Sweeper {
         nanos(Some(self.resolution))
     }
 
-    /// Files a stream that just started (see [`arm`](Self::arm)), and
-    /// remembers the runtime it started on as one the sweeper may run on.
+    /// Files a stream that just started, and remembers the runtime it
+    /// started on as one the sweeper may run on. Locks the stream's shard
+    /// only (and, if the sweeper is not running, the control to start it).
     pub(crate) fn arm_new(self: &Arc<Self>, state: &Arc<Record>) {
         self.ticker.note_current();
-        self.arm(state);
+        if self.file_new(state) {
+            self.start();
+        }
+    }
+
+    /// [`arm_new`](Self::arm_new) but for the spawn: files a new stream, and
+    /// says whether the caller must start the task (marked running here).
+    fn file_new(&self, state: &Arc<Record>) -> bool {
+        // Without the late ticks: a new stream's frames, if any, carry the
+        // current stamp, and were one a late tick's, the stream would only be
+        // filed earlier than it could expire (and filed again then).
+        let filed = self.file(&mut self.shard(state.id.get()), state, &LateTicks::NONE);
+        // Streams filed under `NEVER` need no timer.
+        if filed.is_none_or(|deadline| deadline == NEVER) {
+            return false;
+        }
+        // Read after the shard's lock is released: a sweeper about to stop
+        // marks itself stopped before it looks at the shards (under their
+        // locks), so it sees this filing or this sees the mark.
+        if self.running.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut control = self.control();
+        if control.running {
+            return false;
+        }
+        self.start_locked(&mut control);
+        true
     }
 
     /// Files `state` under its current earliest deadline, replacing any earlier
     /// filing. Starts the sweeper task when it is not running.
     pub(crate) fn arm(self: &Arc<Self>, state: &Arc<Record>) {
-        let mut wheel = self.lock();
-        // Read under the lock: a drain stores its deadline before it takes
-        // this lock to file every stream again, so either this filing sees
-        // the drain's deadline or the drain's refiling sees this filing.
-        let deadline = state.next_deadline(&wheel.late).0;
+        let mut control = self.control();
+        let filed = self.file(&mut self.shard(state.id.get()), state, &control.late);
+        if filed.is_none_or(|deadline| deadline == NEVER) || control.running {
+            return;
+        }
+        self.start_locked(&mut control);
+        // Spawned without the lock: a runtime that is shutting down drops the
+        // task on the spot, and its `Lease` takes the lock.
+        drop(control);
+        self.start();
+    }
+
+    /// Files `state` in its `shard` under its current earliest deadline
+    /// (`late` as in [`Record::next_deadline`]), replacing any earlier
+    /// filing; the deadline it is filed under, `None` if it is not filed.
+    fn file(&self, shard: &mut Shard, state: &Arc<Record>, late: &LateTicks) -> Option<u64> {
+        // Read under the shard's lock: a drain stores its deadline before it
+        // takes the shards' locks to file every stream again, so either this
+        // filing sees the drain's deadline or the drain's refiling sees this
+        // filing.
+        let deadline = state.next_deadline(late).0;
         let old = state.timer_key.swap(deadline, Ordering::Relaxed);
         // With `file_all`, `NEVER` is a filing too, not only "not filed".
         if old != NEVER || self.file_all {
-            wheel.entries.remove(&(old, state.id.get()));
+            shard.remove(&(old, state.id.get()));
         }
+        // An end takes this lock to remove the filing after it decided: if
+        // it came first, it is seen here.
         if (deadline == NEVER && !self.file_all) || state.is_ended() {
             state.timer_key.store(NEVER, Ordering::Relaxed);
-            return;
+            return None;
         }
-        wheel
-            .entries
-            .insert((deadline, state.id.get()), Arc::downgrade(state));
-        // Streams filed under `NEVER` need no timer.
-        if wheel.running || deadline == NEVER {
-            return;
-        }
-        wheel.running = true;
+        shard.insert((deadline, state.id.get()), Arc::downgrade(state));
+        Some(deadline)
+    }
+
+    /// Marks the task running (the caller starts it once the lock is
+    /// released).
+    fn start_locked(&self, control: &mut Control) {
+        control.running = true;
+        self.running.store(true, Ordering::Relaxed);
         self.coarse
             .store(self.now_ns() + self.resolution_ns(), Ordering::Relaxed);
-        // Spawned without the lock: a runtime that is shutting down drops the
-        // task on the spot, and its `Lease` takes the lock.
-        drop(wheel);
-        self.start();
+    }
+
+    /// Marks the task stopped if nothing filed needs it; whether it did.
+    /// Marked first, then the shards are looked at: a stream filed after
+    /// its shard was looked at sees the mark (see `arm_new`).
+    fn stop_if_idle(&self, control: &mut Control) -> bool {
+        control.running = false;
+        self.running.store(false, Ordering::Relaxed);
+        if self.idle() {
+            return true;
+        }
+        control.running = true;
+        self.running.store(true, Ordering::Relaxed);
+        false
     }
 
     /// Removes `state`'s filing, if any.
     pub(crate) fn disarm(&self, state: &Record) {
         // Always under the lock: a lock-free "not filed" check could miss a
         // concurrent re-filing by the sweeper on weakly ordered CPUs.
-        let mut wheel = self.lock();
+        let mut shard = self.shard(state.id.get());
         let old = state.timer_key.swap(NEVER, Ordering::Relaxed);
         if old != NEVER || self.file_all {
-            wheel.entries.remove(&(old, state.id.get()));
+            shard.remove(&(old, state.id.get()));
         }
     }
 
@@ -296,11 +394,12 @@ impl Sweeper {
     }
 
     /// Nothing filed, or only streams without a deadline: no task needed.
-    fn idle(wheel: &Wheel) -> bool {
-        wheel
-            .entries
-            .first_key_value()
-            .is_none_or(|(key, _)| key.0 == NEVER)
+    fn idle(&self) -> bool {
+        (0..self.shards.len()).all(|shard| {
+            self.shard_at(shard)
+                .first_key_value()
+                .is_none_or(|(key, _)| key.0 == NEVER)
+        })
     }
 }
 
@@ -317,14 +416,12 @@ impl Job for Sweeper {
     }
 
     fn still_needed(&self) -> bool {
-        let mut wheel = self.lock();
-        let needed = !Self::idle(&wheel);
-        wheel.running = needed;
-        needed
+        !self.stop_if_idle(&mut self.control())
     }
 
     fn stopped(&self) {
-        self.lock().running = false;
+        self.control().running = false;
+        self.running.store(false, Ordering::Relaxed);
     }
 }
 
@@ -342,74 +439,78 @@ async fn run(mut lease: Lease<Sweeper>) {
         let published = sweeper
             .coarse
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
-        // Due entries are taken in batches, the lock released in between:
-        // at a deadline shared by many streams, stream starts and ends on
-        // other threads wait for one batch at most, not for all of them.
-        // Streams to file again wait until every batch is taken, and the
-        // batches stop at the entry count seen first: however entries come
-        // and go meanwhile, a tick ends.
-        let mut budget = usize::MAX;
-        loop {
-            let mut wheel = sweeper.lock();
-            if budget == usize::MAX {
-                budget = wheel.entries.len();
-                // Late by more than a quarter tick plus tokio's timer
-                // granularity (1 ms), which every tick may be.
-                if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
-                    let keep_for = sweeper
-                        .max_idle
-                        .load(Ordering::Relaxed)
-                        .saturating_add(resolution);
-                    wheel.late.record(published, now, keep_for);
+        // Late by more than a quarter tick plus tokio's timer granularity
+        // (1 ms), which every tick may be.
+        if now.saturating_sub(published) > resolution / 4 + 1_000_000 {
+            let keep_for = sweeper
+                .max_idle
+                .load(Ordering::Relaxed)
+                .saturating_add(resolution);
+            sweeper.control().late.record(published, now, keep_for);
+        }
+        // Shard by shard, due entries are taken in batches, the locks
+        // released in between: at a deadline shared by many streams, stream
+        // starts and ends on other threads wait for one batch at most, not
+        // for all of them. Streams to file again wait until every batch is
+        // taken, and the batches of a shard stop at the entry count seen
+        // first: however entries come and go meanwhile, a tick ends.
+        for shard in 0..sweeper.shards.len() {
+            let mut budget = usize::MAX;
+            loop {
+                let control = sweeper.control();
+                let mut entries = sweeper.shard_at(shard);
+                if budget == usize::MAX {
+                    budget = entries.len();
                 }
-            }
-            let mut taken = 0;
-            while taken < SWEEP_BATCH.min(budget) {
-                let Some(entry) = wheel.entries.first_entry() else {
-                    break;
-                };
-                if entry.key().0 > now {
-                    break;
-                }
-                taken += 1;
-                let weak = entry.remove();
-                if let Some(state) = weak.upgrade() {
-                    state.timer_key.store(NEVER, Ordering::Relaxed);
-                    match state.check(now, &wheel.late) {
-                        Verdict::Expired(ending) => expired.push((state, ending)),
-                        Verdict::Later => later.push(state),
+                let mut taken = 0;
+                while taken < SWEEP_BATCH.min(budget) {
+                    let Some(entry) = entries.first_entry() else {
+                        break;
+                    };
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    taken += 1;
+                    let weak = entry.remove();
+                    if let Some(state) = weak.upgrade() {
+                        state.timer_key.store(NEVER, Ordering::Relaxed);
+                        match state.check(now, &control.late) {
+                            Verdict::Expired(ending) => expired.push((state, ending)),
+                            Verdict::Later => later.push(state),
+                        }
                     }
                 }
-            }
-            drop(wheel);
-            budget -= taken;
-            // Ending a stream wakes tasks and emits its event: never under
-            // the lock. Subscribers' panics are caught where they are
-            // called; this catches what else runs there (a tracing layer),
-            // so that one panic cannot drop every stream this task holds
-            // unfiled in `expired` and `later`, never to be checked again.
-            for (state, ending) in expired.drain(..) {
-                let ended = std::panic::catch_unwind(AssertUnwindSafe(|| state.end(ending)));
-                if ended.is_err() {
-                    tracing::error!(
-                        target: "tower_stream_guard",
-                        stream_id = state.id.get(),
-                        "ending a stream panicked; the timer goes on"
-                    );
+                drop(entries);
+                drop(control);
+                budget -= taken;
+                // Ending a stream wakes tasks and emits its event: never
+                // under a lock. Subscribers' panics are caught where they
+                // are called; this catches what else runs there (a tracing
+                // layer), so that one panic cannot drop every stream this
+                // task holds unfiled in `expired` and `later`, never to be
+                // checked again.
+                for (state, ending) in expired.drain(..) {
+                    let ended = std::panic::catch_unwind(AssertUnwindSafe(|| state.end(ending)));
+                    if ended.is_err() {
+                        tracing::error!(
+                            target: "tower_stream_guard",
+                            stream_id = state.id.get(),
+                            "ending a stream panicked; the timer goes on"
+                        );
+                    }
                 }
-            }
-            if taken < SWEEP_BATCH || budget == 0 {
-                break;
+                if taken < SWEEP_BATCH || budget == 0 {
+                    break;
+                }
             }
         }
         for state in later.drain(..) {
             sweeper.arm(&state);
         }
-        let mut wheel = sweeper.lock();
-        if Sweeper::idle(&wheel) {
-            // Stopped under the lock, so a stream filed after this starts a
-            // new task rather than relying on this one.
-            wheel.running = false;
+        // Stopped under the lock, so a stream filed after this starts a new
+        // task rather than relying on this one.
+        let mut control = sweeper.control();
+        if sweeper.stop_if_idle(&mut control) {
             lease.finish();
             return;
         }

@@ -41,7 +41,9 @@
 //!   nothing, each thread's `Sleep`s go to its own runtime's timer wheel).
 //!   The guard's sweeper task lands on the runtime of the first stream and,
 //!   as in `per-stream`, never runs during a measurement. Contestants
-//!   `guard` and `tower-http-timeout`, named
+//!   `guard`, `guard-per-thread` (a layer of its own per thread: the
+//!   control, what the guard would cost were nothing shared between
+//!   threads) and `tower-http-timeout`, named
 //!   `per-stream-threads/CONTESTANT/N`.
 //!
 //! The per-frame benchmarks poll [`FRAMES_PER_ITER`] frames per iteration and
@@ -536,6 +538,9 @@ fn per_stream_threads(c: &mut Criterion) {
             guard.layer(service_fn(respond))
         });
         assert_eq!(guard.active_streams(), 0, "every stream has ended");
+        on_threads(&mut group, "guard-per-thread", threads, &|| {
+            guard_layer().layer(service_fn(respond))
+        });
         on_threads(&mut group, "tower-http-timeout", threads, &|| {
             timeout.layer(service_fn(respond))
         });
