@@ -439,3 +439,35 @@ fn loom_pending_response_future_vs_limit() {
         assert_eq!(ended(&mut events), [EndReason::LifetimeExceeded]);
     });
 }
+
+/// (g) A stream starting (filed in its shard of the timer, without the
+/// timer's control lock while the task runs) against the timer task
+/// stopping because it found nothing filed: the task saw the stream and
+/// goes on, or the stream saw the task stopped and starts one; never
+/// neither (a filed stream no task sweeps), never both.
+#[test]
+fn loom_stream_filed_vs_timer_stops() {
+    loom::model(|| {
+        let layer = StreamGuardLayer::builder()
+            .idle_timeout(std::time::Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let ticket = start(&layer, false);
+        let record = Arc::clone(ticket.record());
+        let shared = Arc::clone(layer.shared());
+        shared.timer.mark_running();
+
+        let starter = {
+            let (shared, record) = (Arc::clone(&shared), Arc::clone(&record));
+            thread::spawn(move || shared.timer.file_new(&record))
+        };
+        let stopped = shared.timer.try_stop();
+        let starts_a_task = starter.join().unwrap();
+
+        assert_eq!(
+            stopped, starts_a_task,
+            "the task stopped: {stopped}, the stream starts one: {starts_a_task}"
+        );
+        drop(ticket);
+    });
+}

@@ -143,6 +143,12 @@ struct Padded<T>(T);
 /// How many shards a guard's timer has: four per core the process may use,
 /// a power of two, at most 256.
 fn shard_count() -> usize {
+    // Under loom, one: stream ids come from a process-wide counter, so a
+    // stream's shard would change from one explored interleaving to the
+    // next, which loom takes for a model that is not deterministic.
+    if cfg!(stream_guard_loom) {
+        return 1;
+    }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     (4 * cores).next_power_of_two().min(256)
 }
@@ -292,7 +298,7 @@ impl Sweeper {
 
     /// [`arm_new`](Self::arm_new) but for the spawn: files a new stream, and
     /// says whether the caller must start the task (marked running here).
-    fn file_new(&self, state: &Arc<Record>) -> bool {
+    pub(crate) fn file_new(&self, state: &Arc<Record>) -> bool {
         // Without the late ticks: a new stream's frames, if any, carry the
         // current stamp, and were one a late tick's, the stream would only be
         // filed earlier than it could expire (and filed again then).
@@ -313,6 +319,20 @@ impl Sweeper {
         }
         self.start_locked(&mut control);
         true
+    }
+
+    /// For the loom models: marks the task running, as a started one is.
+    #[cfg(stream_guard_loom)]
+    pub(crate) fn mark_running(&self) {
+        let mut control = self.control();
+        self.start_locked(&mut control);
+    }
+
+    /// For the loom models: what a tick does last; whether the task stopped.
+    #[cfg(stream_guard_loom)]
+    pub(crate) fn try_stop(&self) -> bool {
+        let mut control = self.control();
+        self.stop_if_idle(&mut control)
     }
 
     /// Files `state` under its current earliest deadline, replacing any earlier
