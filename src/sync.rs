@@ -8,7 +8,7 @@
 //! loom's versions, which explore every interleaving of the threads that
 //! touch them. The normal build re-exports `std`'s (and `atomic-waker`'s)
 //! types unchanged. Only what the models reach is swapped: a stream's record
-//! and its ending, the timer's lock (held while it touches the record), the
+//! and its ending, the timer's locks (held while it touches the record), the
 //! cap slots and the counts a drain reads; `Arc` stays `std`'s (the timer
 //! holds `Weak`s, which loom does not have).
 

@@ -303,8 +303,8 @@ async fn silent_streaming_response_is_reset_by_response_idle_timeout() {
     assert_eq!(event.response().bytes, 18, "{event:?}");
     assert!(event.duration() >= idle, "{event:?}");
     // The start time comes from the guard's clock pair, not a clock read
-    // per stream: still the wall-clock time the stream started (within a
-    // millisecond of rounding).
+    // per stream: still the wall-clock time the stream started (the slack:
+    // the pair's two readings are not taken at the same instant).
     let slack = Duration::from_millis(1);
     assert!(
         event.started_at() + slack >= wall_before && event.started_at() <= wall_before + SLACK,

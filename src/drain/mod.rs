@@ -139,7 +139,9 @@ pub(crate) const DEFAULT_CLOSE_CONNECTIONS_AFTER: Duration = Duration::from_mill
 ///
 /// # Costs
 ///
-/// Until the drain starts: one atomic load per new stream. At the start,
+/// Until the drain starts: nothing per new stream (a stream guard's open
+/// count carries the drain's mark, read by the addition that counts the
+/// stream). At the start,
 /// in the caller of `start`: the open streams whose next deadline lies
 /// after the drain's are filed again, once each, in batches. While
 /// draining: each stream or guarded connection that ends wakes the drain

@@ -304,7 +304,7 @@ impl Record {
             path: after.path.clone(),
             peer: after.peer,
             connection: after.connection,
-            started_at: self.shared.timer.wall_of(self.start_ns()),
+            started_at: self.shared.timer.wall_of(self.start_ns(), now_ns),
             duration,
             reason,
             limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(ending)),

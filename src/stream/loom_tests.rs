@@ -3,7 +3,7 @@
 //! interleaving (within `LOOM_MAX_PREEMPTIONS`) of the threads that race.
 //!
 //! Built only with `RUSTFLAGS="--cfg stream_guard_loom"` (see `.ci/run`):
-//! `crate::sync` then hands the record, its ending, the timer's lock and the
+//! `crate::sync` then hands the record, its ending, the timer's locks and the
 //! cap slots loom's atomics, locks and waker slot. The models drive the real
 //! record, ticket, bodies, handle and caps; what cannot run under loom is cut
 //! off at the record: the sweeper is its `Record::end(limit)` (what its tick

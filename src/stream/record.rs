@@ -84,8 +84,9 @@ impl Side {
 }
 
 /// A stream's minimum response rate and where its current window began.
-/// Only the timer reads and writes the marks, under its lock; boxed, so
-/// that a stream without the setting pays one word.
+/// Only the timer reads and writes the marks, under the lock of the
+/// stream's shard; boxed, so that a stream without the setting pays one
+/// word.
 struct RateWatch {
     rate: MinRate,
     /// When the timer checks next, ns on the guard's clock.
@@ -125,7 +126,8 @@ pub(crate) struct Record {
     /// Read by both bodies on every frame (the timer's coarse clock).
     pub(crate) shared: Arc<Shared>,
     pub(crate) id: StreamId,
-    /// Where the timer filed this stream; written under the timer's lock.
+    /// Where the timer filed this stream; written under the lock of the
+    /// stream's timer shard.
     pub(crate) timer_key: AtomicU64,
     /// [`OPEN`] or the code of the [`Ending`]. Read by both bodies on every
     /// frame.

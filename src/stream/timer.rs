@@ -2,8 +2,8 @@
 //!
 //! Each guard layer owns one [`Sweeper`]: a single tokio task that wakes every
 //! *resolution* (10 ms by default) while the guard has streams, and otherwise
-//! does not exist. Streams sit in an ordered map keyed by their earliest
-//! possible expiry. Per frame a body does no timer work at all: it copies the
+//! does not exist. Streams sit in ordered maps (shards, picked by stream
+//! id) keyed by their earliest possible expiry. Per frame a body does no timer work at all: it copies the
 //! sweeper's coarse clock into the stream state (two relaxed atomic operations).
 //! When an entry comes due, the sweeper asks the stream for its real deadline
 //! (the stream may have moved meanwhile) and either ends it or files it again.
@@ -12,7 +12,9 @@
 //! one of the timer's shards (picked by stream id, several per core, so
 //! that streams starting and ending on different cores seldom wait for each
 //! other), one more per idle period of an active stream, and one wake-up per
-//! resolution per guard, however many streams there are. Precision: a deadline
+//! resolution per guard, however many streams there are (each locks every
+//! shard once, at most 64). Streams due in one tick end shard by shard, in
+//! deadline order within a shard. Precision: a deadline
 //! fires on the first tick at or after it, so at most one resolution late;
 //! because frames are stamped with the next tick's time, an idle timeout
 //! fires at most two resolutions late, and never early while ticks run on
@@ -56,7 +58,11 @@ use super::{
 /// which may end a stream up to that tick's delay early.
 pub(crate) const LATE_TICKS_KEPT: usize = 4096;
 
-/// How many due entries the sweeper takes per hold of its lock (about
+/// How often, at most, a guard reads the wall clock for its end events'
+/// start times (see `Sweeper::wall_of`): 1 s.
+const WALL_EVERY_NS: u64 = 1_000_000_000;
+
+/// How many due entries the sweeper takes per hold of a shard's lock (about
 /// 0.1 ms of work): the longest a stream start or end waits for a sweep.
 const SWEEP_BATCH: usize = 256;
 
@@ -98,10 +104,12 @@ pub(crate) struct Sweeper {
     /// Origin of every nanosecond timestamp of this guard.
     base: Instant,
     /// The wall clock at `base`, ns since the Unix epoch, so that an end
-    /// event's start time costs no clock read. Taken when the guard is built
-    /// and again on every tick: a step of the wall clock shows in the events
-    /// within a tick while the timer runs.
+    /// event's start time costs no clock read of its own. Taken when the
+    /// guard is built and again by the first end a second or more after the
+    /// last taking (see [`wall_of`](Self::wall_of)).
     wall_at_base: AtomicU64,
+    /// When `wall_at_base` was last taken, ns on this guard's clock.
+    wall_taken: AtomicU64,
     resolution: Duration,
     /// An upper bound on "now" in nanoseconds since `base`: the time of the
     /// next tick. Bodies copy it on every frame.
@@ -140,8 +148,8 @@ type Shard = BTreeMap<(u64, u64), Weak<Record>>;
 #[repr(align(64))]
 struct Padded<T>(T);
 
-/// How many shards a guard's timer has: four per core the process may use,
-/// a power of two, at most 256.
+/// How many shards a guard's timer has: two per core the process may use,
+/// a power of two, at most 64 (each tick locks every shard once).
 fn shard_count() -> usize {
     // Under loom, one: stream ids come from a process-wide counter, so a
     // stream's shard would change from one explored interleaving to the
@@ -150,7 +158,7 @@ fn shard_count() -> usize {
         return 1;
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (4 * cores).next_power_of_two().min(256)
+    (2 * cores).next_power_of_two().min(64)
 }
 
 impl Sweeper {
@@ -158,6 +166,7 @@ impl Sweeper {
         Sweeper {
             base: Instant::now(),
             wall_at_base: AtomicU64::new(wall_ns()),
+            wall_taken: AtomicU64::new(0),
             resolution,
             coarse: AtomicU64::new(0),
             control: Mutex::new(Control::default()),
@@ -258,16 +267,20 @@ impl Sweeper {
         self.base + Duration::from_nanos(ns)
     }
 
-    /// The wall-clock time of `ns` on this guard's clock.
-    pub(crate) fn wall_of(&self, ns: u64) -> SystemTime {
+    /// The wall-clock time of `ns` on this guard's clock, `now` being the
+    /// current time on it. The wall clock is read again when the last
+    /// reading is a second old or more (at most about once a second per
+    /// guard, by whichever stream ends then): a step of the wall clock, or
+    /// time the machine spent suspended (which the monotonic clock does not
+    /// count), shows in the events within a second.
+    pub(crate) fn wall_of(&self, ns: u64, now: u64) -> SystemTime {
+        if now.saturating_sub(self.wall_taken.load(Ordering::Relaxed)) >= WALL_EVERY_NS {
+            self.wall_taken.store(now, Ordering::Relaxed);
+            self.wall_at_base
+                .store(wall_ns().saturating_sub(now), Ordering::Relaxed);
+        }
         let wall = self.wall_at_base.load(Ordering::Relaxed).saturating_add(ns);
         SystemTime::UNIX_EPOCH + Duration::from_nanos(wall)
-    }
-
-    /// Takes the wall clock again: it is `now` (ns) on this guard's clock.
-    fn sync_wall(&self, now: u64) {
-        self.wall_at_base
-            .store(wall_ns().saturating_sub(now), Ordering::Relaxed);
     }
 
     /// The coarse clock frames are stamped with: never behind real time while
@@ -296,7 +309,7 @@ impl Sweeper {
         }
     }
 
-    /// [`arm_new`](Self::arm_new) but for the spawn: files a new stream, and
+    /// [`arm_new`](Self::arm_new) without the spawn: files a new stream, and
     /// says whether the caller must start the task (marked running here).
     pub(crate) fn file_new(&self, state: &Arc<Record>) -> bool {
         // Without the late ticks: a new stream's frames, if any, carry the
@@ -440,8 +453,13 @@ impl Job for Sweeper {
     }
 
     fn stopped(&self) {
-        self.control().running = false;
+        let mut control = self.control();
+        control.running = false;
         self.running.store(false, Ordering::Relaxed);
+        // As in `stop_if_idle`: the shards' locks taken after the mark, so
+        // that a stream filed in a shard after this sees it (and starts the
+        // task again) rather than an old `running`.
+        self.idle();
     }
 }
 
@@ -455,7 +473,6 @@ async fn run(mut lease: Lease<Sweeper>) {
     loop {
         ticks.tick().await;
         let now = sweeper.now_ns();
-        sweeper.sync_wall(now);
         let published = sweeper
             .coarse
             .swap(now.saturating_add(resolution), Ordering::Relaxed);
@@ -527,8 +544,9 @@ async fn run(mut lease: Lease<Sweeper>) {
         for state in later.drain(..) {
             sweeper.arm(&state);
         }
-        // Stopped under the lock, so a stream filed after this starts a new
-        // task rather than relying on this one.
+        // Marked stopped before the shards are looked at (under their
+        // locks): a stream filed after its shard's look sees the mark and
+        // starts a new task rather than relying on this one.
         let mut control = sweeper.control();
         if sweeper.stop_if_idle(&mut control) {
             lease.finish();

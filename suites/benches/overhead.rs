@@ -5,7 +5,7 @@
 //! cargo bench -p stream-guard-suites --bench overhead                       # full run, about two minutes
 //! cargo bench -p stream-guard-suites --bench overhead -- --quick            # smoke run
 //! cargo bench -p stream-guard-suites --bench overhead -- per-frame/always   # one family of groups
-//! cargo bench -p stream-guard-suites --bench overhead -- per-stream-threads # per stream from N threads, ~20 s
+//! cargo bench -p stream-guard-suites --bench overhead -- per-stream-threads # per stream from N threads, ~40 s
 //! ```
 //!
 //! # Groups
@@ -37,7 +37,7 @@
 //!   a barrier, so their start-up is not measured; the time is from the
 //!   first thread's start to the last one's finish. Throughput in streams:
 //!   compare each contestant's streams/s at N with its own at 1 (the guard
-//!   shares its timer map and counters between threads; tower-http shares
+//!   shares its timer shards and counters between threads; tower-http shares
 //!   nothing, each thread's `Sleep`s go to its own runtime's timer wheel).
 //!   The guard's sweeper task lands on the runtime of the first stream and,
 //!   as in `per-stream`, never runs during a measurement. Contestants
@@ -496,7 +496,7 @@ fn per_stream(c: &mut Criterion) {
     assert_eq!(layer.active_streams(), 0, "every stream has ended");
     assert!(layer.connection_streams().is_empty(), "every slot is back");
 
-    // A drain files streams in the timer map even without a deadline.
+    // A drain files streams in the timer even without a deadline.
     let drain = Drain::new();
     let layer = StreamGuardLayer::builder()
         .idle_timeout(IDLE)
