@@ -7,18 +7,24 @@
 //! response body's last frame and a panic only decide, and leave the rest to
 //! [`Record::finish_deferred`] (see [`Record::complete_deferred`]).
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::{Method, uri::PathAndQuery};
+use tokio::sync::Notify;
 
 use super::{cap::CapPermit, record::Record};
 use crate::{
     connection::ConnectionHandle,
+    end::EndReason,
     end::{Ending, StreamCap},
     error::GuardError,
     events::EndEvent,
     peer::ConnectionKey,
-    sync::{AtomicU32, Mutex, lock},
+    sync::{AtomicU32, Mutex, lock, wait_until},
 };
 
 /// The response body's side of a stream, for spotting stalled readers.
@@ -30,22 +36,70 @@ const BODY_STALLED: u8 = 2;
 
 /// The part of a stream's record that only its end reads: what the event
 /// reports, the slots it gives back, the connection it settles.
+///
+/// Laid out for the common streams: what most of them carry (a path, a
+/// standard method, a connection guard's handle or nothing about their
+/// connection) sits here in a few words; the rest is boxed in [`Held`] and
+/// [`Late`], allocated only for the streams that have it.
 pub(crate) struct After {
-    method: Method,
     path: Option<PathAndQuery>,
-    peer: Option<SocketAddr>,
-    connection: Option<ConnectionKey>,
-    /// The connection guard's handle, when one wraps the connection.
-    conn: Option<ConnectionHandle>,
-    /// Cap slots, given back when the stream ends. Boxed: most streams hold
-    /// none, and `None` is 16 bytes smaller than an empty `Vec`.
-    #[allow(clippy::box_collection)]
-    permits: Mutex<Option<Box<Vec<CapPermit>>>>,
-    /// The limit of the cap that refused this stream.
-    cap_limit: AtomicU32,
+    source: Source,
+    /// Allocated by the first cap slot held, refusal or waiter for the end;
+    /// `finish` takes what it gives back under this lock, once.
+    late: Mutex<Option<Box<Late>>>,
     /// The gRPC status the stream ended with, [`NO_STATUS`] while unknown.
     grpc_status: AtomicU32,
+    /// The request's method: its place in [`METHODS`] plus one, or 0 for
+    /// another method, which [`Held`] keeps.
+    method: u8,
 }
+
+/// Where a stream came from.
+enum Source {
+    /// Nothing is known of its connection or peer.
+    Unknown,
+    /// A connection guard wraps the connection, whose key and peer are the
+    /// stream's.
+    Guarded(ConnectionHandle),
+    /// Anything else.
+    Held(Box<Held>),
+}
+
+/// What [`Source::Held`] holds: a connection key or peer the request named
+/// apart from a connection guard's, and a method not in [`METHODS`].
+struct Held {
+    connection: Option<ConnectionKey>,
+    peer: Option<SocketAddr>,
+    conn: Option<ConnectionHandle>,
+    method: Option<Method>,
+}
+
+/// What only some streams need, allocated when first needed.
+#[derive(Default)]
+struct Late {
+    /// Cap slots, given back when the stream ends.
+    permits: Vec<CapPermit>,
+    /// The limit of the cap that refused this stream.
+    cap_limit: u32,
+    /// Woken when the stream ends: there for as long as someone waits.
+    waiters: Option<Arc<Notify>>,
+}
+
+/// The methods [`After`] keeps as a byte.
+const METHODS: [Method; 9] = [
+    Method::POST,
+    Method::GET,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
+
+/// `After::method` of a `HEAD` request.
+const HEAD: u8 = 6;
 
 /// `grpc_status` before any status is known.
 const NO_STATUS: u32 = u32::MAX;
@@ -60,27 +114,68 @@ impl After {
         if let Some(conn) = &conn {
             conn.stream_started();
         }
+        let method = METHODS
+            .iter()
+            .position(|method| method == request.method())
+            .map_or(0, |index| index as u8 + 1);
+        let source = match conn {
+            Some(conn) if method != 0 && connection == Some(conn.key()) && peer == conn.peer() => {
+                Source::Guarded(conn)
+            }
+            None if method != 0 && connection.is_none() && peer.is_none() => Source::Unknown,
+            conn => Source::Held(Box::new(Held {
+                connection,
+                peer,
+                conn,
+                method: (method == 0).then(|| request.method().clone()),
+            })),
+        };
         After {
-            method: request.method().clone(),
             path: request.uri().path_and_query().cloned(),
-            peer,
-            connection,
-            conn,
-            permits: Mutex::new(None),
-            cap_limit: AtomicU32::new(0),
+            source,
+            late: Mutex::new(None),
             grpc_status: AtomicU32::new(NO_STATUS),
+            method,
         }
     }
 
     /// The connection this stream came on, if a connection guard wraps it.
     pub(crate) fn connection(&self) -> Option<&ConnectionHandle> {
-        self.conn.as_ref()
+        match &self.source {
+            Source::Unknown => None,
+            Source::Guarded(conn) => Some(conn),
+            Source::Held(held) => held.conn.as_ref(),
+        }
+    }
+
+    /// The key stream caps count this stream's connection under, if known.
+    fn connection_key(&self) -> Option<ConnectionKey> {
+        match &self.source {
+            Source::Unknown => None,
+            Source::Guarded(conn) => Some(conn.key()),
+            Source::Held(held) => held.connection,
+        }
+    }
+
+    fn peer(&self) -> Option<SocketAddr> {
+        match &self.source {
+            Source::Unknown => None,
+            Source::Guarded(conn) => conn.peer(),
+            Source::Held(held) => held.peer,
+        }
+    }
+
+    fn method(&self) -> Method {
+        match (self.method, &self.source) {
+            (0, Source::Held(held)) => held.method.clone().unwrap_or_default(),
+            (code, _) => METHODS[usize::from(code) - 1].clone(),
+        }
     }
 
     /// Whether this stream answers a `HEAD` request: its response has no
     /// body to send, whatever the body says.
     pub(crate) fn is_head(&self) -> bool {
-        self.method == Method::HEAD
+        self.method == HEAD
     }
 
     pub(crate) fn set_grpc_status(&self, code: u32) {
@@ -93,17 +188,39 @@ impl After {
         (status != NO_STATUS).then_some(status)
     }
 
+    /// The limit of the cap that refused this stream, 0 if none did.
+    fn cap_limit(&self) -> u32 {
+        lock(&self.late).as_ref().map_or(0, |late| late.cap_limit)
+    }
+
     /// Whether the stream carries no key for `cap`.
     fn lacks_key_of(&self, cap: StreamCap) -> bool {
         match cap {
-            StreamCap::PerConnection => self.connection.is_none(),
-            StreamCap::PerPeer => self.peer.is_none(),
+            StreamCap::PerConnection => self.connection_key().is_none(),
+            StreamCap::PerPeer => self.peer().is_none(),
             StreamCap::Total => false,
         }
     }
 }
 
 impl Record {
+    /// Waits until the stream has ended and returns why.
+    pub(crate) async fn ended(&self) -> EndReason {
+        let waiters = {
+            let mut late = lock(&self.after.late);
+            // Checked under the lock `finish` takes the waiters out under:
+            // either the end finds these waiters or they find the end.
+            (!self.is_ended()).then(|| {
+                let late = late.get_or_insert_default();
+                Arc::clone(late.waiters.get_or_insert_default())
+            })
+        };
+        if let Some(waiters) = waiters {
+            wait_until(&waiters, || self.is_ended()).await;
+        }
+        self.end_reason().unwrap_or(EndReason::Cancelled)
+    }
+
     /// Ends the stream as `ending` if it has not ended yet; whether this call
     /// ended it. Wakes every part of the stream, releases its timer and slots
     /// and emits its one end event. Never panics: it runs from `Drop`.
@@ -157,15 +274,15 @@ impl Record {
         if permits.is_empty() {
             return;
         }
-        let mut held = lock(&self.after.permits);
+        let mut late = lock(&self.after.late);
         // `finish` records the end before it empties `permits` under the
         // same lock.
         if self.is_ended() {
-            drop(held);
+            drop(late);
             permits.into_iter().for_each(CapPermit::release);
             return;
         }
-        held.get_or_insert_default().extend(permits);
+        late.get_or_insert_default().permits.extend(permits);
     }
 
     /// Records the reason the response's `stream-guard-reason` named (a
@@ -184,7 +301,7 @@ impl Record {
     pub(crate) fn reject(&self, cap: StreamCap, limit: usize) {
         // A limit past u32::MAX is reported as u32::MAX.
         let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-        self.after.cap_limit.store(limit, Ordering::Relaxed);
+        lock(&self.after.late).get_or_insert_default().cap_limit = limit;
         self.end(Ending::rejected(cap, self.after.lacks_key_of(cap)));
     }
 
@@ -212,7 +329,7 @@ impl Record {
     /// dropped.
     pub(crate) fn response_closed(&self) {
         if self.body.swap(BODY_NONE, Ordering::AcqRel) == BODY_STALLED
-            && let Some(conn) = &self.after.conn
+            && let Some(conn) = self.after.connection()
         {
             conn.stream_unstalled();
         }
@@ -223,7 +340,7 @@ impl Record {
     pub(crate) fn message(&self, ending: Ending) -> String {
         let count = match self.min_rate() {
             Some(rate) if ending == Ending::SlowReader => rate.bytes,
-            _ => u64::from(self.after.cap_limit.load(Ordering::Relaxed)),
+            _ => u64::from(self.after.cap_limit()),
         };
         ending.message(self.limit(ending), count)
     }
@@ -253,16 +370,20 @@ impl Record {
         }
         self.response_waker.wake();
         self.request_waker.wake();
-        self.ended.notify_waiters();
-
+        // What only some streams have, taken under the lock `hold` and
+        // `ended` check the end under: slots held after this are given back
+        // by `hold`, and a waiter after this sees the end.
+        let (permits, waiters) = lock(&self.after.late)
+            .as_deref_mut()
+            .map(|late| (std::mem::take(&mut late.permits), late.waiters.take()))
+            .unwrap_or_default();
+        if let Some(waiters) = waiters {
+            waiters.notify_waiters();
+        }
         // Slots first, and with no lock held: a stream waiting for one should
         // not wait for subscribers.
-        let permits = lock(&self.after.permits).take();
-        permits
-            .into_iter()
-            .flat_map(|permits| *permits)
-            .for_each(CapPermit::release);
-        if let Some(conn) = &self.after.conn {
+        permits.into_iter().for_each(CapPermit::release);
+        if let Some(conn) = self.after.connection() {
             if reason.is_guard()
                 && self
                     .body
@@ -300,22 +421,66 @@ impl Record {
         let after = &self.after;
         EndEvent {
             id: self.id,
-            method: after.method.clone(),
+            method: after.method(),
             path: after.path.clone(),
-            peer: after.peer,
-            connection: after.connection,
+            peer: after.peer(),
+            connection: after.connection_key(),
             started_at: self.shared.timer.wall_of(self.start_ns(), now_ns),
             duration,
             reason,
             limit: (reason.is_guard() && reason.cap().is_none()).then(|| self.limit(ending)),
-            cap_limit: reason
-                .cap()
-                .map(|_| after.cap_limit.load(Ordering::Relaxed) as usize),
+            cap_limit: reason.cap().map(|_| after.cap_limit() as usize),
             request: self.request_traffic(),
             response: self.response_traffic(),
             grpc_status: after.grpc_status(),
             server_guard_reason: self.server_guard_reason(),
             blocked_on_reader: self.blocked_on_reader(),
         }
+    }
+}
+
+#[cfg(all(test, not(stream_guard_loom)))]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http::{Method, Request};
+
+    use super::{After, HEAD, METHODS, Source};
+    use crate::peer::ConnectionKey;
+
+    fn after(method: Method, key: Option<ConnectionKey>, peer: Option<SocketAddr>) -> After {
+        let request = Request::builder()
+            .method(method)
+            .uri("/a/b?c")
+            .body(())
+            .unwrap();
+        After::new(&request, key, peer, None)
+    }
+
+    #[test]
+    fn every_method_comes_back_as_it_came() {
+        let others = [Method::from_bytes(b"PROPFIND").unwrap()];
+        for method in METHODS.iter().chain(&others) {
+            let after = after(method.clone(), None, None);
+            assert_eq!(after.method(), *method);
+            assert_eq!(after.is_head(), *method == Method::HEAD);
+        }
+        assert_eq!(METHODS[usize::from(HEAD) - 1], Method::HEAD);
+    }
+
+    #[test]
+    fn a_stream_that_names_nothing_allocates_nothing_for_it() {
+        let bare = after(Method::POST, None, None);
+        assert!(matches!(bare.source, Source::Unknown));
+        assert_eq!(bare.path.as_ref().map(|p| p.as_str()), Some("/a/b?c"));
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let key = ConnectionKey::from_id(7);
+        let held = after(Method::GET, Some(key), Some(peer));
+        assert!(matches!(held.source, Source::Held(_)));
+        assert_eq!(
+            (held.connection_key(), held.peer()),
+            (Some(key), Some(peer))
+        );
+        assert!(held.connection().is_none());
     }
 }

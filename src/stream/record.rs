@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 
 use super::{
     ending::After,
@@ -25,7 +25,7 @@ use crate::meter::RouteOf;
 use crate::{
     end::{EndReason, Ending, IdleDirection},
     events::{StreamId, Traffic},
-    sync::{AtomicBool, AtomicU8, AtomicU64, AtomicWaker, NEVER, fence, nanos, wait_until},
+    sync::{AtomicBool, AtomicU8, AtomicU64, AtomicWaker, NEVER, fence, nanos},
 };
 
 /// `phase` while the stream is open; afterwards the [`Ending`]'s code.
@@ -150,8 +150,6 @@ pub(crate) struct Record {
     /// For metrics, in one byte that fits in padding: the named route the
     /// stream matched (`route::Route::tag`, the low bits) and [`ANSWERED`].
     pub(crate) route: AtomicU8,
-    /// Wakes `ended()` waiters.
-    pub(crate) ended: Notify,
     /// What the stream's end does and reports: event metadata, slots, its
     /// connection.
     pub(crate) after: After,
@@ -202,7 +200,6 @@ impl Record {
             body: AtomicU8::new(super::ending::BODY_NONE),
             server_guard_reason: AtomicU8::new(0),
             route: AtomicU8::new(route),
-            ended: Notify::new(),
             after,
             response_waker: AtomicWaker::new(),
             response: Side::default(),
@@ -555,12 +552,6 @@ impl Record {
             ),
         }
     }
-
-    /// Waits until the stream has ended and returns why.
-    pub(crate) async fn ended(&self) -> EndReason {
-        wait_until(&self.ended, || self.is_ended()).await;
-        self.end_reason().unwrap_or(EndReason::Cancelled)
-    }
 }
 
 #[cfg(all(test, not(stream_guard_loom), target_pointer_width = "64"))]
@@ -574,9 +565,9 @@ mod size {
     #[test]
     fn the_record_stays_small() {
         let size = size_of::<Record>();
-        // 392, 8 for the time the response waited on the reader and 8 for
-        // the (boxed, usually absent) minimum response rate.
-        assert!(size <= 408, "Record grew to {size} bytes");
+        // 408 until the event's metadata and what only some streams need
+        // went into boxes of their own (`ending::After`).
+        assert!(size <= 264, "Record grew to {size} bytes");
     }
 
     /// Bytes `[a, a + len)` and `[b, ..)` with `b` after them share no
