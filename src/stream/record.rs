@@ -168,20 +168,21 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// A stream's record, and whether the layer's drain had begun when it
-    /// started (the stream is then to be refused); `route` is the tag of the
-    /// named route it matched (`route::Route::tag`, 0 for none).
+    /// A stream's record, shared, and whether the layer's drain had begun
+    /// when it started (the stream is then to be refused); `route` is the
+    /// tag of the named route it matched (`route::Route::tag`, 0 for none).
+    /// Built inside its `Arc`: the record is moved once.
     pub(crate) fn new(
         shared: &Arc<Shared>,
         policy: &Policy,
         grpc: bool,
         after: After,
         route: u8,
-    ) -> (Self, bool) {
+    ) -> (Arc<Self>, bool) {
         let start_ns = shared.timer.ns_of(Instant::now());
         shared.timer.note_idle(policy);
         let draining = shared.report.started();
-        let record = Record {
+        let record = Arc::new(Record {
             request: Side::default(),
             request_waker: AtomicWaker::new(),
             idle_both: AtomicU64::new(nanos(policy.idle_both)),
@@ -212,7 +213,7 @@ impl Record {
                     mark_blocked: AtomicU64::new(0),
                 })
             }),
-        };
+        });
         record.limit_lifetime(policy.max_lifetime, false);
         (record, draining)
     }

@@ -28,7 +28,7 @@ impl Ticket {
         route: u8,
     ) -> Result<Self, Self> {
         let (record, draining) = Record::new(shared, policy, grpc, after, route);
-        let ticket = Ticket(Arc::new(record));
+        let ticket = Ticket(record);
         if draining {
             ticket.refuse_draining();
             return Err(ticket);
