@@ -82,10 +82,18 @@
 //! - Per data frame: no timer, no lock, no allocation and no clock read; an
 //!   atomic load (has the stream ended?) and a few relaxed stores (frame and
 //!   byte counts, the coarse time of the last frame).
-//! - Per stream: one allocation for its record, one insertion into the
-//!   layer's timer map and one removal (more for a stream that keeps going
-//!   idle and active), and a short lock per keyed cap set (per connection,
-//!   per peer) on the way in and out.
+//! - Per stream: one allocation for its record (264 bytes), one insertion
+//!   into a shard of the layer's timer map and one removal (more for a
+//!   stream that keeps going idle and active), a short lock at its end, and
+//!   a short lock per keyed cap set (per connection, per peer) on the way in
+//!   and out. A second, small allocation only for a stream that holds cap
+//!   slots, has a waiter on
+//!   [`StreamHandle::cancelled`](crate::StreamHandle::cancelled), uses a
+//!   method other than the nine standard ones, or whose connection key or
+//!   peer comes from elsewhere than a
+//!   [`ConnectionGuard`](crate::ConnectionGuard)'s handle. The request's
+//!   extensions get the [`StreamHandle`](crate::StreamHandle) (an
+//!   allocation for a request that had no extensions).
 //! - Per layer: one timer task, which wakes every
 //!   [`timer_resolution`](crate::StreamGuardBuilder::timer_resolution)
 //!   (10 ms by default) while the layer has streams with a deadline and
