@@ -352,7 +352,7 @@ impl DrainShared {
 
     /// What the drain has counted so far: streams open at its start, and
     /// refused since.
-    #[cfg(stream_guard_loom)]
+    #[cfg(all(test, stream_guard_loom))]
     pub(crate) fn counted(&self) -> (u64, u64) {
         (
             self.open_at_start.load(Ordering::Relaxed),

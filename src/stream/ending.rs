@@ -24,7 +24,7 @@ use crate::{
     error::GuardError,
     events::EndEvent,
     peer::ConnectionKey,
-    sync::{AtomicU32, Mutex, lock, wait_until},
+    sync::{AtomicU32, Mutex, lock},
 };
 
 /// The response body's side of a stream, for spotting stalled readers.
@@ -61,6 +61,9 @@ enum Source {
     /// A connection guard wraps the connection, whose key and peer are the
     /// stream's.
     Guarded(ConnectionHandle),
+    /// A connection key whose remote address is the peer, without a
+    /// connection guard: tonic's or axum's connect info.
+    Keyed(Box<ConnectionKey>),
     /// Anything else.
     Held(Box<Held>),
 }
@@ -123,6 +126,13 @@ impl After {
                 Source::Guarded(conn)
             }
             None if method != 0 && connection.is_none() && peer.is_none() => Source::Unknown,
+            None if method != 0
+                && let Some(key) = connection
+                && peer.is_some()
+                && peer == key.remote_addr() =>
+            {
+                Source::Keyed(Box::new(key))
+            }
             conn => Source::Held(Box::new(Held {
                 connection,
                 peer,
@@ -142,7 +152,7 @@ impl After {
     /// The connection this stream came on, if a connection guard wraps it.
     pub(crate) fn connection(&self) -> Option<&ConnectionHandle> {
         match &self.source {
-            Source::Unknown => None,
+            Source::Unknown | Source::Keyed(_) => None,
             Source::Guarded(conn) => Some(conn),
             Source::Held(held) => held.conn.as_ref(),
         }
@@ -153,6 +163,7 @@ impl After {
         match &self.source {
             Source::Unknown => None,
             Source::Guarded(conn) => Some(conn.key()),
+            Source::Keyed(key) => Some(**key),
             Source::Held(held) => held.connection,
         }
     }
@@ -161,6 +172,7 @@ impl After {
         match &self.source {
             Source::Unknown => None,
             Source::Guarded(conn) => conn.peer(),
+            Source::Keyed(key) => key.remote_addr(),
             Source::Held(held) => held.peer,
         }
     }
@@ -206,19 +218,24 @@ impl After {
 impl Record {
     /// Waits until the stream has ended and returns why.
     pub(crate) async fn ended(&self) -> EndReason {
-        let waiters = {
-            let mut late = lock(&self.after.late);
-            // Checked under the lock `finish` takes the waiters out under:
-            // either the end finds these waiters or they find the end.
-            (!self.is_ended()).then(|| {
+        loop {
+            let waiters: Arc<Notify>;
+            let notified;
+            {
+                let mut late = lock(&self.after.late);
+                // Under the lock `finish` takes the waiters out under, once
+                // the end is decided: either this sees the end, or the end
+                // finds the waiters, and then the `Notified`, made before the
+                // lock is let go, is woken by `notify_waiters`.
+                if let Some(reason) = self.end_reason() {
+                    return reason;
+                }
                 let late = late.get_or_insert_default();
-                Arc::clone(late.waiters.get_or_insert_default())
-            })
-        };
-        if let Some(waiters) = waiters {
-            wait_until(&waiters, || self.is_ended()).await;
+                waiters = Arc::clone(late.waiters.get_or_insert_default());
+                notified = waiters.notified();
+            }
+            notified.await;
         }
-        self.end_reason().unwrap_or(EndReason::Cancelled)
     }
 
     /// Ends the stream as `ending` if it has not ended yet; whether this call
@@ -340,7 +357,8 @@ impl Record {
     pub(crate) fn message(&self, ending: Ending) -> String {
         let count = match self.min_rate() {
             Some(rate) if ending == Ending::SlowReader => rate.bytes,
-            _ => u64::from(self.after.cap_limit()),
+            _ if ending.reason().cap().is_some() => u64::from(self.after.cap_limit()),
+            _ => 0,
         };
         ending.message(self.limit(ending), count)
     }
@@ -469,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_that_names_nothing_allocates_nothing_for_it() {
+    fn where_a_stream_came_from_is_kept_as_it_came() {
         let bare = after(Method::POST, None, None);
         assert!(matches!(bare.source, Source::Unknown));
         assert_eq!(bare.path.as_ref().map(|p| p.as_str()), Some("/a/b?c"));
@@ -482,5 +500,19 @@ mod tests {
             (Some(key), Some(peer))
         );
         assert!(held.connection().is_none());
+        // tonic's TCP connect info without a connection guard.
+        let local: SocketAddr = "10.0.0.2:50051".parse().unwrap();
+        let tcp = ConnectionKey::from_addrs(local, peer);
+        let keyed = after(Method::POST, Some(tcp), Some(peer));
+        assert!(matches!(keyed.source, Source::Keyed(_)));
+        assert_eq!(
+            (keyed.connection_key(), keyed.peer()),
+            (Some(tcp), Some(peer))
+        );
+        // Behind a proxy: the peer is not the key's remote address.
+        let client: SocketAddr = "192.0.2.7:1234".parse().unwrap();
+        let proxied = after(Method::POST, Some(tcp), Some(client));
+        assert!(matches!(proxied.source, Source::Held(_)));
+        assert_eq!(proxied.peer(), Some(client));
     }
 }

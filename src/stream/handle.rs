@@ -153,7 +153,8 @@ impl StreamHandle {
     /// # Cost
     ///
     /// One `Arc` clone per call and one registration with the stream's end
-    /// notification (a short lock) on the first poll. Later polls, each time
+    /// notification on the first poll (a short lock, and for the stream's
+    /// first waiter two small allocations). Later polls, each time
     /// `future` is woken, cost an atomic load; the registration is renewed only
     /// if the task's waker changed. Wrap the whole loop rather than each
     /// item to pay the registration once.

@@ -471,3 +471,36 @@ fn loom_stream_filed_vs_timer_stops() {
         drop(ticket);
     });
 }
+
+/// (h) A handler waiting on `StreamHandle::cancelled()` against the
+/// sweeper's end: the waiter is registered, its `Notified` made, under the
+/// lock the end takes the waiters out under, so it is woken or sees the end
+/// (a lost wake-up leaves `block_on` waiting for ever: loom reports the
+/// deadlock), and it reads the end's reason. Two waiters, one before the
+/// end can start and one racing it.
+#[test]
+fn loom_cancelled_waiter_vs_limit() {
+    loom::model(|| {
+        let layer = StreamGuardLayer::builder().build().unwrap();
+        let ticket = start(&layer, false);
+        let handle = StreamHandle {
+            record: Arc::clone(ticket.record()),
+            goaways_seen: 0,
+        };
+        let mut early = Box::pin(handle.cancelled());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            early.as_mut().poll(&mut cx).is_pending(),
+            "nothing ended it yet"
+        );
+
+        let sweeper = thread::spawn(move || {
+            assert!(ticket.end(Ending::Lifetime));
+            drop(ticket);
+        });
+        let reason = loom::future::block_on(handle.cancelled());
+        assert_eq!(reason, EndReason::LifetimeExceeded);
+        sweeper.join().unwrap();
+        assert_eq!(loom::future::block_on(early), EndReason::LifetimeExceeded);
+    });
+}

@@ -86,14 +86,15 @@
 //!   into a shard of the layer's timer map and one removal (more for a
 //!   stream that keeps going idle and active), a short lock at its end, and
 //!   a short lock per keyed cap set (per connection, per peer) on the way in
-//!   and out. A second, small allocation only for a stream that holds cap
-//!   slots, has a waiter on
-//!   [`StreamHandle::cancelled`](crate::StreamHandle::cancelled), uses a
-//!   method other than the nine standard ones, or whose connection key or
-//!   peer comes from elsewhere than a
-//!   [`ConnectionGuard`](crate::ConnectionGuard)'s handle. The request's
-//!   extensions get the [`StreamHandle`](crate::StreamHandle) (an
-//!   allocation for a request that had no extensions).
+//!   and out. More allocations only where a stream has more to keep: a
+//!   connection key and peer that no
+//!   [`ConnectionGuard`](crate::ConnectionGuard)'s handle gives (64 bytes
+//!   for tonic's or axum's connect info, about 128 for other keys, peers or
+//!   methods), cap slots or a cap's refusal (a small box), a waiter on
+//!   [`StreamHandle::cancelled`](crate::StreamHandle::cancelled) (that box
+//!   and the waiters' `Notify`). The request's extensions get the
+//!   [`StreamHandle`](crate::StreamHandle) (an allocation for a request that
+//!   had no extensions).
 //! - Per layer: one timer task, which wakes every
 //!   [`timer_resolution`](crate::StreamGuardBuilder::timer_resolution)
 //!   (10 ms by default) while the layer has streams with a deadline and

@@ -335,14 +335,14 @@ impl Sweeper {
     }
 
     /// For the loom models: marks the task running, as a started one is.
-    #[cfg(stream_guard_loom)]
+    #[cfg(all(test, stream_guard_loom))]
     pub(crate) fn mark_running(&self) {
         let mut control = self.control();
         self.start_locked(&mut control);
     }
 
     /// For the loom models: what a tick does last; whether the task stopped.
-    #[cfg(stream_guard_loom)]
+    #[cfg(all(test, stream_guard_loom))]
     pub(crate) fn try_stop(&self) -> bool {
         let mut control = self.control();
         self.stop_if_idle(&mut control)
