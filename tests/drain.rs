@@ -250,6 +250,28 @@ async fn a_drain_on_an_inner_nested_guard_cuts_its_streams() {
     assert_eq!(inner.active_streams(), 0);
 }
 
+/// Nested guards sharing one drain: each guard's stream counts, so one
+/// request through both is two streams in the report (as `open_at_start`
+/// documents).
+#[tokio::test(start_paused = true)]
+async fn nested_guards_sharing_a_drain_each_count_their_stream() {
+    let drain = Drain::new();
+    let outer = guard(StreamGuardLayer::builder().drain(&drain));
+    let inner = guard(StreamGuardLayer::builder().drain(&drain));
+    let (app, mut feeders) = App::new();
+    let mut svc = outer.layer(inner.layer(app.service()));
+
+    let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _feed = feeders.recv().await.unwrap();
+    let body = response.into_body();
+    let report = tokio::spawn(drain.start(2 * SECOND));
+    tokio::time::sleep(3 * SECOND).await;
+    drop(body);
+    let report = report.await.unwrap();
+    assert_eq!(report.open_at_start(), 2);
+    assert_eq!(report.cut(), 2);
+}
+
 /// A drain files every stream again under its deadline, in batches. Streams
 /// that moved meanwhile are filed later than they were, so a walk bounded by
 /// the count it started with ran out before the end of the map, where the

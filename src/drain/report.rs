@@ -32,6 +32,11 @@ pub struct DrainReport {
 
 impl DrainReport {
     /// Streams open when the drain began.
+    ///
+    /// Counted per guard layer: a request that passes through two nested
+    /// [`StreamGuardLayer`](crate::StreamGuardLayer)s sharing this drain is
+    /// two streams here, and in [`cut`](Self::cut) and
+    /// [`refused`](Self::refused).
     pub fn open_at_start(&self) -> u64 {
         self.open_at_start
     }

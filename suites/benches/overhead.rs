@@ -611,6 +611,18 @@ fn stream_worker<S, B>(
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
+    // The other workers would wait at the barrier, and the bench for this
+    // one's report, for ever.
+    struct AbortOnPanic;
+    impl Drop for AbortOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("a stream worker panicked: aborting the bench");
+                std::process::abort();
+            }
+        }
+    }
+    let _abort = AbortOnPanic;
     let rt = runtime();
     let _context = rt.enter();
     let anchor = pin!(tokio::time::sleep(ANCHOR));
