@@ -19,8 +19,7 @@ use tokio::sync::Notify;
 use super::{cap::CapPermit, record::Record};
 use crate::{
     connection::ConnectionHandle,
-    end::EndReason,
-    end::{Ending, StreamCap},
+    end::{EndReason, Ending, StreamCap},
     error::GuardError,
     events::EndEvent,
     peer::ConnectionKey,
