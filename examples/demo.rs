@@ -529,17 +529,20 @@ async fn silent_upload(mut client: EchoClient<Channel>, shared: &Shared) -> Resu
     Ok(())
 }
 
+/// Endless 64 KiB messages as fast as the reader takes them: for the
+/// stalled and the slow reader.
+fn endless_64k() -> StreamRequest {
+    StreamRequest {
+        count: 0,
+        interval_ms: 0,
+        size: 64 * 1024,
+    }
+}
+
 /// Asks for a fast stream of 64 KiB messages and does not read it until the
 /// guard has fired; then reads what was buffered to see how the stream ends.
 async fn stalled_reader(mut client: EchoClient<Channel>, shared: &Shared) -> Result<(), BoxError> {
-    let mut stream = client
-        .server_stream(StreamRequest {
-            count: 0,
-            interval_ms: 0,
-            size: 64 * 1024,
-        })
-        .await?
-        .into_inner();
+    let mut stream = client.server_stream(endless_64k()).await?.into_inner();
     shared.client(
         Scenario::StalledReader,
         "asked for endless 64 KiB messages and stopped reading (the stream stays open)",
@@ -593,14 +596,7 @@ async fn outliver(mut client: EchoClient<Channel>, shared: &Shared) -> Result<()
 /// moves (no idle timeout), but far below the minimum rate.
 async fn slow_reader(mut client: EchoClient<Channel>, shared: &Shared) -> Result<(), BoxError> {
     let started = Instant::now();
-    let mut stream = client
-        .server_stream(StreamRequest {
-            count: 0,
-            interval_ms: 0,
-            size: 64 * 1024,
-        })
-        .await?
-        .into_inner();
+    let mut stream = client.server_stream(endless_64k()).await?.into_inner();
     // Slowly, until the guard has ended the stream; then what was in flight
     // (the flow-control window's worth) at once, to see how it ended.
     let deadline = Instant::now() + MAX_LIFETIME + Duration::from_secs(2);
