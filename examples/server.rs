@@ -4,7 +4,7 @@
 //! cargo run --example server -- [--addr 127.0.0.1:50051] [--idle-timeout 2s]
 //!     [--max-lifetime 30s] [--request-idle-timeout 5s] [--response-idle-timeout 5s]
 //!     [--max-streams-per-connection N] [--max-streams-per-peer N] [--max-streams N]
-//!     [--cap-wait 100ms] [--drain-grace 5s]
+//!     [--cap-wait 100ms] [--drain-grace 5s] [--dead-peer-timeout 20s]
 //! cargo run --example server -- --help
 //! ```
 //!
@@ -95,6 +95,12 @@ Options:
                                     a slot before it is refused [default: off]
   --drain-grace <DURATION>          on Ctrl-C or SIGTERM, how long open streams
                                     may run before they are cut [default: 5s]
+  --dead-peer-timeout <DURATION>    close a connection whose client vanished
+                                    (sent data unacknowledged, or silent and
+                                    not answering keepalive probes) after
+                                    about this long; its streams end with
+                                    reason `peer_unreachable`; between 1s and
+                                    1h, or `off` [default: 20s]
   -h, --help                        print this help
 
 DURATION is a whole number followed by ms, s, m or h (500ms, 2s, 1m, 1h), or
@@ -115,6 +121,7 @@ struct Args {
     max_streams: Option<usize>,
     cap_wait: Option<Duration>,
     drain_grace: Duration,
+    dead_peer_timeout: Option<Duration>,
 }
 
 impl Default for Args {
@@ -130,6 +137,7 @@ impl Default for Args {
             max_streams: None,
             cap_wait: None,
             drain_grace: Duration::from_secs(5),
+            dead_peer_timeout: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -170,7 +178,7 @@ impl Args {
         format!(
             "idle_timeout {}, request_idle_timeout {}, response_idle_timeout {}, max_lifetime {}, \
              max_streams_per_connection {}, max_streams_per_peer {}, max_streams {}, cap_wait {}, \
-             drain_grace {:?}",
+             drain_grace {:?}, dead_peer_timeout {}",
             show(self.idle_timeout),
             show(self.request_idle_timeout),
             show(self.response_idle_timeout),
@@ -180,6 +188,7 @@ impl Args {
             cap(self.max_streams),
             show(self.cap_wait),
             self.drain_grace,
+            show(self.dead_peer_timeout),
         )
     }
 }
@@ -210,6 +219,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             "--max-streams",
             "--cap-wait",
             "--drain-grace",
+            "--dead-peer-timeout",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown argument `{flag}`"));
@@ -246,6 +256,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             "--drain-grace" => {
                 parsed.drain_grace = parse_duration(&flag, &value)?.unwrap_or(Duration::ZERO)
             }
+            "--dead-peer-timeout" => parsed.dead_peer_timeout = parse_duration(&flag, &value)?,
             _ => unreachable!("checked against the known flags above"),
         }
     }
@@ -311,7 +322,10 @@ async fn main() -> ExitCode {
     };
     let drain = Drain::new();
     let built = args.guard().drain(&drain).build().and_then(|guard| {
-        let connections = ConnectionGuard::builder().drain(&drain).build()?;
+        let connections = ConnectionGuard::builder()
+            .drain(&drain)
+            .dead_peer_timeout(args.dead_peer_timeout)
+            .build()?;
         Ok((guard, connections))
     });
     let (guard, connections) = match built {
@@ -392,7 +406,13 @@ async fn main() -> ExitCode {
     });
 
     // The server stops accepting (and sends GOAWAY) when the drain starts.
+    // HTTP/2 PING beside the kernel's dead-peer bound, timed after it (see
+    // `ConnectionGuardBuilder::dead_peer_timeout`): tonic drives these
+    // connections, so the PING is tonic's.
+    let keepalive = args.dead_peer_timeout;
     let server = Server::builder()
+        .http2_keepalive_interval(keepalive.map(|timeout| timeout * 2))
+        .http2_keepalive_timeout(keepalive)
         .layer(guard.clone())
         .add_service(EchoServer::new(EchoService::new()))
         .serve_with_incoming_shutdown(

@@ -208,12 +208,22 @@ pub enum EndReason {
     /// hold the stream's memory for a reader this slow), plain HTTP clients
     /// a reset stream.
     SlowReader,
+    /// The stream was abandoned because its connection was lost to a peer
+    /// that could not be reached: the kernel gave up on it (its
+    /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout),
+    /// or its own retransmission limit) or the network said there is no
+    /// route to it: a pulled cable, a dead NAT entry, a sleeping laptop.
+    /// Known only on connections a
+    /// [`ConnectionGuard`](crate::ConnectionGuard) wraps; elsewhere such a
+    /// stream ends [`Cancelled`](Self::Cancelled). The peer is told nothing
+    /// (it cannot be reached).
+    PeerUnreachable,
 }
 
 impl EndReason {
     /// Every reason, in a fixed order (idle timeouts per direction, rejections
     /// per cap): for dashboards that list them all.
-    pub const ALL: [EndReason; 13] = [
+    pub const ALL: [EndReason; 14] = [
         EndReason::Completed,
         EndReason::Cancelled,
         EndReason::IdleTimeout(IdleDirection::Request),
@@ -227,11 +237,13 @@ impl EndReason {
         EndReason::Drained,
         EndReason::Panicked,
         EndReason::SlowReader,
+        EndReason::PeerUnreachable,
     ];
 
     /// A short snake-case name, as used in JSON event lines: `completed`,
     /// `cancelled`, `idle_timeout`, `lifetime_exceeded`, `error`,
-    /// `panicked`, `rejected`, `drained` or `slow_reader`.
+    /// `panicked`, `rejected`, `drained`, `slow_reader` or
+    /// `peer_unreachable`.
     pub fn as_str(self) -> &'static str {
         Ending::of(self).row().name
     }
@@ -320,6 +332,8 @@ pub(crate) enum Ending {
     DrainRefused,
     /// The reader took too few bytes (`min_response_rate`).
     SlowReader,
+    /// Abandoned on a connection whose peer could not be reached.
+    PeerUnreachable,
 }
 
 /// What an end is logged as.
@@ -357,7 +371,7 @@ pub(crate) struct Row {
 macro_rules! rows {
     ($($ending:ident => $reason:expr, $name:literal, $key:literal, $status:expr, $http:ident, $log:ident, $message:expr;)*) => {
         /// The table of endings, in [`Ending`] order.
-        pub(crate) const ROWS: [Row; 18] = [$(Row {
+        pub(crate) const ROWS: [Row; 19] = [$(Row {
             ending: Ending::$ending,
             reason: $reason,
             name: $name,
@@ -370,7 +384,7 @@ macro_rules! rows {
 
         impl Ending {
             /// Every ending, in code order.
-            pub(crate) const ALL: [Ending; 18] = [$(Ending::$ending),*];
+            pub(crate) const ALL: [Ending; 19] = [$(Ending::$ending),*];
         }
     };
 }
@@ -430,6 +444,10 @@ rows! {
     // reader); 408 says the client was the slow one.
     SlowReader => EndReason::SlowReader, "slow_reader", "slow_reader", EXHAUSTED, REQUEST_TIMEOUT, Guard,
         "stream too slow: the client read fewer than {bytes} bytes in {limit} while data waited for it (min_response_rate)";
+    // Not guard-made: nothing can tell the peer, and the stream was
+    // abandoned (hyper dropped it with its connection) like a cancelled one.
+    PeerUnreachable => EndReason::PeerUnreachable, "peer_unreachable", "peer_unreachable", None, GATEWAY_TIMEOUT, Quiet,
+        "stream ended: its connection was lost, the peer is unreachable";
 }
 
 impl Ending {
@@ -522,49 +540,5 @@ impl Ending {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_table_is_in_ending_order_and_codes_round_trip() {
-        for (index, row) in ROWS.iter().enumerate() {
-            assert_eq!(usize::from(row.ending.code()), index + 1, "{row:?}");
-            assert_eq!(Ending::from_code(row.ending.code()), Some(row.ending));
-        }
-        assert_eq!(Ending::from_code(0), None);
-        assert_eq!(Ending::from_code(ROWS.len() as u8 + 1), None);
-    }
-
-    #[test]
-    fn every_reason_has_a_row_of_its_own() {
-        for reason in EndReason::ALL {
-            assert_eq!(Ending::of(reason).reason(), reason);
-        }
-        for row in &ROWS {
-            assert!(EndReason::ALL.contains(&row.reason), "{row:?}");
-            assert!(row.status.is_some() || row.log == Log::Quiet, "{row:?}");
-        }
-    }
-
-    #[test]
-    fn messages_name_their_limit_and_setting() {
-        assert_eq!(
-            Ending::IdleRequest.message(Duration::from_secs(2), 0),
-            "stream idle: no request frame for 2s (request_idle_timeout)"
-        );
-        assert_eq!(
-            Ending::RejectedTotal.message(Duration::ZERO, 8),
-            "stream refused: at most 8 concurrent streams in total (max_streams)"
-        );
-        assert_eq!(
-            Ending::SlowReader.message(Duration::from_secs(10), 4096),
-            "stream too slow: the client read fewer than 4096 bytes in 10s while data waited \
-             for it (min_response_rate)"
-        );
-        assert!(
-            Ending::RejectedNoPeer
-                .message(Duration::ZERO, 1)
-                .contains("PeerAddr")
-        );
-    }
-}
+#[path = "end_tests.rs"]
+mod tests;

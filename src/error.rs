@@ -295,6 +295,15 @@ pub enum ConfigError {
         /// The percentage given.
         percent: u8,
     },
+    /// A connection guard's
+    /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout)
+    /// (or a `GoawayNotice`'s) is outside
+    /// 1 s..=1 h: the kernel's keepalive counts whole seconds, and a dead
+    /// peer found hours late is not found.
+    DeadPeerTimeoutOutOfRange {
+        /// The value given.
+        value: Duration,
+    },
     /// A route's settings, laid over the layer's, cannot work.
     Route {
         /// The route: its path, its prefix followed by `*`, or
@@ -374,6 +383,10 @@ impl fmt::Display for ConfigError {
             ConfigError::JitterTooLarge { percent } => write!(
                 f,
                 "`max_age_jitter_percent` is {percent}; it must be below 100, or a connection's age could be drawn as zero (gRFC A9 uses 10; 0 turns jitter off)"
+            ),
+            ConfigError::DeadPeerTimeoutOutOfRange { value } => write!(
+                f,
+                "`dead_peer_timeout` is {value:?}; it must be between 1s and 1h (the kernel's keepalive counts whole seconds; `None` keeps the kernel's defaults)"
             ),
             ConfigError::EarlyStatusNotError { reason, status } => write!(
                 f,

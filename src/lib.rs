@@ -249,6 +249,7 @@ mod grpc;
 mod json;
 mod meter;
 mod peer;
+mod socket;
 mod stats;
 mod status;
 pub mod stream;
@@ -256,8 +257,9 @@ mod sync;
 mod ticker;
 
 pub use connection::{
+    builder::ConnectionGuardBuilder,
     event::{ConnectionEnd, ConnectionEvent},
-    guard::{ConnectionGuard, ConnectionGuardBuilder},
+    guard::ConnectionGuard,
     handle::ConnectionHandle,
 };
 pub use drain::{Drain, DrainReport};

@@ -99,7 +99,7 @@ impl GuardStats {
     /// (`completed`, `cancelled`, `idle_timeout_request`,
     /// `idle_timeout_response`, `idle_timeout_both`, `lifetime_exceeded`,
     /// `error`, `rejected_per_connection`, `rejected_per_peer`,
-    /// `rejected_total`, `drained`, `panicked`, `slow_reader`).
+    /// `rejected_total`, `drained`, `panicked`, `slow_reader`, `peer_unreachable`).
     pub fn to_json(&self) -> String {
         let mut line = JsonLine::new();
         line.num("active", self.active);
@@ -136,10 +136,10 @@ mod tests {
         }
         assert_eq!(stats.idle_timeouts(), 3 + 4 + 5);
         assert_eq!(stats.rejected(StreamCap::Total), 10);
-        assert_eq!(stats.ended_total(), (1..=13).sum::<u64>() + 2);
+        assert_eq!(stats.ended_total(), (1..=14).sum::<u64>() + 2);
         assert_eq!(
             stats.to_json(),
-            "{\"active\":3,\"completed\":1,\"cancelled\":3,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":12,\"panicked\":12,\"slow_reader\":13}"
+            "{\"active\":3,\"completed\":1,\"cancelled\":3,\"idle_timeout_request\":3,\"idle_timeout_response\":4,\"idle_timeout_both\":5,\"lifetime_exceeded\":6,\"error\":7,\"rejected_per_connection\":8,\"rejected_per_peer\":9,\"rejected_total\":10,\"drained\":12,\"panicked\":12,\"slow_reader\":13,\"peer_unreachable\":14}"
         );
     }
 }

@@ -34,11 +34,19 @@ pub enum ConnectionEnd {
     Drained,
     /// [`ConnectionHandle::close`](crate::ConnectionHandle::close) was called.
     Manual,
+    /// The peer could not be reached: the kernel gave up on it (data left
+    /// unacknowledged or keepalive probes unanswered for the
+    /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout),
+    /// or its own retransmission limit) or the network said there is no
+    /// route to it. The streams still open on it end with
+    /// [`EndReason::PeerUnreachable`](crate::EndReason::PeerUnreachable).
+    PeerUnreachable,
 }
 
 impl ConnectionEnd {
     /// A short snake-case name, as in [`ConnectionEvent::to_json`]:
-    /// `closed`, `idle`, `stalled`, `max_age`, `drained` or `manual`.
+    /// `closed`, `idle`, `stalled`, `max_age`, `drained`, `manual` or
+    /// `peer_unreachable`.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionEnd::Closed => "closed",
@@ -47,6 +55,7 @@ impl ConnectionEnd {
             ConnectionEnd::MaxAge => "max_age",
             ConnectionEnd::Drained => "drained",
             ConnectionEnd::Manual => "manual",
+            ConnectionEnd::PeerUnreachable => "peer_unreachable",
         }
     }
 
@@ -58,6 +67,7 @@ impl ConnectionEnd {
             ConnectionEnd::MaxAge => 4,
             ConnectionEnd::Drained => 5,
             ConnectionEnd::Manual => 6,
+            ConnectionEnd::PeerUnreachable => 7,
         }
     }
 
@@ -69,6 +79,7 @@ impl ConnectionEnd {
             4 => ConnectionEnd::MaxAge,
             5 => ConnectionEnd::Drained,
             6 => ConnectionEnd::Manual,
+            7 => ConnectionEnd::PeerUnreachable,
             _ => return None,
         })
     }

@@ -1,10 +1,10 @@
-//! The connection guard and its builder.
+//! The connection guard: wrapping connections, their events and counts.
+//! Its builder is in `builder.rs`.
 
 use std::{
     fmt,
-    hash::RandomState,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -19,14 +19,9 @@ use tokio::{
 
 use super::{
     ConnectionEnd, ConnectionEvent, ConnectionHandle, GuardedIncoming, GuardedIo, PeerOf,
-    registry::{ConnPolicy, ConnState, Connections, Table},
+    registry::{ConnState, Connections},
 };
-use crate::{
-    drain::{Drain, Drained},
-    error::{ConfigError, MAX_DURATION, check_duration, check_resolution},
-    sync::NEVER,
-    ticker::Ticker,
-};
+use crate::{sync::NEVER, ticker::Ticker};
 
 /// Wraps accepted connections: gives each an id, a [`ConnectionHandle`] and
 /// open and close events, and closes the stalled, idle, over-age and drained
@@ -69,71 +64,7 @@ impl fmt::Debug for ConnectionGuard {
     }
 }
 
-/// The default spread of connections' maximum ages: ±10%, as gRFC A9 asks.
-pub(crate) const DEFAULT_MAX_AGE_JITTER_PERCENT: u8 = 10;
-
-/// The default tick of a connection guard's timer: 100 ms.
-pub(crate) const DEFAULT_CONNECTION_RESOLUTION: Duration = Duration::from_millis(100);
-
-/// Configures a [`ConnectionGuard`]; every setting is optional, and checked
-/// by [`build`](Self::build).
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_stream_guard::{ConfigError, ConnectionGuard, Drain};
-///
-/// let drain = Drain::new();
-/// let connections = ConnectionGuard::builder()
-///     .stalled_grace(Duration::from_secs(30))
-///     .idle_timeout(Duration::from_secs(10 * 60))
-///     .max_age(Duration::from_secs(30 * 60)) // ±10% per connection by default
-///     .max_age_grace(Duration::from_secs(60))
-///     .resolution(Duration::from_millis(250))
-///     .event_capacity(4096)
-///     .drain(&drain)
-///     .build()?;
-///
-/// // Mistakes are refused when the guard is built.
-/// let error = ConnectionGuard::builder()
-///     .max_age_grace(Duration::from_secs(60))
-///     .build()
-///     .unwrap_err();
-/// assert_eq!(error, ConfigError::GraceWithoutMaxAge);
-/// let error = ConnectionGuard::builder()
-///     .idle_timeout(Duration::from_millis(10)) // below the 100 ms resolution
-///     .build()
-///     .unwrap_err();
-/// assert!(matches!(error, ConfigError::BelowResolution { setting: "idle_timeout", .. }));
-/// # Ok::<(), ConfigError>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct ConnectionGuardBuilder {
-    policy: ConnPolicy,
-    capacity: usize,
-    drain: Option<Drain>,
-    metrics: bool,
-}
-
 impl ConnectionGuard {
-    /// Starts building a connection guard. With nothing set it only gives
-    /// connections ids, handles and events (and closes them at the end of a
-    /// drain given with [`drain`](ConnectionGuardBuilder::drain)).
-    pub fn builder() -> ConnectionGuardBuilder {
-        ConnectionGuardBuilder {
-            policy: ConnPolicy {
-                idle: None,
-                stalled_grace: None,
-                max_age: None,
-                max_age_grace: Duration::ZERO,
-                max_age_jitter_percent: DEFAULT_MAX_AGE_JITTER_PERCENT,
-                resolution: DEFAULT_CONNECTION_RESOLUTION,
-            },
-            capacity: crate::events::DEFAULT_EVENT_CAPACITY,
-            drain: None,
-            metrics: false,
-        }
-    }
-
     /// Wraps one accepted connection and emits its open event (a
     /// [`ConnectionEvent`] whose [`end`](ConnectionEvent::end) is `None`).
     /// The peer address is read from the IO where it can tell (see
@@ -165,6 +96,18 @@ impl ConnectionGuard {
         let connections = &self.connections;
         let now = connections.now_ns();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        if let (Some(timeout), Some(tcp)) = (connections.policy.dead_peer, io.tcp_stream())
+            && let Err(error) = crate::socket::set_dead_peer_timeout(tcp, timeout)
+        {
+            // A socket already closed by its peer refuses options: nothing
+            // to watch then.
+            tracing::debug!(
+                target: "tower_stream_guard",
+                connection = id,
+                %error,
+                "dead-peer socket options not set"
+            );
+        }
         let state = Arc::new(ConnState {
             id,
             peer: io.peer(),
@@ -261,7 +204,7 @@ impl ConnectionGuard {
     /// one when its [`GuardedIo`] is dropped (see [`ConnectionEvent`] for an
     /// example). Events are sent only while a receiver exists; a receiver
     /// that falls more than the
-    /// [`event_capacity`](ConnectionGuardBuilder::event_capacity) behind is
+    /// [`event_capacity`](crate::ConnectionGuardBuilder::event_capacity) behind is
     /// told how many it missed.
     pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
         self.connections.events.subscribe()
@@ -276,208 +219,5 @@ impl ConnectionGuard {
     #[cfg(feature = "hyper")]
     pub(crate) fn drain_shared(&self) -> Option<Arc<crate::drain::DrainShared>> {
         self.connections.drain.clone()
-    }
-}
-
-impl ConnectionGuardBuilder {
-    /// Closes a connection that had no guarded stream open for `timeout`.
-    ///
-    /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
-    /// in front of the service, when it finds the connection's
-    /// [`ConnectionHandle`] in the request extensions: without one, every
-    /// connection looks idle. At least the
-    /// [`resolution`](Self::resolution).
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.policy.idle = Some(timeout);
-        self
-    }
-
-    /// Closes a connection `grace` after a guard ended one of its streams
-    /// while the peer was not reading it (the ending was never sent): the
-    /// only way to free what hyper keeps for such a stream. The stall is
-    /// reported by the [`StreamGuardLayer`](crate::StreamGuardLayer) in
-    /// front of the service. At least the [`resolution`](Self::resolution).
-    pub fn stalled_grace(mut self, grace: Duration) -> Self {
-        self.policy.stalled_grace = Some(grace);
-        self
-    }
-
-    /// Asks for a graceful close ([`ConnectionHandle::goaway`]) of
-    /// connections older than `age`, and closes them hard after
-    /// [`max_age_grace`](Self::max_age_grace): clients reconnect, so load
-    /// spreads over servers added since. At least the
-    /// [`resolution`](Self::resolution).
-    ///
-    /// Each connection's age is jittered by ±10% by default, drawn when it
-    /// is wrapped, as
-    /// [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
-    /// asks: with `age` 30 minutes, connections go away between 27 and 33
-    /// minutes after they open, so that connections opened together are not
-    /// all cycled together again.
-    /// [`max_age_jitter_percent`](Self::max_age_jitter_percent) changes the
-    /// spread; `0` gives every connection exactly `age`.
-    pub fn max_age(mut self, age: Duration) -> Self {
-        self.policy.max_age = Some(age);
-        self
-    }
-
-    /// Time between the graceful-close request at a connection's (jittered)
-    /// [`max_age`](Self::max_age) and its hard close (default zero: closed
-    /// hard at the age). Needs `max_age`; at most 365 days.
-    pub fn max_age_grace(mut self, grace: Duration) -> Self {
-        self.policy.max_age_grace = grace;
-        self
-    }
-
-    /// Moves each connection's maximum age by a random amount of up to
-    /// `percent` of [`max_age`](Self::max_age), up or down, drawn when the
-    /// connection is wrapped (default 10: ±10%, as
-    /// [gRFC A9](https://github.com/grpc/proposal/blob/master/A9-server-side-conn-mgt.md)
-    /// asks, so that connections opened together, e.g. a fleet's clients
-    /// reconnecting after a deploy, do not all reach their age, go away and
-    /// reconnect together again). `0` turns jitter off: every connection
-    /// gets exactly `max_age`. Below 100 (checked even without `max_age`,
-    /// where it has no effect).
-    ///
-    /// The ages are spread evenly over `max_age` × (1 ± `percent`/100), and
-    /// never below the [`resolution`](Self::resolution). Each connection's
-    /// hard close still follows its own graceful-close request by
-    /// [`max_age_grace`](Self::max_age_grace). The draw costs a hash of the
-    /// connection's id with a per-guard random key, once per connection.
-    ///
-    /// A percentage rather than a fraction: whole percents are fine enough
-    /// for spreading ages, and no value can be NaN or negative.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use tower_stream_guard::{ConfigError, ConnectionGuard};
-    ///
-    /// // Connections go away between 27 and 33 minutes after they open.
-    /// let connections = ConnectionGuard::builder()
-    ///     .max_age(Duration::from_secs(30 * 60))
-    ///     .max_age_jitter_percent(10)
-    ///     .build()?;
-    /// # drop(connections);
-    /// let error = ConnectionGuard::builder()
-    ///     .max_age(Duration::from_secs(30 * 60))
-    ///     .max_age_jitter_percent(100)
-    ///     .build()
-    ///     .unwrap_err();
-    /// assert_eq!(error, ConfigError::JitterTooLarge { percent: 100 });
-    /// # Ok::<(), ConfigError>(())
-    /// ```
-    pub fn max_age_jitter_percent(mut self, percent: u8) -> Self {
-        self.policy.max_age_jitter_percent = percent;
-        self
-    }
-
-    /// How often the timer checks the connections (default 100 ms, between
-    /// 1 ms and 1 s): closes happen at most this late.
-    pub fn resolution(mut self, resolution: Duration) -> Self {
-        self.policy.resolution = resolution;
-        self
-    }
-
-    /// How many connection events a lagging receiver may fall behind
-    /// (default 1,024, at most 65,536: the channel allocates its slots up
-    /// front).
-    pub fn event_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity;
-        self
-    }
-
-    /// Closes the connections still open when `drain` is over (its grace
-    /// period plus [its close delay](Drain::with_close_delay)), and closes
-    /// connections wrapped after it began at once. The drain's report counts
-    /// the former in [`connections_closed`](crate::DrainReport::connections_closed).
-    pub fn drain(mut self, drain: &Drain) -> Self {
-        self.drain = Some(drain.clone());
-        self
-    }
-
-    /// Records connection metrics through the
-    /// [`metrics`](https://docs.rs/metrics) facade, for whatever exporter
-    /// the application installs: when a connection is wrapped and when its
-    /// [`GuardedIo`] is dropped, never per read or write. Off by default.
-    ///
-    /// | Name | Kind | Labels |
-    /// |------|------|--------|
-    /// | `stream_guard_connections_active` | gauge | |
-    /// | `stream_guard_connections_closed_total` | counter | `reason` |
-    ///
-    /// `reason` is [`ConnectionEnd::as_str`](crate::ConnectionEnd::as_str):
-    /// `closed` when the guard did not close the connection, else `idle`,
-    /// `stalled`, `max_age`, `drained` or `manual`. Stream metrics are
-    /// [`StreamGuardBuilder::metrics`](crate::StreamGuardBuilder::metrics).
-    ///
-    /// ```
-    /// use tower_stream_guard::ConnectionGuard;
-    ///
-    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
-    /// let connections = ConnectionGuard::builder().metrics(true).build()?;
-    /// # drop(connections);
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[cfg(feature = "metrics")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
-    pub fn metrics(mut self, enabled: bool) -> Self {
-        self.metrics = enabled;
-        self
-    }
-
-    /// Checks the configuration and builds the guard.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] for a zero duration or one over 365 days, a
-    /// resolution outside 1 ms..=1 s, an `idle_timeout`, `stalled_grace` or
-    /// `max_age` below the resolution, a `max_age_grace` without `max_age`,
-    /// a `max_age_jitter_percent` of 100 or more, or an event capacity of
-    /// zero or over 65,536.
-    pub fn build(self) -> Result<ConnectionGuard, ConfigError> {
-        let policy = self.policy;
-        let resolution = policy.resolution;
-        check_resolution("resolution", resolution)?;
-        for (setting, value) in [
-            ("idle_timeout", policy.idle),
-            ("stalled_grace", policy.stalled_grace),
-            ("max_age", policy.max_age),
-        ] {
-            if let Some(value) = value {
-                check_duration(setting, value, Some(resolution))?;
-            }
-        }
-        if policy.max_age_grace > MAX_DURATION {
-            return Err(ConfigError::TooLong {
-                setting: "max_age_grace",
-                value: policy.max_age_grace,
-            });
-        }
-        if !policy.max_age_grace.is_zero() && policy.max_age.is_none() {
-            return Err(ConfigError::GraceWithoutMaxAge);
-        }
-        if policy.max_age_jitter_percent >= 100 {
-            return Err(ConfigError::JitterTooLarge {
-                percent: policy.max_age_jitter_percent,
-            });
-        }
-        crate::error::validate_event_capacity(self.capacity)?;
-        let drain = self.drain.map(|drain| Arc::clone(drain.shared()));
-        let connections = Arc::new(Connections {
-            policy,
-            base: Instant::now(),
-            table: Mutex::new(Table::default()),
-            events: broadcast::channel(self.capacity).0,
-            drain: drain.clone(),
-            ticker: Ticker::default(),
-            metrics: self.metrics,
-            age_key: RandomState::new(),
-        });
-        if let Some(drain) = drain {
-            let drained: std::sync::Weak<dyn Drained> = Arc::downgrade(&connections) as _;
-            drain.register_connections(drained);
-        }
-        Ok(ConnectionGuard { connections })
     }
 }

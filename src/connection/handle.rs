@@ -109,9 +109,9 @@ impl ConnectionHandle {
         self.state.close(ConnectionEnd::Manual);
     }
 
-    /// Whether the guard closed the connection (for any
-    /// [`ConnectionEnd`](crate::ConnectionEnd) but `Closed`: a connection the
-    /// peer or server closed is not seen here).
+    /// Whether the guard closed the connection or found its peer
+    /// unreachable (for any [`ConnectionEnd`](crate::ConnectionEnd) but
+    /// `Closed`: a connection the peer or server closed is not seen here).
     pub fn is_closed(&self) -> bool {
         self.state.end.load(Ordering::Acquire) != 0
     }
@@ -162,6 +162,12 @@ impl ConnectionHandle {
         async move {
             wait_until(&state.goaway, || state.goaway_asked.load(Ordering::Acquire)).await;
         }
+    }
+
+    /// Whether the connection was lost because its peer is unreachable:
+    /// streams abandoned on it end as `PeerUnreachable`, not `Cancelled`.
+    pub(crate) fn is_peer_unreachable(&self) -> bool {
+        self.state.end() == Some(ConnectionEnd::PeerUnreachable)
     }
 
     pub(crate) fn stream_started(&self) {

@@ -60,11 +60,36 @@ use super::{ConnectionGuard, ConnectionHandle, registry::ConnState};
 pub trait PeerOf {
     /// The peer's address, if known.
     fn peer(&self) -> Option<SocketAddr>;
+
+    /// The TCP socket under this IO, if there is one: where the guard sets
+    /// its [dead-peer options](crate::ConnectionGuardBuilder::dead_peer_timeout)
+    /// (once, when the connection is wrapped). `None` by default: an IO
+    /// without a TCP socket, or one that does not say, is wrapped without
+    /// them.
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
 }
 
 impl PeerOf for tokio::net::TcpStream {
     fn peer(&self) -> Option<SocketAddr> {
         self.peer_addr().ok()
+    }
+
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self)
+    }
+}
+
+/// hyper-util's wrapper, as its `HttpConnector` yields connections.
+#[cfg(any(feature = "tonic", feature = "hyper"))]
+impl<IO: PeerOf> PeerOf for hyper_util::rt::TokioIo<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.inner().peer()
+    }
+
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        self.inner().tcp_stream()
     }
 }
 
@@ -84,11 +109,33 @@ impl<IO: PeerOf> PeerOf for tokio_rustls::server::TlsStream<IO> {
     fn peer(&self) -> Option<SocketAddr> {
         self.get_ref().0.peer()
     }
+
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        self.get_ref().0.tcp_stream()
+    }
+}
+
+/// The peer of the stream under a client's TLS session (for
+/// [`GoawayNotice::connector`](crate::connection::GoawayNotice::connector)).
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+impl<IO: PeerOf> PeerOf for tokio_rustls::client::TlsStream<IO> {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer()
+    }
+
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        self.get_ref().0.tcp_stream()
+    }
 }
 
 impl<IO: PeerOf> PeerOf for GuardedIo<IO> {
     fn peer(&self) -> Option<SocketAddr> {
         self.handle.peer()
+    }
+
+    fn tcp_stream(&self) -> Option<&tokio::net::TcpStream> {
+        self.inner.tcp_stream()
     }
 }
 
@@ -183,6 +230,10 @@ fn guarded<T>(
         return Poll::Ready(Err(err));
     }
     match operation(cx) {
+        Poll::Ready(Err(err)) => {
+            state.note_error(&err);
+            Poll::Ready(Err(err))
+        }
         Poll::Pending => {
             if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 slot.register(cx.waker());
@@ -241,10 +292,15 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        if let Some(err) = this.handle.state.closed_error() {
+        let state = &this.handle.state;
+        if let Some(err) = state.closed_error() {
             return Poll::Ready(Err(err));
         }
-        this.inner.poll_flush(cx)
+        let flushed = this.inner.poll_flush(cx);
+        if let Poll::Ready(Err(err)) = &flushed {
+            state.note_error(err);
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

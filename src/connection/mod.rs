@@ -232,6 +232,7 @@
 //!   ended it, e.g. a drain's cut or a stalled reader's timeout). The peer
 //!   gets no trailers: its calls fail as on any lost connection.
 
+pub(crate) mod builder;
 pub(crate) mod event;
 pub(crate) mod guard;
 pub(crate) mod handle;

@@ -21,6 +21,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use pin_project_lite::pin_project;
@@ -29,6 +30,7 @@ use tokio::{
     sync::{Notify, broadcast},
 };
 
+use super::PeerOf;
 use crate::frames::{FrameReader, Goaway};
 
 /// How many connection events a subscriber may fall behind by.
@@ -87,6 +89,8 @@ const EVENT_CAPACITY: usize = 256;
 #[derive(Clone)]
 pub struct GoawayNotice {
     shared: Arc<NoticeShared>,
+    /// Set on the TCP socket of each connection the connector makes.
+    dead_peer: Option<Duration>,
 }
 
 pub(crate) struct NoticeShared {
@@ -127,6 +131,7 @@ impl fmt::Debug for GoawayNotice {
         f.debug_struct("GoawayNotice")
             .field("open_connections", &self.open_connections())
             .field("goaways", &self.goaways())
+            .field("dead_peer_timeout", &self.dead_peer)
             .finish()
     }
 }
@@ -148,7 +153,46 @@ impl GoawayNotice {
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
             }),
+            dead_peer: Some(crate::socket::DEFAULT_DEAD_PEER_TIMEOUT),
         }
+    }
+
+    /// Bounds how long a server that vanished goes unnoticed on the
+    /// connections [`connector`](Self::connector) makes (default 20 s,
+    /// `None` for the kernel's defaults): the same TCP options as a
+    /// connection guard's
+    /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout),
+    /// set on the TCP socket of each new connection (its IO says where it
+    /// is through [`PeerOf::tcp_stream`]: tokio's `TcpStream`, hyper-util's
+    /// `TokioIo` of one, rustls' client `TlsStream` over one). A client
+    /// streaming an upload to a server whose network vanished sees its call
+    /// fail within about `timeout` instead of writing into buffers for
+    /// minutes. [`wrap`](Self::wrap) sets nothing: the IO is yours.
+    ///
+    /// Beside it, tonic's `Endpoint` has HTTP/2 PING keepalive for what the
+    /// kernel cannot see, e.g.
+    /// `.http2_keep_alive_interval(2 * timeout).keep_alive_timeout(timeout).keep_alive_while_idle(true)`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DeadPeerTimeoutOutOfRange`](crate::ConfigError::DeadPeerTimeoutOutOfRange) outside 1 s..=1 h.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_guard::{ConfigError, connection::GoawayNotice};
+    ///
+    /// let notice = GoawayNotice::new().with_dead_peer_timeout(Some(Duration::from_secs(5)))?;
+    /// # drop(notice);
+    /// assert!(GoawayNotice::new().with_dead_peer_timeout(Some(Duration::ZERO)).is_err());
+    /// # Ok::<(), ConfigError>(())
+    /// ```
+    pub fn with_dead_peer_timeout(
+        mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Self, crate::error::ConfigError> {
+        crate::socket::check_dead_peer_timeout(timeout)?;
+        self.dead_peer = timeout;
+        Ok(self)
     }
 
     /// Wraps a client connection's IO: what it reads must be plain HTTP/2, so
@@ -435,7 +479,7 @@ pub struct NoticeConnector<C> {
 impl<C> tower_service::Service<http::Uri> for NoticeConnector<C>
 where
     C: tower_service::Service<http::Uri>,
-    C::Response: AsyncRead + AsyncWrite + Unpin,
+    C::Response: AsyncRead + AsyncWrite + PeerOf + Unpin,
 {
     type Response = hyper_util::rt::TokioIo<NoticedIo<C::Response>>;
     type Error = C::Error;
@@ -467,12 +511,18 @@ pin_project! {
 impl<F, IO, E> Future for NoticeConnecting<F>
 where
     F: Future<Output = Result<IO, E>>,
+    IO: PeerOf,
 {
     type Output = Result<hyper_util::rt::TokioIo<NoticedIo<IO>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let io = ready!(this.future.poll(cx))?;
+        if let (Some(timeout), Some(tcp)) = (this.notice.dead_peer, io.tcp_stream())
+            && let Err(error) = crate::socket::set_dead_peer_timeout(tcp, timeout)
+        {
+            tracing::debug!(target: "tower_stream_guard", %error, "dead-peer socket options not set");
+        }
         Poll::Ready(Ok(hyper_util::rt::TokioIo::new(this.notice.wrap(io))))
     }
 }

@@ -37,6 +37,8 @@ pub(crate) struct ConnPolicy {
     /// down, in percent of it (below 100).
     pub(crate) max_age_jitter_percent: u8,
     pub(crate) resolution: Duration,
+    /// The bound on an unreachable peer, set on each wrapped TCP socket.
+    pub(crate) dead_peer: Option<Duration>,
 }
 
 /// Every connection of one connection guard.
@@ -109,11 +111,31 @@ impl ConnState {
     }
 
     pub(crate) fn closed_error(&self) -> Option<io::Error> {
-        let end = ConnectionEnd::from_code(self.end.load(Ordering::Acquire))?;
-        Some(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            format!("connection closed by tower-stream-guard ({end})"),
-        ))
+        let end = self.end()?;
+        let message = match end {
+            ConnectionEnd::PeerUnreachable => {
+                "connection lost: the peer is unreachable (dead_peer_timeout)".to_owned()
+            }
+            end => format!("connection closed by tower-stream-guard ({end})"),
+        };
+        Some(io::Error::new(io::ErrorKind::ConnectionAborted, message))
+    }
+
+    /// Why the guard closed the connection (or found its peer gone), if it did.
+    pub(crate) fn end(&self) -> Option<ConnectionEnd> {
+        ConnectionEnd::from_code(self.end.load(Ordering::Acquire))
+    }
+
+    /// Reads an error of the connection's IO: one that says the peer is
+    /// unreachable (the kernel gave up on it: see `socket.rs`) marks the
+    /// connection [`ConnectionEnd::PeerUnreachable`], before hyper drops its
+    /// streams, so that they and the close event say so. Reached only on
+    /// an IO error, never per read or write.
+    #[cold]
+    pub(crate) fn note_error(&self, error: &io::Error) {
+        if crate::socket::is_unreachable(error) {
+            self.close(ConnectionEnd::PeerUnreachable);
+        }
     }
 
     /// Emits the close event once, and forgets the connection.
@@ -121,8 +143,7 @@ impl ConnState {
         if self.reported.swap(true, Ordering::AcqRel) {
             return;
         }
-        let end = ConnectionEnd::from_code(self.end.load(Ordering::Acquire))
-            .unwrap_or(ConnectionEnd::Closed);
+        let end = self.end().unwrap_or(ConnectionEnd::Closed);
         let duration = self.opened.elapsed();
         let event = ConnectionEvent {
             id: self.id,
@@ -357,6 +378,7 @@ mod tests {
             max_age_grace: Duration::ZERO,
             max_age_jitter_percent: percent,
             resolution: Duration::from_millis(100),
+            dead_peer: None,
         }
     }
 
@@ -449,5 +471,36 @@ mod tests {
         );
         check(&guard, &handle, now + secs(1));
         assert!(handle.is_closed(), "idle for the idle timeout");
+    }
+
+    /// The dead-peer options go on the TCP socket a guard wraps, by
+    /// default and as set; `None` leaves the kernel's defaults.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn wrapped_tcp_sockets_get_the_dead_peer_options() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // `None` as the setting: the builder's default.
+        for (setting, expected) in [
+            (
+                Some(Some(Duration::from_secs(4))),
+                Some(Duration::from_secs(4)),
+            ),
+            (None, Some(Duration::from_secs(20))),
+            (Some(None), None),
+        ] {
+            let builder = ConnectionGuard::builder();
+            let builder = match setting {
+                Some(timeout) => builder.dead_peer_timeout(timeout),
+                None => builder,
+            };
+            let guard = builder.build().expect("valid");
+            let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+            let (tcp, _) = listener.accept().await?;
+            let io = guard.wrap(tcp);
+            let socket = socket2::SockRef::from(io.get_ref());
+            assert_eq!(socket.tcp_user_timeout()?, expected, "{setting:?}");
+            assert_eq!(socket.keepalive()?, expected.is_some(), "{setting:?}");
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -82,9 +82,23 @@ impl ConnectionGuard {
         let handle = io.handle().clone();
         let goaway = handle.goaway();
         let drain = self.drain_shared();
+        let dead_peer = self.connections.policy.dead_peer;
         let service = WithHandle { service, handle };
         Box::pin(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            if let Some(timeout) = dead_peer {
+                // A PING after twice the bound of silence, answered within
+                // the bound: later than the kernel's own bound (see
+                // `socket.rs`), so that where the kernel can tell, it does
+                // first and the streams say `peer_unreachable`; the PING
+                // catches what it cannot (a stuck peer that still ACKs,
+                // platforms without TCP_USER_TIMEOUT).
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(timeout * 2)
+                    .keep_alive_timeout(timeout);
+            }
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             let draining = async {

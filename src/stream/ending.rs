@@ -248,6 +248,18 @@ impl Record {
         true
     }
 
+    /// How this stream ends when it is dropped before it completed:
+    /// [`Ending::PeerUnreachable`] when its connection guard found the
+    /// connection's peer unreachable (hyper drops the streams of a
+    /// connection after its IO failed, and the IO wrapper marks the
+    /// connection on that failure), else [`Ending::Cancelled`].
+    pub(crate) fn abandoned(&self) -> Ending {
+        match self.after.connection() {
+            Some(conn) if conn.is_peer_unreachable() => Ending::PeerUnreachable,
+            _ => Ending::Cancelled,
+        }
+    }
+
     /// Decides that the stream completed, and leaves the rest of its end to
     /// [`finish_deferred`](Self::finish_deferred).
     ///

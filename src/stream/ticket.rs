@@ -12,8 +12,9 @@ use std::{ops::Deref, sync::Arc};
 use super::{ending::After, policy::Policy, record::Record, shared::Shared};
 use crate::end::Ending;
 
-/// Owns one stream: its `Drop` ends it as [`Ending::Cancelled`] unless it
-/// has ended, and finishes an end that was only decided.
+/// Owns one stream: its `Drop` ends it as abandoned ([`Ending::Cancelled`],
+/// or [`Ending::PeerUnreachable`] on a connection whose peer was lost)
+/// unless it has ended, and finishes an end that was only decided.
 pub(crate) struct Ticket(Arc<Record>);
 
 impl Ticket {
@@ -72,7 +73,7 @@ impl Drop for Ticket {
         // An end decided while a body or the service panicked, or on the
         // body's last frame, else: abandoned.
         self.finish_deferred();
-        self.end(Ending::Cancelled);
+        self.end(self.abandoned());
     }
 }
 
