@@ -329,21 +329,27 @@ impl Proc {
         }
     }
 
-    /// The first line (already seen or still to come) that `matches`,
-    /// waiting at most until `deadline`.
+    /// The first line (already seen or still to come) that `matches` and
+    /// arrived by `deadline`, waiting at most until then. Lines already
+    /// waiting in the channel count even when the deadline has passed (the
+    /// scenario may have been busy reading another process meanwhile): they
+    /// were stamped when they arrived.
     pub fn wait_until(
         &mut self,
         deadline: Instant,
         matches: impl Fn(&Line) -> bool,
     ) -> Option<Line> {
-        if let Some(line) = self.seen.iter().find(|line| matches(line)) {
+        let in_time = |line: &Line| line.at <= deadline && matches(line);
+        if let Some(line) = self.seen.iter().find(|line| in_time(line)) {
             return Some(line.clone());
         }
         loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let line = self.lines.recv_timeout(left).ok()?;
+            let line = match deadline.checked_duration_since(Instant::now()) {
+                Some(left) => self.lines.recv_timeout(left).ok()?,
+                None => self.lines.try_recv().ok()?,
+            };
             self.seen.push(line.clone());
-            if matches(&line) {
+            if in_time(&line) {
                 return Some(line);
             }
         }
@@ -370,10 +376,11 @@ impl Proc {
     }
 
     /// Takes in every line that arrives until `deadline`, and returns all
-    /// lines seen so far.
-    pub fn collect_until(&mut self, deadline: Instant) -> &[Line] {
+    /// lines seen so far that arrived by then.
+    pub fn collect_until(&mut self, deadline: Instant) -> Vec<Line> {
         while self.wait_until(deadline, |_| false).is_some() {}
-        &self.seen
+        let seen = self.seen.iter().filter(|line| line.at <= deadline);
+        seen.cloned().collect()
     }
 
     /// The lines seen so far (after taking in those already waiting).

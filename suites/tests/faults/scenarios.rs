@@ -117,7 +117,7 @@ fn fifty_streams_on_ten_blackholed_connections_each_end_once_within_the_bound() 
 
     let blackholed = ns.blackhole(&ports);
     let ports: HashSet<u16> = ports.into_iter().collect();
-    let lines = server.collect_until(blackholed + BOUND).to_vec();
+    let lines = server.collect_until(blackholed + BOUND);
     let mut ends: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for line in lines
         .iter()
@@ -213,7 +213,7 @@ fn healthy_client_streams_on_while_its_neighbour_is_blackholed() {
     let after = blackholed + BOUND + Duration::from_secs(1);
     healthy.collect_until(after);
     doomed.collect_until(after);
-    let lines = server.collect_until(after).to_vec();
+    let lines = server.collect_until(after);
 
     // The fault was real: the blackholed client stopped receiving.
     let (doomed_then, doomed_now) = (
@@ -347,7 +347,7 @@ fn slow_but_alive_client_is_not_taken_for_dead() {
     let start = flowing(&mut client, 1, 5_000).at;
 
     let watched = start + 3 * DEAD_PEER;
-    let lines = server.collect_until(watched).to_vec();
+    let lines = server.collect_until(watched);
     let ended: Vec<String> = lines
         .iter()
         .filter(|l| is_end_from(l, ports[0]))
