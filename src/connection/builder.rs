@@ -199,6 +199,11 @@ impl ConnectionGuardBuilder {
     ///   answers the first probe: one bare segment per `timeout / 2` of
     ///   silence.
     ///
+    /// Choose it above the longest time a live client's link may hold data
+    /// unacknowledged: the kernel cannot tell a link that delivers nothing
+    /// for `timeout` from a dead one (under the fault suite, a 20 KB/s link
+    /// lives with 2 s, a 500 B/s one with a deep queue is cut).
+    ///
     /// When the kernel gives up, the connection's IO fails with `ETIMEDOUT`;
     /// the guard's close event says
     /// [`PeerUnreachable`](crate::ConnectionEnd::PeerUnreachable), and every
