@@ -237,6 +237,8 @@ pub(crate) mod event;
 pub(crate) mod guard;
 pub(crate) mod handle;
 mod io;
+#[cfg(feature = "axum")]
+mod listener;
 mod notice;
 mod registry;
 #[cfg(feature = "hyper")]
@@ -245,6 +247,9 @@ mod tonic;
 
 pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use listener::GuardedListener;
 pub(crate) use notice::NoticeShared;
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 #[cfg(any(feature = "tonic", feature = "hyper"))]
