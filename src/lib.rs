@@ -220,7 +220,9 @@
 //!   nesting with a [`ConnectionGuard`]; [`connection::PeerOf`] for
 //!   `tokio_rustls::server::TlsStream`. Adds tokio-rustls without a crypto
 //!   provider.
-//! - `axum`: axum's `ConnectInfo<SocketAddr>` gives connection keys and peers.
+//! - `axum`: axum's `ConnectInfo<SocketAddr>` gives connection keys and peers;
+//!   [`ConnectionGuard::wrap_listener`] guards the connections `axum::serve`
+//!   accepts (see [`connection::GuardedListener`]).
 //! - `metrics`: stream and connection metrics through the
 //!   [`metrics`](https://docs.rs/metrics) facade, for any exporter
 //!   (Prometheus, OpenTelemetry, ...), switched on with

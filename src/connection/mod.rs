@@ -119,6 +119,47 @@
 //! [`max_age`](crate::ConnectionGuardBuilder::max_age) is closed hard
 //! `max_age_grace` later, without a GOAWAY.
 //!
+//! # With axum
+//!
+//! With feature `axum`, hand `axum::serve` the guarded listener of
+//! [`ConnectionGuard::wrap_listener`](crate::ConnectionGuard::wrap_listener)
+//! and serve the router with
+//! `into_make_service_with_connect_info::<GuardedConnectInfo<SocketAddr>>()`:
+//! axum inserts that [`GuardedConnectInfo`] into every request, and a
+//! [`StreamGuardLayer`](crate::StreamGuardLayer) on the router unpacks it
+//! into the [`ConnectionHandle`] and axum's `ConnectInfo<SocketAddr>` (so
+//! handlers' `ConnectInfo<SocketAddr>` keeps working). Without the connect
+//! info, no request carries the handle, and stream guards cannot tell the
+//! connection that they serve a stream on it (see [`GuardedListener`]).
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # async fn run(app: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::{net::SocketAddr, time::Duration};
+//! use tower_stream_guard::{ConnectionGuard, StreamGuardLayer, connection::GuardedConnectInfo};
+//!
+//! let connections = ConnectionGuard::builder()
+//!     .stalled_grace(Duration::from_secs(30))
+//!     .idle_timeout(Duration::from_secs(10 * 60))
+//!     .build()?;
+//! let guard = StreamGuardLayer::builder()
+//!     .response_idle_timeout(Duration::from_secs(30))
+//!     .build()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(
+//!     connections.wrap_listener(listener),
+//!     app.layer(guard)
+//!         .into_make_service_with_connect_info::<GuardedConnectInfo<SocketAddr>>(),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! As under tonic, axum drives its connections itself, so a connection over
+//! [`max_age`](crate::ConnectionGuardBuilder::max_age) is closed hard
+//! `max_age_grace` later, without a GOAWAY.
+//!
 //! # With hyper-util
 //!
 //! With feature `hyper`,
@@ -237,6 +278,8 @@ pub(crate) mod event;
 pub(crate) mod guard;
 pub(crate) mod handle;
 mod io;
+#[cfg(feature = "axum")]
+mod listener;
 mod notice;
 mod registry;
 #[cfg(feature = "hyper")]
@@ -245,6 +288,9 @@ mod tonic;
 
 pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use listener::GuardedListener;
 pub(crate) use notice::NoticeShared;
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 #[cfg(any(feature = "tonic", feature = "hyper"))]

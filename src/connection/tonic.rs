@@ -1,4 +1,5 @@
-//! tonic's connect info for guarded connections.
+//! The connect info of guarded connections, for tonic (and for axum's
+//! guarded listener).
 
 use super::ConnectionHandle;
 #[cfg(feature = "tonic")]
@@ -13,6 +14,12 @@ use super::GuardedIo;
 /// itself (e.g. `TcpConnectInfo`, so `tonic::Request::remote_addr` keeps
 /// working); under TLS it reads `TlsConnectInfo<GuardedConnectInfo<_>>` as
 /// well. Handlers rarely need this type: ask for the `ConnectionHandle`.
+///
+/// With feature `axum`, it is also the connect info to serve a router with
+/// under a [`GuardedListener`](crate::connection::GuardedListener):
+/// `into_make_service_with_connect_info::<GuardedConnectInfo<SocketAddr>>()`.
+/// The stream guard then inserts the handle, and axum's
+/// `ConnectInfo<SocketAddr>` for handlers that extract it.
 ///
 /// ```
 /// # #[cfg(feature = "tonic")]

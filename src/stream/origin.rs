@@ -13,6 +13,7 @@
 //! | [`ConnectionHandle`] | its id | its peer | itself |
 //! | `GuardedConnectInfo<T>`, `T` any of the connect infos below | the handle's id | from `T` | yes |
 //! | `TlsConnectInfo<GuardedConnectInfo<T>>` (feature `tls`) | the handle's id | from `T` | yes |
+//! | axum's `ConnectInfo<GuardedConnectInfo<SocketAddr>>` (feature `axum`, from a [`GuardedListener`](crate::connection::GuardedListener)) | the handle's id | from the `SocketAddr` | yes |
 //! | [`StreamGuard::for_connection`](crate::stream::StreamGuard::for_connection) | that key | its remote address | |
 //! | [`connection_key`](crate::StreamGuardBuilder::connection_key) (yours) | what it returns | its remote address | |
 //! | tonic's `TcpConnectInfo` | both addresses | remote | |
@@ -30,14 +31,16 @@
 //!
 //! A guarded connect info is also unpacked into the request extensions:
 //! what it wraps is inserted as itself (so `tonic::Request::remote_addr`
-//! keeps working; under TLS, the inner `TcpConnectInfo` is inserted too), and
+//! keeps working; under TLS, the inner `TcpConnectInfo` is inserted too;
+//! under axum, as `ConnectInfo<SocketAddr>`, so handlers' `ConnectInfo`
+//! extractor keeps working, and likewise for a Unix socket's address), and
 //! the handle as a [`ConnectionHandle`].
 //!
 //! Costs: a few type-keyed map lookups per request, nothing per frame.
 
 use std::net::SocketAddr;
 
-#[cfg(feature = "tonic")]
+#[cfg(any(feature = "tonic", feature = "axum"))]
 use crate::connection::GuardedConnectInfo;
 use crate::{
     connection::ConnectionHandle,
@@ -128,7 +131,33 @@ pub(crate) fn handle_of(extensions: &mut http::Extensions) -> Option<ConnectionH
             }
         }
     }
+    #[cfg(feature = "axum")]
+    {
+        if let Some(handle) = unpack_axum::<SocketAddr>(extensions) {
+            return Some(handle);
+        }
+        #[cfg(unix)]
+        if let Some(handle) = unpack_axum::<tokio::net::unix::SocketAddr>(extensions) {
+            return Some(handle);
+        }
+    }
     None
+}
+
+/// axum's `ConnectInfo<GuardedConnectInfo<T>>`, from a
+/// [`GuardedListener`](crate::connection::GuardedListener): the address is
+/// inserted as `ConnectInfo<T>`, where axum's extractor and
+/// [`connect_info`] look for it.
+#[cfg(feature = "axum")]
+fn unpack_axum<T: Clone + Send + Sync + 'static>(
+    extensions: &mut http::Extensions,
+) -> Option<ConnectionHandle> {
+    use axum::extract::ConnectInfo;
+    let ConnectInfo(info) = extensions.get::<ConnectInfo<GuardedConnectInfo<T>>>()?;
+    let (inner, handle) = (info.get_ref().clone(), info.handle().clone());
+    extensions.insert(ConnectInfo(inner));
+    extensions.insert(handle.clone());
+    Some(handle)
 }
 
 /// `GuardedConnectInfo<T>`: the guard wraps the IO tonic sees.

@@ -214,3 +214,38 @@ fn axums_connect_info_gives_the_remote_address() {
     );
     assert_eq!(found.peer, Some(addr("10.0.0.6:6")));
 }
+
+/// What `into_make_service_with_connect_info::<GuardedConnectInfo<SocketAddr>>()`
+/// inserts under a `GuardedListener`: the handle wins, and the address is
+/// handed on as axum's `ConnectInfo<SocketAddr>` for handlers.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn axums_guarded_connect_info_is_unpacked() {
+    use axum::extract::ConnectInfo;
+
+    use crate::connection::GuardedConnectInfo;
+
+    let guard = ConnectionGuard::builder().build().expect("valid");
+    let io = guard.wrap(Peer(Some(addr("10.0.0.7:7"))));
+    let mut ext = http::Extensions::new();
+    ext.insert(ConnectInfo(GuardedConnectInfo {
+        inner: addr("10.0.0.8:8"),
+        handle: io.handle().clone(),
+    }));
+    let found = found(&mut ext);
+    assert_eq!(found.connection, Some(io.handle().key()));
+    assert_eq!(
+        found.peer,
+        Some(addr("10.0.0.8:8")),
+        "the listener's address"
+    );
+    assert_eq!(found.handle.map(|h| h.id()), Some(io.handle().id()));
+    assert_eq!(
+        ext.get::<ConnectInfo<SocketAddr>>().map(|info| info.0),
+        Some(addr("10.0.0.8:8"))
+    );
+    assert_eq!(
+        ext.get::<crate::ConnectionHandle>().map(|h| h.id()),
+        Some(io.handle().id())
+    );
+}
