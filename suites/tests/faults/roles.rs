@@ -218,8 +218,8 @@ fn tonic_server() {
 }
 
 /// An axum router with one streaming route, `GET /feed`: `chunk` bytes
-/// every `interval_ms`, for ever, behind a `StreamGuardLayer`, each
-/// connection served by `ConnectionGuard::serve_connection`.
+/// every `interval_ms`, for ever, behind a `StreamGuardLayer`, served by
+/// `axum::serve` over `ConnectionGuard::wrap_listener`.
 #[test]
 fn axum_server() {
     let Some(config) = Config::from_env(AXUM_SERVER.1) else {
@@ -240,13 +240,12 @@ fn axum_server() {
         let connections = connection_guard(config.dead_peer());
         report_connections(&connections);
         let listener = listen().await;
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(connections.serve_connection(tcp, router.clone()));
-        }
+        // `axum::serve` itself, over the guard's listener: the connect
+        // info carries each connection's handle to the stream guard.
+        let app = router.into_make_service_with_connect_info::<
+            tower_stream_guard::connection::GuardedConnectInfo<std::net::SocketAddr>,
+        >();
+        let _ = axum::serve(connections.wrap_listener(listener), app).await;
     });
 }
 
