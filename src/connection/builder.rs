@@ -64,9 +64,11 @@ pub struct ConnectionGuardBuilder {
 }
 
 impl ConnectionGuard {
-    /// Starts building a connection guard. With nothing set it only gives
-    /// connections ids, handles and events (and closes them at the end of a
-    /// drain given with [`drain`](ConnectionGuardBuilder::drain)).
+    /// Starts building a connection guard. With nothing set it gives
+    /// connections ids, handles and events, sets the
+    /// [dead-peer options](ConnectionGuardBuilder::dead_peer_timeout) (20 s)
+    /// on TCP sockets, and closes connections at the end of a drain given
+    /// with [`drain`](ConnectionGuardBuilder::drain).
     pub fn builder() -> ConnectionGuardBuilder {
         ConnectionGuardBuilder {
             policy: ConnPolicy {
@@ -233,10 +235,12 @@ impl ConnectionGuardBuilder {
     /// kernel answers but whose HTTP/2 stack is stuck, platforms without
     /// `TCP_USER_TIMEOUT`), timed so as not to race the kernel's bound. A
     /// connection PING closes is reported `Closed`, its streams
-    /// `Cancelled`. Under tonic's `serve_with_incoming` or `axum::serve`,
-    /// the server drives the connection: set its own PING keepalive beside
-    /// this, e.g. tonic's
-    /// `Server::builder().http2_keepalive_interval(Some(2 * timeout)).http2_keepalive_timeout(Some(timeout))`.
+    /// `Cancelled`. Under tonic's `serve_with_incoming` the server drives
+    /// the connection: set its own PING keepalive beside this, e.g.
+    /// `Server::builder().http2_keepalive_interval(Some(2 * timeout)).http2_keepalive_timeout(Some(timeout))`
+    /// (`examples/server.rs` does). `axum::serve` has no PING setting: the
+    /// kernel's bound is all there is, or serve each connection with
+    /// `serve_connection` instead.
     ///
     /// ```
     /// use std::time::Duration;

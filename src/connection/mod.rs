@@ -30,10 +30,17 @@
 //! - **drained**: still open when a [`Drain`](crate::Drain) given to the
 //!   guard is over (its grace period plus its close delay), or accepted
 //!   after the drain began;
-//! - closed by hand, with [`ConnectionHandle::close`].
+//! - closed by hand, with [`ConnectionHandle::close`];
+//! - and, by the kernel, when its **peer is unreachable**: on every TCP
+//!   connection it wraps, the guard sets `TCP_USER_TIMEOUT` and keepalive
+//!   ([`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout),
+//!   20 s by default), so that a peer whose network vanished while data
+//!   flows to it, or while the connection is silent, is given up on within
+//!   that bound; its streams end
+//!   [`PeerUnreachable`](crate::EndReason::PeerUnreachable).
 //!
-//! With no setting, a guard only gives connections ids and events (and
-//! closes them at a drain's end).
+//! With no setting, a guard gives connections ids and events, finds
+//! unreachable peers within 20 s, and closes connections at a drain's end.
 //!
 //! Each connection gets an id, unique within the process, and a
 //! [`ConnectionHandle`] that stream guards and handlers find in the request
