@@ -402,3 +402,76 @@ fn build_refuses_a_jitter_of_a_hundred_percent_or_more() {
         .build()
         .expect("jitter without max_age");
 }
+
+/// With the default zero `max_age_grace`, the GOAWAY asked for at the age
+/// still reaches the client before the hard close (the close waits one
+/// resolution): a `GoawayNotice` on the client counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_without_grace_still_sends_goaway_before_the_close() {
+    let connections = ConnectionGuard::builder()
+        .max_age(Duration::from_millis(300))
+        .max_age_jitter_percent(0)
+        .build()
+        .unwrap();
+    let mut conn_events = connections.subscribe();
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let addr = serve(connections.clone(), guard.clone()).await;
+
+    let notice = tower_stream_guard::connection::GoawayNotice::new();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(notice.wrap(tcp)))
+            .await
+            .expect("HTTP/2 handshake");
+    let driver = tokio::spawn(connection);
+    let mut in_flight = open(&mut sender).await.expect("stream");
+    in_flight.frame().await.unwrap().unwrap();
+
+    let closed = loop {
+        let event = timeout(PATIENCE, conn_events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.end().is_some() {
+            break event;
+        }
+    };
+    assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
+    // The client's connection task reads until the close: by its end it has
+    // read whatever the server sent.
+    let _ = timeout(PATIENCE, driver)
+        .await
+        .expect("the client sees the close");
+    assert_eq!(notice.goaways(), 1, "no GOAWAY before the hard close");
+}
+
+/// A connection that closes gracefully after its max-age GOAWAY (here: the
+/// client goes once told) is reported as closed for its age, not `closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_close_after_the_max_age_goaway_says_max_age() {
+    let connections = ConnectionGuard::builder()
+        .max_age(Duration::from_millis(200))
+        .max_age_grace(Duration::from_secs(30))
+        .max_age_jitter_percent(0)
+        .build()
+        .unwrap();
+    let mut conn_events = connections.subscribe();
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let addr = serve(connections.clone(), guard).await;
+    let mut sender = connect(addr).await;
+    // Short streams until refused: the GOAWAY came; nothing is left open,
+    // so hyper closes the connection gracefully, long before the grace.
+    goaway_seen(&mut sender).await;
+    drop(sender);
+    let closed = loop {
+        let event = timeout(PATIENCE, conn_events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.end().is_some() {
+            break event;
+        }
+    };
+    assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
+    assert!(closed.duration() < Duration::from_secs(30), "{closed:?}");
+}

@@ -131,7 +131,9 @@ impl ConnectionGuardBuilder {
 
     /// Time between the graceful-close request at a connection's (jittered)
     /// [`max_age`](Self::max_age) and its hard close (default zero: closed
-    /// hard at the age). Needs `max_age`; at most 365 days.
+    /// hard one [`resolution`](Self::resolution) after the age, the least
+    /// that lets a GOAWAY asked for at the age reach the peer first). Needs
+    /// `max_age`; at most 365 days.
     pub fn max_age_grace(mut self, grace: Duration) -> Self {
         self.policy.max_age_grace = grace;
         self

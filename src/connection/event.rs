@@ -28,7 +28,8 @@ pub enum ConnectionEnd {
     /// A stream's guard fired and its peer did not read the ending within
     /// the stalled grace.
     Stalled,
-    /// The connection reached its maximum age (plus grace).
+    /// The connection reached its maximum age: it closed after the GOAWAY
+    /// asked for then (gracefully, or hard at the end of the grace).
     MaxAge,
     /// It was still open when a drain's grace period ended.
     Drained,

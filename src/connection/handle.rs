@@ -202,6 +202,11 @@ impl ConnectionHandle {
     /// That body was read (or dropped) after all.
     pub(crate) fn stream_unstalled(&self) {
         let state = &self.state;
+        // hyper let the stream go only now: the connection's quiet time
+        // starts now, not when the stream's guard fired.
+        state
+            .quiet_since
+            .store(state.connections.now_ns(), Ordering::Relaxed);
         if state.stalled.fetch_sub(1, Ordering::AcqRel) == 1 {
             state.stalled_since.store(NEVER, Ordering::Release);
         }

@@ -143,7 +143,15 @@ impl ConnState {
         if self.reported.swap(true, Ordering::AcqRel) {
             return;
         }
-        let end = self.end().unwrap_or(ConnectionEnd::Closed);
+        // A connection that went away after its max-age GOAWAY, gracefully,
+        // went for its age all the same: recycling stays countable.
+        let end = self
+            .end()
+            .unwrap_or(if self.goaway_asked.load(Ordering::Acquire) {
+                ConnectionEnd::MaxAge
+            } else {
+                ConnectionEnd::Closed
+            });
         let duration = self.opened.elapsed();
         let event = ConnectionEvent {
             id: self.id,
@@ -193,8 +201,12 @@ impl ConnState {
                 return;
             }
         }
+        // A stalled stream's end left no stream counted, but hyper still
+        // holds it: the connection is not idle, its reader gets its grace.
+        // (A stall is counted before the stream's end is.)
         if let Some(idle) = policy.idle
             && self.streams_open.load(Ordering::Acquire) == 0
+            && self.stalled.load(Ordering::Acquire) == 0
             && now.saturating_sub(self.quiet_since.load(Ordering::Relaxed)) >= ns(idle)
         {
             self.close(ConnectionEnd::Idle);
@@ -206,7 +218,12 @@ impl ConnState {
             if lived >= age && !self.goaway_asked.swap(true, Ordering::AcqRel) {
                 self.goaway.notify_waiters();
             }
-            if lived >= age.saturating_add(ns(policy.max_age_grace)) {
+            // The hard close never comes in the tick that asks for the
+            // GOAWAY: closing fails every write, and the GOAWAY hyper
+            // queued would never be flushed. So at least one resolution
+            // between them, even with a zero grace.
+            let grace = ns(policy.max_age_grace).max(ns(policy.resolution));
+            if lived >= age.saturating_add(grace) {
                 self.close(ConnectionEnd::MaxAge);
             }
         }
@@ -338,169 +355,5 @@ async fn run_timer(mut lease: Lease<Connections>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-    use std::sync::atomic::Ordering;
-    use std::time::Duration;
-
-    use crate::connection::{ConnectionGuard, ConnectionHandle, GuardedIo, PeerOf};
-
-    /// An IO that is never read: the tests drive the connection's state.
-    struct NoIo;
-
-    impl PeerOf for NoIo {
-        fn peer(&self) -> Option<SocketAddr> {
-            None
-        }
-    }
-
-    const GRACE: Duration = Duration::from_secs(1);
-
-    fn connection(guard: &ConnectionGuard) -> (GuardedIo<NoIo>, ConnectionHandle) {
-        let io = guard.wrap(NoIo);
-        let handle = io.handle().clone();
-        (io, handle)
-    }
-
-    fn check(guard: &ConnectionGuard, handle: &ConnectionHandle, now: u64) {
-        handle.state.check(&guard.connections.policy, now);
-    }
-
-    fn secs(s: u64) -> u64 {
-        s * 1_000_000_000
-    }
-
-    fn policy(age: Option<Duration>, percent: u8) -> super::ConnPolicy {
-        super::ConnPolicy {
-            idle: None,
-            stalled_grace: None,
-            max_age: age,
-            max_age_grace: Duration::ZERO,
-            max_age_jitter_percent: percent,
-            resolution: Duration::from_millis(100),
-            dead_peer: None,
-        }
-    }
-
-    /// The draw maps onto max_age × (1 ± jitter) end to end, evenly.
-    #[test]
-    fn a_connections_max_age_spans_the_jitter_both_ways() {
-        let ten = policy(Some(Duration::from_secs(100)), 10);
-        assert_eq!(ten.connection_max_age(0), secs(90));
-        assert_eq!(ten.connection_max_age(u64::MAX), secs(110));
-        assert_eq!(ten.connection_max_age(1 << 63), secs(100));
-        assert_eq!(ten.connection_max_age(1 << 62), secs(95));
-        let none = policy(Some(Duration::from_secs(100)), 0);
-        for draw in [0, 1 << 63, u64::MAX] {
-            assert_eq!(none.connection_max_age(draw), secs(100));
-        }
-        assert_eq!(policy(None, 10).connection_max_age(0), super::NEVER);
-        // The longest age accepted, drawn at the top of the widest jitter.
-        let longest = policy(Some(crate::error::MAX_DURATION), 99);
-        assert_eq!(
-            u128::from(longest.connection_max_age(u64::MAX)),
-            crate::error::MAX_DURATION.as_nanos() * 199 / 100
-        );
-    }
-
-    #[test]
-    fn a_jittered_max_age_is_at_least_the_resolution() {
-        let wide = policy(Some(Duration::from_millis(100)), 99);
-        assert_eq!(wide.connection_max_age(0), 100_000_000);
-        assert_eq!(wide.connection_max_age(u64::MAX), 199_000_000);
-    }
-
-    /// A stall and an unstall racing: the unstall's "no time" lands first,
-    /// the stall's time after it, with no stalled stream left.
-    #[tokio::test(start_paused = true)]
-    pub(crate) async fn a_stall_time_without_a_stalled_stream_never_closes_the_connection() {
-        let guard = ConnectionGuard::builder()
-            .stalled_grace(GRACE)
-            .build()
-            .expect("valid configuration");
-        let (_io, handle) = connection(&guard);
-        let state = &handle.state;
-        state.stalled.fetch_add(1, Ordering::AcqRel);
-        handle.stream_unstalled();
-        state.stalled_since.store(0, Ordering::Release);
-        check(&guard, &handle, secs(10));
-        assert!(
-            !handle.is_closed(),
-            "closed as stalled with nothing stalled"
-        );
-    }
-
-    /// The other order: a stalled stream whose time was wiped by a racing
-    /// unstall of another one still gets its connection closed, one grace
-    /// after the timer noticed it.
-    #[tokio::test(start_paused = true)]
-    pub(crate) async fn a_stalled_stream_without_a_stall_time_still_closes_the_connection() {
-        let guard = ConnectionGuard::builder()
-            .stalled_grace(GRACE)
-            .build()
-            .expect("valid configuration");
-        let (_io, handle) = connection(&guard);
-        handle.stream_stalled();
-        handle
-            .state
-            .stalled_since
-            .store(super::NEVER, Ordering::Release);
-        check(&guard, &handle, secs(10));
-        assert!(!handle.is_closed(), "the grace starts when noticed");
-        check(&guard, &handle, secs(11));
-        assert!(handle.is_closed(), "a stalled reader's connection closes");
-    }
-
-    /// The last stream's end is seen with its time: a connection is never
-    /// closed as idle the moment its last stream ends.
-    #[tokio::test(start_paused = true)]
-    pub(crate) async fn the_last_stream_ending_restarts_the_idle_time() {
-        let guard = ConnectionGuard::builder()
-            .idle_timeout(GRACE)
-            .build()
-            .expect("valid configuration");
-        let (_io, handle) = connection(&guard);
-        handle.stream_started();
-        tokio::time::advance(Duration::from_secs(10)).await;
-        handle.stream_ended();
-        let now = guard.connections.now_ns();
-        check(&guard, &handle, now);
-        assert!(
-            !handle.is_closed(),
-            "closed as idle as its last stream ended"
-        );
-        check(&guard, &handle, now + secs(1));
-        assert!(handle.is_closed(), "idle for the idle timeout");
-    }
-
-    /// The dead-peer options go on the TCP socket a guard wraps, by
-    /// default and as set; `None` leaves the kernel's defaults.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn wrapped_tcp_sockets_get_the_dead_peer_options() -> std::io::Result<()> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        // `None` as the setting: the builder's default.
-        for (setting, expected) in [
-            (
-                Some(Some(Duration::from_secs(4))),
-                Some(Duration::from_secs(4)),
-            ),
-            (None, Some(Duration::from_secs(20))),
-            (Some(None), None),
-        ] {
-            let builder = ConnectionGuard::builder();
-            let builder = match setting {
-                Some(timeout) => builder.dead_peer_timeout(timeout),
-                None => builder,
-            };
-            let guard = builder.build().expect("valid");
-            let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
-            let (tcp, _) = listener.accept().await?;
-            let io = guard.wrap(tcp);
-            let socket = socket2::SockRef::from(io.get_ref());
-            assert_eq!(socket.tcp_user_timeout()?, expected, "{setting:?}");
-            assert_eq!(socket.keepalive()?, expected.is_some(), "{setting:?}");
-        }
-        Ok(())
-    }
-}
+#[path = "registry_tests.rs"]
+mod tests;
