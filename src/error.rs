@@ -92,8 +92,16 @@ pub struct GuardError {
     limit: Duration,
     message: String,
     code: u32,
+    /// The status tonic reads from the chain; its source is `reset`.
     #[cfg(feature = "tonic")]
     status: tonic::Status,
+    /// `RST_STREAM(CANCEL)`: hyper resets a stream whose body failed with
+    /// the h2 reason it finds in the error's source chain, else with
+    /// `INTERNAL_ERROR`, which a gRPC peer reads as `Internal "h2 protocol
+    /// error"`. A guard's end is the HTTP/2 form of a cancel or a deadline
+    /// (gRPC maps both to `CANCEL`).
+    #[cfg(all(feature = "hyper", not(feature = "tonic")))]
+    reset: h2::Error,
 }
 
 impl GuardError {
@@ -102,7 +110,14 @@ impl GuardError {
             reason,
             limit,
             #[cfg(feature = "tonic")]
-            status: tonic::Status::new(tonic::Code::from_i32(code as i32), message.clone()),
+            status: {
+                let mut status =
+                    tonic::Status::new(tonic::Code::from_i32(code as i32), message.clone());
+                status.set_source(std::sync::Arc::new(h2::Error::from(h2::Reason::CANCEL)));
+                status
+            },
+            #[cfg(all(feature = "hyper", not(feature = "tonic")))]
+            reset: h2::Error::from(h2::Reason::CANCEL),
             message,
             code,
         }
@@ -138,7 +153,9 @@ impl Error for GuardError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         #[cfg(feature = "tonic")]
         return Some(&self.status);
-        #[cfg(not(feature = "tonic"))]
+        #[cfg(all(feature = "hyper", not(feature = "tonic")))]
+        return Some(&self.reset);
+        #[cfg(not(any(feature = "tonic", feature = "hyper")))]
         None
     }
 }

@@ -126,7 +126,7 @@
 //!
 //! | situation | gRPC response | plain HTTP response |
 //! |---|---|---|
-//! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (RST_STREAM on HTTP/2) |
+//! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (`RST_STREAM(CANCEL)` on HTTP/2) |
 //! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `408 Request Timeout` when the request body went silent ([`request_idle_timeout`](StreamGuardBuilder::request_idle_timeout)), `504 Gateway Timeout` for the other idle timeouts and the lifetime; the handler's future is dropped |
 //! | a cap refuses the stream, or a drain is in progress | trailers-only response, `grpc-status: 8` (cap) or `14` (drain) | `503 Service Unavailable` with `Retry-After: 1` ([`retry_after`](StreamGuardBuilder::retry_after)) |
 //! | peer reads too slowly ([`min_response_rate`](StreamGuardBuilder::min_response_rate)) | trailers `grpc-status: 8` (RESOURCE_EXHAUSTED) naming the setting, sent if the peer reads on; released at once, as below | body error: hyper resets the stream |

@@ -30,6 +30,7 @@ use tokio::{
     sync::{Notify, broadcast},
 };
 
+#[cfg(any(feature = "tonic", feature = "hyper"))]
 use super::PeerOf;
 use crate::frames::{FrameReader, Goaway};
 
