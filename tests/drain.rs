@@ -416,3 +416,45 @@ mod drain_order {
         });
     }
 }
+
+/// The runtime a drain's task runs on shuts down mid-drain: the report's
+/// future, awaited on another runtime, still resolves (with the counts so
+/// far), and so does a later `start`.
+#[cfg(unix)]
+#[test]
+fn a_drain_whose_runtime_shut_down_still_reports() {
+    use std::time::Duration;
+
+    let drain = Drain::new();
+    let connections = tower_stream_guard::ConnectionGuard::builder()
+        .drain(&drain)
+        .build()
+        .unwrap();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // An open connection keeps the drain waiting for its whole grace.
+    let (report, io) = first.block_on(async {
+        let (server, _client) = tokio::net::UnixStream::pair().unwrap();
+        let io = connections.wrap(server);
+        (drain.start(Duration::from_secs(600)), io)
+    });
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let report = tokio::time::timeout(Duration::from_secs(5), report)
+            .await
+            .expect("the report resolves after its runtime shut down");
+        assert_eq!(report.connections_closed(), 0);
+        let again = tokio::time::timeout(Duration::from_secs(5), drain.start(Duration::ZERO))
+            .await
+            .expect("a later start resolves");
+        assert_eq!(again.connections_closed(), 0);
+    });
+    drop(io);
+}

@@ -277,8 +277,10 @@ impl Drain {
     /// The drain runs on a task of its own, so it proceeds whether or not
     /// the future is awaited, and dropping the future does not stop it.
     /// Calling `start` again does not restart it; the future resolves with
-    /// the first drain's report. If the runtime shuts down before the drain
-    /// finishes, the future resolves with an all-zero report. A grace
+    /// the first drain's report. If the runtime the drain's task runs on
+    /// shuts down before the drain finishes, every such future resolves (on
+    /// whatever runtime awaits it) with the counts made so far and no
+    /// connection closed, and so does a later `start`. A grace
     /// longer than 365 days counts as 365 days.
     ///
     /// # Panics
@@ -302,7 +304,13 @@ impl Drain {
         let shared = &self.shared;
         let mut report = shared.report.subscribe();
         if let Some(deadline) = shared.begin(grace) {
-            tokio::spawn(run(Arc::clone(shared), deadline));
+            // The report's sender goes into the task's future as it is
+            // made: dropped with it, run or not, it still reports.
+            let reporting = Reporting {
+                shared: Arc::clone(shared),
+                started: Instant::now(),
+            };
+            tokio::spawn(run(reporting, deadline));
         }
         async move {
             loop {
@@ -310,8 +318,8 @@ impl Drain {
                     return done;
                 }
                 if report.changed().await.is_err() {
-                    // The drain task cannot go away before it reports,
-                    // unless the runtime shuts down.
+                    // The sender lives as long as the drain: unreachable
+                    // while this future holds a clone of it.
                     return DrainReport {
                         open_at_start: 0,
                         cut: 0,
@@ -426,8 +434,39 @@ impl DrainShared {
     }
 }
 
-async fn run(shared: Arc<DrainShared>, deadline: Instant) {
-    let started = Instant::now();
+/// Makes a started drain's report. If the drain's task is dropped before it
+/// reports (its runtime shut down mid-drain), its `Drop` reports what was
+/// counted so far, with no connection closed: every `start` future then
+/// resolves, and a later `start` resolves at once with that report.
+struct Reporting {
+    shared: Arc<DrainShared>,
+    started: Instant,
+}
+
+impl Reporting {
+    fn report(&self, connections_closed: u64) -> DrainReport {
+        let shared = &self.shared;
+        DrainReport {
+            open_at_start: shared.open_at_start.load(Ordering::Relaxed),
+            cut: shared.cut.load(Ordering::Relaxed),
+            refused: shared.refused.load(Ordering::Relaxed),
+            connections_closed,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        if self.shared.report.borrow().is_none() {
+            let report = self.report(0);
+            self.shared.report.send_replace(Some(report));
+        }
+    }
+}
+
+async fn run(reporting: Reporting, deadline: Instant) {
+    let shared = &reporting.shared;
     // Streams end by themselves until the deadline; then the guards' timers
     // cut the rest (within one resolution).
     // Connections are closed, and the report made, no sooner than the
@@ -448,13 +487,7 @@ async fn run(shared: Arc<DrainShared>, deadline: Instant) {
     for connections in shared.connections() {
         connections_closed += connections.close_rest();
     }
-    let report = DrainReport {
-        open_at_start: shared.open_at_start.load(Ordering::Relaxed),
-        cut: shared.cut.load(Ordering::Relaxed),
-        refused: shared.refused.load(Ordering::Relaxed),
-        connections_closed,
-        elapsed: started.elapsed(),
-    };
+    let report = reporting.report(connections_closed);
     tracing::info!(
         target: "tower_stream_guard",
         open_at_start = report.open_at_start,
