@@ -20,7 +20,7 @@ use tonic::{
 use tower_stream_guard::{EndReason, IdleDirection, StreamCap};
 
 use crate::{
-    BUSY_INTERVAL_MS, CAP, TICKS,
+    BUSY_INTERVAL_MS, CAP, HELD_IDLE, MAX_PER_CONNECTION, MAX_PER_PEER, SCARCE, TICKS,
     common::echo::{EchoRequest, StreamRequest, echo_client::EchoClient},
     server::{Server, Ticker},
     transport::{ProxyAddr, ProxyMode, Tie, Transport, tls},
@@ -38,8 +38,27 @@ pub(crate) enum Fate {
     Vanishes,
     /// Holds a slot of the capped route until the drain cuts it.
     CapHolder,
+    /// Refused by the capped route's per-connection cap ([`CAP`]).
     Rejected,
     Drained,
+    /// Holds its slots, silent, until the drain cuts it (route `held`, no
+    /// idle timeout of note): the connection that fills the layer's
+    /// per-connection cap.
+    Held,
+    /// Refused by the layer's per-connection cap ([`MAX_PER_CONNECTION`]),
+    /// which the [`Fate::Held`] streams before it on its connection fill.
+    OverConnection,
+    /// [`Fate::Held`] on route `held-peer`, with a per-peer cap
+    /// ([`MAX_PER_PEER`]) that two connections' streams fill.
+    HeldByPeer,
+    /// Refused by the `held-peer` route's per-peer cap.
+    OverPeer,
+    /// [`Fate::Held`] on route `scarce`, whose total cap ([`SCARCE`]) the
+    /// round's scarce holders fill.
+    ScarceHolder,
+    /// Refused by the scarce route's total cap, which the round's
+    /// [`Fate::ScarceHolder`]s fill.
+    OverTotal,
     /// The handler panics before answering (in [`ChaosLayer`]).
     Panics,
     /// The response body panics after a few frames (in [`ChaosLayer`]).
@@ -61,10 +80,39 @@ impl Fate {
                 EndReason::IdleTimeout(IdleDirection::Both)
             }
             Fate::OutlivesLifetime => EndReason::LifetimeExceeded,
-            Fate::CapHolder | Fate::Drained => EndReason::Drained,
-            Fate::Rejected => EndReason::Rejected(StreamCap::PerConnection),
+            Fate::CapHolder
+            | Fate::Drained
+            | Fate::Held
+            | Fate::HeldByPeer
+            | Fate::ScarceHolder => EndReason::Drained,
+            Fate::Rejected | Fate::OverConnection => EndReason::Rejected(StreamCap::PerConnection),
+            Fate::OverPeer => EndReason::Rejected(StreamCap::PerPeer),
+            Fate::OverTotal => EndReason::Rejected(StreamCap::Total),
             Fate::Panics | Fate::BodyPanics => EndReason::Panicked,
         }
+    }
+
+    /// The limit of the cap that refuses a stream of this fate, as its end
+    /// event must report it.
+    pub(crate) fn cap_limit(self) -> Option<usize> {
+        match self {
+            Fate::Rejected => Some(CAP),
+            Fate::OverConnection => Some(MAX_PER_CONNECTION),
+            Fate::OverPeer => Some(MAX_PER_PEER),
+            Fate::OverTotal => Some(SCARCE),
+            _ => None,
+        }
+    }
+
+    /// What the end event of a stream of this fate must say: its reason
+    /// and the refusing cap's limit.
+    pub(crate) fn end(self) -> String {
+        end_of(self.reason(), self.cap_limit())
+    }
+
+    /// Refused by a cap: never holds a slot.
+    pub(crate) fn is_refused(self) -> bool {
+        self.cap_limit().is_some()
     }
 
     /// Whether `code` is what the client must see, where it reads to the
@@ -73,8 +121,14 @@ impl Fate {
         match self {
             Fate::Completes | Fate::Bodyless => code == Code::Ok,
             Fate::Silent | Fate::OutlivesLifetime => code == Code::DeadlineExceeded,
-            Fate::CapHolder | Fate::Drained => code == Code::Unavailable,
-            Fate::Rejected => code == Code::ResourceExhausted,
+            Fate::CapHolder
+            | Fate::Drained
+            | Fate::Held
+            | Fate::HeldByPeer
+            | Fate::ScarceHolder => code == Code::Unavailable,
+            Fate::Rejected | Fate::OverConnection | Fate::OverPeer | Fate::OverTotal => {
+                code == Code::ResourceExhausted
+            }
             // A reset stream: whatever tonic makes of it, but not a success.
             Fate::Panics | Fate::BodyPanics | Fate::RuntimeDies => code != Code::Ok,
             Fate::Cancels | Fate::StalledReader | Fate::HalfOpen | Fate::Vanishes => true,
@@ -83,7 +137,18 @@ impl Fate {
 
     /// Ends before the drain starts.
     pub(crate) fn ends_early(self) -> bool {
-        !matches!(self, Fate::CapHolder | Fate::Drained)
+        !matches!(
+            self,
+            Fate::CapHolder | Fate::Drained | Fate::Held | Fate::HeldByPeer | Fate::ScarceHolder
+        )
+    }
+}
+
+/// An end event's reason and cap limit, as [`Fate::end`] writes them.
+pub(crate) fn end_of(reason: EndReason, cap_limit: Option<usize>) -> String {
+    match cap_limit {
+        Some(limit) => format!("{reason} (limit {limit})"),
+        None => reason.to_string(),
     }
 }
 
@@ -191,6 +256,17 @@ pub(crate) struct Connection {
     pub(crate) transport: Transport,
 }
 
+impl Connection {
+    /// Names the connection in a failure: its first fate, server and
+    /// transport.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "the connection of {:?} ({:?} server, {:?})",
+            self.fates[0], self.server, self.transport
+        )
+    }
+}
+
 /// Tags a request with its fate's route (`x-fate`) and, for the panics, what
 /// [`ChaosLayer`] must do (`x-chaos`).
 pub(crate) fn tagged<T>(message: T, fate: Fate, transport: Transport) -> Request<T> {
@@ -198,6 +274,9 @@ pub(crate) fn tagged<T>(message: T, fate: Fate, transport: Transport) -> Request
     let tag = match fate {
         Fate::OutlivesLifetime => "lifetime",
         Fate::CapHolder | Fate::Rejected => "capped",
+        Fate::ScarceHolder | Fate::OverTotal => "scarce",
+        Fate::Held | Fate::OverConnection => "held",
+        Fate::HeldByPeer | Fate::OverPeer => "held-peer",
         // A per-peer cap refuses streams with no peer address: the plain
         // route has one, so Unix sockets stay off it.
         _ if transport == Transport::Uds => "plain-unix",
@@ -315,9 +394,25 @@ pub(crate) async fn open(
                 (fate, None)
             });
         }
-        Fate::OutlivesLifetime | Fate::CapHolder | Fate::Drained | Fate::RuntimeDies => {
+        Fate::OutlivesLifetime
+        | Fate::CapHolder
+        | Fate::Drained
+        | Fate::Held
+        | Fate::HeldByPeer
+        | Fate::ScarceHolder
+        | Fate::RuntimeDies => {
+            // Holders on the routes without an idle timeout of note are
+            // silent after their first reply: holding costs no traffic.
+            let request = match fate {
+                Fate::Held | Fate::HeldByPeer | Fate::ScarceHolder => StreamRequest {
+                    count: 0,
+                    interval_ms: u32::try_from(HELD_IDLE.as_millis()).unwrap_or(u32::MAX),
+                    size: 8,
+                },
+                _ => busy(0),
+            };
             let stream = client
-                .server_stream(tagged(busy(0), fate, transport))
+                .server_stream(tagged(request, fate, transport))
                 .await
                 .expect("stream opens")
                 .into_inner();
@@ -350,7 +445,7 @@ pub(crate) async fn open(
             streams.spawn(async move { (fate, Some(read_to_end(stream).await)) });
         }
         Fate::Bodyless => unreachable!("opened above"),
-        Fate::Rejected | Fate::Panics => {
+        Fate::Rejected | Fate::OverConnection | Fate::OverPeer | Fate::OverTotal | Fate::Panics => {
             let refused = client.server_stream(tagged(busy(0), fate, transport)).await;
             let code = match refused {
                 Ok(_) => Code::Ok,
@@ -395,72 +490,4 @@ pub(crate) async fn open_bodyless(client: &Client, streams: &mut JoinSet<(Fate, 
         };
         (Fate::Bodyless, Some(code))
     });
-}
-
-/// One planned connection: the fates of its streams, its server and its
-/// transport.
-pub(crate) struct Planned {
-    pub(crate) fates: Vec<Fate>,
-    pub(crate) server: Server,
-    pub(crate) transport: Transport,
-}
-
-/// Plans a round's connections: first one to the doomed runtime's server
-/// (its streams are the round's first, so the guard's timers start on that
-/// runtime); then shared ones with a mix of fates (some with a capped
-/// group), and connections of their own for stalled readers, half-open and
-/// vanishing peers and bodyless requests. About a third of them go to the
-/// second runtime's server; about a quarter each over TLS and over a Unix
-/// socket.
-pub(crate) fn plan(rng: &mut Rng, scale: usize) -> Vec<Planned> {
-    let mixed = [
-        Fate::Completes,
-        Fate::Cancels,
-        Fate::Silent,
-        Fate::OutlivesLifetime,
-        Fate::Drained,
-        Fate::Panics,
-        Fate::BodyPanics,
-    ];
-    let mut connections = Vec::new();
-    for _ in 0..12 * scale {
-        let n = 20 + rng.below(40) as usize;
-        let mut fates: Vec<Fate> = (0..n)
-            .map(|_| mixed[rng.below(mixed.len() as u64) as usize])
-            .collect();
-        if rng.below(3) == 0 {
-            fates.extend([Fate::CapHolder; CAP]);
-            fates.extend(std::iter::repeat_n(
-                Fate::Rejected,
-                1 + rng.below(3) as usize,
-            ));
-        }
-        connections.push(fates);
-    }
-    for _ in 0..3 * scale {
-        connections.push(vec![Fate::StalledReader]);
-        connections.push(vec![Fate::HalfOpen; 2 + rng.below(5) as usize]);
-        connections.push(vec![Fate::Vanishes; 2 + rng.below(5) as usize]);
-        connections.push(vec![Fate::Bodyless; 2 + rng.below(5) as usize]);
-    }
-    let doomed = Planned {
-        fates: vec![Fate::RuntimeDies; 1 + rng.below(4) as usize],
-        server: Server::Doomed,
-        transport: Transport::Tcp,
-    };
-    std::iter::once(doomed)
-        .chain(connections.into_iter().map(|fates| Planned {
-            fates,
-            server: if rng.below(3) == 0 {
-                Server::Second
-            } else {
-                Server::First
-            },
-            transport: match rng.below(4) {
-                0 => Transport::Tls,
-                1 => Transport::Uds,
-                _ => Transport::Tcp,
-            },
-        }))
-        .collect()
 }
