@@ -130,8 +130,6 @@ const HELD_IDLE: Duration = Duration::from_secs(600);
 /// timing, so a refusal could not be predicted. The scarce route's total
 /// fills instead.
 const MAX_TOTAL: usize = 100_000;
-/// How much resident memory the soak may gain after its warm-up.
-const SOAK_RSS_GROWTH: u64 = 16 << 20;
 /// The total cap of streams marked `scarce`: the round's scarce holders
 /// fill it and the streams after them are refused.
 const SCARCE: usize = 6;
@@ -163,6 +161,7 @@ mod checks;
 mod fates;
 mod plan;
 mod server;
+mod soak;
 mod transport;
 
 use checks::{
@@ -175,7 +174,7 @@ use server::{SecondRuntime, Server, serve};
 use transport::{Listener, ProxyMode, SocketDir, Tie, Transport, proxy};
 
 /// Runs one round; panics (naming the seed) on any broken invariant.
-async fn round(seed: u64, scale: usize) -> RoundReport {
+pub(crate) async fn round(seed: u64, scale: usize) -> RoundReport {
     quiet_chaos_panics();
     let mut rng = Rng(seed);
     let events: Arc<Mutex<Vec<EndEvent>>> = Arc::default();
@@ -476,7 +475,7 @@ async fn round(seed: u64, scale: usize) -> RoundReport {
     report
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -503,63 +502,6 @@ async fn every_stream_is_accounted_for_exactly_once() {
     assert!(
         growth < 16 << 20,
         "CHAOS_SEED={seed}: memory grew by {} KiB between rounds 2 and 3",
-        growth >> 10
-    );
-}
-
-/// The soak: rounds back to back for `CHAOS_SOAK_SECS` seconds (default
-/// 600), with half as many streams again per round. Every round checks
-/// that nothing is held once it is over (the `test-view` holdings); and
-/// resident memory, once the first quarter of the soak (and two rounds at
-/// least) has warmed the allocator up, may grow by at most
-/// [`SOAK_RSS_GROWTH`]. CI runs a minute of it (`.ci/run`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a soak: CHAOS_SOAK_SECS=600 cargo test --all-features --test chaos -- --ignored"]
-async fn soak() {
-    let seconds: u64 = std::env::var("CHAOS_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    let seed = seed();
-    eprintln!("soak: CHAOS_SEED={seed}, {seconds} s");
-    let started = Instant::now();
-    let end = started + Duration::from_secs(seconds);
-    let mut rounds = 0u64;
-    let mut streams = 0;
-    // Resident memory once the allocator has warmed up, and the most since.
-    let mut warm_rss = None;
-    let mut peak_rss = 0;
-    while Instant::now() < end {
-        let report = round(seed.wrapping_add(rounds), 3).await;
-        streams += report.streams;
-        rounds += 1;
-        let rss = rss_bytes();
-        match warm_rss {
-            None if rounds >= 2 && started.elapsed() * 4 >= Duration::from_secs(seconds) => {
-                warm_rss = Some(rss);
-            }
-            Some(_) => peak_rss = peak_rss.max(rss),
-            None => {}
-        }
-        // Every round of a short soak, every tenth of a long one.
-        if seconds < 300 || rounds.is_multiple_of(10) {
-            print(
-                &format!("soak round {}", rounds - 1),
-                &report,
-                seed.wrapping_add(rounds - 1),
-            );
-        }
-    }
-    let warm = warm_rss.unwrap_or_else(rss_bytes);
-    let growth = peak_rss.saturating_sub(warm);
-    eprintln!(
-        "soak: {rounds} rounds, {streams} streams; rss {} MiB after warm-up, grew {} KiB since",
-        warm >> 20,
-        growth >> 10
-    );
-    assert!(
-        growth < SOAK_RSS_GROWTH,
-        "CHAOS_SEED={seed}: memory grew by {} KiB after warm-up ({rounds} rounds)",
         growth >> 10
     );
 }
