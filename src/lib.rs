@@ -257,6 +257,8 @@ mod status;
 pub mod stream;
 mod sync;
 mod ticker;
+#[cfg(feature = "test-view")]
+mod view;
 
 pub use connection::{
     builder::ConnectionGuardBuilder,
@@ -277,6 +279,9 @@ pub use stream::{
     layer::StreamGuardLayer,
     route::{RoutePolicy, RouteRequest},
 };
+#[cfg(feature = "test-view")]
+#[doc(hidden)]
+pub use view::{ConnectionHoldings, Holdings};
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]

@@ -371,6 +371,8 @@ impl ConnectionGuardBuilder {
             ticker: Ticker::default(),
             metrics: self.metrics,
             age_key: RandomState::new(),
+            #[cfg(feature = "test-view")]
+            live: crate::view::Alive::default(),
         });
         if let Some(drain) = drain {
             let drained: std::sync::Weak<dyn Drained> = Arc::downgrade(&connections) as _;

@@ -127,6 +127,8 @@ impl ConnectionGuard {
             goaway: Notify::new(),
             reported: AtomicBool::new(false),
         });
+        #[cfg(feature = "test-view")]
+        connections.live.born();
         if connections.metrics {
             crate::meter::connection_opened();
         }

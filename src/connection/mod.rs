@@ -292,6 +292,8 @@ mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
 mod tonic;
+#[cfg(feature = "test-view")]
+mod view;
 
 pub use crate::frames::Goaway;
 pub use io::{GuardedIncoming, GuardedIo, PeerOf};

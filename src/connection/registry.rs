@@ -57,6 +57,9 @@ pub(crate) struct Connections {
     /// its maximum age: std's hasher keys come from the operating system, so
     /// servers of a fleet draw differently for the same ids.
     pub(crate) age_key: RandomState,
+    /// Connection states alive, for the test-only view.
+    #[cfg(feature = "test-view")]
+    pub(crate) live: crate::view::Alive,
 }
 
 #[derive(Default)]

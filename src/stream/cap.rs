@@ -322,8 +322,16 @@ impl CapSet {
         self.maps().peers.snapshot()
     }
 
-    /// Map entries held: connections plus peers (for leak checks).
-    #[cfg(test)]
+    /// Slots held: one per admitted stream that has not ended (for leak
+    /// checks; every permit counts in the total, limited or not).
+    #[cfg(feature = "test-view")]
+    pub(crate) fn slots(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// Map entries held: connections, peers and wait queues (for leak
+    /// checks).
+    #[cfg(any(test, feature = "test-view"))]
     pub(crate) fn entries(&self) -> usize {
         let maps = self.maps();
         maps.connections.0.len() + maps.peers.0.len() + maps.queues.len()

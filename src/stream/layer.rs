@@ -148,6 +148,19 @@ impl<W> StreamGuardLayer<W> {
             .unwrap_or_default()
     }
 
+    /// What this guard holds now: cap slots and count-table entries over
+    /// its own caps and every route's, stream records alive, timer
+    /// filings. All zero once every stream through it has ended and been
+    /// dropped. For the leak checks of this crate's suites (cargo feature
+    /// `test-view`, off by default: it counts records, an atomic increment
+    /// and decrement per stream); not part of the supported API. Takes
+    /// each cap set's lock and each timer shard's.
+    #[cfg(feature = "test-view")]
+    #[doc(hidden)]
+    pub fn holdings(&self) -> crate::Holdings {
+        self.shared.holdings()
+    }
+
     /// The limits this guard enforces on streams no route matches.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -135,6 +135,8 @@ mod service;
 mod shared;
 mod ticket;
 mod timer;
+#[cfg(feature = "test-view")]
+mod view;
 
 pub use future::ResponseFuture;
 pub use policy::Policy;

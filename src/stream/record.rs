@@ -215,6 +215,8 @@ impl Record {
             }),
         });
         record.limit_lifetime(policy.max_lifetime, false);
+        #[cfg(feature = "test-view")]
+        shared.records.born();
         (record, draining)
     }
 

@@ -29,6 +29,9 @@ pub(crate) struct Shared {
     drain: Option<DrainLink>,
     /// The client connections whose GOAWAY this layer's streams hear of.
     notice: Option<Arc<NoticeShared>>,
+    /// The layer's stream records alive, for the test-only view.
+    #[cfg(feature = "test-view")]
+    pub(crate) records: crate::view::Alive,
 }
 
 /// How a guard layer admits a request: its routes, caps and where it finds
@@ -93,6 +96,8 @@ impl Shared {
                 deadline: AtomicU64::new(NEVER),
             }),
             notice,
+            #[cfg(feature = "test-view")]
+            records: crate::view::Alive::default(),
         });
         if let Some(link) = &shared.drain {
             let streams: std::sync::Weak<dyn Drained> = Arc::downgrade(&shared) as _;

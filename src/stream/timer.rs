@@ -253,6 +253,12 @@ impl Sweeper {
         self.shard_at(id as usize & (self.shards.len() - 1))
     }
 
+    /// Streams filed, over every shard (for leak checks).
+    #[cfg(feature = "test-view")]
+    pub(crate) fn filed(&self) -> usize {
+        (0..self.shards.len()).map(|i| self.shard_at(i).len()).sum()
+    }
+
     /// The exact time in nanoseconds since this guard's origin.
     pub(crate) fn now_ns(&self) -> u64 {
         self.ns_of(Instant::now())

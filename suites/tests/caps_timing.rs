@@ -418,7 +418,7 @@ fn bad_configuration_fails_at_build_time_with_the_setting_named() {
 enum Fate {
     Complete,
     Cancel,
-    /// Never polled again: the idle timeout (or lifetime) releases it.
+    /// Never polled again: the response idle timeout releases it.
     Stall,
 }
 
@@ -426,16 +426,88 @@ fn fate() -> impl Strategy<Value = Fate> {
     prop_oneof![Just(Fate::Complete), Just(Fate::Cancel), Just(Fate::Stall)]
 }
 
+/// The property test's caps: the layer's, and those of the route under
+/// [`ROUTE`], which count only its streams, on top of the layer's.
+const PER_CONNECTION: usize = 2;
+const PER_PEER: usize = 3;
+const TOTAL: usize = 5;
+const ROUTE: &str = "/r/";
+const ROUTE_PER_CONNECTION: usize = 1;
+const ROUTE_TOTAL: usize = 2;
+/// Streams arrive on a 100 ms grid; a stalled one ends a tick or so after
+/// this response idle timeout, between two grid points: whether it still
+/// holds its slots when a stream arrives is never a matter of timing.
+const STALL_IDLE: Duration = Duration::from_millis(1050);
+
+/// One stream of the property test: its connection (the peer is
+/// `connection / 2`: two connections per peer), arrival on the grid,
+/// whether it takes the capped route, and its fate.
+type Planned = (u64, u64, bool, Fate);
+
+/// The caps as the guard must apply them: which streams hold slots, and
+/// what refuses a stream arriving now (the layer's caps first, per
+/// connection, per peer, total; then the route's).
+#[derive(Default)]
+struct CapModel {
+    /// Admitted stalled streams: connection, route, when they end (ms).
+    holding: Vec<(u64, bool, u64)>,
+}
+
+impl CapModel {
+    /// Admits a stream arriving at `at` ms or says which cap refuses it and
+    /// its limit; a stalled one it admits holds its slots until it ends.
+    fn arrive(&mut self, (connection, at, routed, fate): Planned) -> Option<(StreamCap, usize)> {
+        let at = at * 100;
+        self.holding.retain(|&(_, _, ends)| ends > at);
+        let on = |pick: &dyn Fn(u64, bool) -> bool| {
+            self.holding.iter().filter(|&&(c, r, _)| pick(c, r)).count()
+        };
+        let refusal = if on(&|c, _| c == connection) >= PER_CONNECTION {
+            Some((StreamCap::PerConnection, PER_CONNECTION))
+        } else if on(&|c, _| c / 2 == connection / 2) >= PER_PEER {
+            Some((StreamCap::PerPeer, PER_PEER))
+        } else if on(&|_, _| true) >= TOTAL {
+            Some((StreamCap::Total, TOTAL))
+        } else if routed && on(&|c, r| r && c == connection) >= ROUTE_PER_CONNECTION {
+            Some((StreamCap::PerConnection, ROUTE_PER_CONNECTION))
+        } else if routed && on(&|_, r| r) >= ROUTE_TOTAL {
+            Some((StreamCap::Total, ROUTE_TOTAL))
+        } else {
+            None
+        };
+        if refusal.is_none() && matches!(fate, Fate::Stall) {
+            // Ends a tick or two after its idle timeout: never on the grid.
+            let ends = at + STALL_IDLE.as_millis() as u64 + 25;
+            self.holding.push((connection, routed, ends));
+        }
+        refusal
+    }
+}
+
+/// The reason the model gives a stream's end event, with the refusing
+/// cap's limit.
+fn expected_end(fate: Fate, refusal: Option<(StreamCap, usize)>) -> (EndReason, Option<usize>) {
+    match (refusal, fate) {
+        (Some((cap, limit)), _) => (EndReason::Rejected(cap), Some(limit)),
+        (None, Fate::Complete) => (EndReason::Completed, None),
+        (None, Fate::Cancel) => (EndReason::Cancelled, None),
+        (None, Fate::Stall) => (EndReason::IdleTimeout(IdleDirection::Response), None),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Streams on a few connections against small caps, each with a random
-    /// fate and start time: once all have ended, every slot is back, nothing
-    /// is active, there was one event per stream, and the counters equal the
-    /// events per reason.
+    /// Streams on four connections of two peers, some on a route with caps
+    /// of its own, against small caps, each with a random fate and arrival
+    /// time: each stream is admitted or refused (by the cap, with the
+    /// limit) as a model of the caps says; once all have ended, there was
+    /// one event per stream with the model's reason, the counters equal
+    /// the events per reason, and the guard holds nothing (no slot in any
+    /// cap set, no table entry, no record, no timer filing).
     #[test]
     fn stats_agree_with_events_and_every_slot_comes_back(
-        plan in prop::collection::vec((0u64..3, 0u64..2000, fate()), 1..24),
+        plan in prop::collection::vec((0u64..4, 0u64..20, any::<bool>(), fate()), 1..24),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -445,24 +517,43 @@ proptest! {
         runtime.block_on(async move {
             let guard = guard(
                 StreamGuardLayer::builder()
-                    .response_idle_timeout(SECOND)
+                    .response_idle_timeout(STALL_IDLE)
                     .max_lifetime(5 * SECOND)
-                    .max_streams_per_connection(2)
-                    .max_streams(5)
+                    .max_streams_per_connection(PER_CONNECTION)
+                    .max_streams_per_peer(PER_PEER)
+                    .max_streams(TOTAL)
+                    .route_prefix(
+                        ROUTE,
+                        RoutePolicy::new()
+                            .max_streams_per_connection(ROUTE_PER_CONNECTION)
+                            .max_streams(ROUTE_TOTAL),
+                    )
                     .event_capacity(1024),
             );
             let mut events = guard.subscribe();
             let (app, mut feeders) = App::new();
             let mut svc = guard.layer(app.service());
             let mut plan = plan;
-            plan.sort_by_key(|(_, at, _)| *at);
+            plan.sort_by_key(|&(_, at, _, _)| at);
+            let mut model = CapModel::default();
             let origin = Instant::now();
             let mut stalled = Vec::new();
-            for (connection, at, fate) in &plan {
-                tokio::time::sleep_until(origin + Duration::from_millis(*at)).await;
-                let response = call(&mut svc, request("/p", *connection, true)).await;
-                if response.headers().contains_key("grpc-status") {
-                    continue; // refused
+            let mut expected = Vec::new();
+            for (i, &planned) in plan.iter().enumerate() {
+                let (connection, at, routed, fate) = planned;
+                tokio::time::sleep_until(origin + Duration::from_millis(at * 100)).await;
+                let refusal = model.arrive(planned);
+                let path = if routed { format!("{ROUTE}{i}") } else { format!("/p/{i}") };
+                expected.push((path.clone(), expected_end(fate, refusal)));
+                let mut request = request(&path, connection, true);
+                request.extensions_mut().insert(tower_stream_guard::PeerAddr(
+                    ([10, 0, 0, connection as u8 / 2], 1000 + connection as u16).into(),
+                ));
+                let response = call(&mut svc, request).await;
+                let refused = response.headers().contains_key("grpc-status");
+                assert_eq!(refused, refusal.is_some(), "{path} at {at}00 ms: refused?");
+                if refused {
+                    continue;
                 }
                 let feeder = feeders.recv().await.unwrap();
                 match fate {
@@ -479,12 +570,14 @@ proptest! {
             sleep(10 * SECOND).await;
             let stats = guard.stats();
             assert_eq!(stats.active(), 0);
-            assert!(guard.connection_streams().is_empty());
             let mut seen = Vec::new();
             while let Ok(event) = events.try_recv() {
-                seen.push(event.reason());
+                seen.push((event.path().to_owned(), (event.reason(), event.cap_limit())));
             }
             assert_eq!(seen.len(), plan.len(), "one event per stream");
+            seen.sort_by(|a, b| a.0.cmp(&b.0));
+            expected.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(seen, expected, "each stream's end as the model says");
             assert_eq!(stats.ended_total(), plan.len() as u64);
             for reason in [
                 EndReason::Completed,
@@ -492,15 +585,88 @@ proptest! {
                 EndReason::IdleTimeout(IdleDirection::Response),
                 EndReason::LifetimeExceeded,
                 EndReason::Rejected(StreamCap::PerConnection),
+                EndReason::Rejected(StreamCap::PerPeer),
                 EndReason::Rejected(StreamCap::Total),
             ] {
-                let events = seen.iter().filter(|r| **r == reason).count() as u64;
+                let events = seen.iter().filter(|(_, (r, _))| *r == reason).count() as u64;
                 assert_eq!(stats.ended(reason), events, "{reason:?}");
             }
-            drop(stalled);
+            // Every end is done: what the stalled streams' bodies, the
+            // service and its last handle still keep goes with them.
+            drop((stalled, svc, app));
+            let holdings = guard.holdings();
+            assert!(holdings.is_empty(), "the guard still holds {holdings}");
             assert_eq!(guard.stats().ended_total(), plan.len() as u64, "no second end");
         });
     }
+}
+
+/// The test-only view counts what one stream holds: a slot and a table
+/// entry in the layer's caps and in its route's, its record and its timer
+/// filing; its end gives back all but the record, which lives on while a
+/// handle names it.
+#[tokio::test(start_paused = true)]
+async fn holdings_count_a_streams_slots_record_and_filing_until_it_is_gone() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .idle_timeout(SECOND)
+            .max_streams_per_connection(4)
+            .route_prefix("/r/", RoutePolicy::new().max_streams(4)),
+    );
+    let (app, _feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    assert!(guard.holdings().is_empty());
+    let response = call(&mut svc, request("/r/a", 1, true)).await;
+    let holdings = guard.holdings();
+    assert_eq!(
+        (
+            holdings.slots,
+            holdings.cap_entries,
+            holdings.records,
+            holdings.timer_filings
+        ),
+        (2, 1, 1, 1),
+        "{holdings}"
+    );
+    let handle = app.last_handle().expect("the handler's handle");
+    drop(response);
+    let holdings = guard.holdings();
+    assert_eq!(
+        (holdings.slots, holdings.cap_entries, holdings.timer_filings),
+        (0, 0, 0),
+        "{holdings}"
+    );
+    assert_eq!(holdings.records, 1, "the handles keep the record");
+    drop((handle, svc, app));
+    assert!(guard.holdings().is_empty(), "{}", guard.holdings());
+}
+
+/// The connection guard's side of the view: a table entry and a state per
+/// wrapped connection, the state alive while a handle names it.
+#[tokio::test]
+async fn connection_holdings_count_entries_and_states_until_the_last_handle_goes() {
+    let connections = tower_stream_guard::ConnectionGuard::builder()
+        .build()
+        .expect("valid configuration");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    assert!(connections.holdings().is_empty());
+    let io = connections.wrap(tcp);
+    let holdings = connections.holdings();
+    assert_eq!((holdings.entries, holdings.live), (1, 1), "{holdings}");
+    let handle = io.handle().clone();
+    drop(io);
+    let holdings = connections.holdings();
+    assert_eq!((holdings.entries, holdings.live), (0, 1), "{holdings}");
+    drop(handle);
+    assert!(
+        connections.holdings().is_empty(),
+        "{}",
+        connections.holdings()
+    );
 }
 
 #[tokio::test(start_paused = true)]
