@@ -458,3 +458,74 @@ fn a_drain_whose_runtime_shut_down_still_reports() {
     });
     drop(io);
 }
+
+/// `start` called again, even with a shorter grace, neither restarts the
+/// drain nor makes a second report: both futures resolve with the first
+/// drain's report, the stream cut at the first grace's end.
+#[tokio::test(start_paused = true)]
+async fn a_second_start_resolves_with_the_first_drains_report() {
+    let drain = Drain::new();
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let mut open = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+    let _feed = feeders.recv().await.unwrap();
+
+    let started = Instant::now();
+    let first = drain.start(5 * SECOND);
+    sleep(SECOND).await;
+    let second = drain.start(SECOND);
+    // Nothing cut at the second call's grace.
+    sleep(2 * SECOND).await;
+    assert_eq!(drain.active_streams(), 1, "the second start cut nothing");
+    let polled = open.body_mut().frame();
+    let _ = tokio::time::timeout(5 * SECOND, polled).await;
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Drained);
+    let (first, second) = (first.await, second.await);
+    assert_eq!(first, second, "one drain, one report");
+    assert_eq!(first.open_at_start(), 1);
+    assert_eq!(first.cut(), 1);
+    assert_eq!(first.refused(), 0);
+    let elapsed = first.elapsed();
+    assert!(
+        elapsed >= 5 * SECOND && elapsed < 5 * SECOND + SECOND,
+        "the first grace decides: {elapsed:?}"
+    );
+    assert!(started.elapsed() < 6 * SECOND + SECOND);
+}
+
+/// A drain with no stream, no refusal and no connection reports zeros and
+/// resolves at once.
+#[tokio::test(start_paused = true)]
+async fn a_drain_with_nothing_open_reports_all_zeros_at_once() {
+    let drain = Drain::new();
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let connections = tower_stream_guard::ConnectionGuard::builder()
+        .drain(&drain)
+        .build()
+        .expect("valid configuration");
+    let started = Instant::now();
+    let report = drain.start(5 * SECOND).await;
+    assert!(started.elapsed() < TICK, "nothing open: done at once");
+    assert_eq!(report.open_at_start(), 0);
+    assert_eq!(report.finished_within_grace(), 0);
+    assert_eq!(report.cut(), 0);
+    assert_eq!(report.refused(), 0);
+    assert_eq!(report.connections_closed(), 0);
+    assert!(report.elapsed() < TICK, "{:?}", report.elapsed());
+    assert_eq!(
+        report.to_json(),
+        format!(
+            r#"{{"event":"drain","open_at_start":0,"finished_within_grace":0,"cut":0,"refused":0,"connections_closed":0,"elapsed_ms":{}}}"#,
+            report.elapsed().as_millis()
+        )
+    );
+    assert_eq!(
+        drain.start(SECOND).await,
+        report,
+        "and so does a second start"
+    );
+    drop((guard, connections));
+}
