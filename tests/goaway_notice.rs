@@ -258,3 +258,65 @@ async fn a_connections_second_goaway_tells_no_one() {
     }
     assert_eq!(frames, 2);
 }
+
+/// Two connections of one notice, a GOAWAY on the second: its events name
+/// that connection, the notice counts one GOAWAY, and the open count follows
+/// each connection's close.
+#[tokio::test]
+async fn a_goaway_on_one_of_two_connections_is_reported_for_that_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0];
+    let notice = GoawayNotice::new();
+    let mut events = notice.subscribe();
+    let (first_client, mut first_server) = tokio::io::duplex(1024);
+    let (second_client, mut second_server) = tokio::io::duplex(1024);
+    let mut first = notice.wrap(first_client);
+    let mut second = notice.wrap(second_client);
+    assert_ne!(first.connection(), second.connection());
+    assert_eq!(notice.open_connections(), 2);
+    let mut read = [0u8; 64];
+
+    first_server.write_all(&SETTINGS).await.unwrap();
+    let _ = first.read(&mut read).await.unwrap();
+    second_server.write_all(&SETTINGS).await.unwrap();
+    second_server.write_all(&GOAWAY).await.unwrap();
+    let _ = second.read(&mut read).await.unwrap();
+    assert_eq!(notice.goaways(), 1);
+
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let opened: Vec<u64> = seen
+        .iter()
+        .filter(|event| matches!(event, NoticeEvent::Opened { .. }))
+        .map(NoticeEvent::connection)
+        .collect();
+    assert_eq!(opened, [first.connection(), second.connection()]);
+    let goaways: Vec<_> = seen
+        .iter()
+        .filter_map(|event| match event {
+            NoticeEvent::Goaway { connection, goaway } => Some((*connection, goaway)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(goaways.len(), 1, "{seen:?}");
+    assert_eq!(goaways[0].0, second.connection(), "{seen:?}");
+    assert_eq!(goaways[0].1.last_stream_id(), 5);
+
+    let second_id = second.connection();
+    drop(second);
+    assert_eq!(notice.open_connections(), 1);
+    assert_eq!(
+        events.try_recv().map(|event| event.connection()),
+        Ok(second_id)
+    );
+    // The first connection still reads its frames, and counts no GOAWAY.
+    first_server.write_all(&SETTINGS).await.unwrap();
+    let _ = first.read(&mut read).await.unwrap();
+    assert_eq!(notice.goaways(), 1);
+    drop(first);
+    assert_eq!(notice.open_connections(), 0);
+}
