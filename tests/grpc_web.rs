@@ -47,6 +47,20 @@ async fn serve(guard: StreamGuardLayer) -> SocketAddr {
     addr
 }
 
+/// The same server in the wrong order: the guard outside tonic-web.
+async fn serve_guard_outside(guard: StreamGuardLayer) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(guard)
+        .layer(GrpcWebLayer::new())
+        .add_service(EchoServer::new(EchoService::new()))
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    addr
+}
+
 /// Sends an endless, slow `ServerStream` call as grpc-web over a new
 /// HTTP/1.1 connection and returns the response (headers read).
 async fn grpc_web_call(addr: SocketAddr) -> Response<Incoming> {
@@ -172,5 +186,68 @@ async fn a_cap_refused_grpc_web_call_gets_resource_exhausted() {
         .expect("event")
         .expect("event");
     assert_eq!(event.reason(), EndReason::Rejected(StreamCap::Total));
+    drop(held);
+}
+
+/// The wrong order (README "gRPC-Web"): the guard outside tonic-web ends the
+/// call with HTTP trailers, which HTTP/1.1 does not carry to this client:
+/// the browser-like client reads no status at all, though the guard's event
+/// says it ended the call.
+#[tokio::test]
+async fn with_the_guard_outside_grpc_web_a_guard_ended_call_loses_its_status() {
+    let guard = StreamGuardLayer::builder()
+        .response_idle_timeout(Duration::from_millis(300))
+        .build()
+        .expect("guard");
+    let mut events = guard.subscribe();
+    let addr = serve_guard_outside(guard).await;
+    let response = grpc_web_call(addr).await;
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert!(!response.headers().contains_key("grpc-status"));
+    let collected = timeout(PATIENCE, response.into_body().collect())
+        .await
+        .expect("the guard ends the body in time")
+        .expect("body");
+    let http_trailers = collected.trailers().cloned();
+    let body = collected.to_bytes();
+    assert!(
+        http_trailers.is_none_or(|t| !t.contains_key("grpc-status")),
+        "HTTP/1.1 trailers reached the client"
+    );
+    assert!(
+        body_trailers(body).is_none_or(|t| !t.contains_key("grpc-status")),
+        "a grpc-web trailer frame carried the status"
+    );
+    let event = timeout(PATIENCE, events.recv())
+        .await
+        .expect("event")
+        .expect("event");
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response)
+    );
+}
+
+/// The wrong order: a refusal is made by the guard before tonic-web, as
+/// plain gRPC, with a content type grpc-web clients reject.
+#[tokio::test]
+async fn with_the_guard_outside_grpc_web_a_refusal_is_not_grpc_web() {
+    let guard = StreamGuardLayer::builder()
+        .max_streams(1)
+        .build()
+        .expect("guard");
+    let addr = serve_guard_outside(guard).await;
+    let held = grpc_web_call(addr).await;
+    let refused = grpc_web_call(addr).await;
+    let content_type = refused.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/grpc")
+            && !content_type.starts_with("application/grpc-web"),
+        "{content_type}"
+    );
+    assert_eq!(refused.headers()["grpc-status"], "8");
     drop(held);
 }
