@@ -162,10 +162,19 @@ async fn a_tracing_layer_that_panics_on_an_end_leaves_the_timer_running() {
     let _second = call(&mut svc, request("/a", 1, false)).await;
     let _second_feed = feeders.recv().await.unwrap();
     let second = app.last_handle().unwrap();
-    // Both due in the same tick; the first end panics in the layer.
-    next_event(&mut events).await;
+    // Both due in the same tick; the first end panics in the layer. Each
+    // still has its one event, and is counted ended, not active.
+    let mut ended = [next_event(&mut events).await, next_event(&mut events).await].map(|e| e.id());
+    ended.sort();
     assert!(panicked.load(Ordering::SeqCst), "the layer panicked");
     assert!(first.is_ended() && second.is_ended(), "both streams ended");
+    assert_eq!(ended, [first.id(), second.id()]);
+    assert_eq!(
+        guard.stats().active(),
+        0,
+        "the panicked end left a stream active"
+    );
+    assert_eq!(guard.stats().ended_total(), 2);
     let error = captured.line("ending a stream panicked; the timer goes on");
     assert!(error.contains(" ERROR "), "{error}");
     assert!(error.contains("stream_id="), "{error}");
@@ -188,6 +197,7 @@ async fn a_tracing_layer_that_panics_on_an_end_leaves_the_timer_running() {
         started.elapsed()
     );
     assert!(events.try_recv().is_err(), "one event");
+    assert_eq!(guard.stats().active(), 0);
 }
 
 struct NoSocket;

@@ -82,9 +82,9 @@ impl Report {
         self.active.fetch_or(DRAINING, Ordering::AcqRel) & !DRAINING
     }
 
-    /// A stream ended as `ending`, `now_ns` on the guard's clock: logs it,
-    /// counts it (and records its metrics) and hands its event to every
-    /// subscriber.
+    /// A stream ended as `ending`, `now_ns` on the guard's clock: counts it
+    /// (and records its metrics), hands its event to every subscriber and
+    /// logs it.
     /// `route` is asked only when metrics are on.
     pub(crate) fn ended(
         &self,
@@ -93,7 +93,6 @@ impl Report {
         route: impl FnOnce() -> RouteOf,
         now_ns: u64,
     ) {
-        trace_end(ending, event);
         if self.metrics {
             crate::meter::stream_ended(event, route());
         }
@@ -112,6 +111,9 @@ impl Report {
         self.counters.count(ending);
         self.active.fetch_sub(1, Ordering::AcqRel);
         self.events.emit(event);
+        // Last: a tracing layer that panics here (the timer catches it)
+        // must not leave the stream uncounted, active and without its event.
+        trace_end(ending, event);
     }
 
     /// Logs, once per guard layer and cap, that `cap` refuses streams that
