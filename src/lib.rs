@@ -189,7 +189,12 @@
 //!    every stream's deadline to the end of its grace.
 //! 4. An end, whoever makes it (the timer, a body's last frame or error, a
 //!    dropped ticket, [`StreamHandle::cancel`], a panic), is decided by one
-//!    compare-and-swap of the record's phase, so it happens once. Then the
+//!    compare-and-swap of the record's phase, so it happens once. The
+//!    service's last part (an answer with nothing after its head, the
+//!    body's last frame or declared byte, its trailers) takes that
+//!    compare-and-swap before it goes out, and gives way to the guard's
+//!    ending when it loses (`stream/last_word.rs`): what the peer reads
+//!    last is what the event says. Then the
 //!    stream's wakers fire (a guard-ended body yields its trailers or
 //!    error, a handler's `cancelled()` resolves), its timer filing and cap
 //!    slots are released, its connection's counts settle, its one
