@@ -128,6 +128,7 @@
 //! |---|---|---|
 //! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (RST_STREAM on HTTP/2) |
 //! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `408 Request Timeout` when the request body went silent ([`request_idle_timeout`](StreamGuardBuilder::request_idle_timeout)), `504 Gateway Timeout` for the other idle timeouts and the lifetime; the handler's future is dropped |
+//! | the handler answers, or the body produces its last part, as it fires | the answer (nothing after its head) or the last part (data frame, trailers) is dropped: the peer reads the guard's status, as in the rows above | `504`/`408` instead of an answer with nothing after its head; a body error instead of the last data frame or last declared byte |
 //! | a cap refuses the stream, or a drain is in progress | trailers-only response, `grpc-status: 8` (cap) or `14` (drain) | `503 Service Unavailable` with `Retry-After: 1` ([`retry_after`](StreamGuardBuilder::retry_after)) |
 //! | peer reads too slowly ([`min_response_rate`](StreamGuardBuilder::min_response_rate)) | trailers `grpc-status: 8` (RESOURCE_EXHAUSTED) naming the setting, sent if the peer reads on; released at once, as below | body error: hyper resets the stream |
 //! | peer stopped reading (hyper no longer polls the body) | handle cancelled, event emitted, state released at once; the trailers go out if the peer ever reads again | same |
