@@ -128,6 +128,7 @@
 //! |---|---|---|
 //! | response body being polled | ends with trailers `grpc-status: 4` and a `grpc-message` naming the guard | body error: hyper resets the stream (`RST_STREAM(CANCEL)` on HTTP/2) |
 //! | before response headers (handler still running) | trailers-only response, `grpc-status: 4`; the handler's future is dropped | `408 Request Timeout` when the request body went silent ([`request_idle_timeout`](StreamGuardBuilder::request_idle_timeout)), `504 Gateway Timeout` for the other idle timeouts and the lifetime; the handler's future is dropped |
+//! | the handler answers, or the body produces its last part, as it fires | the answer (nothing after its head) or the last part (data frame, trailers) is dropped: the peer reads the guard's status, as in the rows above | `504`/`408` instead of an answer with nothing after its head; a body error instead of the last data frame or last declared byte |
 //! | a cap refuses the stream, or a drain is in progress | trailers-only response, `grpc-status: 8` (cap) or `14` (drain) | `503 Service Unavailable` with `Retry-After: 1` ([`retry_after`](StreamGuardBuilder::retry_after)) |
 //! | peer reads too slowly ([`min_response_rate`](StreamGuardBuilder::min_response_rate)) | trailers `grpc-status: 8` (RESOURCE_EXHAUSTED) naming the setting, sent if the peer reads on; released at once, as below | body error: hyper resets the stream |
 //! | peer stopped reading (hyper no longer polls the body) | handle cancelled, event emitted, state released at once; the trailers go out if the peer ever reads again | same |
@@ -189,7 +190,12 @@
 //!    every stream's deadline to the end of its grace.
 //! 4. An end, whoever makes it (the timer, a body's last frame or error, a
 //!    dropped ticket, [`StreamHandle::cancel`], a panic), is decided by one
-//!    compare-and-swap of the record's phase, so it happens once. Then the
+//!    compare-and-swap of the record's phase, so it happens once. The
+//!    service's last part (an answer with nothing after its head, the
+//!    body's last frame or declared byte, its trailers) takes that
+//!    compare-and-swap before it goes out, and gives way to the guard's
+//!    ending when it loses (`stream/last_word.rs`): what the peer reads
+//!    last is what the event says. Then the
 //!    stream's wakers fire (a guard-ended body yields its trailers or
 //!    error, a handler's `cancelled()` resolves), its timer filing and cap
 //!    slots are released, its connection's counts settle, its one

@@ -4,8 +4,8 @@
 //!
 //! An end is decided by one compare-and-swap ([`Record::decide`]). Most ends
 //! are finished at once by whoever decided them ([`Record::end`]); the
-//! response body's last frame and a panic only decide, and leave the rest to
-//! [`Record::finish_deferred`] (see [`Record::complete_deferred`]).
+//! response body's last part and a panic only decide, and leave the rest to
+//! [`Record::finish_deferred`] (see [`Record::decide_deferred`]).
 
 use std::{
     net::SocketAddr,
@@ -260,24 +260,19 @@ impl Record {
         }
     }
 
-    /// Decides that the stream completed, and leaves the rest of its end to
-    /// [`finish_deferred`](Self::finish_deferred).
-    ///
-    /// For the response body's last frame (trailers, or its end): hyper sends
-    /// a DATA frame, polls again and sends the trailers. Whatever runs in
-    /// between widens the window in which the connection task flushes the
-    /// DATA frame alone, and with Nagle's algorithm on, trailers written
-    /// apart wait for the peer's delayed ACK (40 ms). So at that point only
-    /// the decision is taken (one compare-and-swap: no guard can end the
-    /// stream any more, the handle reports it); the event and wake-ups
-    /// follow when the body is dropped, right after, or polled again.
-    pub(crate) fn complete_deferred(&self) -> bool {
-        self.decide_deferred(Ending::Completed)
-    }
-
     /// Decides the end as `ending` and leaves the rest of it to
     /// [`finish_deferred`](Self::finish_deferred): one compare-and-swap and
     /// one store, nothing that can panic or run user code.
+    ///
+    /// For a panic, and for the response body's last part (see
+    /// `last_word`): hyper sends a DATA frame, polls again and sends the
+    /// trailers. Whatever runs in between widens the window in which the
+    /// connection task flushes the DATA frame alone, and with Nagle's
+    /// algorithm on, trailers written apart wait for the peer's delayed ACK
+    /// (40 ms). So at that point only the decision is taken (no guard can
+    /// end the stream any more, the handle reports it); the event and
+    /// wake-ups follow when the body is dropped, right after, or polled
+    /// again.
     pub(crate) fn decide_deferred(&self, ending: Ending) -> bool {
         if !self.decide(ending) {
             return false;
@@ -461,7 +456,12 @@ impl Record {
             cap_limit: reason.cap().map(|_| after.cap_limit() as usize),
             request: self.request_traffic(),
             response: self.response_traffic(),
-            grpc_status: after.grpc_status(),
+            // A guard's end carries its own status, whatever the service's
+            // head said while the end was being decided.
+            grpc_status: match ending.status() {
+                Some(code) if self.grpc => Some(code),
+                _ => after.grpc_status(),
+            },
             server_guard_reason: self.server_guard_reason(),
             blocked_on_reader: self.blocked_on_reader(),
         }

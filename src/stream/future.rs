@@ -15,7 +15,8 @@ use super::{
     cap::{CapPermit, Refusal},
     handle::StreamHandle,
     heartbeat::Heartbeat,
-    response_body::ResponseBody,
+    last_word::Word,
+    response_body::{self, Opened, ResponseBody},
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};
@@ -42,7 +43,13 @@ pin_project! {
     /// the request body went silent
     /// ([`request_idle_timeout`](crate::StreamGuardBuilder::request_idle_timeout)),
     /// `503 Service Unavailable` for a drain, `504 Gateway Timeout` for the
-    /// other limits and a cancel. A stream a cap refuses, or that arrives
+    /// other limits and a cancel. The same when the stream ends while the
+    /// service's future is being polled to an answer that nothing follows
+    /// (a body already at its end, such as a trailers-only gRPC status or an
+    /// empty `200`; the answer to a `HEAD` request): that answer is dropped
+    /// and the peer reads the guard's, whose reason the end event gives. An
+    /// answer whose body follows goes out, and its body ends the guard's
+    /// way. A stream a cap refuses, or that arrives
     /// while a drain is in progress, gets `grpc-status: 8`
     /// (`RESOURCE_EXHAUSTED`) or `14` (`UNAVAILABLE`), or `503` with a
     /// `Retry-After` ([`retry_after`](crate::StreamGuardBuilder::retry_after)),
@@ -157,21 +164,75 @@ impl<F> ResponseFuture<F> {
 
     /// Resolves with the guard's own answer, moving the ticket into its body.
     fn answer<B, E>(self: Pin<&mut Self>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
-        let Some(ticket) = self.take_ticket() else {
-            return Poll::Pending;
-        };
-        let ending = ticket.ending().unwrap_or(Ending::Cancelled);
-        let admission = &ticket.shared.admission;
-        let response = grpc::early_response(
-            ticket.grpc,
-            ending,
-            &ticket.message(ending),
-            admission.early_status(ending),
-            admission.retry_after_secs,
-            (),
-        );
-        Poll::Ready(Ok(response.map(|()| ResponseBody::answered(ticket))))
+        match self.take_ticket() {
+            Some(ticket) => Poll::Ready(Ok(guard_answer(ticket))),
+            None => Poll::Pending,
+        }
     }
+}
+
+/// The guard's own answer for the stream `ticket` owns, which has ended.
+fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
+    let ending = ticket.ending().unwrap_or(Ending::Cancelled);
+    let admission = &ticket.shared.admission;
+    let response = grpc::early_response(
+        ticket.grpc,
+        ending,
+        &ticket.message(ending),
+        admission.early_status(ending),
+        admission.retry_after_secs,
+        (),
+    );
+    response.map(|()| ResponseBody::answered(ticket))
+}
+
+/// The service's answer, its body wrapped; or, when the stream ended before
+/// the answer could go out, the guard's own (the service's is dropped).
+fn service_answer<B: Body>(
+    mut response: Response<B>,
+    ticket: Ticket,
+    for_response: ForResponse,
+) -> Response<ResponseBody<B>> {
+    let declared = response_body::declared_length(&response);
+    // Nothing follows a head whose body is already at its end, that answers
+    // a `HEAD` request, or that declares no body: hyper sends it alone (with
+    // END_STREAM) and never polls the body. The head is the last word.
+    let last = response.body().is_end_stream() || ticket.after.is_head() || declared == Some(0);
+    let word = if last {
+        ticket.last_word(Ending::Completed)
+    } else {
+        ticket.next_word()
+    };
+    if word == Word::Guard {
+        drop(response);
+        return guard_answer(ticket);
+    }
+    if ticket.shared.admission.handle_in_response {
+        response.extensions_mut().insert(StreamHandle {
+            record: std::sync::Arc::clone(ticket.record()),
+            goaways_seen: for_response.goaways_seen,
+        });
+    }
+    let grpc = grpc::is_grpc(response.headers());
+    let status = grpc::status_of(response.headers());
+    if let Some(code) = status {
+        ticket.set_grpc_status(code);
+    }
+    if let Some(reason) = grpc::guard_reason_of(response.headers()) {
+        ticket.set_server_guard_reason(reason);
+    }
+    ticket.set_answered(status);
+    if last {
+        ticket.finish_deferred();
+    }
+    let heartbeat = for_response.heartbeat;
+    let opened = Opened {
+        grpc,
+        heartbeat,
+        declared,
+        last,
+    };
+    response.map(|body| ResponseBody::guarded(body, ticket, opened))
 }
 
 impl<F, B, E> Future for ResponseFuture<F>
@@ -226,36 +287,12 @@ where
                 }
                 Poll::Pending
             }
-            Poll::Ready(Ok(mut response)) => {
-                let Some((
-                    ticket,
-                    ForResponse {
-                        goaways_seen,
-                        heartbeat,
-                    },
-                )) = self.take_state()
-                else {
-                    return Poll::Pending;
-                };
-                if ticket.shared.admission.handle_in_response {
-                    response.extensions_mut().insert(StreamHandle {
-                        record: std::sync::Arc::clone(ticket.record()),
-                        goaways_seen,
-                    });
+            Poll::Ready(Ok(response)) => match self.take_state() {
+                Some((ticket, for_response)) => {
+                    Poll::Ready(Ok(service_answer(response, ticket, for_response)))
                 }
-                let grpc = grpc::is_grpc(response.headers());
-                let status = grpc::status_of(response.headers());
-                if let Some(code) = status {
-                    ticket.set_grpc_status(code);
-                }
-                if let Some(reason) = grpc::guard_reason_of(response.headers()) {
-                    ticket.set_server_guard_reason(reason);
-                }
-                ticket.set_answered(status);
-                Poll::Ready(Ok(
-                    response.map(|body| ResponseBody::guarded(body, ticket, grpc, heartbeat))
-                ))
-            }
+                None => Poll::Pending,
+            },
             Poll::Ready(Err(err)) => {
                 ticket.end(Ending::Error);
                 drop(self.take_ticket());

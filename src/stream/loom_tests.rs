@@ -36,7 +36,7 @@ use super::{
     handle::StreamHandle,
     layer::StreamGuardLayer,
     request_body::RequestBody,
-    response_body::ResponseBody,
+    response_body::{Opened, ResponseBody},
     ticket::Ticket,
 };
 use crate::{
@@ -47,13 +47,13 @@ use crate::{
 };
 
 /// An inner body that hands out `frames`, or stays pending for ever.
-struct Script {
+pub(super) struct Script {
     frames: VecDeque<Frame<Bytes>>,
     pending: bool,
 }
 
 impl Script {
-    fn frames(frames: impl IntoIterator<Item = Frame<Bytes>>) -> Self {
+    pub(super) fn frames(frames: impl IntoIterator<Item = Frame<Bytes>>) -> Self {
         Script {
             frames: frames.into_iter().collect(),
             pending: false,
@@ -88,14 +88,14 @@ impl Body for Script {
     }
 }
 
-fn ok_trailers() -> HeaderMap {
+pub(super) fn ok_trailers() -> HeaderMap {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", "0".parse().unwrap());
     trailers
 }
 
 /// A stream of `layer`, as `call` starts one (without the timer filing).
-fn start(layer: &StreamGuardLayer, grpc: bool) -> Ticket {
+pub(super) fn start(layer: &StreamGuardLayer, grpc: bool) -> Ticket {
     let request = http::Request::new(());
     let after = After::new(&request, None, None, None);
     match Ticket::start(layer.shared(), layer.policy(), grpc, after, 0) {
@@ -104,8 +104,18 @@ fn start(layer: &StreamGuardLayer, grpc: bool) -> Ticket {
     }
 }
 
+/// What the response future hands a body whose head more parts follow.
+pub(super) fn opened(grpc: bool) -> Opened {
+    Opened {
+        grpc,
+        heartbeat: None,
+        declared: None,
+        last: false,
+    }
+}
+
 /// The reasons of the end events emitted so far.
-fn ended(events: &mut broadcast::Receiver<EndEvent>) -> Vec<EndReason> {
+pub(super) fn ended(events: &mut broadcast::Receiver<EndEvent>) -> Vec<EndReason> {
     std::iter::from_fn(|| events.try_recv().ok())
         .map(|event| event.reason())
         .collect()
@@ -146,7 +156,7 @@ fn loom_last_frame_vs_limit() {
             Frame::data(Bytes::from_static(b"last")),
             Frame::trailers(ok_trailers()),
         ];
-        let body = ResponseBody::guarded(Script::frames(frames), ticket, true, None);
+        let body = ResponseBody::guarded(Script::frames(frames), ticket, opened(true));
         let reader = thread::spawn(move || read_status(body));
 
         // The sweeper, on this thread.
@@ -213,7 +223,7 @@ fn loom_limit_vs_cancel_vs_drop() {
             goaways_seen: 0,
         };
         let sweeper = Arc::clone(ticket.record());
-        let body = ResponseBody::guarded(Script::pending(), ticket, false, None);
+        let body = ResponseBody::guarded(Script::pending(), ticket, opened(false));
 
         let sweeper = thread::spawn(move || sweeper.end(Ending::Lifetime));
         let handler = thread::spawn(move || handle.cancel());
@@ -270,7 +280,7 @@ fn loom_pending_response_body_vs_limit() {
         let mut events = layer.subscribe();
         let ticket = start(&layer, true);
         let sweeper = Arc::clone(ticket.record());
-        let mut body = ResponseBody::guarded(Script::pending(), ticket, true, None);
+        let mut body = ResponseBody::guarded(Script::pending(), ticket, opened(true));
 
         let sweeper = thread::spawn(move || assert!(sweeper.end(Ending::IdleBoth)));
         let frame = loom::future::block_on(poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)));

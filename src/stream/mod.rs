@@ -121,7 +121,10 @@ mod ending;
 mod future;
 pub(crate) mod handle;
 pub(crate) mod heartbeat;
+mod last_word;
 pub(crate) mod layer;
+#[cfg(all(test, stream_guard_loom))]
+mod loom_last_word;
 #[cfg(all(test, stream_guard_loom))]
 mod loom_tests;
 mod origin;

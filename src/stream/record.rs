@@ -138,7 +138,7 @@ pub(crate) struct Record {
     client_deadline: AtomicBool,
     /// The response body decided the end (`Completed`); the rest of the end
     /// (wake-ups, slots, the event) waits until the body is dropped or polled
-    /// again. See `Record::complete_deferred`.
+    /// again. See `Record::decide_deferred`.
     pub(crate) unfinished: AtomicBool,
     /// The response body's side of the stream, for stalled readers
     /// (`ending::BODY_*`).

@@ -20,6 +20,7 @@ use crate::{end::Ending, error::BoxError, grpc};
 
 use super::{
     heartbeat::Heartbeat,
+    last_word::Word,
     record::Record,
     ticket::{EndOnUnwind, Ticket},
 };
@@ -43,6 +44,15 @@ pin_project! {
     /// soon as its trailers are sent; a client that keeps a finished
     /// `tonic::Streaming` keeps that part of the end pending until it drops
     /// it. `is_end_stream` and `size_hint` are forwarded.
+    ///
+    /// The peer reads what the end event says. A body's last part (its last
+    /// data frame, its trailers, its end or error) goes out only if it is
+    /// the stream's end: when a guard ended the stream while the inner body
+    /// produced it, the part is dropped and the guard's ending goes out in
+    /// its place. A body whose length the head's `content-length` or its
+    /// exact size hint declares completes when its last declared byte is
+    /// handed on: hyper's HTTP/1 stops polling there, and drops the body
+    /// unpolled.
     ///
     /// ```
     /// use std::{convert::Infallible, time::Duration};
@@ -90,8 +100,12 @@ pin_project! {
         heartbeat: Option<Heartbeat>,
         // The body handed over its last frame and the stream's end is
         // decided; the rest of the end waits for the next poll or the drop
-        // (see `Record::complete_deferred`).
+        // (see `Record::decide_deferred`).
         finishing: bool,
+        // Bytes the response head or the body's exact size hint declared and
+        // that have not been handed on yet: hyper's HTTP/1 stops polling
+        // after the last one, so that byte is the body's last word.
+        remaining: Option<u64>,
     }
 
     impl<B> PinnedDrop for ResponseBody<B> {
@@ -106,34 +120,51 @@ pin_project! {
     }
 }
 
+/// What the response future learnt from the service's answer, for its body.
+pub(crate) struct Opened {
+    pub(crate) grpc: bool,
+    pub(crate) heartbeat: Option<Heartbeat>,
+    /// The body's length as the head or the body's exact size hint declares
+    /// it (see [`declared_length`]).
+    pub(crate) declared: Option<u64>,
+    /// Nothing follows the head: the response future has decided the end
+    /// (see `last_word`), and the body is never polled.
+    pub(crate) last: bool,
+}
+
+/// The length a response declares for its body: its `content-length`, else
+/// its body's exact size hint (which hyper sends as the `content-length`).
+/// Read once per stream.
+pub(crate) fn declared_length<B: Body>(response: &http::Response<B>) -> Option<u64> {
+    match response.headers().get(http::header::CONTENT_LENGTH) {
+        Some(value) => value.to_str().ok()?.trim().parse().ok(),
+        None => response.body().size_hint().exact(),
+    }
+}
+
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn guarded(
-        inner: B,
-        ticket: Ticket,
-        grpc: bool,
-        heartbeat: Option<Heartbeat>,
-    ) -> Self {
-        // hyper never polls a body that is already at its end: it sends the
-        // headers with END_STREAM and drops it. That is a normal end. The
-        // same for the answer to a HEAD request, whose body hyper drops
-        // unread whatever it holds; its size hint still goes out as the
-        // `content-length`, so that body stays as it is (a poll would find
-        // the stream ended and yield nothing).
-        let closed = inner.is_end_stream();
-        if closed || ticket.after.is_head() {
-            ticket.end(Ending::Completed);
-        } else {
+    /// The body of the service's answer. Unless `opened.last`, the stream is
+    /// open: the body's parts will claim the end.
+    pub(crate) fn guarded(inner: B, ticket: Ticket, opened: Opened) -> Self {
+        // A body at its end is never polled: hyper sends the headers with
+        // END_STREAM and drops it. The answer to a HEAD request, or a head
+        // that declares no body, stays as it is: hyper drops it unread,
+        // and its size hint still goes out as the `content-length` (a poll
+        // would find the stream ended and yield nothing).
+        let closed = opened.last && inner.is_end_stream();
+        if !opened.last {
             ticket.response_opened();
         }
         ResponseBody {
             inner: Some(inner),
             ticket: Some(ticket),
             registered: None,
-            grpc,
+            grpc: opened.grpc,
             closed,
             waiting: false,
-            heartbeat,
+            heartbeat: opened.heartbeat,
             finishing: false,
+            remaining: opened.declared,
         }
     }
 }
@@ -151,6 +182,7 @@ impl<B> ResponseBody<B> {
             waiting: false,
             heartbeat: None,
             finishing: false,
+            remaining: None,
         }
     }
 
@@ -169,52 +201,48 @@ fn register_waker(state: &Record, registered: &mut Option<Waker>, waker: &Waker)
     *registered = Some(waker.clone());
 }
 
-/// Ends the stream from its response body. Returns `false` when a guard
-/// ended the stream first: the caller then ends the body the guard's way.
-/// Out of line: once per stream.
+/// The body's last part is about to go out (its last data frame or
+/// declared byte, its trailers, its end or error): claims the end for it as
+/// `ending` (see `last_word`). `false` when the stream had ended first: the
+/// caller drops the part and ends the body the guard's way.
+///
+/// Trailers leave the rest of the end to the next poll or the drop
+/// (`defer`): nothing should run between hyper sending the last DATA frame
+/// and the trailers (see `Record::decide_deferred`). Other parts finish it
+/// at once: the event is out when the body yields its last frame. Out of
+/// line: once per stream.
 #[cold]
 #[inline(never)]
-fn end_from_body(state: &Record, closed: &mut bool, ending: Ending) -> bool {
-    if state.end(ending) || state.guard_error().is_none() {
-        *closed = true;
-        state.response_closed();
-        return true;
-    }
-    false
-}
-
-/// Ends the stream on its trailers. Returns `false` when a guard ended the
-/// stream first: the caller then sends the guard's trailers instead of
-/// these. Out of line: once per stream.
-#[cold]
-#[inline(never)]
-fn end_on_trailers(
+fn claim(
     state: &Record,
     closed: &mut bool,
     finishing: &mut bool,
-    trailers: &http::HeaderMap,
+    ending: Ending,
+    defer: bool,
 ) -> bool {
-    // A guard can end the stream on another thread between this body's
-    // "still open?" check and its inner body's last frame, and the inner
-    // body often ends *because* of it (the handler's producer stops on
-    // `cancelled()`, and tonic closes the body with `grpc-status: 0`). The
-    // end was the guard's: the peer must read the guard's status, not OK.
-    let decided = state.complete_deferred();
-    if !decided && state.guard_error().is_some() {
+    if state.last_word(ending) == Word::Guard {
         return false;
-    }
-    if decided {
-        if let Some(code) = grpc::status_of(trailers) {
-            state.set_grpc_status(code);
-        }
-        if let Some(reason) = grpc::guard_reason_of(trailers) {
-            state.set_server_guard_reason(reason);
-        }
     }
     *closed = true;
     state.response_closed();
-    *finishing = decided;
+    if defer {
+        *finishing = true;
+    } else {
+        state.finish_deferred();
+    }
     true
+}
+
+/// Records what the service's trailers say, once they won the end.
+#[cold]
+#[inline(never)]
+fn note_trailers(state: &Record, trailers: &http::HeaderMap) {
+    if let Some(code) = grpc::status_of(trailers) {
+        state.set_grpc_status(code);
+    }
+    if let Some(reason) = grpc::guard_reason_of(trailers) {
+        state.set_server_guard_reason(reason);
+    }
 }
 
 /// A guard-ended stream's body: let go of the inner body (and whatever the
@@ -231,6 +259,8 @@ fn end_fired<B: Body>(
     *closed = true;
     state.response_closed();
     inner.set(None);
+    // An end another part decided without finishing it (see `last_word`).
+    state.finish_deferred();
     let Some(err) = state.guard_error() else {
         return Poll::Ready(None);
     };
@@ -320,36 +350,51 @@ where
                                 *this.waiting = true;
                             }
                         }
-                        // hyper stops polling once the body says it is at
-                        // its end, so this is where such a body completes.
-                        // (The data goes out either way: it was produced
-                        // before the end, and an END_STREAM frame leaves no
-                        // room for the guard's trailers.)
-                        if inner.is_end_stream()
-                            && !end_from_body(state, this.closed, Ending::Completed)
+                        // The last data the peer reads: the body says it is
+                        // at its end (hyper stops polling it then), or the
+                        // last declared byte goes out (hyper's HTTP/1 stops
+                        // there). It goes out only if it wins the end.
+                        // (Counted either way: a guard's end that won has
+                        // been reported already.)
+                        let declared_end = match this.remaining {
+                            Some(left) => {
+                                *left = left.saturating_sub(len as u64);
+                                *left == 0
+                            }
+                            None => false,
+                        };
+                        if (declared_end || inner.is_end_stream())
+                            && !claim(state, this.closed, this.finishing, Ending::Completed, false)
                         {
-                            *this.closed = true;
-                            state.response_closed();
+                            return end_fired(this.closed, this.inner, state, *this.grpc);
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(frame) => {
-                        if let Some(trailers) = frame.trailers_ref()
-                            && !end_on_trailers(state, this.closed, this.finishing, trailers)
-                        {
-                            return end_fired(this.closed, this.inner, state, *this.grpc);
+                        if let Some(trailers) = frame.trailers_ref() {
+                            // A guard can end the stream between this body's
+                            // "still open?" check and its inner body's
+                            // trailers, and the inner body often ends
+                            // *because* of it (the handler's producer stops
+                            // on `cancelled()`, and tonic closes the body
+                            // with `grpc-status: 0`): the peer must read the
+                            // guard's status then, not OK.
+                            if !claim(state, this.closed, this.finishing, Ending::Completed, true) {
+                                return end_fired(this.closed, this.inner, state, *this.grpc);
+                            }
+                            note_trailers(state, trailers);
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 },
                 Poll::Ready(Some(Err(err))) => {
-                    if !end_from_body(state, this.closed, Ending::Error) {
+                    if !claim(state, this.closed, this.finishing, Ending::Error, false) {
                         return end_fired(this.closed, this.inner, state, *this.grpc);
                     }
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 Poll::Ready(None) => {
-                    if !end_from_body(state, this.closed, Ending::Completed) {
+                    if !claim(state, this.closed, this.finishing, Ending::Completed, false) {
                         return end_fired(this.closed, this.inner, state, *this.grpc);
                     }
                     return Poll::Ready(None);
@@ -360,14 +405,25 @@ where
         end_fired(this.closed, this.inner, state, *this.grpc)
     }
 
+    /// `true` once nothing more will come. An inner body at its end is
+    /// only reported so if that end wins the stream's (see `last_word`):
+    /// otherwise hyper polls again and gets the guard's ending.
     fn is_end_stream(&self) -> bool {
         if self.closed {
             return true;
         }
         match (&self.inner, &self.ticket) {
             (None, _) => true,
-            (Some(_), Some(state)) if state.is_ended() => false,
-            (Some(inner), _) => inner.is_end_stream(),
+            // Ended: hyper polls again for the guard's ending, unless this
+            // very body's end won (asked twice). The answer to a HEAD
+            // request says `false`, so that hyper sends its size hint.
+            (Some(inner), Some(state)) if state.is_ended() => {
+                state.ending() == Some(Ending::Completed) && inner.is_end_stream()
+            }
+            (Some(inner), Some(state)) => {
+                inner.is_end_stream() && state.last_word(Ending::Completed) == Word::Service
+            }
+            (Some(inner), None) => inner.is_end_stream(),
         }
     }
 

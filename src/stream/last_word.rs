@@ -1,0 +1,54 @@
+//! Who has the last word on a stream: the one decision that every part able
+//! to end a response reads, so that what the peer reads last and the reason
+//! its end event gives always agree.
+//!
+//! A response ends either with the service's last part (a head with nothing
+//! after it, the body's last data frame or last declared byte, its trailers,
+//! its end or its error) or with the guard's ending (a trailers-only answer
+//! or `504`/`503` instead of the head; gRPC trailers or a body error after
+//! it). A part that nothing follows claims the end with the record's one
+//! compare-and-swap ([`Record::decide`]) *before* it is handed on; when the
+//! claim loses, the part is dropped and the ending that won goes out in its
+//! place. A guard that fires after a won claim finds the end decided and
+//! does nothing. A part that more parts follow (a head before its body, a
+//! data frame before the next) only asks whether the stream is still open:
+//! if an end comes after that, it reaches the peer through the next part.
+
+use super::record::Record;
+use crate::end::Ending;
+
+/// Whose part the peer reads next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Word {
+    /// The service's part goes out.
+    Service,
+    /// The stream has ended (a guard fired, the handle cancelled it): the
+    /// service's part is dropped and the stream's ending goes out instead.
+    Guard,
+}
+
+impl Record {
+    /// For a part that nothing follows: decides the end as `ending` (the
+    /// service's `Completed` or `Error`), unless the stream has already
+    /// ended. One compare-and-swap; the rest of the end is left to
+    /// [`finish_deferred`](Record::finish_deferred) (the caller's, or the
+    /// body's next poll or drop: see `Record::decide_deferred` for why).
+    pub(crate) fn last_word(&self, ending: Ending) -> Word {
+        if self.decide_deferred(ending) {
+            Word::Service
+        } else {
+            Word::Guard
+        }
+    }
+
+    /// For a part that more parts follow: the service's, unless the stream
+    /// has already ended.
+    pub(crate) fn next_word(&self) -> Word {
+        if self.is_ended() {
+            Word::Guard
+        } else {
+            Word::Service
+        }
+    }
+}
