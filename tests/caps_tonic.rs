@@ -1,6 +1,9 @@
 //! Stream caps in front of a real tonic server, called by real tonic clients
 //! over loopback TCP; and the motivation: tonic's own
 //! `concurrency_limit_per_connection` does not bound open streams.
+//!
+//! `pins_tonic_*` tests pin tonic's behaviour: a failure after a tonic
+//! upgrade means tonic changed, read the test before touching the guard.
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -146,7 +149,7 @@ async fn third_stream_on_a_connection_is_refused_with_resource_exhausted() {
 /// are ready. A streaming call holds no permit while it streams, so a limit
 /// of 2 lets any number of endless streams through on one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tonic_concurrency_limit_per_connection_admits_every_stream() {
+async fn pins_tonic_concurrency_limit_per_connection_admits_every_stream() {
     let server = serve(
         tonic::transport::Server::builder().concurrency_limit_per_connection(2),
         None,

@@ -338,7 +338,7 @@ async fn a_close_delay_below_the_resolution_still_reports_the_cut() {
 }
 
 mod drain_order {
-    //! Real threads and real time: the race needs a second worker.
+    //! Real threads and real time: the race needs a second thread.
 
     use std::{convert::Infallible, time::Duration};
 
@@ -371,18 +371,19 @@ mod drain_order {
     }
 
     /// The drain is told a stream ended only once that stream no longer counts
-    /// as active: otherwise the drain task, waking on another worker in between,
+    /// as active: otherwise the drain task, waking on another thread in between,
     /// sees it still active, waits again, and is not woken before the grace's
     /// end. A slow log sink on the ending thread widens the window (it failed
     /// with the drain told first: "still waits 3.3s after its last stream ended").
+    ///
+    /// The drain task runs on a current-thread runtime, so it is known to be
+    /// waiting before the stream ends; the stream ends on a thread of its own.
     #[test]
     fn the_drain_finishes_when_the_last_stream_ends() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let _slow = tracing::subscriber::set_default(Slow);
         rt.block_on(async {
             let drain = Drain::new();
             let guard = StreamGuardLayer::builder()
@@ -400,12 +401,21 @@ mod drain_order {
             let response = svc.oneshot(Request::new(Empty::new())).await.unwrap();
             let handle = response.extensions().get::<StreamHandle>().unwrap().clone();
             let report = drain.start(Duration::from_secs(10));
-            // Time for the drain task to start waiting (if it has not, the test
-            // passes trivially: it cannot fail falsely).
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // On a current-thread runtime a yield lets every task that is
+            // ready run before this one resumes: the drain task has run up
+            // to its wait (the stream is still active, so it waits).
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            let runtime = tokio::runtime::Handle::current();
             let started = std::time::Instant::now();
-            assert!(handle.cancel());
+            let ending = std::thread::spawn(move || {
+                let _slow = tracing::subscriber::set_default(Slow);
+                let _runtime = runtime.enter();
+                handle.cancel()
+            });
             let report = tokio::time::timeout(Duration::from_secs(3), report).await;
+            assert!(ending.join().expect("the ending thread"));
             assert!(
                 report.is_ok(),
                 "the drain still waits {:?} after its last stream ended (active {})",

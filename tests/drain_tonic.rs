@@ -3,6 +3,9 @@
 //! within the grace period plus a small bound even with hundreds of open
 //! streams and peers that stopped reading; connections hyper would keep
 //! forever are closed.
+//!
+//! `pins_tonic_*` tests pin tonic's behaviour: a failure after a tonic
+//! upgrade means tonic changed, read the test before touching the guard.
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -199,7 +202,7 @@ fn drain_bound() -> Duration {
 /// The motivation: without the guard, one open stream keeps
 /// `serve_with_shutdown` waiting well past any grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_guard_serve_with_shutdown_waits_on_an_open_stream() {
+async fn pins_tonic_serve_with_shutdown_without_the_guard_waits_on_an_open_stream() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (stop, signal) = tokio::sync::oneshot::channel::<()>();

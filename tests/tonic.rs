@@ -7,6 +7,12 @@
 //! a guard. After each scenario: no stream is left active, the handler's
 //! background work has ended, exactly one event per stream was emitted, and
 //! the server shuts down gracefully (no stream left open).
+//!
+//! Where a test waits for the producer or echo task to stop after the guard
+//! ended the stream, it uses `EchoService::stopping_only_on_the_handle()`:
+//! those tasks ignore their channel closing, so only the `StreamHandle` can
+//! stop them (the guard drops the response body as it ends a stream, which
+//! would stop an ordinary producer by itself).
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -106,7 +112,7 @@ async fn abandoned_server_stream_is_cancelled_and_its_producer_stops() {
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let server = serve!(guard.clone(), svc);
     let mut client = server.client().await;
 
@@ -205,7 +211,7 @@ async fn bidi_echoes_then_silent_client_hits_idle_timeout() {
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let server = serve!(guard.clone(), svc);
     let mut client = server.client().await;
 
@@ -407,7 +413,7 @@ async fn stalled_reader_is_released_by_response_idle_timeout() {
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let server = serve!(guard.clone(), svc);
     let mut client = server.client().await;
 
@@ -485,7 +491,7 @@ async fn max_lifetime_ends_a_server_stream_mid_flight() {
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let server = serve!(guard.clone(), svc);
     let mut client = server.client().await;
 
@@ -652,7 +658,7 @@ async fn nested_guards_each_enforce_their_own_limits_and_emit_their_own_events()
         .unwrap();
     let mut outer_events = outer.subscribe();
     let mut inner_events = inner.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let layers = ServiceBuilder::new()
         .layer(outer.clone())
         .layer(inner.clone())
@@ -741,7 +747,7 @@ async fn a_client_that_reads_a_server_stream_too_slowly_ends_slow_reader() {
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let svc = EchoService::new();
+    let svc = EchoService::stopping_only_on_the_handle();
     let server = serve!(guard.clone(), svc);
     let mut client = server.client().await;
 

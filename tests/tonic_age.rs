@@ -5,6 +5,9 @@
 //! their streams break. A raw HTTP/2 client over loopback reads the frames
 //! the server sends, under paused time, and notes when GOAWAY and the close
 //! come.
+//!
+//! `pins_tonic_*` tests pin tonic's behaviour: a failure after a tonic
+//! upgrade means tonic changed, read the test before touching the guard.
 
 use std::time::Duration;
 
@@ -96,14 +99,14 @@ async fn serve_tonic(server: Server) -> std::net::SocketAddr {
 }
 
 #[tokio::test(start_paused = true)]
-async fn tonic_max_connection_age_alone_sends_goaway_at_the_age() {
+async fn pins_tonic_max_connection_age_alone_sends_goaway_at_the_age() {
     let addr = serve_tonic(Server::builder().max_connection_age(AGE)).await;
     let seen = watch(addr).await;
     assert_eq!(seen.goaway, Some(AGE), "{seen:?}");
 }
 
 #[tokio::test(start_paused = true)]
-async fn tonic_max_connection_age_grace_skips_the_goaway_and_closes_hard() {
+async fn pins_tonic_max_connection_age_grace_skips_the_goaway_and_closes_hard() {
     let addr = serve_tonic(
         Server::builder()
             .max_connection_age(AGE)

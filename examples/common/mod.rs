@@ -45,6 +45,9 @@ const CHANNEL_CAPACITY: usize = 4;
 pub struct EchoService {
     live_producers: Arc<AtomicUsize>,
     live_handlers: Arc<AtomicUsize>,
+    /// Whether its tasks stop only on the guard's handle (see
+    /// [`EchoService::stopping_only_on_the_handle`]).
+    handle_only: bool,
 }
 
 #[allow(dead_code)]
@@ -52,6 +55,22 @@ impl EchoService {
     /// Creates a service with both counters at zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A service for tests whose point is that the guard's [`StreamHandle`]
+    /// stopped the work: its `ServerStream` producers and `Bidi` echo tasks
+    /// ignore their channel closing and the request body failing, and wait
+    /// for the handle instead. The guard lets go of a response body when it
+    /// ends a stream, which closes the channel at the same moment: with
+    /// [`EchoService::new`] a handle whose `cancelled()` never resolved would
+    /// go unnoticed. They still finish by themselves (a `count` reached, a
+    /// half-close). Without a guard in front, such a task that lost its
+    /// reader never stops.
+    pub fn stopping_only_on_the_handle() -> Self {
+        Self {
+            handle_only: true,
+            ..Self::default()
+        }
     }
 
     /// Number of `ServerStream` producer tasks that have not finished yet.
@@ -104,12 +123,30 @@ async fn until_stream_ends(handle: Option<StreamHandle>, work: impl Future<Outpu
 
 type ReplySender = mpsc::Sender<Result<EchoReply, Status>>;
 
+/// What a task does when its stream is gone from under it (its channel
+/// closed, its request body failed): stops, or with `handle_only` waits for
+/// the guard's handle to stop it (see [`EchoService::stopping_only_on_the_handle`]).
+async fn lost_stream(handle_only: bool) {
+    if handle_only {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves when `tx`'s receiver is dropped; never with `handle_only`.
+async fn channel_closed(tx: &ReplySender, handle_only: bool) {
+    if handle_only {
+        std::future::pending::<()>().await;
+    }
+    tx.closed().await;
+}
+
 /// Body of the `ServerStream` producer task: the whole loop, waits for the
 /// next tick and sends alike, stops when the stream ends.
 async fn produce(
     tx: ReplySender,
     request: StreamRequest,
     handle: Option<StreamHandle>,
+    handle_only: bool,
     _live: LiveGuard,
 ) {
     until_stream_ends(handle, async move {
@@ -128,7 +165,7 @@ async fn produce(
                 tokio::select! {
                     biased;
                     // The response stream was dropped (client gone, server shut down).
-                    () = tx.closed() => return,
+                    () = channel_closed(&tx, handle_only) => return,
                     _ = ticker.tick() => {}
                 }
             }
@@ -137,6 +174,7 @@ async fn produce(
                 payload: payload.clone(),
             };
             if tx.send(Ok(reply)).await.is_err() {
+                lost_stream(handle_only).await;
                 return;
             }
             index += 1;
@@ -151,13 +189,14 @@ async fn echo_each(
     mut inbound: Streaming<EchoRequest>,
     tx: ReplySender,
     handle: Option<StreamHandle>,
+    handle_only: bool,
     _live: LiveGuard,
 ) {
     until_stream_ends(handle, async move {
         loop {
             let next = tokio::select! {
                 biased;
-                () = tx.closed() => return,
+                () = channel_closed(&tx, handle_only) => return,
                 next = inbound.message() => next,
             };
             let item = match next {
@@ -170,6 +209,7 @@ async fn echo_each(
             };
             let is_err = item.is_err();
             if tx.send(item).await.is_err() || is_err {
+                lost_stream(handle_only).await;
                 return;
             }
         }
@@ -197,7 +237,13 @@ impl Echo for EchoService {
         // Counted before spawning so that the count is never observed as 0
         // between the handler returning and the task starting.
         let live = LiveGuard::enter(&self.live_producers);
-        tokio::spawn(produce(tx, request.into_inner(), handle, live));
+        tokio::spawn(produce(
+            tx,
+            request.into_inner(),
+            handle,
+            self.handle_only,
+            live,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -227,7 +273,13 @@ impl Echo for EchoService {
         let handle = stream_handle(&request);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let live = LiveGuard::enter(&self.live_handlers);
-        tokio::spawn(echo_each(request.into_inner(), tx, handle, live));
+        tokio::spawn(echo_each(
+            request.into_inner(),
+            tx,
+            handle,
+            self.handle_only,
+            live,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -28,8 +28,8 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_stream_guard::{
-    ConfigError, ConnectionGuard, ConnectionKey, Drain, EndReason, IdleDirection, PeerAddr,
-    RoutePolicy, StreamGuardLayer,
+    ConfigError, ConnectionGuard, ConnectionKey, Drain, EndReason, GuardError, IdleDirection,
+    PeerAddr, RoutePolicy, StreamGuardLayer,
 };
 
 /// The largest event capacity the guards accept (documented: 65,536).
@@ -413,10 +413,40 @@ async fn panicking_and_absent_subscribers_never_hold_up_a_stream() {
         50
     );
     assert!(matches!(absent.try_recv(), Err(TryRecvError::Lagged(99))));
-    for response in idle {
+    for (i, response) in idle.into_iter().enumerate() {
         let body = response.into_body().collect().await;
-        // Idle streams end with a guard error, finished ones are empty.
-        drop(body);
+        if i % 2 == 0 {
+            // Idle streams end with the guard's error, naming the limit.
+            let error = body.expect_err("an idle stream's body ends with an error");
+            let error = error
+                .downcast_ref::<GuardError>()
+                .unwrap_or_else(|| panic!("stream {i}: not the guard's error: {error}"));
+            assert_eq!(
+                error.reason(),
+                EndReason::IdleTimeout(IdleDirection::Response),
+                "stream {i}"
+            );
+            assert_eq!(error.limit(), Duration::from_millis(100), "stream {i}");
+            assert!(
+                error.to_string().contains("response_idle_timeout"),
+                "stream {i}: {error}"
+            );
+        } else {
+            // Finished streams are empty and end cleanly.
+            let body = body.unwrap_or_else(|error| panic!("stream {i}: {error}"));
+            assert!(body.trailers().is_none(), "stream {i}");
+            assert!(body.to_bytes().is_empty(), "stream {i}");
+        }
+    }
+}
+
+/// Awaits a task: its panic fails the test (with its own message); being
+/// aborted or cancelled does not.
+async fn joined<T>(task: tokio::task::JoinHandle<T>) {
+    if let Err(error) = task.await
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
     }
 }
 
@@ -494,7 +524,7 @@ async fn rapid_reset_leaves_nothing_behind() {
         .await;
         calls.iter().for_each(|call| call.abort());
         for call in calls {
-            let _ = call.await;
+            joined(call).await;
         }
     }
     wait_until("every reset stream has ended", || {
@@ -516,6 +546,8 @@ async fn rapid_reset_leaves_nothing_behind() {
 
     drop(sender);
     client.abort();
-    let _ = server.await;
+    tokio::time::timeout(support::PATIENCE, joined(server))
+        .await
+        .expect("the server task ends once the client is gone");
     wait_for_no_tasks().await;
 }
