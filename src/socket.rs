@@ -73,8 +73,9 @@ pub(crate) fn keepalive_of(timeout: Duration) -> (Duration, Duration, u32) {
 /// Sets the dead-peer options for a bound of `timeout` on a TCP socket.
 ///
 /// Keepalive (with its first probe after `timeout / 2`) on every platform
-/// socket2 supports; the probe interval where the platform takes one (not
-/// OpenBSD, Haiku); the probe count on Unix-likes; `TCP_USER_TIMEOUT` on
+/// socket2 supports; the probe interval on Linux, Android, Fuchsia, the BSDs
+/// but OpenBSD, illumos, macOS, iOS and Windows; the probe count on Linux,
+/// Android, Fuchsia, FreeBSD, NetBSD and macOS; `TCP_USER_TIMEOUT` on
 /// Linux, Android and Fuchsia only. Elsewhere a peer that vanished while
 /// data flows to it is found only by the platform's retransmission limit,
 /// or by HTTP/2 PING keepalive.
@@ -85,7 +86,19 @@ pub(crate) fn set_dead_peer_timeout(
     let socket = socket2::SockRef::from(tcp);
     let (idle, interval, retries) = keepalive_of(timeout);
     let keepalive = socket2::TcpKeepalive::new().with_time(idle);
-    #[cfg(not(any(target_os = "openbsd", target_os = "haiku", target_os = "redox")))]
+    // Where socket2 0.6 offers the interval (a subset of its list).
+    #[cfg(any(
+        target_os = "android",
+        target_os = "dragonfly",
+        target_os = "freebsd",
+        target_os = "fuchsia",
+        target_os = "illumos",
+        target_os = "ios",
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "netbsd",
+        target_os = "windows",
+    ))]
     let keepalive = keepalive.with_interval(interval);
     #[cfg(any(
         target_os = "android",

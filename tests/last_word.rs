@@ -508,3 +508,41 @@ async fn an_axum_download_with_a_content_length_completes() {
     wait_until("no stream active", || guard.stats().active() == 0).await;
     server.abort();
 }
+
+/// A body whose length is declared (here its exact size hint) and that ends
+/// with trailers: over HTTP/2 the trailers follow the last declared byte,
+/// so that byte must not close the body. The peer reads the data and the
+/// trailers; the event says `completed`.
+#[tokio::test]
+async fn trailers_after_the_last_declared_byte_still_go_out() {
+    let guard = StreamGuardLayer::builder()
+        .idle_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    let service = guard.layer(tower::service_fn(
+        |_request: Request<tower_stream_guard::stream::RequestBody<Empty<Bytes>>>| async {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let body = http_body_util::Full::new(Bytes::from_static(b"abc"))
+                .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+            Ok::<_, std::convert::Infallible>(Response::new(body))
+        },
+    ));
+    let response = service
+        .oneshot(Request::new(Empty::<Bytes>::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.body().size_hint().exact(), Some(3));
+    let collected = timeout(PATIENCE, response.into_body().collect())
+        .await
+        .expect("the body ends")
+        .expect("no error");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the trailers went out");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Completed);
+}

@@ -203,6 +203,14 @@ impl ConnectionGuardBuilder {
     ///   answers the first probe: one bare segment per `timeout / 2` of
     ///   silence.
     ///
+    /// It replaces keepalive and user-timeout options the application set on
+    /// the socket before wrapping it (tonic's `TcpIncoming::with_keepalive`,
+    /// hyper-util's `set_keepalive`); `None` leaves them alone. Linux (5.11
+    /// and later) also aborts a connection whose peer keeps a zero receive
+    /// window for `timeout`: a live client that stops reading its socket
+    /// altogether for that long (a paused process, an HTTP/1 download it
+    /// does not read) is cut and reported unreachable.
+    ///
     /// Choose it above the longest time a live client's link may hold data
     /// unacknowledged: the kernel cannot tell a link that delivers nothing
     /// for `timeout` from a dead one (under the fault suite, a 20 KB/s link
@@ -303,8 +311,9 @@ impl ConnectionGuardBuilder {
     /// | `stream_guard_connections_closed_total` | counter | `reason` |
     ///
     /// `reason` is [`ConnectionEnd::as_str`](crate::ConnectionEnd::as_str):
-    /// `closed` when the guard did not close the connection, else `idle`,
-    /// `stalled`, `max_age`, `drained` or `manual`. Stream metrics are
+    /// `closed` when the guard did not close the connection (nor sent a
+    /// max-age GOAWAY the connection then closed after), else `idle`,
+    /// `stalled`, `max_age`, `drained`, `manual` or `peer_unreachable`. Stream metrics are
     /// [`StreamGuardBuilder::metrics`](crate::StreamGuardBuilder::metrics).
     ///
     /// ```

@@ -124,6 +124,7 @@ impl ConnectionGuard {
             stalled: AtomicUsize::new(0),
             stalled_since: AtomicU64::new(NEVER),
             goaway_asked: AtomicBool::new(false),
+            goaway_sent: AtomicBool::new(false),
             goaway: Notify::new(),
             reported: AtomicBool::new(false),
         });

@@ -89,6 +89,9 @@ pub(crate) struct ConnState {
     pub(crate) stalled: AtomicUsize,
     pub(crate) stalled_since: AtomicU64,
     pub(crate) goaway_asked: AtomicBool,
+    /// The code driving the connection acted on the GOAWAY request
+    /// (`serve_connection` does): a graceful close then went for the age.
+    pub(crate) goaway_sent: AtomicBool,
     pub(crate) goaway: Notify,
     pub(crate) reported: AtomicBool,
 }
@@ -146,11 +149,12 @@ impl ConnState {
         if self.reported.swap(true, Ordering::AcqRel) {
             return;
         }
-        // A connection that went away after its max-age GOAWAY, gracefully,
-        // went for its age all the same: recycling stays countable.
+        // A connection that went away gracefully after the max-age GOAWAY
+        // its server sent went for its age all the same: recycling stays
+        // countable. (Under tonic or axum nothing sends it: `closed`.)
         let end = self
             .end()
-            .unwrap_or(if self.goaway_asked.load(Ordering::Acquire) {
+            .unwrap_or(if self.goaway_sent.load(Ordering::Acquire) {
                 ConnectionEnd::MaxAge
             } else {
                 ConnectionEnd::Closed
@@ -207,9 +211,11 @@ impl ConnState {
         // A stalled stream's end left no stream counted, but hyper still
         // holds it: the connection is not idle, its reader gets its grace.
         // (A stall is counted before the stream's end is.)
+        // Without a `stalled_grace`, a stalled stream never closes the
+        // connection by itself: the idle timeout does, as before.
         if let Some(idle) = policy.idle
             && self.streams_open.load(Ordering::Acquire) == 0
-            && self.stalled.load(Ordering::Acquire) == 0
+            && (policy.stalled_grace.is_none() || self.stalled.load(Ordering::Acquire) == 0)
             && now.saturating_sub(self.quiet_since.load(Ordering::Relaxed)) >= ns(idle)
         {
             self.close(ConnectionEnd::Idle);
@@ -218,8 +224,12 @@ impl ConnState {
         if self.max_age_ns != NEVER {
             let age = self.max_age_ns;
             let lived = now.saturating_sub(self.opened_ns);
-            if lived >= age && !self.goaway_asked.swap(true, Ordering::AcqRel) {
+            // A late tick may find the age and the grace both passed: the
+            // tick that asks for the GOAWAY never closes.
+            let asked_now = lived >= age && !self.goaway_asked.swap(true, Ordering::AcqRel);
+            if asked_now {
                 self.goaway.notify_waiters();
+                return;
             }
             // The hard close never comes in the tick that asks for the
             // GOAWAY: closing fails every write, and the GOAWAY hyper

@@ -229,3 +229,24 @@ async fn the_hard_close_follows_the_goaway_by_a_resolution() {
     check(&guard, &handle, secs(1) + 100_000_000);
     assert_eq!(handle.state.end(), Some(crate::ConnectionEnd::MaxAge));
 }
+
+/// A late tick that finds the age and its grace both passed asks for the
+/// GOAWAY and leaves the hard close to a later tick.
+#[tokio::test(start_paused = true)]
+async fn a_late_tick_asks_for_goaway_before_it_closes() {
+    let guard = ConnectionGuard::builder()
+        .max_age(Duration::from_secs(1))
+        .max_age_grace(Duration::from_secs(1))
+        .max_age_jitter_percent(0)
+        .build()
+        .expect("valid configuration");
+    let (_io, handle) = connection(&guard);
+    check(&guard, &handle, secs(5));
+    assert!(handle.state.goaway_asked.load(Ordering::Acquire));
+    assert!(
+        !handle.is_closed(),
+        "closed in the tick that asked for GOAWAY"
+    );
+    check(&guard, &handle, secs(5) + 100_000_000);
+    assert_eq!(handle.state.end(), Some(crate::ConnectionEnd::MaxAge));
+}

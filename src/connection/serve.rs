@@ -81,6 +81,7 @@ impl ConnectionGuard {
         let io = self.wrap(io);
         let handle = io.handle().clone();
         let goaway = handle.goaway();
+        let state = std::sync::Arc::clone(&handle.state);
         let drain = self.drain_shared();
         let dead_peer = self.connections.policy.dead_peer;
         let service = WithHandle { service, handle };
@@ -109,7 +110,7 @@ impl ConnectionGuard {
             };
             tokio::select! {
                 result = connection.as_mut() => return result,
-                () = goaway => {}
+                () = goaway => state.goaway_sent.store(true, std::sync::atomic::Ordering::Release),
                 () = draining => {}
             }
             connection.as_mut().graceful_shutdown();

@@ -488,6 +488,10 @@ async fn run(reporting: Reporting, deadline: Instant) {
         connections_closed += connections.close_rest();
     }
     let report = reporting.report(connections_closed);
+    // Sent before it is logged: a tracing layer that panics here must not
+    // leave the report to `Reporting`'s drop (which knows of no closed
+    // connection).
+    shared.report.send_replace(Some(report));
     tracing::info!(
         target: "tower_stream_guard",
         open_at_start = report.open_at_start,
@@ -497,5 +501,4 @@ async fn run(reporting: Reporting, deadline: Instant) {
         elapsed_ms = report.elapsed.as_millis() as u64,
         "drain finished"
     );
-    shared.report.send_replace(Some(report));
 }

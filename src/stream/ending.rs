@@ -32,6 +32,12 @@ const BODY_OPEN: u8 = 1;
 /// A guard ended the stream while its response body was open: until the
 /// body is read or dropped, the peer is a stalled reader.
 const BODY_STALLED: u8 = 2;
+/// The response body handed on its last declared byte (its
+/// `content-length`, or its exact size hint). hyper's HTTP/1 stops there and
+/// drops the body unpolled, so a drop from then on completes the stream;
+/// over HTTP/2 the body is polled on and its end (or trailers) claims the
+/// end as usual. Set only by the body itself, from `BODY_OPEN`.
+const BODY_SENT: u8 = 3;
 
 /// The part of a stream's record that only its end reads: what the event
 /// reports, the slots it gives back, the connection it settles.
@@ -254,10 +260,34 @@ impl Record {
     /// connection after its IO failed, and the IO wrapper marks the
     /// connection on that failure), else [`Ending::Cancelled`].
     pub(crate) fn abandoned(&self) -> Ending {
-        match self.after.connection() {
-            Some(conn) if conn.is_peer_unreachable() => Ending::PeerUnreachable,
-            _ => Ending::Cancelled,
+        // Dropped after its last declared byte went out: delivered (hyper's
+        // HTTP/1 drops such a body unpolled).
+        if self.body.load(Ordering::Acquire) == BODY_SENT {
+            return Ending::Completed;
         }
+        if self.peer_unreachable() {
+            Ending::PeerUnreachable
+        } else {
+            Ending::Cancelled
+        }
+    }
+
+    /// How this stream ends when its service fails: [`Ending::Error`], or
+    /// [`Ending::PeerUnreachable`] when the failure is its lost connection's.
+    pub(crate) fn failed(&self) -> Ending {
+        if self.peer_unreachable() {
+            Ending::PeerUnreachable
+        } else {
+            Ending::Error
+        }
+    }
+
+    /// Whether this stream's connection guard found the connection's peer
+    /// unreachable. One load, read only as the stream ends.
+    pub(crate) fn peer_unreachable(&self) -> bool {
+        self.after
+            .connection()
+            .is_some_and(|conn| conn.is_peer_unreachable())
     }
 
     /// Decides the end as `ending` and leaves the rest of it to
@@ -343,6 +373,13 @@ impl Record {
         self.end(Ending::CancelledByHandle)
     }
 
+    /// The response body handed on its last declared byte (`BODY_SENT`).
+    pub(crate) fn response_sent_declared(&self) {
+        let _ =
+            self.body
+                .compare_exchange(BODY_OPEN, BODY_SENT, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// The response body exists and hyper may poll it.
     pub(crate) fn response_opened(&self) {
         self.body.store(BODY_OPEN, Ordering::Release);
@@ -351,6 +388,11 @@ impl Record {
     /// The response body ended, was read to its guard-made end, or was
     /// dropped.
     pub(crate) fn response_closed(&self) {
+        // Kept for the ticket's drop that follows (see `abandoned`): only
+        // this body sets it, so it cannot appear between the two.
+        if self.body.load(Ordering::Acquire) == BODY_SENT {
+            return;
+        }
         if self.body.swap(BODY_NONE, Ordering::AcqRel) == BODY_STALLED
             && let Some(conn) = self.after.connection()
         {

@@ -294,7 +294,11 @@ where
                 None => Poll::Pending,
             },
             Poll::Ready(Err(err)) => {
-                ticket.end(Ending::Error);
+                // The error is the service's last word only if it wins the
+                // end: a guard that ended the stream meanwhile answers.
+                if !ticket.end(ticket.failed()) {
+                    return self.answer();
+                }
                 drop(self.take_ticket());
                 Poll::Ready(Err(err))
             }

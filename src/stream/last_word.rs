@@ -35,6 +35,12 @@ impl Record {
     /// [`finish_deferred`](Record::finish_deferred) (the caller's, or the
     /// body's next poll or drop: see `Record::decide_deferred` for why).
     pub(crate) fn last_word(&self, ending: Ending) -> Word {
+        // A service that answers because its connection died (its request
+        // body failed with the IO error) was not heard: its peer is gone.
+        let ending = match ending {
+            Ending::Completed | Ending::Error if self.peer_unreachable() => Ending::PeerUnreachable,
+            ending => ending,
+        };
         if self.decide_deferred(ending) {
             Word::Service
         } else {

@@ -351,9 +351,8 @@ where
                             }
                         }
                         // The last data the peer reads: the body says it is
-                        // at its end (hyper stops polling it then), or the
-                        // last declared byte goes out (hyper's HTTP/1 stops
-                        // there). It goes out only if it wins the end.
+                        // at its end (hyper stops polling it then). It goes
+                        // out only if it wins the end.
                         // (Counted either way: a guard's end that won has
                         // been reported already.)
                         let declared_end = match this.remaining {
@@ -363,7 +362,15 @@ where
                             }
                             None => false,
                         };
-                        if (declared_end || inner.is_end_stream())
+                        // The last declared byte does not claim the end:
+                        // over HTTP/2 trailers may follow (hyper polls on
+                        // while the inner body is not at its end). It marks
+                        // the body delivered, so that HTTP/1's drop of it
+                        // completes the stream (`Record::abandoned`).
+                        if declared_end {
+                            state.response_sent_declared();
+                        }
+                        if inner.is_end_stream()
                             && !claim(state, this.closed, this.finishing, Ending::Completed, false)
                         {
                             return end_fired(this.closed, this.inner, state, *this.grpc);
