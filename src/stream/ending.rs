@@ -254,42 +254,6 @@ impl Record {
         true
     }
 
-    /// How this stream ends when it is dropped before it completed:
-    /// [`Ending::PeerUnreachable`] when its connection guard found the
-    /// connection's peer unreachable (hyper drops the streams of a
-    /// connection after its IO failed, and the IO wrapper marks the
-    /// connection on that failure), else [`Ending::Cancelled`].
-    pub(crate) fn abandoned(&self) -> Ending {
-        // Dropped after its last declared byte went out: delivered (hyper's
-        // HTTP/1 drops such a body unpolled).
-        if self.body.load(Ordering::Acquire) == BODY_SENT {
-            return Ending::Completed;
-        }
-        if self.peer_unreachable() {
-            Ending::PeerUnreachable
-        } else {
-            Ending::Cancelled
-        }
-    }
-
-    /// How this stream ends when its service fails: [`Ending::Error`], or
-    /// [`Ending::PeerUnreachable`] when the failure is its lost connection's.
-    pub(crate) fn failed(&self) -> Ending {
-        if self.peer_unreachable() {
-            Ending::PeerUnreachable
-        } else {
-            Ending::Error
-        }
-    }
-
-    /// Whether this stream's connection guard found the connection's peer
-    /// unreachable. One load, read only as the stream ends.
-    pub(crate) fn peer_unreachable(&self) -> bool {
-        self.after
-            .connection()
-            .is_some_and(|conn| conn.is_peer_unreachable())
-    }
-
     /// Decides the end as `ending` and leaves the rest of it to
     /// [`finish_deferred`](Self::finish_deferred): one compare-and-swap and
     /// one store, nothing that can panic or run user code.
@@ -371,6 +335,11 @@ impl Record {
     /// guard's do, with `CANCELLED`.
     pub(crate) fn cancel_by_handle(&self) -> bool {
         self.end(Ending::CancelledByHandle)
+    }
+
+    /// Whether the response body handed on its last declared byte.
+    pub(super) fn delivered(&self) -> bool {
+        self.body.load(Ordering::Acquire) == BODY_SENT
     }
 
     /// The response body handed on its last declared byte (`BODY_SENT`).

@@ -115,6 +115,7 @@
 //!   dropping one cancels nothing else (dropping `run_until_cancelled`'s
 //!   drops the future it runs).
 
+mod admission;
 pub(crate) mod builder;
 mod cap;
 mod ending;
