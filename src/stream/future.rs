@@ -122,6 +122,8 @@ pub(crate) struct ForResponse {
     pub(crate) goaways_seen: u64,
     /// For the response body; `None` unless a heartbeat is set.
     pub(crate) heartbeat: Option<Heartbeat>,
+    /// The guard is a client's: the body's trailers finish the end at once.
+    pub(crate) client: bool,
 }
 
 impl<F> ResponseFuture<F> {
@@ -229,6 +231,7 @@ fn service_answer<B: Body>(
     let opened = Opened {
         grpc,
         heartbeat,
+        client: for_response.client,
         declared,
         last,
     };

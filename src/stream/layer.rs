@@ -71,6 +71,8 @@ use super::{
 pub struct StreamGuardLayer<W = PlainBody> {
     policy: Policy,
     shared: Arc<Shared>,
+    // Guards a client's calls (see `for_client`).
+    client: bool,
     _wrap: PhantomData<fn() -> W>,
 }
 
@@ -87,6 +89,7 @@ impl StreamGuardLayer {
         StreamGuardLayer {
             policy,
             shared,
+            client: false,
             _wrap: PhantomData,
         }
     }
@@ -194,7 +197,41 @@ impl<W> StreamGuardLayer<W> {
     #[cfg(feature = "tonic")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
     pub fn for_tonic_channel(self) -> StreamGuardLayer<super::TonicBody> {
-        self.wrap_request_body()
+        self.for_client().wrap_request_body()
+    }
+
+    /// The same guard, for a client's calls (a hyper-util client, any tower
+    /// HTTP client; [`for_tonic_channel`](Self::for_tonic_channel) includes
+    /// it). A response body read by the application ends its stream as it
+    /// yields the server's trailers: a waiting
+    /// [`cancelled()`](crate::StreamHandle::cancelled) resolves, the end
+    /// event goes out and the stream stops counting as active then, while
+    /// the application may keep the finished response (tonic's `Streaming`
+    /// never reads its body again after the trailers). A server's guard
+    /// leaves that part of the end to hyper's drop of the body, right after
+    /// it wrote the trailers, so that nothing runs between the last DATA
+    /// frame and the trailers (see [`ResponseBody`](super::ResponseBody)).
+    ///
+    /// When a client's guard fires, the handle and the event say so at
+    /// once; the HTTP/2 stream is reset when hyper lets go of it: at once
+    /// while the application waits on the response or hyper still sends
+    /// the request body, else at the application's next read of the
+    /// response or its drop (the guard cannot reach a response body the
+    /// application holds without reading it).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
+    /// use tower_stream_guard::StreamGuardLayer;
+    ///
+    /// let guard = StreamGuardLayer::builder().build()?.for_client();
+    /// // tower::ServiceBuilder::new().layer(guard).service(hyper_util_client)
+    /// # drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn for_client(mut self) -> Self {
+        self.client = true;
+        self
     }
 
     /// The same guard, handing request bodies to the inner service as `W2`
@@ -205,6 +242,7 @@ impl<W> StreamGuardLayer<W> {
         StreamGuardLayer {
             policy: self.policy,
             shared: self.shared,
+            client: self.client,
             _wrap: PhantomData,
         }
     }
@@ -215,6 +253,7 @@ impl<W> Clone for StreamGuardLayer<W> {
         StreamGuardLayer {
             policy: self.policy,
             shared: Arc::clone(&self.shared),
+            client: self.client,
             _wrap: PhantomData,
         }
     }
@@ -233,6 +272,6 @@ impl<S, W> Layer<S> for StreamGuardLayer<W> {
     type Service = StreamGuard<S, W>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        StreamGuard::new(inner, self.policy, Arc::clone(&self.shared))
+        StreamGuard::new(inner, self.policy, Arc::clone(&self.shared), self.client)
     }
 }

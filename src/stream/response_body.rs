@@ -41,9 +41,11 @@ pin_project! {
     /// nothing runs between hyper sending the last DATA frame and the
     /// trailers, which with Nagle's algorithm on would otherwise often leave
     /// the trailers waiting 40 ms for a delayed ACK. hyper drops a body as
-    /// soon as its trailers are sent; a client that keeps a finished
-    /// `tonic::Streaming` keeps that part of the end pending until it drops
-    /// it. `is_end_stream` and `size_hint` are forwarded.
+    /// soon as its trailers are sent. A client's guard
+    /// ([`for_client`](crate::StreamGuardLayer::for_client)) finishes the
+    /// end as the trailers are read: the application may keep a finished
+    /// `tonic::Streaming` for ever. `is_end_stream` and `size_hint` are
+    /// forwarded.
     ///
     /// The peer reads what the end event says. A body's last part (its last
     /// data frame, its trailers, its end or error) goes out only if it is
@@ -106,6 +108,10 @@ pin_project! {
         // that have not been handed on yet: hyper's HTTP/1 stops polling
         // after the last one, so that byte is the body's last word.
         remaining: Option<u64>,
+        // The trailers leave the rest of the end to the next poll or the
+        // drop: hyper's server drops the body right after writing them. A
+        // client's application may hold a finished body for ever.
+        defer_trailers: bool,
     }
 
     impl<B> PinnedDrop for ResponseBody<B> {
@@ -124,6 +130,8 @@ pin_project! {
 pub(crate) struct Opened {
     pub(crate) grpc: bool,
     pub(crate) heartbeat: Option<Heartbeat>,
+    /// The guard is a client's (see `StreamGuardLayer::for_client`).
+    pub(crate) client: bool,
     /// The body's length as the head or the body's exact size hint declares
     /// it (see [`declared_length`]).
     pub(crate) declared: Option<u64>,
@@ -165,6 +173,7 @@ impl<B: Body> ResponseBody<B> {
             heartbeat: opened.heartbeat,
             finishing: false,
             remaining: opened.declared,
+            defer_trailers: !opened.client,
         }
     }
 }
@@ -183,6 +192,7 @@ impl<B> ResponseBody<B> {
             heartbeat: None,
             finishing: false,
             remaining: None,
+            defer_trailers: false,
         }
     }
 
@@ -390,6 +400,10 @@ where
                                 return end_fired(this.closed, this.inner, state, *this.grpc);
                             }
                             note_trailers(state, trailers);
+                            if !*this.defer_trailers {
+                                *this.finishing = false;
+                                state.finish_deferred();
+                            }
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }

@@ -170,16 +170,19 @@ pub struct StreamGuard<S, W = PlainBody> {
     /// The connection this service serves, when it was built for one
     /// ([`for_connection`](Self::for_connection)); clones share it.
     connection: Option<ConnectionKey>,
+    // Guards a client's calls (see `StreamGuardLayer::for_client`).
+    client: bool,
     _wrap: PhantomData<fn() -> W>,
 }
 
 impl<S, W> StreamGuard<S, W> {
-    pub(crate) fn new(inner: S, policy: Policy, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(inner: S, policy: Policy, shared: Arc<Shared>, client: bool) -> Self {
         StreamGuard {
             inner,
             policy,
             shared,
             connection: None,
+            client,
             _wrap: PhantomData,
         }
     }
@@ -266,6 +269,7 @@ impl<S: Clone, W> Clone for StreamGuard<S, W> {
             policy: self.policy,
             shared: Arc::clone(&self.shared),
             connection: self.connection,
+            client: self.client,
             _wrap: PhantomData,
         }
     }
@@ -377,6 +381,7 @@ where
         let response = ForResponse {
             goaways_seen,
             heartbeat,
+            client: self.client,
         };
         ResponseFuture::calling(future, gate, ticket, response)
     }
