@@ -4,90 +4,24 @@
 
 #![cfg(feature = "hyper")]
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body::Frame;
-use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
-use hyper::client::conn::http2::SendRequest;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     time::{Instant, timeout},
 };
-use tokio_stream::{StreamExt, wrappers::IntervalStream};
-use tower::Layer;
-use tower_stream_guard::{
-    BoxError, ConnectionEnd, ConnectionGuard, Drain, EndReason, StreamGuardLayer,
-    stream::RequestBody,
-};
+use tower_stream_guard::{ConnectionEnd, ConnectionGuard, Drain, EndReason, StreamGuardLayer};
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
 mod support;
 use support::{PATIENCE, SLACK};
 
-type ResBody = BoxBody<Bytes, BoxError>;
-
-/// An endless body: a chunk every 50 ms.
-fn ticking() -> ResBody {
-    let ticks = IntervalStream::new(tokio::time::interval(Duration::from_millis(50)))
-        .map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"tick"))));
-    StreamBody::new(ticks).boxed()
-}
-
-async fn serve(connections: ConnectionGuard, guard: StreamGuardLayer) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let service = guard.layer(tower::service_fn(
-        |_request: Request<RequestBody<hyper::body::Incoming>>| async {
-            Ok::<_, Infallible>(Response::new(ticking()))
-        },
-    ));
-    tokio::spawn(async move {
-        while let Ok((io, _)) = listener.accept().await {
-            let (connections, service) = (connections.clone(), service.clone());
-            tokio::spawn(async move { connections.serve_connection(io, service).await });
-        }
-    });
-    addr
-}
-
-async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
-    let io = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    sender
-}
-
-async fn open(
-    sender: &mut SendRequest<Empty<Bytes>>,
-) -> Result<hyper::body::Incoming, hyper::Error> {
-    let request = Request::get("http://test/stream")
-        .body(Empty::new())
-        .unwrap();
-    Ok(sender.send_request(request).await?.into_body())
-}
-
-/// Sends requests until the server refuses new streams (GOAWAY) or
-/// `PATIENCE` runs out; when that happened.
-async fn goaway_seen(sender: &mut SendRequest<Empty<Bytes>>) -> Instant {
-    timeout(PATIENCE, async {
-        loop {
-            match open(sender).await {
-                Ok(body) => drop(body),
-                Err(_) => return Instant::now(),
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the server never refused new streams")
-}
+#[path = "support/h2.rs"]
+mod h2;
+use h2::{connect, goaway_seen, open, serve};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_age_sends_goaway_first_and_closes_hard_after_the_grace() {
@@ -474,4 +408,70 @@ async fn a_graceful_close_after_the_max_age_goaway_says_max_age() {
     };
     assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
     assert!(closed.duration() < Duration::from_secs(30), "{closed:?}");
+}
+
+// === Idle connections and drains: GOAWAY first, and the reason kept ===
+
+/// The close event of the connection, skipping its open event.
+async fn closed(
+    events: &mut tokio::sync::broadcast::Receiver<tower_stream_guard::ConnectionEvent>,
+) -> tower_stream_guard::ConnectionEvent {
+    loop {
+        let event = timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+        if event.end().is_some() {
+            return event;
+        }
+    }
+}
+
+/// gRFC A9's MAX_CONNECTION_IDLE: an idle connection gets a GOAWAY before it
+/// closes, so its client knows not to start a stream on it; the close,
+/// graceful or hard, says `idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_goaway_before_it_closes() {
+    let connections = ConnectionGuard::builder()
+        .idle_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut conn_events = connections.subscribe();
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let addr = serve(connections.clone(), guard).await;
+
+    let notice = tower_stream_guard::connection::GoawayNotice::new();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(notice.wrap(tcp)))
+            .await
+            .expect("HTTP/2 handshake");
+    let driver = tokio::spawn(connection);
+    // One short stream, then nothing.
+    drop(open(&mut sender).await.expect("stream"));
+
+    let closed = closed(&mut conn_events).await;
+    assert_eq!(closed.end(), Some(ConnectionEnd::Idle));
+    let _ = timeout(PATIENCE, driver)
+        .await
+        .expect("the client sees the close");
+    assert_eq!(notice.goaways(), 1, "closed without a GOAWAY");
+}
+
+/// A connection that goes away gracefully once a drain's GOAWAY told it
+/// to is reported `drained`, as one the drain closed hard would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_close_after_the_drains_goaway_says_drained() {
+    let drain = Drain::new();
+    let connections = ConnectionGuard::builder().drain(&drain).build().unwrap();
+    let mut conn_events = connections.subscribe();
+    let guard = StreamGuardLayer::builder().build().unwrap();
+    let addr = serve(connections.clone(), guard).await;
+    let mut sender = connect(addr).await;
+    drop(open(&mut sender).await.expect("stream"));
+    let report = drain.start(Duration::from_secs(30));
+    // Nothing open: hyper closes the connection after its GOAWAY, long
+    // before the drain's grace.
+    goaway_seen(&mut sender).await;
+    drop(sender);
+    let closed = closed(&mut conn_events).await;
+    assert_eq!(closed.end(), Some(ConnectionEnd::Drained));
+    assert!(report.await.elapsed() < Duration::from_secs(30));
 }

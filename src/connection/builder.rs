@@ -88,7 +88,16 @@ impl ConnectionGuard {
 }
 
 impl ConnectionGuardBuilder {
-    /// Closes a connection that had no guarded stream open for `timeout`.
+    /// Closes a connection that had no guarded stream open for `timeout`:
+    /// asks for a graceful close first
+    /// ([`ConnectionHandle::goaway`](crate::ConnectionHandle::goaway);
+    /// [`serve_connection`](crate::ConnectionGuard::serve_connection)
+    /// sends HTTP/2 GOAWAY, as gRFC A9's `MAX_CONNECTION_IDLE` does, so the
+    /// client starts no stream on it), then closes it hard one
+    /// [`resolution`](Self::resolution) later if it is idle still. A stream
+    /// that raced the GOAWAY is served, and the idle time starts over when
+    /// it ends. Either way the close says
+    /// [`Idle`](crate::ConnectionEnd::Idle).
     ///
     /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
     /// in front of the service, when it finds the connection's

@@ -123,7 +123,7 @@ impl ConnectionGuard {
             quiet_since: AtomicU64::new(now),
             stalled: AtomicUsize::new(0),
             stalled_since: AtomicU64::new(NEVER),
-            goaway_asked: AtomicBool::new(false),
+            goaway_for: AtomicU8::new(0),
             goaway_sent: AtomicBool::new(false),
             goaway: Notify::new(),
             reported: AtomicBool::new(false),

@@ -118,13 +118,17 @@ impl ConnectionHandle {
 
     /// Resolves when the guard asks for a graceful close of this connection
     /// (its [`max_age`](crate::ConnectionGuardBuilder::max_age), jittered
-    /// for this connection, was reached; at once if it was asked already):
-    /// the code driving the connection
+    /// for this connection, was reached, or it was idle for the
+    /// [`idle_timeout`](crate::ConnectionGuardBuilder::idle_timeout); at
+    /// once if it was asked already): the code driving the connection
     /// should call hyper's `graceful_shutdown` (HTTP/2 GOAWAY).
     /// [`serve_connection`](crate::ConnectionGuard::serve_connection) does.
     /// The guard closes the connection hard
     /// [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace)
-    /// later. Never resolves without a `max_age`.
+    /// after the age, and an idle one a
+    /// [`resolution`](crate::ConnectionGuardBuilder::resolution) later if
+    /// it is idle still. Never resolves without a `max_age` or an
+    /// `idle_timeout`.
     ///
     /// The future owns what it needs (`'static`): dropping it cancels
     /// nothing, and any number may wait.
@@ -160,7 +164,7 @@ impl ConnectionHandle {
     pub fn goaway(&self) -> impl Future<Output = ()> + Send + 'static {
         let state = Arc::clone(&self.state);
         async move {
-            wait_until(&state.goaway, || state.goaway_asked.load(Ordering::Acquire)).await;
+            wait_until(&state.goaway, || state.goaway_reason().is_some()).await;
         }
     }
 

@@ -88,9 +88,12 @@ pub(crate) struct ConnState {
     pub(crate) quiet_since: AtomicU64,
     pub(crate) stalled: AtomicUsize,
     pub(crate) stalled_since: AtomicU64,
-    pub(crate) goaway_asked: AtomicBool,
+    /// Why a graceful close (GOAWAY) was asked for first: 0 until then,
+    /// else the `ConnectionEnd` code (max age, idle, drained).
+    pub(crate) goaway_for: AtomicU8,
     /// The code driving the connection acted on the GOAWAY request
-    /// (`serve_connection` does): a graceful close then went for the age.
+    /// (`serve_connection` does): a graceful close then went for the
+    /// reason it was asked for.
     pub(crate) goaway_sent: AtomicBool,
     pub(crate) goaway: Notify,
     pub(crate) reported: AtomicBool,
@@ -127,6 +130,24 @@ impl ConnState {
         Some(io::Error::new(io::ErrorKind::ConnectionAborted, message))
     }
 
+    /// Asks for a graceful close (see `ConnectionHandle::goaway`) for
+    /// `end`; whether this call asked (only the first does).
+    pub(crate) fn ask_goaway(&self, end: ConnectionEnd) -> bool {
+        let asked = self
+            .goaway_for
+            .compare_exchange(0, end.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if asked {
+            self.goaway.notify_waiters();
+        }
+        asked
+    }
+
+    /// Why a graceful close was asked for, if it was.
+    pub(crate) fn goaway_reason(&self) -> Option<ConnectionEnd> {
+        ConnectionEnd::from_code(self.goaway_for.load(Ordering::Acquire))
+    }
+
     /// Why the guard closed the connection (or found its peer gone), if it did.
     pub(crate) fn end(&self) -> Option<ConnectionEnd> {
         ConnectionEnd::from_code(self.end.load(Ordering::Acquire))
@@ -149,16 +170,15 @@ impl ConnState {
         if self.reported.swap(true, Ordering::AcqRel) {
             return;
         }
-        // A connection that went away gracefully after the max-age GOAWAY
-        // its server sent went for its age all the same: recycling stays
-        // countable. (Under tonic or axum nothing sends it: `closed`.)
-        let end = self
-            .end()
-            .unwrap_or(if self.goaway_sent.load(Ordering::Acquire) {
-                ConnectionEnd::MaxAge
-            } else {
-                ConnectionEnd::Closed
-            });
+        // A connection that went away gracefully after the GOAWAY its
+        // server sent (for its age, idleness or a drain) went for that
+        // reason all the same: recycling stays countable. (Under tonic or
+        // axum nothing sends it: `closed`.)
+        let graceful = match self.goaway_sent.load(Ordering::Acquire) {
+            true => self.goaway_reason(),
+            false => None,
+        };
+        let end = self.end().or(graceful).unwrap_or(ConnectionEnd::Closed);
         let duration = self.opened.elapsed();
         let event = ConnectionEvent {
             id: self.id,
@@ -218,7 +238,13 @@ impl ConnState {
             && (policy.stalled_grace.is_none() || self.stalled.load(Ordering::Acquire) == 0)
             && now.saturating_sub(self.quiet_since.load(Ordering::Relaxed)) >= ns(idle)
         {
-            self.close(ConnectionEnd::Idle);
+            // A GOAWAY first (gRFC A9's MAX_CONNECTION_IDLE): the client
+            // learns not to start a stream here. The hard close comes at a
+            // later tick if the connection is idle still (a stream that
+            // raced the GOAWAY is served, and the idle clock starts over).
+            if !self.ask_goaway(ConnectionEnd::Idle) {
+                self.close(ConnectionEnd::Idle);
+            }
             return;
         }
         if self.max_age_ns != NEVER {
@@ -226,9 +252,7 @@ impl ConnState {
             let lived = now.saturating_sub(self.opened_ns);
             // A late tick may find the age and the grace both passed: the
             // tick that asks for the GOAWAY never closes.
-            let asked_now = lived >= age && !self.goaway_asked.swap(true, Ordering::AcqRel);
-            if asked_now {
-                self.goaway.notify_waiters();
+            if lived >= age && self.ask_goaway(ConnectionEnd::MaxAge) {
                 return;
             }
             // The hard close never comes in the tick that asks for the

@@ -131,7 +131,42 @@ pub(crate) async fn the_last_stream_ending_restarts_the_idle_time() {
         "closed as idle as its last stream ended"
     );
     check(&guard, &handle, now + secs(1));
-    assert!(handle.is_closed(), "idle for the idle timeout");
+    assert_eq!(
+        handle.state.goaway_reason(),
+        Some(crate::ConnectionEnd::Idle),
+        "idle for the idle timeout: GOAWAY first"
+    );
+    assert!(
+        !handle.is_closed(),
+        "closed in the tick that asked for GOAWAY"
+    );
+    check(&guard, &handle, now + secs(1) + 100_000_000);
+    assert_eq!(handle.state.end(), Some(crate::ConnectionEnd::Idle));
+}
+
+/// A stream that raced the idle GOAWAY is served: no hard close while it
+/// is open, and the idle time starts over when it ends (no second GOAWAY:
+/// the first one stands).
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_raced_the_idle_goaway_keeps_the_connection_until_idle_again() {
+    let guard = ConnectionGuard::builder()
+        .idle_timeout(GRACE)
+        .build()
+        .expect("valid configuration");
+    let (_io, handle) = connection(&guard);
+    let now = guard.connections.now_ns();
+    check(&guard, &handle, now + secs(1));
+    assert!(handle.state.goaway_reason().is_some());
+    handle.stream_started();
+    check(&guard, &handle, now + secs(5));
+    assert!(!handle.is_closed(), "closed with a stream open");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    handle.stream_ended();
+    let ended = guard.connections.now_ns();
+    check(&guard, &handle, ended + 500_000_000);
+    assert!(!handle.is_closed(), "idle counted from the stream's end");
+    check(&guard, &handle, ended + secs(1));
+    assert_eq!(handle.state.end(), Some(crate::ConnectionEnd::Idle));
 }
 
 /// The dead-peer options go on the TCP socket a guard wraps, by
@@ -206,6 +241,11 @@ async fn a_released_stall_starts_the_idle_time_again() {
     check(&guard, &handle, secs(1) + 200_000_000);
     assert!(!handle.is_closed(), "idle counted from the guard's end");
     check(&guard, &handle, secs(1) + 300_000_000);
+    assert_eq!(
+        handle.state.goaway_reason(),
+        Some(crate::ConnectionEnd::Idle)
+    );
+    check(&guard, &handle, secs(1) + 400_000_000);
     assert_eq!(handle.state.end(), Some(crate::ConnectionEnd::Idle));
 }
 
@@ -221,7 +261,7 @@ async fn the_hard_close_follows_the_goaway_by_a_resolution() {
         .expect("valid configuration");
     let (_io, handle) = connection(&guard);
     check(&guard, &handle, secs(1));
-    assert!(handle.state.goaway_asked.load(Ordering::Acquire));
+    assert!(handle.state.goaway_reason().is_some());
     assert!(
         !handle.is_closed(),
         "closed in the tick that asked for GOAWAY"
@@ -242,7 +282,7 @@ async fn a_late_tick_asks_for_goaway_before_it_closes() {
         .expect("valid configuration");
     let (_io, handle) = connection(&guard);
     check(&guard, &handle, secs(5));
-    assert!(handle.state.goaway_asked.load(Ordering::Acquire));
+    assert!(handle.state.goaway_reason().is_some());
     assert!(
         !handle.is_closed(),
         "closed in the tick that asked for GOAWAY"

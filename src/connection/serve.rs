@@ -15,7 +15,7 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower_service::Service;
 
-use super::{ConnectionGuard, ConnectionHandle, PeerOf};
+use super::{ConnectionEnd, ConnectionGuard, ConnectionHandle, PeerOf};
 use crate::error::BoxError;
 
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
@@ -25,13 +25,19 @@ impl ConnectionGuard {
     /// [`wrap`](Self::wrap) and more: the connection's
     /// [`ConnectionHandle`] is in every request's
     /// extensions, and when the connection reaches its
-    /// [`max_age`](crate::ConnectionGuardBuilder::max_age) or a
+    /// [`max_age`](crate::ConnectionGuardBuilder::max_age) or its
+    /// [`idle_timeout`](crate::ConnectionGuardBuilder::idle_timeout), or a
     /// [`Drain`](crate::Drain) given to this guard begins, hyper is asked for
     /// a graceful shutdown (HTTP/2 GOAWAY: the client opens no new stream here
     /// and reconnects). If the connection is still open, the guard's timer
     /// closes it hard
     /// [`max_age_grace`](crate::ConnectionGuardBuilder::max_age_grace) after
-    /// `max_age`, and the drain when it is over.
+    /// `max_age`, a resolution after the idle GOAWAY if it is idle still,
+    /// and the drain when it is over. A connection that closes gracefully
+    /// after the GOAWAY reports why it was asked to
+    /// ([`MaxAge`](crate::ConnectionEnd::MaxAge),
+    /// [`Idle`](crate::ConnectionEnd::Idle),
+    /// [`Drained`](crate::ConnectionEnd::Drained)).
     ///
     /// The future it returns resolves when the connection is done; spawn
     /// one per accepted connection. Dropping it drops the connection (its
@@ -110,9 +116,14 @@ impl ConnectionGuard {
             };
             tokio::select! {
                 result = connection.as_mut() => return result,
-                () = goaway => state.goaway_sent.store(true, std::sync::atomic::Ordering::Release),
-                () = draining => {}
+                () = goaway => {}
+                () = draining => {
+                    state.ask_goaway(ConnectionEnd::Drained);
+                }
             }
+            state
+                .goaway_sent
+                .store(true, std::sync::atomic::Ordering::Release);
             connection.as_mut().graceful_shutdown();
             connection.await
         })
