@@ -107,7 +107,8 @@ fn completed_idle_and_refused_streams_are_counted_with_their_labels() {
             1.0,
             "{totals:#?}"
         );
-        // Refused before the service answered: `other`, whatever its path.
+        // Refused before the service answered, its path not kept yet (the
+        // stream the service accepted was still open): `other`.
         assert_eq!(
             ended("direction=none,grpc_code=8,reason=rejected,route=other"),
             1.0,
