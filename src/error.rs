@@ -209,6 +209,14 @@ pub(crate) fn validate_event_capacity(capacity: usize) -> Result<(), ConfigError
     }
 }
 
+/// Checks the bound on the gRPC paths that become `route` label values.
+pub(crate) fn validate_path_labels(limit: usize) -> Result<(), ConfigError> {
+    if limit > crate::meter::MAX_PATH_LABELS {
+        return Err(ConfigError::PathLabelsTooMany { value: limit });
+    }
+    Ok(())
+}
+
 /// A guard configuration that cannot work, reported when the layer is built.
 ///
 /// ```
@@ -288,6 +296,12 @@ pub enum ConfigError {
     /// The end-event channel was given a capacity above
     /// 65,536 (the channel allocates its slots up front).
     EventCapacityTooLarge {
+        /// The value given.
+        value: usize,
+    },
+    /// `StreamGuardBuilder::max_path_labels` (feature `metrics`) is above
+    /// 4,096 (the table of paths is allocated up front).
+    PathLabelsTooMany {
         /// The value given.
         value: usize,
     },
@@ -384,6 +398,11 @@ impl fmt::Display for ConfigError {
             ConfigError::EventCapacityTooLarge { value } => write!(
                 f,
                 "`event_capacity` is {value}, more than the {MAX_EVENT_CAPACITY} maximum (the channel allocates its slots up front)"
+            ),
+            ConfigError::PathLabelsTooMany { value } => write!(
+                f,
+                "`max_path_labels` is {value}, more than the {} maximum (the table of paths is allocated up front); name the routes to watch beyond it",
+                crate::meter::MAX_PATH_LABELS
             ),
             ConfigError::ZeroCap { setting } => write!(
                 f,

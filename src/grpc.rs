@@ -41,7 +41,7 @@ const GUARD_REASON: HeaderName = HeaderName::from_static("stream-guard-reason");
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 // The status codes, shared with the table of endings.
-pub(crate) use crate::status::{DEADLINE_EXCEEDED, UNIMPLEMENTED};
+pub(crate) use crate::status::DEADLINE_EXCEEDED;
 
 /// The client's deadline from a `grpc-timeout` header: up to eight ASCII
 /// digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`). Anything else is

@@ -235,7 +235,8 @@
 //!   `StreamGuardBuilder::metrics(true)` and
 //!   `ConnectionGuardBuilder::metrics(true)`. Recorded when a stream or
 //!   connection starts and ends, never per frame; `route` labels are
-//!   route names or served gRPC methods, never a path a peer made up.
+//!   route names, up to `max_path_labels` (default 256) gRPC methods the
+//!   service accepted, or `other`: bounded whatever peers send.
 //!
 //! [`ConnectionKey`] lists everything the guard reads to tell connections
 //! apart; a per-connection or per-peer cap refuses a stream it cannot place

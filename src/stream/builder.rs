@@ -19,7 +19,10 @@ use crate::{
     connection::GoawayNotice,
     drain::Drain,
     end::{EndReason, IdleDirection},
-    error::{ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity},
+    error::{
+        ConfigError, DEFAULT_TIMER_RESOLUTION, check_duration, validate_event_capacity,
+        validate_path_labels,
+    },
     events::{DEFAULT_EVENT_CAPACITY, EndCallback, EndEvent},
     peer::KeyFn,
 };
@@ -85,6 +88,7 @@ pub struct StreamGuardBuilder {
     pub(super) track_connections: bool,
     pub(super) response_handle: bool,
     pub(super) metrics: bool,
+    pub(super) path_labels: usize,
     pub(super) drain: Option<Drain>,
     pub(super) notice: Option<GoawayNotice>,
     pub(super) resolution: Duration,
@@ -107,6 +111,7 @@ impl Default for StreamGuardBuilder {
             track_connections: false,
             response_handle: false,
             metrics: false,
+            path_labels: crate::meter::DEFAULT_PATH_LABELS,
             drain: None,
             notice: None,
             resolution: DEFAULT_TIMER_RESOLUTION,
@@ -131,6 +136,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("track_connections", &self.track_connections)
             .field("response_handle", &self.response_handle)
             .field("metrics", &self.metrics)
+            .field("path_labels", &self.path_labels)
             .field("drain", &self.drain)
             .field("notice", &self.notice)
             .field("resolution", &self.resolution)
@@ -326,61 +332,6 @@ impl StreamGuardBuilder {
         self
     }
 
-    /// Records metrics through the [`metrics`](https://docs.rs/metrics)
-    /// facade, for whatever exporter the application installs (Prometheus,
-    /// OpenTelemetry, ...): when a stream starts and when it ends, never per
-    /// frame. Off by default; with no recorder installed the facade drops
-    /// them.
-    ///
-    /// | Name | Kind | Labels |
-    /// |------|------|--------|
-    /// | `stream_guard_streams_active` | gauge | |
-    /// | `stream_guard_streams_ended_total` | counter | `reason`, `direction`, `route`, `grpc_code` |
-    /// | `stream_guard_streams_rejected_total` | counter | `cap` |
-    /// | `stream_guard_stream_duration_seconds` | histogram | `reason`, `route` |
-    ///
-    /// - `reason`: [`EndReason::as_str`](crate::EndReason::as_str), e.g.
-    ///   `completed`, `idle_timeout`, `rejected`.
-    /// - `direction`: [`IdleDirection::as_str`](crate::IdleDirection::as_str)
-    ///   for idle timeouts, `none` otherwise.
-    /// - `cap`: [`StreamCap::as_str`](crate::StreamCap::as_str) of the cap
-    ///   that refused the stream (refused streams are also counted as ended
-    ///   with reason `rejected`).
-    /// - `grpc_code`: the [end event's](crate::EndEvent::grpc_status) gRPC
-    ///   status as a number (`"0"` to `"16"`), or `none`.
-    /// - `route`: the [`name`](crate::RoutePolicy::name) of the route the
-    ///   stream matched; else, for a gRPC stream the service answered with a
-    ///   status other than `UNIMPLEMENTED` (12), its path
-    ///   (`/package.Service/Method`: a method the service serves; tonic
-    ///   answers made-up ones with 12); else `other`. So a peer cannot add
-    ///   label values by making up paths, and a stream refused by a cap or
-    ///   ended before the service answered is `other` unless a named route
-    ///   matched.
-    ///
-    /// The durations are seconds (`f64`) from the stream's start to its end.
-    /// The [`ConnectionGuard`](crate::ConnectionGuard) has connection
-    /// metrics of its own
-    /// ([`ConnectionGuardBuilder::metrics`](crate::ConnectionGuardBuilder::metrics)).
-    ///
-    /// ```
-    /// use tower_stream_guard::{RoutePolicy, StreamGuardLayer};
-    ///
-    /// # fn main() -> Result<(), tower_stream_guard::ConfigError> {
-    /// let guard = StreamGuardLayer::builder()
-    ///     .route_prefix("/assets/", RoutePolicy::new().name("assets"))
-    ///     .metrics(true)
-    ///     .build()?;
-    /// # drop(guard);
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[cfg(feature = "metrics")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
-    pub fn metrics(mut self, enabled: bool) -> Self {
-        self.metrics = enabled;
-        self
-    }
-
     /// Applies `policy` to requests whose path is exactly `path` (for gRPC,
     /// `/package.Service/Method`). Routes are tried in the order they were
     /// added; the first match wins. See [`RoutePolicy`].
@@ -480,6 +431,7 @@ impl StreamGuardBuilder {
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
         validate_event_capacity(self.capacity)?;
+        validate_path_labels(self.path_labels)?;
         validate_caps(&self.caps)?;
         if let Some(patience) = self.cap_wait {
             check_duration("cap_wait", patience, None)?;
@@ -519,7 +471,11 @@ impl StreamGuardBuilder {
         };
         let shared = Shared::new(
             Sweeper::new(self.resolution, drain.is_some()),
-            Report::new(self.capacity, self.callbacks, self.metrics),
+            Report::new(
+                self.capacity,
+                self.callbacks,
+                self.metrics.then_some(self.path_labels),
+            ),
             admission,
             drain,
             self.notice.map(|notice| Arc::clone(notice.shared())),

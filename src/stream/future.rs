@@ -223,7 +223,7 @@ fn service_answer<B: Body>(
     if let Some(reason) = grpc::guard_reason_of(response.headers()) {
         ticket.set_server_guard_reason(reason);
     }
-    ticket.set_answered(status);
+    ticket.set_answered(grpc, status);
     if last {
         ticket.finish_deferred();
     }

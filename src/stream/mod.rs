@@ -128,6 +128,8 @@ pub(crate) mod layer;
 mod loom_last_word;
 #[cfg(all(test, stream_guard_loom))]
 mod loom_tests;
+#[cfg(feature = "metrics")]
+mod metering;
 mod origin;
 mod policy;
 mod record;

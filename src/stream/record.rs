@@ -31,10 +31,9 @@ use crate::{
 /// `phase` while the stream is open; afterwards the [`Ending`]'s code.
 const OPEN: u8 = 0;
 
-/// The bit of `Record::route` set when the service answered with a response
-/// head that did not say `UNIMPLEMENTED`: for metrics, the path is a method
-/// the service serves.
-const ANSWERED: u8 = 0x80;
+/// The bit of `Record::route` set when the service accepted the call (see
+/// `RouteOf::accepted`): for metrics, the path may become a label value.
+const ACCEPTED: u8 = 0x80;
 
 /// The bit of the response side's `frames` set while the response body has
 /// handed a frame to hyper and waits to be polled again: the peer has it
@@ -148,7 +147,7 @@ pub(crate) struct Record {
     /// Here rather than in `after`: it fills padding.
     pub(crate) server_guard_reason: AtomicU8,
     /// For metrics, in one byte that fits in padding: the named route the
-    /// stream matched (`route::Route::tag`, the low bits) and [`ANSWERED`].
+    /// stream matched (`route::Route::tag`, the low bits) and [`ACCEPTED`].
     pub(crate) route: AtomicU8,
     /// What the stream's end does and reports: event metadata, slots, its
     /// connection.
@@ -374,11 +373,11 @@ impl Record {
         self.after.set_grpc_status(code);
     }
 
-    /// The service answered with a response head; `grpc_status` is the
-    /// status in it, if any (a trailers-only response).
-    pub(crate) fn set_answered(&self, grpc_status: Option<u32>) {
-        if grpc_status != Some(crate::grpc::UNIMPLEMENTED) {
-            self.route.fetch_or(ANSWERED, Ordering::Relaxed);
+    /// The service answered with a head (gRPC if `grpc`, with `grpc_status`
+    /// if any): a gRPC head without a status or with `OK` accepts the call.
+    pub(crate) fn set_answered(&self, grpc: bool, grpc_status: Option<u32>) {
+        if grpc && matches!(grpc_status, None | Some(crate::status::OK)) {
+            self.route.fetch_or(ACCEPTED, Ordering::Relaxed);
         }
     }
 
@@ -390,9 +389,9 @@ impl Record {
                 .shared
                 .admission
                 .route_names
-                .get(usize::from(route & !ANSWERED).wrapping_sub(1))
+                .get(usize::from(route & !ACCEPTED).wrapping_sub(1))
                 .copied(),
-            served: self.grpc && route & ANSWERED != 0,
+            accepted: route & ACCEPTED != 0,
         }
     }
 

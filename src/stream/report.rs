@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use crate::{
     end::{Ending, Log, StreamCap},
     events::{EndCallback, EndEvent, EventHub},
-    meter::RouteOf,
+    meter::{PathLabels, RouteOf},
     stats::{Counters, GuardStats},
     sync::AtomicUsize,
 };
@@ -37,14 +37,21 @@ pub(crate) struct Report {
     /// Which keyed caps already warned that a stream had no key (a bit per
     /// cap): the warning is logged once per guard layer.
     warned_unidentified: AtomicU8,
-    /// Records metrics (`StreamGuardBuilder::metrics`).
-    metrics: bool,
+    /// Records metrics (`StreamGuardBuilder::metrics`), with the gRPC
+    /// paths the `route` label may take (`max_path_labels`).
+    metrics: Option<PathLabels>,
 }
 
 impl Report {
-    pub(crate) fn new(capacity: usize, callbacks: Vec<EndCallback>, metrics: bool) -> Self {
+    /// `path_labels`: `None` records no metrics; else how many gRPC paths
+    /// the `route` label may take.
+    pub(crate) fn new(
+        capacity: usize,
+        callbacks: Vec<EndCallback>,
+        path_labels: Option<usize>,
+    ) -> Self {
         Report {
-            metrics,
+            metrics: path_labels.map(PathLabels::new),
             events: EventHub::new(capacity, callbacks),
             active: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -70,7 +77,7 @@ impl Report {
     /// begun (the stream is then refused; the drain did not count it open).
     pub(crate) fn started(&self) -> bool {
         let before = self.active.fetch_add(1, Ordering::Relaxed);
-        if self.metrics {
+        if self.metrics.is_some() {
             crate::meter::stream_started();
         }
         before & DRAINING != 0
@@ -93,8 +100,8 @@ impl Report {
         route: impl FnOnce() -> RouteOf,
         now_ns: u64,
     ) {
-        if self.metrics {
-            crate::meter::stream_ended(event, route());
+        if let Some(paths) = &self.metrics {
+            crate::meter::stream_ended(event, route(), paths);
         }
         if let Some(cap) = event.reason().cap() {
             self.refusals.note(cap);

@@ -2,9 +2,7 @@
 //! labels, the `route` label stays bounded under made-up gRPC paths, and a
 //! connection guard counts its connections.
 //!
-//! Every test runs on a current-thread runtime inside
-//! `metrics::with_local_recorder`: the guard records on the thread that
-//! polls it, so each test sees its own recorder and nothing of the others'.
+//! Every test runs with a recorder of its own (`recorder/mod.rs`).
 
 #[path = "../../examples/common/mod.rs"]
 mod common;
@@ -12,7 +10,9 @@ mod common;
 #[path = "../../tests/support/paused.rs"]
 mod paused;
 
-use std::{cell::RefCell, collections::BTreeMap, future::Future, time::Duration};
+mod recorder;
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
@@ -22,87 +22,12 @@ use common::{
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use paused::{App, SECOND, call, guard, next_event, request};
+use recorder::run;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::Layer;
 use tower_stream_guard::{ConnectionGuard, EndReason, RoutePolicy, StreamGuardLayer};
-
-/// What the recorder saw, summed over snapshots (a debugging snapshot
-/// resets what it reads, gauges included): `name{label=value,...}` (labels
-/// sorted) to the counter's or gauge's value, or a histogram's count.
-struct Seen {
-    snapshotter: Snapshotter,
-    totals: RefCell<BTreeMap<String, f64>>,
-}
-
-impl Seen {
-    fn read(&self) -> BTreeMap<String, f64> {
-        let mut totals = self.totals.borrow_mut();
-        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
-            let key = key.key();
-            let mut labels: Vec<String> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
-            labels.sort();
-            let name = format!("{}{{{}}}", key.name(), labels.join(","));
-            let delta = match value {
-                DebugValue::Counter(n) => n as f64,
-                DebugValue::Gauge(g) => g.into_inner(),
-                DebugValue::Histogram(values) => values.len() as f64,
-            };
-            *totals.entry(name).or_default() += delta;
-        }
-        totals.clone()
-    }
-
-    fn get(&self, name: &str) -> f64 {
-        self.read().get(name).copied().unwrap_or(0.0)
-    }
-
-    /// The values of label `label` seen on metric `metric`.
-    fn label_values(&self, metric: &str, label: &str) -> Vec<String> {
-        let mut values: Vec<String> = self
-            .read()
-            .keys()
-            .filter(|key| key.starts_with(&format!("{metric}{{")))
-            .flat_map(|key| {
-                let inner = &key[metric.len() + 1..key.len() - 1];
-                inner
-                    .split(',')
-                    .filter_map(|pair| pair.strip_prefix(&format!("{label}=")))
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        values.sort();
-        values.dedup();
-        values
-    }
-}
-
-/// Runs `test` on a current-thread runtime (time paused if asked) with a
-/// recorder of its own.
-fn run<F: Future<Output = ()>>(paused: bool, test: impl FnOnce(&'static Seen) -> F) {
-    let recorder = DebuggingRecorder::new();
-    let seen: &'static Seen = Box::leak(Box::new(Seen {
-        snapshotter: recorder.snapshotter(),
-        totals: RefCell::default(),
-    }));
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(paused)
-            .build()
-            .expect("runtime");
-        runtime.block_on(test(seen));
-        // Tasks still holding streams or connections end here, inside the
-        // recorder's scope.
-        drop(runtime);
-    });
-}
 
 const ENDED: &str = "stream_guard_streams_ended_total";
 const ACTIVE: &str = "stream_guard_streams_active";
@@ -182,7 +107,8 @@ fn completed_idle_and_refused_streams_are_counted_with_their_labels() {
             1.0,
             "{totals:#?}"
         );
-        // Refused before the service answered: `other`, whatever its path.
+        // Refused before the service answered, its path not kept yet (the
+        // stream the service accepted was still open): `other`.
         assert_eq!(
             ended("direction=none,grpc_code=8,reason=rejected,route=other"),
             1.0,
