@@ -84,50 +84,169 @@ impl ConnectionGuard {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        if let Some(timeout) = self.connections.policy.dead_peer {
+            // A PING after twice the bound of silence, answered within the
+            // bound: later than the kernel's own bound (see `socket.rs`), so
+            // that where the kernel can tell, it does first and the streams
+            // say `peer_unreachable`; the PING catches what it cannot (a
+            // stuck peer that still ACKs, platforms without
+            // TCP_USER_TIMEOUT).
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(timeout * 2)
+                .keep_alive_timeout(timeout);
+        }
+        self.serve_connection_with(builder, io, service)
+    }
+
+    /// [`serve_connection`](Self::serve_connection) with hyper-util's
+    /// builder as the application configured it: HTTP/2 stream limits,
+    /// window sizes, keepalive PINGs, timers, HTTP/1 options, or HTTP/2
+    /// only. The builder is used as it is: the HTTP/2 PINGs
+    /// `serve_connection` adds for a
+    /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout)
+    /// are the application's to set here (`http2().keep_alive_interval`,
+    /// `keep_alive_timeout`, with a timer); the socket options are set all
+    /// the same. Both serve HTTP/1.1 upgrades (hyper-util's
+    /// `serve_connection_with_upgrades`; the upgraded IO is still the
+    /// guarded connection), except with a builder restricted to one HTTP
+    /// version (`http1_only`, `http2_only`), which hyper-util ignores when
+    /// it serves upgrades: such a builder serves none.
+    ///
+    /// ```no_run
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use hyper_util::{rt::{TokioExecutor, TokioTimer}, server::conn::auto};
+    /// use tower::{Layer, service_fn};
+    /// use tower_stream_guard::{ConnectionGuard, StreamGuardLayer};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let connections = ConnectionGuard::builder().build()?;
+    /// let guard = StreamGuardLayer::builder().build()?;
+    /// let service = guard.layer(service_fn(|_request: http::Request<_>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(String::from("hello")))
+    /// }));
+    /// let mut builder = auto::Builder::new(TokioExecutor::new());
+    /// builder
+    ///     .http2()
+    ///     .max_concurrent_streams(200)
+    ///     .timer(TokioTimer::new())
+    ///     .keep_alive_interval(Duration::from_secs(40))
+    ///     .keep_alive_timeout(Duration::from_secs(20));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// loop {
+    ///     let (io, _) = listener.accept().await?;
+    ///     let served = connections.serve_connection_with(builder.clone(), io, service.clone());
+    ///     tokio::spawn(served);
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`serve_connection`](Self::serve_connection).
+    pub fn serve_connection_with<IO, S, B>(
+        &self,
+        builder: auto::Builder<TokioExecutor>,
+        io: IO,
+        service: S,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>
+    where
+        IO: AsyncRead + AsyncWrite + PeerOf + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let io = self.wrap(io);
         let handle = io.handle().clone();
         let goaway = handle.goaway();
         let state = std::sync::Arc::clone(&handle.state);
         let drain = self.drain_shared();
-        let dead_peer = self.connections.policy.dead_peer;
         let service = WithHandle { service, handle };
         Box::pin(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            if let Some(timeout) = dead_peer {
-                // A PING after twice the bound of silence, answered within
-                // the bound: later than the kernel's own bound (see
-                // `socket.rs`), so that where the kernel can tell, it does
-                // first and the streams say `peer_unreachable`; the PING
-                // catches what it cannot (a stuck peer that still ACKs,
-                // platforms without TCP_USER_TIMEOUT).
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(timeout * 2)
-                    .keep_alive_timeout(timeout);
+            let io = TokioIo::new(io);
+            // hyper-util ignores a builder's version restriction when it
+            // serves upgrades: a restricted builder serves none.
+            if builder.is_http1_available() && builder.is_http2_available() {
+                let connection = builder.serve_connection_with_upgrades(io, service);
+                drive(connection, goaway, drain, state).await
+            } else {
+                let connection = builder.serve_connection(io, service);
+                drive(connection, goaway, drain, state).await
             }
-            let connection = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            let draining = async {
-                match drain {
-                    Some(drain) => drain.began().await,
-                    None => pending().await,
-                }
-            };
-            tokio::select! {
-                result = connection.as_mut() => return result,
-                () = goaway => {}
-                () = draining => {
-                    state.ask_goaway(ConnectionEnd::Drained);
-                }
-            }
-            state
-                .goaway_sent
-                .store(true, std::sync::atomic::Ordering::Release);
-            connection.as_mut().graceful_shutdown();
-            connection.await
         })
     }
+}
+
+/// A hyper-util connection, with or without upgrades.
+trait Graceful: Future<Output = Result<(), BoxError>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for auto::Connection<'_, I, S, TokioExecutor>
+where
+    Self: Future<Output = Result<(), BoxError>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Graceful for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    Self: Future<Output = Result<(), BoxError>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Drives `connection` to its end, asking hyper for a graceful shutdown
+/// (GOAWAY) when the guard asks for one or a drain begins.
+async fn drive<C: Graceful>(
+    connection: C,
+    goaway: impl Future<Output = ()>,
+    drain: Option<std::sync::Arc<crate::drain::DrainShared>>,
+    state: std::sync::Arc<super::registry::ConnState>,
+) -> Result<(), BoxError> {
+    tokio::pin!(connection);
+    let draining = async {
+        match drain {
+            Some(drain) => drain.began().await,
+            None => pending().await,
+        }
+    };
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        () = goaway => {}
+        () = draining => {
+            state.ask_goaway(ConnectionEnd::Drained);
+        }
+    }
+    state
+        .goaway_sent
+        .store(true, std::sync::atomic::Ordering::Release);
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }
 
 /// Hands each request the connection's handle, as a hyper service. A named
