@@ -46,9 +46,13 @@ const EVENT_CAPACITY: usize = 256;
 /// It sees what it wraps: give a tonic `Endpoint` or a hyper-util client
 /// [`connector`](Self::connector) (features `tonic` or `hyper`), or wrap an IO yourself
 /// with [`wrap`](Self::wrap). It must see plain HTTP/2: under TLS, do the TLS
-/// inside the connector it wraps (the wrapper then sees what the TLS
-/// decrypted). Bytes that are not HTTP/2 (the first frame a server sends is
-/// SETTINGS) switch the wrapper off for that connection.
+/// inside the connector it wraps (tokio-rustls with ALPN `h2` in the
+/// connector, and an `http://` endpoint: the wrapper then sees what the TLS
+/// decrypted). tonic's own `Endpoint::tls_config` does the TLS *around*
+/// the connector, so the notice would read ciphertext. Bytes that are not
+/// HTTP/2 (the first frame a server sends is SETTINGS) switch the wrapper
+/// off for that connection; it is counted
+/// ([`unfollowed`](Self::unfollowed)) and logged at WARN.
 ///
 /// Which streams are told: a stream's `draining()` resolves when a
 /// connection of its notice receives its first GOAWAY after the stream
@@ -104,6 +108,8 @@ pub(crate) struct NoticeShared {
     notify: Notify,
     next_id: AtomicU64,
     open: AtomicUsize,
+    /// Connections whose bytes were not plain HTTP/2 (see `unfollowed`).
+    unfollowed: AtomicU64,
 }
 
 impl NoticeShared {
@@ -153,6 +159,7 @@ impl GoawayNotice {
                 notify: Notify::new(),
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
+                unfollowed: AtomicU64::new(0),
             }),
             dead_peer: Some(crate::socket::DEFAULT_DEAD_PEER_TIMEOUT),
         }
@@ -280,6 +287,16 @@ impl GoawayNotice {
         self.shared.goaways()
     }
 
+    /// Connections this notice could not follow because what they read was
+    /// not plain HTTP/2: most often TLS records, when the TLS is done
+    /// around the notice instead of inside its connector (tonic's
+    /// `Endpoint::tls_config` with [`connector`](Self::connector) is such a
+    /// case: do the TLS in the connector the notice wraps). GOAWAY on them
+    /// is never seen. Each is also logged once, at WARN.
+    pub fn unfollowed(&self) -> u64 {
+        self.shared.unfollowed.load(Ordering::Relaxed)
+    }
+
     /// Connections wrapped and not yet dropped.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::Relaxed)
@@ -359,6 +376,29 @@ impl Life {
     }
 }
 
+impl Life {
+    /// The connection's bytes are not plain HTTP/2 (`read` switched the
+    /// frame reader off): counted and said once. Cold: once per connection
+    /// at most.
+    #[cold]
+    #[inline(never)]
+    fn unfollowed(&self, read: &[u8]) {
+        self.shared.unfollowed.fetch_add(1, Ordering::Relaxed);
+        // A TLS record from the server: a handshake record, version 3.x.
+        let what = if read.starts_with(&[0x16, 0x03]) {
+            "TLS records (do the TLS inside the connector the notice wraps, not around it: \
+             tonic's `Endpoint::tls_config` does it around)"
+        } else {
+            "bytes that are not HTTP/2 (the first frame a server sends is SETTINGS)"
+        };
+        tracing::warn!(
+            target: "tower_stream_guard",
+            connection = self.id,
+            "GoawayNotice cannot follow this connection, which reads {what}: its GOAWAY will not be seen"
+        );
+    }
+}
+
 impl Drop for Life {
     fn drop(&mut self) {
         self.shared.open.fetch_sub(1, Ordering::Relaxed);
@@ -418,8 +458,11 @@ impl<IO: AsyncRead> AsyncRead for NoticedIo<IO> {
         ready!(this.inner.poll_read(cx, buf))?;
         if !this.reader.is_off() {
             let life = this.life;
-            this.reader
-                .feed(&buf.filled()[before..], |goaway| life.goaway(goaway));
+            let read = &buf.filled()[before..];
+            this.reader.feed(read, |goaway| life.goaway(goaway));
+            if this.reader.is_off() {
+                life.unfollowed(read);
+            }
         }
         Poll::Ready(Ok(()))
     }

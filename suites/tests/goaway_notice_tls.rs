@@ -30,8 +30,15 @@ use tower_stream_guard::{
 const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A tonic server with TLS for `localhost`, draining with `drain`; the
-/// address and the certificate the client must trust.
-async fn serve(drain: &Drain) -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
+/// address and the certificate the client must trust (DER, and PEM for
+/// tonic's own TLS).
+async fn serve(
+    drain: &Drain,
+) -> (
+    SocketAddr,
+    rustls::pki_types::CertificateDer<'static>,
+    String,
+) {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let identity = Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -45,7 +52,7 @@ async fn serve(drain: &Drain) -> (SocketAddr, rustls::pki_types::CertificateDer<
     tokio::spawn(
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started()),
     );
-    (addr, made.cert.der().clone())
+    (addr, made.cert.der().clone(), made.cert.pem())
 }
 
 fn tls_connector(cert: rustls::pki_types::CertificateDer<'static>) -> TlsConnector {
@@ -66,7 +73,7 @@ fn tls_connector(cert: rustls::pki_types::CertificateDer<'static>) -> TlsConnect
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notice_inside_tls_tells_the_stream() {
     let drain = Drain::new();
-    let (addr, cert) = serve(&drain).await;
+    let (addr, cert, _) = serve(&drain).await;
     let tls = tls_connector(cert);
     let notice = GoawayNotice::new();
     let mut events = notice.subscribe();
@@ -126,6 +133,7 @@ async fn the_notice_inside_tls_tells_the_stream() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    assert_eq!(notice.unfollowed(), 0, "plain HTTP/2 is followed");
 }
 
 /// The notice outside the TLS sees encrypted records, never mistakes them
@@ -133,7 +141,7 @@ async fn the_notice_inside_tls_tells_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notice_outside_tls_reports_nothing() {
     let drain = Drain::new();
-    let (addr, cert) = serve(&drain).await;
+    let (addr, cert, _) = serve(&drain).await;
     let tls = tls_connector(cert);
     let notice = GoawayNotice::new();
     let wrapper = notice.clone();
@@ -169,4 +177,44 @@ async fn the_notice_outside_tls_reports_nothing() {
     while let Ok(Some(_)) = stream.message().await {}
     timeout(PATIENCE, report).await.expect("drained");
     assert_eq!(notice.goaways(), 0);
+    // And it says so: counted (and logged at WARN).
+    assert_eq!(notice.unfollowed(), 1);
+}
+
+/// tonic's own client TLS (`Endpoint::tls_config`) runs around the
+/// connector: the notice under it reads ciphertext. It cannot follow the
+/// connection, and says so (`unfollowed`, a WARN log) instead of staying
+/// silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tonics_tls_config_the_notice_says_it_cannot_follow() {
+    let drain = Drain::new();
+    let (addr, _, pem) = serve(&drain).await;
+    let notice = GoawayNotice::new();
+    let connector = notice.connector(tower::service_fn(|uri: Uri| async move {
+        let port = uri.port_u16().unwrap_or(443);
+        TcpStream::connect(("127.0.0.1", port)).await
+    }));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .expect("client TLS")
+            .connect_with_connector(connector)
+            .await
+            .expect("connect over tonic's TLS");
+    let mut client = EchoClient::new(channel);
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 1,
+            interval_ms: 0,
+            size: 8,
+        })
+        .await
+        .expect("call")
+        .into_inner();
+    while let Some(_reply) = stream.message().await.expect("reply") {}
+    assert_eq!(notice.unfollowed(), 1, "the notice stayed silent");
 }
