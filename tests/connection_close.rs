@@ -169,3 +169,48 @@ async fn a_guard_ended_body_read_later_is_no_longer_stalled() {
     let closed = next_connection_event(&mut connection_events).await;
     assert_eq!(closed.end(), Some(ConnectionEnd::Closed));
 }
+
+/// `StreamHandle::cancel` ends a stream the way a guard does (trailers
+/// saying `CANCELLED`): when nobody reads the body, hyper keeps the stream
+/// for them just as after a guard's end, and the connection is closed as
+/// stalled at the grace.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cancelled_through_its_handle_while_unread_closes_its_connection_as_stalled() {
+    let grace = 2 * SECOND;
+    let connections = ConnectionGuard::builder()
+        .stalled_grace(grace)
+        .resolution(Duration::from_millis(10))
+        .build()
+        .expect("valid configuration");
+    let mut connection_events = connections.subscribe();
+    let io = connections.wrap(NoSocket);
+    assert_eq!(
+        next_connection_event(&mut connection_events).await.end(),
+        None
+    );
+    let guard = guard(StreamGuardLayer::builder());
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let mut request = Request::post("/echo.Echo/ServerStream")
+        .extension(io.handle().clone())
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    // The body is held and never polled: a reader that stopped reading.
+    let response = call(&mut svc, request).await;
+    let _feed = feeders.recv().await.expect("the handler's feeder");
+
+    assert!(app.last_handle().expect("the stream's handle").cancel());
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Cancelled);
+    tokio::time::sleep(grace - SECOND / 10).await;
+    assert!(!io.handle().is_closed(), "within the stalled grace");
+    tokio::time::sleep(SECOND / 5).await;
+    assert!(io.handle().is_closed(), "still open past the stalled grace");
+    drop(io);
+    let closed = next_connection_event(&mut connection_events).await;
+    assert_eq!(closed.end(), Some(ConnectionEnd::Stalled));
+    drop(response);
+}

@@ -100,11 +100,12 @@ impl ConnectionGuardBuilder {
         self
     }
 
-    /// Closes a connection `grace` after a guard ended one of its streams
-    /// while the peer was not reading it (the ending was never sent): the
-    /// only way to free what hyper keeps for such a stream. The stall is
-    /// reported by the [`StreamGuardLayer`](crate::StreamGuardLayer) in
-    /// front of the service. At least the [`resolution`](Self::resolution).
+    /// Closes a connection `grace` after a guard (or
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel)) ended one of
+    /// its streams while the peer was not reading it (the ending was never
+    /// sent): the only way to free what hyper keeps for such a stream. The
+    /// stall is reported by the [`StreamGuardLayer`](crate::StreamGuardLayer)
+    /// in front of the service. At least the [`resolution`](Self::resolution).
     pub fn stalled_grace(mut self, grace: Duration) -> Self {
         self.policy.stalled_grace = Some(grace);
         self
