@@ -89,6 +89,9 @@ impl ConnectionGuard {
 
 impl ConnectionGuardBuilder {
     /// Closes a connection that had no guarded stream open for `timeout`.
+    /// Streams the stream guard refused (a cap, a drain) never ran and do
+    /// not count: a client whose every request is refused does not keep its
+    /// connection open.
     ///
     /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
     /// in front of the service, when it finds the connection's

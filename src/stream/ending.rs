@@ -431,7 +431,11 @@ impl Record {
                 // the connection guard closes the connection if that lasts.
                 conn.stream_stalled();
             }
-            conn.stream_ended();
+            if ending.is_refusal() {
+                conn.stream_refused();
+            } else {
+                conn.stream_ended();
+            }
         }
         if let Some(drain) = self.shared.drain()
             && ending == Ending::Drained
