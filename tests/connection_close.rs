@@ -1,7 +1,9 @@
-//! When a connection guard closes a connection at once, and when it must not
-//! close it any more: a connection accepted after a drain began (real TCP),
-//! and a stalled reader that reads its guard-ended body after all (paused
-//! time, the connection known to the stream guard through its handle).
+//! When a connection guard closes a connection at once, and when it must or
+//! must not close it later: a connection accepted after a drain began (real
+//! TCP); a stalled reader that reads its guard-ended body after all, a
+//! stream cancelled through its handle while unread, a client whose
+//! requests are all refused (paused time, the connection known to the
+//! stream guard through its handle).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -168,4 +170,94 @@ async fn a_guard_ended_body_read_later_is_no_longer_stalled() {
     drop(io);
     let closed = next_connection_event(&mut connection_events).await;
     assert_eq!(closed.end(), Some(ConnectionEnd::Closed));
+}
+
+/// `StreamHandle::cancel` ends a stream the way a guard does (trailers
+/// saying `CANCELLED`): when nobody reads the body, hyper keeps the stream
+/// for them just as after a guard's end, and the connection is closed as
+/// stalled at the grace.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cancelled_through_its_handle_while_unread_closes_its_connection_as_stalled() {
+    let grace = 2 * SECOND;
+    let connections = ConnectionGuard::builder()
+        .stalled_grace(grace)
+        .resolution(Duration::from_millis(10))
+        .build()
+        .expect("valid configuration");
+    let mut connection_events = connections.subscribe();
+    let io = connections.wrap(NoSocket);
+    assert_eq!(
+        next_connection_event(&mut connection_events).await.end(),
+        None
+    );
+    let guard = guard(StreamGuardLayer::builder());
+    let mut events = guard.subscribe();
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let mut request = Request::post("/echo.Echo/ServerStream")
+        .extension(io.handle().clone())
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    // The body is held and never polled: a reader that stopped reading.
+    let response = call(&mut svc, request).await;
+    let _feed = feeders.recv().await.expect("the handler's feeder");
+
+    assert!(app.last_handle().expect("the stream's handle").cancel());
+    assert_eq!(next_event(&mut events).await.reason(), EndReason::Cancelled);
+    tokio::time::sleep(grace - SECOND / 10).await;
+    assert!(!io.handle().is_closed(), "within the stalled grace");
+    tokio::time::sleep(SECOND / 5).await;
+    assert!(io.handle().is_closed(), "still open past the stalled grace");
+    drop(io);
+    let closed = next_connection_event(&mut connection_events).await;
+    assert_eq!(closed.end(), Some(ConnectionEnd::Stalled));
+    drop(response);
+}
+
+/// A client whose every request is refused (here the guard's one slot is
+/// held by a stream on another connection) does nothing on its connection:
+/// the refusals do not restart the idle time, and the connection is closed
+/// as idle when its idle timeout has passed since it was opened.
+#[tokio::test(start_paused = true)]
+async fn refused_streams_do_not_keep_an_idle_connection_open() {
+    let idle = 2 * SECOND;
+    let connections = ConnectionGuard::builder()
+        .idle_timeout(idle)
+        .resolution(Duration::from_millis(10))
+        .build()
+        .expect("valid configuration");
+    let mut connection_events = connections.subscribe();
+    let io = connections.wrap(NoSocket);
+    assert_eq!(
+        next_connection_event(&mut connection_events).await.end(),
+        None
+    );
+    let opened = tokio::time::Instant::now();
+    let guard = guard(StreamGuardLayer::builder().max_streams(1));
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    // The one slot, held by a stream of another connection.
+    let _held = call(&mut svc, paused::request("/hold", 9, false)).await;
+    let _feed = feeders.recv().await.expect("the handler's feeder");
+
+    while !io.handle().is_closed() {
+        assert!(
+            opened.elapsed() < idle + SECOND,
+            "refusals kept the connection open"
+        );
+        let request = Request::get("/page")
+            .extension(io.handle().clone())
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let refused = call(&mut svc, request).await;
+        assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(SECOND / 4).await;
+    }
+    assert!(opened.elapsed() >= idle, "closed before its idle timeout");
+    drop(io);
+    let closed = next_connection_event(&mut connection_events).await;
+    assert_eq!(closed.end(), Some(ConnectionEnd::Idle));
 }

@@ -539,3 +539,55 @@ async fn a_drain_with_nothing_open_reports_all_zeros_at_once() {
     );
     drop((guard, connections));
 }
+
+/// `start` outside a runtime panics (it has no runtime to spawn the drain's
+/// task on), and before it begins anything: the drain has not begun, the
+/// guards refuse nothing, and a `start` on a runtime later drains and
+/// reports as if the first call had never been made.
+#[test]
+fn a_start_outside_a_runtime_panics_before_the_drain_begins() {
+    let drain = Drain::new();
+    let guard = guard(StreamGuardLayer::builder().drain(&drain));
+    let (app, mut feeders) = App::new();
+    let mut svc = guard.layer(app.service());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let first = runtime.block_on(async {
+        let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+        (response, feeders.recv().await.unwrap())
+    });
+
+    let outside = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(drain.start(5 * SECOND));
+    }));
+    assert!(outside.is_err(), "start outside a runtime panics");
+    assert!(
+        !drain.is_draining(),
+        "a start that panicked began the drain"
+    );
+    let report = runtime.block_on(async {
+        let response = call(&mut svc, request("/echo.Echo/ServerStream", 1, true)).await;
+        assert!(
+            !response.headers().contains_key("grpc-status"),
+            "a stream after the failed start is refused"
+        );
+        let _feed = feeders.recv().await.unwrap();
+        let started = Instant::now();
+        let report = tokio::time::timeout(60 * SECOND, drain.start(5 * SECOND))
+            .await
+            .expect("a later start resolves");
+        assert_eq!(report.open_at_start(), 2);
+        assert_eq!(report.refused(), 0);
+        assert_eq!(report.cut(), 2);
+        assert!(started.elapsed() >= 5 * SECOND, "the grace was kept");
+        drop(response);
+        report
+    });
+    // Begun, the drain needs no runtime for a `start` any more.
+    let again = drain.start(SECOND);
+    assert_eq!(runtime.block_on(again), report);
+    drop(first);
+}

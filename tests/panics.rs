@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Empty};
 use paused::{SECOND, guard, next_event, request};
 use tokio::sync::oneshot;
 use tower::{Layer, Service, ServiceExt};
-use tower_stream_guard::{EndReason, StreamGuardLayer, StreamHandle};
+use tower_stream_guard::{EndReason, Heartbeat, StreamGuardLayer, StreamHandle};
 
 /// A response body that yields one frame and panics on the next poll.
 struct PanicsOnSecondFrame(bool);
@@ -42,6 +42,27 @@ impl Body for PanicsOnSecondFrame {
         }
         self.0 = true;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"first")))))
+    }
+}
+
+/// A response body whose frames are fine but which panics when asked
+/// whether it is at its end, as the guard's wrapper does after each frame
+/// and hyper does between polls.
+struct PanicsOnIsEndStream;
+
+impl Body for PanicsOnIsEndStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"frame")))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        panic!("is_end_stream panics");
     }
 }
 
@@ -262,4 +283,54 @@ fn a_call_that_panics_on_a_runtime_that_shut_down_still_ends_its_stream() {
     assert_eq!(event.reason(), EndReason::Panicked);
     assert_eq!(guard.stats().active(), 0);
     assert!(events.try_recv().is_err(), "one event");
+}
+
+/// Opens a stream on `guard` whose response body is `body`, with a producer
+/// waiting on its `cancelled()`, and reads the body to its end, as hyper's
+/// connection task does: on a task of its own, which must panic.
+async fn read_on_a_task_that_panics<B>(guard: &StreamGuardLayer, path: &str, body: B) -> Producer
+where
+    B: Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static,
+{
+    let producer = Producer::default();
+    let spawned = producer.clone();
+    let body = Arc::new(Mutex::new(Some(body)));
+    let mut svc = guard.layer(tower::service_fn(move |request: Request<_>| {
+        spawned.spawn(&request);
+        let body = body.lock().unwrap().take().expect("one stream");
+        async { Ok::<_, Infallible>(Response::new(body)) }
+    }));
+    let request = request(path, 1, false);
+    let outcome = tokio::spawn(async move {
+        let response = svc.ready().await.unwrap().call(request).await.unwrap();
+        let mut body = response.into_body();
+        while body.frame().await.is_some() {}
+    })
+    .await;
+    assert!(outcome.unwrap_err().is_panic());
+    producer
+}
+
+/// The heartbeat's predicate is the user's code, run on each response data
+/// frame: its panic ends the stream as `panicked`, as the body's would.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_predicate_that_panics_ends_its_stream_as_panicked() {
+    let guard = guard(
+        StreamGuardLayer::builder()
+            .max_streams(1)
+            .heartbeat(Heartbeat::new(|_| panic!("the heartbeat predicate panics"))),
+    );
+    let mut events = guard.subscribe();
+    let producer = read_on_a_task_that_panics(&guard, "/beats", PanicsOnSecondFrame(false)).await;
+    assert_ended_and_slot_back(&guard, &mut events, producer.told(), EndReason::Panicked).await;
+}
+
+/// The response body's `is_end_stream`, which the guard asks after each
+/// frame, is the body's code too.
+#[tokio::test(start_paused = true)]
+async fn a_response_body_whose_is_end_stream_panics_ends_its_stream_as_panicked() {
+    let guard = one_slot();
+    let mut events = guard.subscribe();
+    let producer = read_on_a_task_that_panics(&guard, "/end-panics", PanicsOnIsEndStream).await;
+    assert_ended_and_slot_back(&guard, &mut events, producer.told(), EndReason::Panicked).await;
 }

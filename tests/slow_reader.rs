@@ -168,6 +168,24 @@ async fn a_reader_that_never_comes_back_is_blocked_until_the_guard_ends_the_stre
     drop(body);
 }
 
+/// An SSE subscription: a bodyless request whose stream's only limit is the
+/// request's idle timeout, which the request's end at once puts out of
+/// play. The stream still has a time limit, so its blocked time is measured
+/// on a clock that runs for it, not on one that some other stream may or
+/// may not keep running (here none does).
+#[tokio::test(start_paused = true)]
+async fn a_bodyless_request_under_a_request_idle_timeout_measures_its_blocked_time() {
+    let guard = guard(StreamGuardLayer::builder().request_idle_timeout(60 * SECOND));
+    let mut events = guard.subscribe();
+    let mut body = open(&guard, Producer::Endless).await;
+    read_one(&mut body).await;
+    sleep(5 * SECOND).await;
+    read_one(&mut body).await;
+    drop(body);
+    let event = next_event(&mut events).await;
+    within_a_tick(event.blocked_on_reader().expect("measured"), 5 * SECOND);
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_time_limit_the_blocked_time_is_not_measured() {
     let guard = guard(StreamGuardLayer::builder());

@@ -99,6 +99,10 @@ impl ConnectionGuardBuilder {
     /// it ends. Either way the close says
     /// [`Idle`](crate::ConnectionEnd::Idle).
     ///
+    /// Streams the stream guard refused (a cap, a drain) never ran and do
+    /// not count: a client whose every request is refused does not keep its
+    /// connection open.
+    ///
     /// Streams are counted by the [`StreamGuardLayer`](crate::StreamGuardLayer)
     /// in front of the service, when it finds the connection's
     /// [`ConnectionHandle`](crate::ConnectionHandle) in the request extensions: without one, every
@@ -109,11 +113,12 @@ impl ConnectionGuardBuilder {
         self
     }
 
-    /// Closes a connection `grace` after a guard ended one of its streams
-    /// while the peer was not reading it (the ending was never sent): the
-    /// only way to free what hyper keeps for such a stream. The stall is
-    /// reported by the [`StreamGuardLayer`](crate::StreamGuardLayer) in
-    /// front of the service. At least the [`resolution`](Self::resolution).
+    /// Closes a connection `grace` after a guard (or
+    /// [`StreamHandle::cancel`](crate::StreamHandle::cancel)) ended one of
+    /// its streams while the peer was not reading it (the ending was never
+    /// sent): the only way to free what hyper keeps for such a stream. The
+    /// stall is reported by the [`StreamGuardLayer`](crate::StreamGuardLayer)
+    /// in front of the service. At least the [`resolution`](Self::resolution).
     pub fn stalled_grace(mut self, grace: Duration) -> Self {
         self.policy.stalled_grace = Some(grace);
         self

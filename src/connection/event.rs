@@ -25,8 +25,8 @@ pub enum ConnectionEnd {
     Closed,
     /// No stream was open for the idle timeout.
     Idle,
-    /// A stream's guard fired and its peer did not read the ending within
-    /// the stalled grace.
+    /// A stream's guard fired (or its handle cancelled it) and its peer did
+    /// not read the ending within the stalled grace.
     Stalled,
     /// The connection reached its maximum age: it closed after the GOAWAY
     /// asked for then (gracefully, or hard at the end of the grace).

@@ -190,6 +190,14 @@ impl ConnectionHandle {
         state.streams_open.fetch_sub(1, Ordering::Release);
     }
 
+    /// A stream the stream guard refused (a cap, a drain) is over: it never
+    /// ran, so the connection's quiet time goes on from where it was. A
+    /// client whose every request is refused keeps no connection from
+    /// closing idle.
+    pub(crate) fn stream_refused(&self) {
+        self.state.streams_open.fetch_sub(1, Ordering::Release);
+    }
+
     /// A guard ended a stream whose response body hyper is not reading.
     pub(crate) fn stream_stalled(&self) {
         let state = &self.state;

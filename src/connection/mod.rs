@@ -10,10 +10,11 @@
 //! and the peer sees its TCP connection close. The guard closes a
 //! connection when it is
 //!
-//! - **stalled**: a stream guard ended one of its streams while the peer was
-//!   not reading (hyper no longer polls a body without flow-control window,
-//!   so the HTTP/2 stream stays open until the peer reads or the connection
-//!   closes), and the peer still has not read
+//! - **stalled**: a stream guard (or a stream's handle,
+//!   [`StreamHandle::cancel`](crate::StreamHandle::cancel)) ended one of its
+//!   streams while the peer was not reading (hyper no longer polls a body
+//!   without flow-control window, so the HTTP/2 stream stays open until the
+//!   peer reads or the connection closes), and the peer still has not read
 //!   [`stalled_grace`](crate::ConnectionGuardBuilder::stalled_grace) later;
 //! - **idle**: no guarded stream open for
 //!   [`idle_timeout`](crate::ConnectionGuardBuilder::idle_timeout);

@@ -286,7 +286,9 @@ impl Drain {
     /// # Panics
     ///
     /// Outside a tokio runtime (the drain task is spawned on the current
-    /// one).
+    /// one), unless the drain has begun already. It panics before it begins
+    /// anything: the drain is as it was, and a `start` on a runtime later
+    /// begins it.
     ///
     /// ```
     /// use std::time::Duration;
@@ -303,14 +305,23 @@ impl Drain {
     pub fn start(&self, grace: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = &self.shared;
         let mut report = shared.report.subscribe();
-        if let Some(deadline) = shared.begin(grace) {
+        // The runtime first: a drain begun and then left without its task
+        // would refuse every stream and report at once.
+        let runtime = tokio::runtime::Handle::try_current();
+        if runtime.is_err() && !shared.is_draining() {
+            panic!(
+                "Drain::start called outside a tokio runtime: the drain needs one for its task \
+                 (the drain was not begun)"
+            );
+        }
+        if let (Some(deadline), Ok(runtime)) = (shared.begin(grace), runtime) {
             // The report's sender goes into the task's future as it is
             // made: dropped with it, run or not, it still reports.
             let reporting = Reporting {
                 shared: Arc::clone(shared),
                 started: Instant::now(),
             };
-            tokio::spawn(run(reporting, deadline));
+            runtime.spawn(run(reporting, deadline));
         }
         async move {
             loop {

@@ -396,7 +396,6 @@ impl Record {
     /// Everything an end does once it is decided: wakes every part of the
     /// stream, releases its timer and slots and emits its one end event.
     fn finish(&self, ending: Ending) {
-        let reason = ending.reason();
         self.shared.timer.disarm(self);
         if self.grpc
             && let Some(code) = ending.status()
@@ -419,7 +418,10 @@ impl Record {
         // not wait for subscribers.
         permits.into_iter().for_each(CapPermit::release);
         if let Some(conn) = self.after.connection() {
-            if reason.is_guard()
+            // An ending with a status of its own (a guard's, a handle's
+            // cancel) goes out in place of the body's next part: a peer
+            // that is not reading never gets it.
+            if ending.status().is_some()
                 && self
                     .body
                     .compare_exchange(BODY_OPEN, BODY_STALLED, Ordering::AcqRel, Ordering::Acquire)
@@ -429,7 +431,11 @@ impl Record {
                 // the connection guard closes the connection if that lasts.
                 conn.stream_stalled();
             }
-            conn.stream_ended();
+            if ending.is_refusal() {
+                conn.stream_refused();
+            } else {
+                conn.stream_ended();
+            }
         }
         if let Some(drain) = self.shared.drain()
             && ending == Ending::Drained

@@ -195,11 +195,15 @@ fn service_answer<B: Body>(
     ticket: Ticket,
     for_response: ForResponse,
 ) -> Response<ResponseBody<B>> {
-    let declared = response_body::declared_length(&response);
+    // The body's size hint and `is_end_stream` are the service's code.
+    let (declared, at_end) = EndOnUnwind::run(&ticket, || {
+        let declared = response_body::declared_length(&response);
+        (declared, response.body().is_end_stream())
+    });
     // Nothing follows a head whose body is already at its end, that answers
     // a `HEAD` request, or that declares no body: hyper sends it alone (with
     // END_STREAM) and never polls the body. The head is the last word.
-    let last = response.body().is_end_stream() || ticket.after.is_head() || declared == Some(0);
+    let last = at_end || ticket.after.is_head() || declared == Some(0);
     let word = if last {
         ticket.last_word(Ending::Completed)
     } else {

@@ -34,6 +34,9 @@ use bytes::Buf;
 ///   stream. With one: one call of the predicate per response data frame,
 ///   on the connection's task; keep it to a look at the first bytes. No lock,
 ///   allocation or timer work is added.
+/// - **Panics.** The predicate runs where the response body does: a panic
+///   in it ends the stream as [`EndReason::Panicked`](crate::EndReason::Panicked),
+///   as the body's own would.
 /// - **Stalled readers** are unchanged: a peer that stops reading stops
 ///   every frame, heartbeats included, and the idle timeout fires as before.
 ///

@@ -97,8 +97,8 @@
 //!   had no extensions).
 //! - Per layer: one timer task, which wakes every
 //!   [`timer_resolution`](crate::StreamGuardBuilder::timer_resolution)
-//!   (10 ms by default) while the layer has streams with a deadline and
-//!   exits when it has none.
+//!   (10 ms by default) while the layer has streams with a time limit (or
+//!   a drain's deadline) and exits when it has none.
 //!
 //! # Cancel safety
 //!
@@ -132,6 +132,7 @@ mod loom_tests;
 mod metering;
 mod origin;
 mod policy;
+mod rate;
 mod record;
 pub(crate) mod report;
 mod request_body;

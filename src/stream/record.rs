@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::{
     ending::After,
     policy::{MinRate, Policy},
+    rate::RateWatch,
     shared::Shared,
     timer::LateTicks,
 };
@@ -40,6 +41,15 @@ const ACCEPTED: u8 = 0x80;
 /// to read (see [`Record::note_response_frame`]). Set by the store that
 /// counts the frame, so it costs the data path nothing.
 const WAITING: u64 = 1 << 63;
+
+/// The timer key of a stream that has a time limit none of which can fire
+/// now (a request idle timeout once the request ended, on a stream with no
+/// other limit): filed under it, the stream never comes due, but it keeps
+/// the timer's coarse clock running, which measures the time the stream
+/// waits on its reader ([`Record::blocked_ns`]). Without it, that time
+/// would depend on whether some other stream happened to keep the clock
+/// running.
+const CLOCK_ONLY: u64 = NEVER - 1;
 
 /// Counters of one direction, written only by that direction's body.
 #[derive(Default)]
@@ -80,20 +90,6 @@ impl Side {
         self.bytes
             .store(total.wrapping_add(bytes as u64), Ordering::Relaxed);
     }
-}
-
-/// A stream's minimum response rate and where its current window began.
-/// Only the timer reads and writes the marks, under the lock of the
-/// stream's shard; boxed, so that a stream without the setting pays one
-/// word.
-struct RateWatch {
-    rate: MinRate,
-    /// When the timer checks next, ns on the guard's clock.
-    check_at: AtomicU64,
-    /// The response bytes and the time blocked on the reader (ns) when the
-    /// window began.
-    mark_bytes: AtomicU64,
-    mark_blocked: AtomicU64,
 }
 
 /// What the timer decides for a stream whose filing came due.
@@ -204,14 +200,9 @@ impl Record {
             response_waker: AtomicWaker::new(),
             response: Side::default(),
             response_blocked: AtomicU64::new(0),
-            rate: policy.min_rate.map(|rate| {
-                Box::new(RateWatch {
-                    rate,
-                    check_at: AtomicU64::new(start_ns.saturating_add(nanos(Some(rate.window)))),
-                    mark_bytes: AtomicU64::new(0),
-                    mark_blocked: AtomicU64::new(0),
-                })
-            }),
+            rate: policy
+                .min_rate
+                .map(|rate| Box::new(RateWatch::new(rate, start_ns))),
         });
         record.limit_lifetime(policy.max_lifetime, false);
         #[cfg(feature = "test-view")]
@@ -339,11 +330,11 @@ impl Record {
         }
     }
 
-    /// The time the response waited on the reader, for the end event:
-    /// `None` when the stream had no time limit, for then the guard's
-    /// coarse clock (which measures it) may not have run.
-    pub(crate) fn blocked_on_reader(&self) -> Option<Duration> {
-        let timed = [
+    /// Whether the stream has a time limit of its own (an idle timeout, a
+    /// lifetime, a minimum rate): the guard's coarse clock runs for it from
+    /// its start to its end (see [`CLOCK_ONLY`]).
+    fn timed(&self) -> bool {
+        [
             &self.idle_both,
             &self.idle_request,
             &self.idle_response,
@@ -351,8 +342,14 @@ impl Record {
         ]
         .iter()
         .any(|limit| limit.load(Ordering::Relaxed) != NEVER)
-            || self.rate.is_some();
-        timed.then(|| {
+            || self.rate.is_some()
+    }
+
+    /// The time the response waited on the reader, for the end event:
+    /// `None` when the stream had no time limit, for then the guard's
+    /// coarse clock (which measures it) may not have run.
+    pub(crate) fn blocked_on_reader(&self) -> Option<Duration> {
+        self.timed().then(|| {
             Duration::from_nanos(self.blocked_ns(self.shared.timer.stamp(), &LateTicks::default()))
         })
     }
@@ -422,11 +419,12 @@ impl Record {
         self.start_ns
     }
 
-    /// The earliest instant at which a limit could fire, and which one.
-    /// `late` turns frame stamps published by late timer ticks into the
-    /// latest time those frames may have moved.
+    /// The earliest instant at which a limit could fire, and which one;
+    /// [`CLOCK_ONLY`] when none can but the stream has a time limit. `late`
+    /// turns frame stamps published by late timer ticks into the latest
+    /// time those frames may have moved.
     pub(crate) fn next_deadline(&self, late: &LateTicks) -> (u64, Option<Ending>) {
-        let mut best = (NEVER, None);
+        let mut best = (if self.timed() { CLOCK_ONLY } else { NEVER }, None);
         let mut consider = |deadline: u64, ending: Ending| {
             if deadline < best.0 {
                 best = (deadline, Some(ending));
@@ -461,7 +459,7 @@ impl Record {
             Ending::IdleResponse,
         );
         if let Some(watch) = &self.rate {
-            consider(watch.check_at.load(Ordering::Relaxed), Ending::SlowReader);
+            consider(watch.check_at(), Ending::SlowReader);
         }
         best
     }
@@ -484,37 +482,17 @@ impl Record {
         }
     }
 
-    /// The minimum rate's check, by the timer: whether the reader took
-    /// fewer bytes than the rate asks for over a window's worth of time in
-    /// which the response waited on it. Otherwise moves the next check past
-    /// `now` (a new window once enough moved; else the earliest the wait
-    /// could fill the window). No work on the data path: the byte counter
-    /// and the blocked time are compared with the marks.
+    /// The minimum rate's check, by the timer (see [`RateWatch::too_slow`]).
     fn too_slow(&self, now: u64, late: &LateTicks) -> bool {
-        let Some(watch) = &self.rate else {
-            return false;
-        };
-        let window = nanos(Some(watch.rate.window));
-        let bytes = self.response.bytes.load(Ordering::Relaxed);
-        let blocked = self.blocked_ns(now, late);
-        let moved = bytes.wrapping_sub(watch.mark_bytes.load(Ordering::Relaxed));
-        let waited = blocked.saturating_sub(watch.mark_blocked.load(Ordering::Relaxed));
-        let next = if moved >= watch.rate.bytes {
-            watch.mark_bytes.store(bytes, Ordering::Relaxed);
-            watch.mark_blocked.store(blocked, Ordering::Relaxed);
-            now.saturating_add(window)
-        } else if waited >= window {
-            return true;
-        } else {
-            now.saturating_add(window - waited)
-        };
-        watch.check_at.store(next, Ordering::Relaxed);
-        false
+        self.rate.as_ref().is_some_and(|watch| {
+            let bytes = self.response.bytes.load(Ordering::Relaxed);
+            watch.too_slow(now, bytes, self.blocked_ns(now, late))
+        })
     }
 
     /// The minimum response rate, if the stream has one.
     pub(crate) fn min_rate(&self) -> Option<MinRate> {
-        self.rate.as_ref().map(|watch| watch.rate)
+        self.rate.as_ref().map(|watch| watch.rate())
     }
 
     /// The configured limit behind `ending`, for messages and the event.

@@ -121,6 +121,9 @@ pin_project! {
             // body gone is no stalled reader.
             if let Some(ticket) = this.ticket.as_ref() {
                 ticket.response_closed();
+                // The inner body's `Drop` is the service's code.
+                let mut inner = this.inner;
+                EndOnUnwind::run(ticket, || inner.set(None));
             }
         }
     }
@@ -159,7 +162,7 @@ impl<B: Body> ResponseBody<B> {
         // that declares no body, stays as it is: hyper drops it unread,
         // and its size hint still goes out as the `content-length` (a poll
         // would find the stream ended and yield nothing).
-        let closed = opened.last && inner.is_end_stream();
+        let closed = opened.last && EndOnUnwind::run(&ticket, || inner.is_end_stream());
         if !opened.last {
             ticket.response_opened();
         }
@@ -313,17 +316,25 @@ where
                 None => Poll::Ready(None),
             };
         };
-        if !state.is_ended()
-            && let Some(mut inner) = this.inner.as_mut().as_pin_mut()
-        {
+        // Everything from here may run code the guard does not own: the
+        // inner body's poll, its `is_end_stream`, its data's `Buf`, the
+        // heartbeat's predicate, its `Drop` (in `end_fired`). An unwinding
+        // through any of it ends the stream as panicked.
+        let unwinding = EndOnUnwind::arm(state);
+        let polled = 'polled: {
+            // The stream ended while this body was open: a guard fired.
+            if state.is_ended() {
+                break 'polled end_fired(this.closed, this.inner, state, *this.grpc);
+            }
+            let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
+                break 'polled end_fired(this.closed, this.inner, state, *this.grpc);
+            };
             // hyper is back for more: the wait on the reader ended. Only
             // recorded when a timer tick passed meanwhile.
             if *this.waiting && state.response_polled() {
                 *this.waiting = false;
             }
-            let unwinding = EndOnUnwind::arm(state);
             let polled = inner.as_mut().poll_frame(cx);
-            unwinding.disarm();
             match polled {
                 Poll::Pending => {
                     // Nothing for the reader: the producer is slow now.
@@ -339,7 +350,7 @@ where
                         register_waker(state, this.registered, cx.waker());
                     }
                     if !state.is_ended() {
-                        return Poll::Pending;
+                        break 'polled Poll::Pending;
                     }
                 }
                 // Taken apart and rebuilt rather than inspected through a
@@ -383,9 +394,9 @@ where
                         if inner.is_end_stream()
                             && !claim(state, this.closed, this.finishing, Ending::Completed, false)
                         {
-                            return end_fired(this.closed, this.inner, state, *this.grpc);
+                            break 'polled end_fired(this.closed, this.inner, state, *this.grpc);
                         }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                        break 'polled Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(frame) => {
                         if let Some(trailers) = frame.trailers_ref() {
@@ -397,7 +408,12 @@ where
                             // with `grpc-status: 0`): the peer must read the
                             // guard's status then, not OK.
                             if !claim(state, this.closed, this.finishing, Ending::Completed, true) {
-                                return end_fired(this.closed, this.inner, state, *this.grpc);
+                                break 'polled end_fired(
+                                    this.closed,
+                                    this.inner,
+                                    state,
+                                    *this.grpc,
+                                );
                             }
                             note_trailers(state, trailers);
                             if !*this.defer_trailers {
@@ -405,25 +421,27 @@ where
                                 state.finish_deferred();
                             }
                         }
-                        return Poll::Ready(Some(Ok(frame)));
+                        break 'polled Poll::Ready(Some(Ok(frame)));
                     }
                 },
                 Poll::Ready(Some(Err(err))) => {
                     if !claim(state, this.closed, this.finishing, Ending::Error, false) {
-                        return end_fired(this.closed, this.inner, state, *this.grpc);
+                        break 'polled end_fired(this.closed, this.inner, state, *this.grpc);
                     }
-                    return Poll::Ready(Some(Err(err.into())));
+                    break 'polled Poll::Ready(Some(Err(err.into())));
                 }
                 Poll::Ready(None) => {
                     if !claim(state, this.closed, this.finishing, Ending::Completed, false) {
-                        return end_fired(this.closed, this.inner, state, *this.grpc);
+                        break 'polled end_fired(this.closed, this.inner, state, *this.grpc);
                     }
-                    return Poll::Ready(None);
+                    break 'polled Poll::Ready(None);
                 }
             }
-        }
-        // The stream ended while this body was open: a guard fired.
-        end_fired(this.closed, this.inner, state, *this.grpc)
+            // Nothing came and the stream ended meanwhile: a guard fired.
+            end_fired(this.closed, this.inner, state, *this.grpc)
+        };
+        unwinding.disarm();
+        polled
     }
 
     /// `true` once nothing more will come. An inner body at its end is
@@ -439,18 +457,23 @@ where
             // very body's end won (asked twice). The answer to a HEAD
             // request says `false`, so that hyper sends its size hint.
             (Some(inner), Some(state)) if state.is_ended() => {
-                state.ending() == Some(Ending::Completed) && inner.is_end_stream()
+                state.ending() == Some(Ending::Completed)
+                    && EndOnUnwind::run(state, || inner.is_end_stream())
             }
             (Some(inner), Some(state)) => {
-                inner.is_end_stream() && state.last_word(Ending::Completed) == Word::Service
+                EndOnUnwind::run(state, || inner.is_end_stream())
+                    && state.last_word(Ending::Completed) == Word::Service
             }
             (Some(inner), None) => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(inner) if !self.closed => inner.size_hint(),
+        match (&self.inner, &self.ticket) {
+            (Some(inner), Some(state)) if !self.closed => {
+                EndOnUnwind::run(state, || inner.size_hint())
+            }
+            (Some(inner), None) if !self.closed => inner.size_hint(),
             _ => SizeHint::with_exact(0),
         }
     }

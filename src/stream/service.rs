@@ -367,10 +367,11 @@ where
             record: Arc::clone(record),
             goaways_seen,
         });
-        let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(record))));
-        // If `call` panics, the ticket is dropped by the unwinding: the
-        // stream ends as panicked (see `Ticket`'s `Drop`).
+        // If `call` (or the request body's `is_end_stream`) panics, the
+        // ticket is dropped by the unwinding: the stream ends as panicked
+        // (see `Ticket`'s `Drop`).
         let unwinding = EndOnUnwind::arm(&ticket);
+        let request = request.map(|body| W::wrap(RequestBody::guarded(body, Arc::clone(record))));
         let future = self.inner.call(request);
         unwinding.disarm();
         shared.timer.arm_new(ticket.record());

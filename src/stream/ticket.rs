@@ -92,8 +92,9 @@ impl Drop for FinishOnDrop {
 /// unwinds.
 ///
 /// Armed around every call into code the guard does not own (the service's
-/// `call`, its future, the response body); disarmed, at no cost, when that
-/// code returns. It only decides (one compare-and-swap and a store): the
+/// `call` and future; the bodies' `is_end_stream`, `size_hint`, frames,
+/// data and `Drop`; the heartbeat's predicate); disarmed, at no cost, when
+/// that code returns. It only decides (one compare-and-swap and a store): the
 /// [`Ticket`] finishes the end when it is dropped, which is what tokio and
 /// hyper do right after they catch the panic; a ticket unwound itself (the
 /// service's `call` panicked) hands the finish to a task of its own.
@@ -110,6 +111,15 @@ impl<'a> EndOnUnwind<'a> {
     #[inline(always)]
     pub(crate) fn disarm(self) {
         std::mem::forget(self);
+    }
+
+    /// Runs `code`, bracketed.
+    #[inline(always)]
+    pub(crate) fn run<T>(record: &'a Record, code: impl FnOnce() -> T) -> T {
+        let unwinding = Self::arm(record);
+        let out = code();
+        unwinding.disarm();
+        out
     }
 }
 
