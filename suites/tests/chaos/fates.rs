@@ -69,13 +69,26 @@ pub(crate) enum Fate {
     /// A busy stream served on the doomed runtime, which is shut down while
     /// it is open: its task is dropped, which ends it as cancelled.
     RuntimeDies,
+    /// The stream ends (its handle cancels it) while the service's future
+    /// is polled to its answer, a trailers-only `OK` (in [`ChaosLayer`]):
+    /// the end won, so the peer must read the guard's `CANCELLED`, not the
+    /// answer.
+    AnswerAfterEnd,
+    /// The stream ends while the response body produces its last data
+    /// frame (in [`ChaosLayer`]): the frame lost, so the guard's trailers
+    /// must go out in its place.
+    LastFrameAfterEnd,
 }
 
 impl Fate {
     pub(crate) fn reason(self) -> EndReason {
         match self {
             Fate::Completes | Fate::Bodyless => EndReason::Completed,
-            Fate::Cancels | Fate::Vanishes | Fate::RuntimeDies => EndReason::Cancelled,
+            Fate::Cancels
+            | Fate::Vanishes
+            | Fate::RuntimeDies
+            | Fate::AnswerAfterEnd
+            | Fate::LastFrameAfterEnd => EndReason::Cancelled,
             Fate::Silent | Fate::StalledReader | Fate::HalfOpen => {
                 EndReason::IdleTimeout(IdleDirection::Both)
             }
@@ -120,6 +133,8 @@ impl Fate {
     pub(crate) fn client_sees(self, code: Code) -> bool {
         match self {
             Fate::Completes | Fate::Bodyless => code == Code::Ok,
+            // What the event says (cancelled), not the service's answer.
+            Fate::AnswerAfterEnd | Fate::LastFrameAfterEnd => code == Code::Cancelled,
             Fate::Silent | Fate::OutlivesLifetime => code == Code::DeadlineExceeded,
             Fate::CapHolder
             | Fate::Drained
@@ -288,6 +303,8 @@ pub(crate) fn tagged<T>(message: T, fate: Fate, transport: Transport) -> Request
     let chaos = match fate {
         Fate::Panics => Some("panic"),
         Fate::BodyPanics => Some("body-panic"),
+        Fate::AnswerAfterEnd => Some("answer-after-end"),
+        Fate::LastFrameAfterEnd => Some("last-frame-after-end"),
         _ => None,
     };
     if let Some(chaos) = chaos {
@@ -436,7 +453,7 @@ pub(crate) async fn open(
                 (fate, None)
             });
         }
-        Fate::BodyPanics => {
+        Fate::BodyPanics | Fate::LastFrameAfterEnd => {
             let stream = client
                 .server_stream(tagged(busy(0), fate, transport))
                 .await
@@ -445,7 +462,12 @@ pub(crate) async fn open(
             streams.spawn(async move { (fate, Some(read_to_end(stream).await)) });
         }
         Fate::Bodyless => unreachable!("opened above"),
-        Fate::Rejected | Fate::OverConnection | Fate::OverPeer | Fate::OverTotal | Fate::Panics => {
+        Fate::Rejected
+        | Fate::OverConnection
+        | Fate::OverPeer
+        | Fate::OverTotal
+        | Fate::Panics
+        | Fate::AnswerAfterEnd => {
             let refused = client.server_stream(tagged(busy(0), fate, transport)).await;
             let code = match refused {
                 Ok(_) => Code::Ok,

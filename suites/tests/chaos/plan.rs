@@ -41,6 +41,8 @@ pub(crate) fn plan(rng: &mut Rng, scale: usize) -> Vec<Planned> {
         Fate::Drained,
         Fate::Panics,
         Fate::BodyPanics,
+        Fate::AnswerAfterEnd,
+        Fate::LastFrameAfterEnd,
     ];
     let mut connections = Vec::new();
     for _ in 0..12 * scale {

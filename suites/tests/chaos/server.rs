@@ -21,7 +21,7 @@ use tokio::{
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::server::NamedService;
 use tower::{Layer, Service};
-use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer};
+use tower_stream_guard::{ConnectionGuard, Drain, StreamGuardLayer, StreamHandle};
 
 use crate::{
     CHAOS_PANIC, FRAMES_BEFORE_BODY_PANIC, TICK, TICKS,
@@ -34,6 +34,10 @@ use crate::{
 /// the response future panics (after the handler has answered, so its
 /// producer is running and must be told); on `x-chaos: body-panic` the
 /// response body panics after [`FRAMES_BEFORE_BODY_PANIC`] data frames.
+/// Two ends race an answer: on `x-chaos: answer-after-end` the stream's
+/// handle cancels it in the poll that answers (a trailers-only `OK`), on
+/// `x-chaos: last-frame-after-end` in the poll that produces the body's
+/// last data frame ([`EndsInItsLastFrame`]).
 #[derive(Clone, Copy)]
 pub(crate) struct ChaosLayer;
 
@@ -72,12 +76,24 @@ where
             .get("x-chaos")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let handle = request.extensions().get::<StreamHandle>().cloned();
         // The clone that was made ready is the one called.
         let clone = self.0.clone();
         let future = std::mem::replace(&mut self.0, clone).call(request);
         Box::pin(async move {
             let response = future.await?;
             match chaos.as_deref() {
+                Some("answer-after-end") => {
+                    drop(response);
+                    handle.expect("the guard's handle").cancel();
+                    Ok(tonic::Status::ok("").into_http())
+                }
+                Some("last-frame-after-end") => Ok(response.map(|_| {
+                    tonic::body::Body::new(EndsInItsLastFrame {
+                        handle: handle.expect("the guard's handle"),
+                        sent: false,
+                    })
+                })),
                 Some("panic") => {
                     drop(response);
                     panic!("{CHAOS_PANIC} the handler panics before answering");
@@ -118,6 +134,36 @@ impl Body for PanicsAfter {
             self.frames -= 1;
         }
         Poll::Ready(frame)
+    }
+}
+
+/// A response body of one message, during whose production the stream's
+/// handle cancels the stream: at its end after it, as `Full` is.
+pub(crate) struct EndsInItsLastFrame {
+    pub(crate) handle: StreamHandle,
+    pub(crate) sent: bool,
+}
+
+impl Body for EndsInItsLastFrame {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if self.sent {
+            return Poll::Ready(None);
+        }
+        self.sent = true;
+        self.handle.cancel();
+        // One gRPC message: EchoReply { message: "last" }.
+        let message = Bytes::from_static(&[0, 0, 0, 0, 6, 0x0a, 4, b'l', b'a', b's', b't']);
+        Poll::Ready(Some(Ok(Frame::data(message))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent
     }
 }
 
