@@ -16,7 +16,7 @@ use std::{
 use http::{Method, uri::PathAndQuery};
 use tokio::sync::Notify;
 
-use super::{cap::CapPermit, record::Record};
+use super::{cap::CapPermit, origin::Anchor, record::Record};
 use crate::{
     connection::ConnectionHandle,
     end::{EndReason, Ending, StreamCap},
@@ -91,6 +91,9 @@ struct Late {
     cap_limit: u32,
     /// Woken when the stream ends: there for as long as someone waits.
     waiters: Option<Arc<Notify>>,
+    /// What the stream's connection key is made from, kept while the record
+    /// lives (see `origin`).
+    anchor: Option<Anchor>,
 }
 
 /// The methods [`After`] keeps as a byte.
@@ -300,6 +303,12 @@ impl Record {
             return;
         }
         late.get_or_insert_default().permits.extend(permits);
+    }
+
+    /// Keeps what the stream's connection key is made from until the record
+    /// goes: no other connection can have the key meanwhile.
+    pub(crate) fn keep_anchor(&self, anchor: Anchor) {
+        lock(&self.after.late).get_or_insert_default().anchor = Some(anchor);
     }
 
     /// Records the reason the response's `stream-guard-reason` named (a

@@ -19,7 +19,7 @@ use super::{
     ending::After,
     future::{ForResponse, Gate, ResponseFuture},
     handle::StreamHandle,
-    origin,
+    origin::{self, Anchor},
     policy::Policy,
     request_body::RequestBody,
     response_body::ResponseBody,
@@ -230,7 +230,12 @@ impl<S, W> StreamGuard<S, W> {
     fn origin<B>(
         &self,
         request: &mut Request<B>,
-    ) -> (Origin, Option<SocketAddr>, Option<ConnectionHandle>) {
+    ) -> (
+        Origin,
+        Option<SocketAddr>,
+        Option<ConnectionHandle>,
+        Option<Anchor>,
+    ) {
         let found = origin::identify(
             request.extensions_mut(),
             self.connection,
@@ -240,7 +245,7 @@ impl<S, W> StreamGuard<S, W> {
             connection: found.connection,
             peer: found.peer.map(|p| p.ip()),
         };
-        (origin, found.peer, found.handle)
+        (origin, found.peer, found.handle, found.anchor)
     }
 
     /// The wrapped service.
@@ -317,7 +322,7 @@ where
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
-        let (origin, peer, connection) = self.origin(&mut request);
+        let (origin, peer, connection, anchor) = self.origin(&mut request);
         // Empty (no allocation) unless some cap applies.
         let caps: Vec<Arc<CapSet>> = shared
             .admission
@@ -339,6 +344,9 @@ where
             Ok(ticket) => ticket,
             Err(refused) => return ResponseFuture::answered(refused),
         };
+        if let Some(anchor) = anchor {
+            ticket.keep_anchor(anchor);
+        }
         ticket.limit_lifetime(client_deadline, true);
         let gate = match cap::try_acquire_all(&caps, &origin) {
             Ok(permits) => {
