@@ -1,6 +1,6 @@
 //! Unit tests of the stream caps.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use super::*;
 use crate::draw::{Draw, for_seeds};
@@ -193,7 +193,7 @@ async fn a_waiting_stream_gets_the_slot_given_back() {
         ..CapLimits::default()
     });
     let held = set.try_acquire(&origin(1, [10, 0, 0, 1])).unwrap();
-    let waiter = tokio::spawn(acquire_all_within(
+    let waiter = tokio::spawn(Admission::within(
         vec![Arc::clone(&set)],
         origin(2, [10, 0, 0, 1]),
         Duration::from_secs(5),
@@ -221,7 +221,7 @@ fn counted_waiter(
     polls: &Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<Result<Vec<CapPermit>, Refusal>> {
     let polls = Arc::clone(polls);
-    let mut waiting = Box::pin(acquire_all_within(vec![Arc::clone(set)], origin, patience));
+    let mut waiting = Box::pin(Admission::within(vec![Arc::clone(set)], origin, patience));
     tokio::spawn(std::future::poll_fn(move |cx| {
         polls.fetch_add(1, Ordering::SeqCst);
         waiting.as_mut().poll(cx)
@@ -380,7 +380,7 @@ fn waiters_case(limits: (usize, usize, usize), steps: Vec<Step>) {
                     let origin = origin_of(conn, peer);
                     pending.push((
                         origin,
-                        tokio::spawn(acquire_all_within(
+                        tokio::spawn(Admission::within(
                             vec![Arc::clone(&set)],
                             origin,
                             Duration::from_secs(patience),
@@ -453,7 +453,7 @@ async fn waiting_gives_up_at_its_deadline() {
     });
     let _held = set.try_acquire(&origin(1, [10, 0, 0, 1])).unwrap();
     let started = tokio::time::Instant::now();
-    let result = acquire_all_within(
+    let result = Admission::within(
         vec![Arc::clone(&set)],
         origin(2, [10, 0, 0, 1]),
         Duration::from_secs(2),
