@@ -466,3 +466,41 @@ async fn waiting_gives_up_at_its_deadline() {
     assert_eq!(started.elapsed(), Duration::from_secs(2));
     assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
 }
+
+/// Capped by two sets (a layer's and a route's): the waiter is handed the
+/// first set's slot by the release and takes the second's when it runs; a
+/// newcomer that arrives in between finds both taken or promised.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_in_two_sets_is_handed_one_and_takes_the_other() {
+    let one = || {
+        caps(CapLimits {
+            total: Some(1),
+            ..CapLimits::default()
+        })
+    };
+    let sets = vec![one(), one()];
+    let held = try_acquire_all(&sets, &origin(1, [10, 0, 0, 1])).unwrap();
+    let waiter = tokio::spawn(Admission::within(
+        sets.clone(),
+        origin(2, [10, 0, 0, 2]),
+        Duration::from_secs(60),
+    ));
+    settle().await;
+    assert!(!waiter.is_finished());
+    held.into_iter().for_each(CapPermit::release);
+    // Before the waiter runs: the first set's slot is promised to it.
+    let newcomer = try_acquire_all(&sets, &origin(3, [10, 0, 0, 3]));
+    assert_eq!(
+        newcomer.err().map(|r| (r.set, r.cap)),
+        Some((0, StreamCap::Total))
+    );
+    let permits = waiter.await.unwrap().expect("admitted");
+    assert_eq!(permits.len(), 2);
+    assert!(try_acquire_all(&sets, &origin(3, [10, 0, 0, 3])).is_err());
+    permits.into_iter().for_each(CapPermit::release);
+    for set in &sets {
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
+        assert_eq!(set.entries(), 0);
+        assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
+    }
+}
