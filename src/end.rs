@@ -422,9 +422,9 @@ rows! {
         "stream refused: at most {cap_limit} concurrent streams in total (max_streams)";
     RejectedNoConnection => EndReason::Rejected(StreamCap::PerConnection), "rejected", "rejected_per_connection", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: max_streams_per_connection is set but the request carries no connection identity \
-         (no connect info names its connection; Unix sockets and custom IO have none): \
+         (no connect info names its connection; custom IO with a `()` connect info has none): \
          wrap the accepted IO with ConnectionGuard, or supply a ConnectionKey or ConnectionHandle extension, \
-         tonic's TcpConnectInfo or TlsConnectInfo<TcpConnectInfo>, axum's ConnectInfo<SocketAddr> \
+         tonic's TcpConnectInfo, TlsConnectInfo<TcpConnectInfo> or UdsConnectInfo, axum's ConnectInfo<SocketAddr> \
          (feature `axum`), or a connection_key function (per connection)";
     RejectedNoPeer => EndReason::Rejected(StreamCap::PerPeer), "rejected", "rejected_per_peer", EXHAUSTED, SERVICE_UNAVAILABLE, Refused,
         "stream refused: max_streams_per_peer is set but the request carries no peer \

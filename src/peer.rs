@@ -25,10 +25,16 @@ use std::{fmt, net::SocketAddr, sync::Arc};
 /// 5. tonic's `TcpConnectInfo` (local and remote address: `serve`, and
 ///    `serve_with_incoming` over TCP streams), `TlsConnectInfo<TcpConnectInfo>`
 ///    (tonic's `tls_config`, or your own rustls acceptor; feature `tls`), and
-///    axum's `ConnectInfo<SocketAddr>` (feature `axum`).
+///    axum's `ConnectInfo<SocketAddr>` (feature `axum`);
+/// 6. tonic's `UdsConnectInfo` (`serve_with_incoming` over
+///    `UnixListenerStream`).
 ///
-/// Unix sockets (`UdsConnectInfo`) and other IO carry no identity of their
-/// own: wrap them with a `ConnectionGuard`. A request with no identity is
+/// tonic's `UdsConnectInfo` (its own Unix-socket serving) is built once per
+/// connection: the guard keys the connection on that one value (see
+/// [`remote_addr`](Self::remote_addr): there is no IP peer). Other IO
+/// that carries no identity of its own (a custom `Connected` type whose
+/// connect info is `()`) needs a `ConnectionGuard`, a `connection_key`
+/// function or a key you insert. A request with no identity is
 /// never pooled with others: under
 /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
 /// it is refused, with a message naming what is missing and a one-time
@@ -47,6 +53,11 @@ pub struct ConnectionKey(KeyRepr);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum KeyRepr {
     Id(u64),
+    /// A value the server builds once per connection and shares among its
+    /// requests (tonic's `UdsConnectInfo`): its address, hashed with a
+    /// per-process key so that logs show no heap address.
+    #[cfg_attr(not(all(feature = "tonic", unix)), allow(dead_code))]
+    Shared(u64),
     Addrs {
         local: Option<SocketAddr>,
         remote: SocketAddr,
@@ -80,6 +91,21 @@ impl ConnectionKey {
         })
     }
 
+    /// The connection the shared value `anchor` stands for: a value the
+    /// server builds once per connection and clones into each of its
+    /// requests. Unique while `anchor` lives (the caller keeps a clone for as
+    /// long as a stream counts under the key).
+    #[cfg_attr(not(all(feature = "tonic", unix)), allow(dead_code))]
+    pub(crate) fn from_shared<T: ?Sized>(anchor: &Arc<T>) -> Self {
+        use std::hash::BuildHasher;
+        static SALT: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        let address = Arc::as_ptr(anchor).cast::<()>() as usize;
+        ConnectionKey(KeyRepr::Shared(
+            SALT.get_or_init(std::hash::RandomState::new)
+                .hash_one(address),
+        ))
+    }
+
     /// The peer's address, when the key was made from one.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         match self.0 {
@@ -93,6 +119,7 @@ impl fmt::Display for ConnectionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             KeyRepr::Id(id) => write!(f, "#{id}"),
+            KeyRepr::Shared(hash) => write!(f, "conn-{hash:016x}"),
             KeyRepr::Addrs {
                 local: Some(local),
                 remote,

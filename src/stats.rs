@@ -65,7 +65,9 @@ pub struct GuardStats {
 }
 
 impl GuardStats {
-    /// Streams that have started and not yet ended.
+    /// Streams that have started and not yet ended, less those still
+    /// waiting for a cap slot
+    /// ([`cap_wait`](crate::StreamGuardBuilder::cap_wait)).
     pub fn active(&self) -> u64 {
         self.active
     }

@@ -217,9 +217,11 @@
 //!
 //! # Unix sockets
 //!
-//! A `UnixStream` has no IP peer: its connection is known by its handle
-//! alone, which is what lets per-connection caps count streams on a Unix
-//! socket (tonic's `UdsConnectInfo` names no connection). Wrap the accept
+//! A `UnixStream` has no IP peer: under a connection guard its connection is
+//! known by its handle alone. (tonic's own Unix-socket serving needs no
+//! guard for per-connection caps: the stream guard keys each connection on
+//! the `UdsConnectInfo` tonic builds once per connection; a connection guard
+//! adds the closing of stalled, idle, over-age and drained connections.) Wrap the accept
 //! stream as for TCP, e.g.
 //! `connections.wrap_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))`.
 //!

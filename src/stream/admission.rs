@@ -162,9 +162,61 @@ impl StreamGuardBuilder {
     }
 
     /// A stream over a cap waits up to `patience` for a slot instead of being
-    /// refused at once; it is refused if none comes free in time. The
-    /// service is called at once but its future is not polled while the
-    /// stream waits, and the stream's lifetime runs meanwhile.
+    /// refused at once; it is refused if none comes free in time, the same
+    /// way as without a wait (`RESOURCE_EXHAUSTED`, or `503` with
+    /// `Retry-After`; its end event says
+    /// [`EndReason::Rejected`](crate::EndReason::Rejected)).
+    ///
+    /// - **First come, first served.** A stream arrives when the guard
+    ///   service's `call` runs (however late its response future is first
+    ///   polled): then it queues on what refused it (its connection, its
+    ///   peer or the total), and its patience starts. A stream that ends
+    ///   hands its slots over to the first waiter that can use them; they are
+    ///   never free for a newcomer to take first, and a newcomer that needs
+    ///   what others wait for queues behind them. A stream capped both by the
+    ///   layer and by its route waits in one set at a time, keeping its
+    ///   arrival order in each.
+    /// - **Not admitted yet.** A waiting stream is not counted in
+    ///   [`active_streams`](crate::StreamGuardLayer::active_streams) or
+    ///   [`GuardStats::active`](crate::GuardStats::active), and its idle
+    ///   timeouts and minimum response rate (about the peer's reading and
+    ///   sending) start when it is admitted. Its lifetime
+    ///   ([`max_lifetime`](Self::max_lifetime), an honoured `grpc-timeout`)
+    ///   runs from its arrival, and a drain cuts it like any open stream.
+    /// - The service is called at once, but its future is polled only once
+    ///   the stream is admitted.
+    ///
+    /// Costs, only for streams that wait: one allocation (the place in the
+    /// queue, the timer of its patience); while any stream waits, arrivals
+    /// and ends take the cap set's lock, also for a total-only cap.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    ///
+    /// use http::{Request, Response};
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use tower_stream_guard::{BoxError, StreamGuardLayer, stream::RequestBody};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let guard = StreamGuardLayer::builder()
+    ///     .max_streams(1)
+    ///     .cap_wait(Duration::from_secs(5))
+    ///     .build()?;
+    /// let mut service = guard.layer(tower::service_fn(|_: Request<RequestBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new("hello".to_owned()))
+    /// }));
+    /// let first = service.ready().await?.call(Request::new(String::new())).await?;
+    /// // Arrives now: it waits, first in line, and is not active yet.
+    /// let second = service.ready().await?.call(Request::new(String::new()));
+    /// assert_eq!(guard.active_streams(), 1);
+    /// drop(first); // its slot goes to the waiting stream
+    /// let second = second.await?;
+    /// assert_eq!(second.status(), http::StatusCode::OK);
+    /// # Ok::<_, BoxError>(())
+    /// # })
+    /// # }
+    /// ```
     pub fn cap_wait(mut self, patience: Duration) -> Self {
         self.cap_wait = Some(patience);
         self

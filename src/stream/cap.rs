@@ -19,22 +19,25 @@
 //! their last stream ends, so closed connections and departed peers leave
 //! nothing behind.
 //!
-//! With `cap_wait`, waiting streams queue (FIFO) on what refused them: their
-//! connection, their peer or the total. A release frees one slot of each of
-//! its connection, its peer and the total, so it wakes at most the first
-//! waiter of each of those three queues: O(1) per release, however many
-//! streams wait on other keys.
+//! With `cap_wait`, a stream over a cap queues on what refused it (its
+//! connection, its peer or the total of the refusing set), in arrival order
+//! (its service's `call`). A release hands the slots it frees over, under the
+//! lock it gives them back under, to the earliest waiter that can use them:
+//! a freed slot is never raced for, and a stream that arrives later queues
+//! behind the waiters whose queues it would jump. A release looks only at
+//! the queues of its own connection, its peer and the total: O(1) per
+//! release, however many streams wait on other keys. The waiting stream's
+//! side is in `cap_wait.rs`.
 
 use std::{
     collections::HashMap,
     hash::Hash,
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
 };
 
-use tokio::sync::Notify;
-
+pub(crate) use super::cap_wait::{Admission, Wait};
+use super::cap_wait::{Entry, Grant, Queued, Queues, WaitKey};
 use crate::{
     end::StreamCap,
     peer::ConnectionKey,
@@ -100,46 +103,13 @@ impl<K: Hash + Eq + Copy> Counts<K> {
     }
 }
 
-/// Both keyed counts of a cap set, under one lock: a stream takes it once
-/// on the way in and once on the way out.
+/// Both keyed counts of a cap set and its queues, under one lock: a stream
+/// takes it once on the way in and once on the way out.
 struct Maps {
     connections: Counts<ConnectionKey>,
     peers: Counts<IpAddr>,
-    /// Streams waiting for a slot, by what refused them; an entry lives while
-    /// some stream waits on it.
-    queues: HashMap<WaitKey, WaitQueue>,
-}
-
-/// What a waiting stream waits for: a slot of its connection, of its peer or
-/// of the total.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum WaitKey {
-    Connection(ConnectionKey),
-    Peer(IpAddr),
-    Total,
-}
-
-impl WaitKey {
-    fn of(cap: StreamCap, origin: &Origin) -> Self {
-        match (cap, origin.connection, origin.peer) {
-            (StreamCap::PerConnection, Some(key), _) => WaitKey::Connection(key),
-            (StreamCap::PerPeer, _, Some(ip)) => WaitKey::Peer(ip),
-            // A stream without the key a keyed cap needs is refused at once
-            // and never waits; the total is the safe fallback (any release
-            // wakes its first waiter).
-            (StreamCap::PerConnection, None, _)
-            | (StreamCap::PerPeer, _, None)
-            | (StreamCap::Total, _, _) => WaitKey::Total,
-        }
-    }
-}
-
-/// The streams waiting on one [`WaitKey`]: a FIFO (`Notify::notify_one`
-/// wakes the longest waiting; a woken waiter dropped before it ran passes
-/// the wake on to the next).
-struct WaitQueue {
-    notify: Arc<Notify>,
-    waiting: usize,
+    /// Streams waiting for a slot, by what refused them.
+    queues: Queues,
 }
 
 /// One set of caps with its counters: a guard layer's own, or a route's.
@@ -150,8 +120,9 @@ pub(crate) struct CapSet {
     track_connections: bool,
     total: AtomicUsize,
     maps: Mutex<Maps>,
-    /// Streams waiting for a slot; releases look at the queues only when
-    /// there are some.
+    /// Streams queued here, or about to look under the lock whether they
+    /// must queue: while there are none, a set without keyed caps takes and
+    /// gives back slots without the lock.
     waiters: AtomicUsize,
 }
 
@@ -183,6 +154,18 @@ pub(crate) struct CapPermit {
     peer: Option<IpAddr>,
 }
 
+/// The arrival number of a stream that has not queued: it comes after
+/// every waiter.
+const NEWCOMER: u64 = u64::MAX;
+
+/// What [`CapSet::acquire_or_queue`] did.
+pub(crate) enum Queueing {
+    Admitted(CapPermit),
+    Queued(Queued),
+    /// Refused for want of the key a cap needs: no waiting helps.
+    Refused(StreamCap),
+}
+
 impl CapSet {
     pub(crate) fn new(limits: CapLimits, track_connections: bool) -> Self {
         CapSet {
@@ -192,67 +175,103 @@ impl CapSet {
             maps: Mutex::new(Maps {
                 connections: Counts(HashMap::new()),
                 peers: Counts(HashMap::new()),
-                queues: HashMap::new(),
+                queues: Queues::default(),
             }),
             waiters: AtomicUsize::new(0),
         }
+    }
+
+    /// The connection and peer a permit of this set counts `origin` under.
+    fn keys_of(&self, origin: &Origin) -> (Option<ConnectionKey>, Option<IpAddr>) {
+        (
+            origin.connection.filter(|_| self.track_connections),
+            origin.peer.filter(|_| self.limits.per_peer.is_some()),
+        )
+    }
+
+    /// The keyed cap that refuses `origin` for want of its key, if any.
+    fn missing_key(&self, origin: &Origin) -> Option<StreamCap> {
+        if self.limits.per_connection.is_some() && origin.connection.is_none() {
+            return Some(StreamCap::PerConnection);
+        }
+        if self.limits.per_peer.is_some() && origin.peer.is_none() {
+            return Some(StreamCap::PerPeer);
+        }
+        None
     }
 
     /// Takes a slot in every cap of this set, or none and says which cap is
     /// full. A keyed cap refuses a stream whose key (connection or peer) is
     /// unknown: a cap per connection or per peer never becomes one shared by
     /// every unidentified stream. Without that cap, an unknown connection is
-    /// only left out of the connection counts.
+    /// only left out of the connection counts. A stream that arrives while
+    /// others wait for what it would take queues behind them: it is refused
+    /// by that cap.
     ///
     /// The keyed caps are checked first and the total is taken last, under
     /// the same lock as the keyed slots: a stream refused by any cap never
     /// holds a slot, not even for an instant.
     pub(crate) fn try_acquire(self: &Arc<Self>, origin: &Origin) -> Result<CapPermit, StreamCap> {
-        if self.limits.per_connection.is_some() && origin.connection.is_none() {
-            return Err(StreamCap::PerConnection);
+        if let Some(cap) = self.missing_key(origin) {
+            return Err(cap);
         }
-        if self.limits.per_peer.is_some() && origin.peer.is_none() {
-            return Err(StreamCap::PerPeer);
-        }
-        let peer = origin.peer.filter(|_| self.limits.per_peer.is_some());
-        let connection = origin.connection.filter(|_| self.track_connections);
-        if connection.is_some() || peer.is_some() {
-            let mut maps = self.maps();
-            if let Some(key) = connection
-                && maps.connections.full(key, self.limits.per_connection)
-            {
-                return Err(StreamCap::PerConnection);
-            }
-            if let Some(ip) = peer
-                && maps.peers.full(ip, self.limits.per_peer)
-            {
-                return Err(StreamCap::PerPeer);
-            }
-            self.take_total()?;
-            if let Some(key) = connection {
-                maps.connections.take(key);
-            }
-            if let Some(ip) = peer {
-                maps.peers.take(ip);
-            }
+        let (connection, peer) = self.keys_of(origin);
+        if connection.is_some() || peer.is_some() || self.waiters.load(Ordering::SeqCst) > 0 {
+            self.take_locked(&mut self.maps(), origin, NEWCOMER)?;
         } else {
             self.take_total()?;
         }
-        Ok(CapPermit {
+        Ok(self.permit(origin))
+    }
+
+    /// Takes this set's slots for `origin` (the caller checked its keys), or
+    /// says which cap refuses them: a full cap, or one with a stream queued
+    /// on it that arrived before `arrival`.
+    fn take_locked(&self, maps: &mut Maps, origin: &Origin, arrival: u64) -> Result<(), StreamCap> {
+        let (connection, peer) = self.keys_of(origin);
+        let ahead = |key: WaitKey| maps.queues.first(key).is_some_and(|first| first < arrival);
+        if let Some(key) = connection
+            && (maps.connections.full(key, self.limits.per_connection)
+                || ahead(WaitKey::Connection(key)))
+        {
+            return Err(StreamCap::PerConnection);
+        }
+        if let Some(ip) = peer
+            && (maps.peers.full(ip, self.limits.per_peer) || ahead(WaitKey::Peer(ip)))
+        {
+            return Err(StreamCap::PerPeer);
+        }
+        if ahead(WaitKey::Total) {
+            return Err(StreamCap::Total);
+        }
+        self.take_total()?;
+        if let Some(key) = connection {
+            maps.connections.take(key);
+        }
+        if let Some(ip) = peer {
+            maps.peers.take(ip);
+        }
+        Ok(())
+    }
+
+    /// The permit of slots taken for `origin`.
+    fn permit(self: &Arc<Self>, origin: &Origin) -> CapPermit {
+        let (connection, peer) = self.keys_of(origin);
+        CapPermit {
             caps: Arc::clone(self),
             connection,
             peer,
-        })
+        }
     }
 
     /// Takes a total slot unless the total is at its limit. Never counts
     /// past the limit, even transiently.
     fn take_total(&self) -> Result<(), StreamCap> {
         // SeqCst, with the waiter count and the fences between each side's
-        // write and read (see `Waiting::new` and `CapPermit::release`): a
-        // waiter that counted itself before it looked at the total, and a
-        // release that gave the total back before it looked at the waiter
-        // count, cannot both miss each other.
+        // write and read (see `acquire_or_queue` and `CapPermit::release`):
+        // a stream that counted itself a waiter before it looked at the
+        // total, and a release that gave the total back before it looked at
+        // the waiter count, cannot both miss each other.
         match self.limits.total {
             None => {
                 self.total.fetch_add(1, Ordering::SeqCst);
@@ -268,43 +287,94 @@ impl CapSet {
         }
     }
 
-    /// Whether `key` has a free slot now.
-    fn has_room(&self, key: WaitKey) -> bool {
-        match key {
-            WaitKey::Total => self
-                .limits
-                .total
-                .is_none_or(|limit| self.total.load(Ordering::SeqCst) < limit),
-            WaitKey::Connection(key) => !self
-                .maps()
-                .connections
-                .full(key, self.limits.per_connection),
-            WaitKey::Peer(ip) => !self.maps().peers.full(ip, self.limits.per_peer),
+    /// Takes this set's slots for a stream that arrived as `arrival`, or
+    /// queues it, in arrival order, on what refuses it.
+    pub(crate) fn acquire_or_queue(self: &Arc<Self>, origin: &Origin, arrival: u64) -> Queueing {
+        if let Some(cap) = self.missing_key(origin) {
+            return Queueing::Refused(cap);
         }
-    }
-
-    /// Wakes the first stream waiting on `key`, if any.
-    fn wake_one(&self, key: WaitKey) {
-        if let Some(queue) = self.maps().queues.get(&key) {
-            queue.notify.notify_one();
-        }
-    }
-
-    /// Joins the queue of `key`; leaving it is dropping the result.
-    fn enqueue(self: &Arc<Self>, key: WaitKey) -> Queued {
-        let notify = {
-            let mut maps = self.maps();
-            let queue = maps.queues.entry(key).or_insert_with(|| WaitQueue {
-                notify: Arc::new(Notify::new()),
-                waiting: 0,
-            });
-            queue.waiting += 1;
-            Arc::clone(&queue.notify)
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Counted before the look at the slots: pairs with the fence in
+        // `CapPermit::release` (see `take_total`).
+        fence(Ordering::SeqCst);
+        let mut maps = self.maps();
+        let cap = match self.take_locked(&mut maps, origin, arrival) {
+            Ok(()) => {
+                drop(maps);
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                return Queueing::Admitted(self.permit(origin));
+            }
+            Err(cap) => cap,
         };
-        Queued {
-            caps: Arc::clone(self),
+        // Keys were checked: every refusal names a queue.
+        let key = WaitKey::of(cap, origin).unwrap_or(WaitKey::Total);
+        let grant = Arc::new(Grant::default());
+        maps.queues.insert(
             key,
-            notify,
+            Entry {
+                arrival,
+                origin: *origin,
+                grant: Arc::clone(&grant),
+            },
+        );
+        Queueing::Queued(Queued {
+            caps: Arc::clone(self),
+            arrival,
+            origin: *origin,
+            grant,
+            cap,
+        })
+    }
+
+    /// Takes the queued stream `arrival` out of its queue; whether it was
+    /// still there (not handed its slots).
+    pub(crate) fn leave(&self, arrival: u64) -> bool {
+        let mut maps = self.maps();
+        let left = maps.queues.remove(arrival).is_some();
+        drop(maps);
+        if left {
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        left
+    }
+
+    /// The permit of the slots a queued stream from `origin` was handed.
+    pub(crate) fn handed(self: &Arc<Self>, origin: &Origin) -> CapPermit {
+        self.permit(origin)
+    }
+
+    /// Slots of `keys` came free: hands them, in arrival order, to the
+    /// waiters of those queues that can now take every slot they need. A
+    /// waiter that another of its caps (or an earlier waiter there) still
+    /// refuses moves to that cap's queue, keeping its arrival number.
+    fn hand_over(&self, maps: &mut Maps, keys: [Option<WaitKey>; 3]) {
+        let mut open = keys;
+        loop {
+            let first = open
+                .iter()
+                .flatten()
+                .filter_map(|key| Some((*key, maps.queues.first(*key)?)))
+                .min_by_key(|&(_, arrival)| arrival);
+            let Some((key, arrival)) = first else { return };
+            let Some(entry) = maps.queues.remove(arrival) else {
+                return;
+            };
+            match self.take_locked(maps, &entry.origin, entry.arrival) {
+                Ok(()) => {
+                    self.waiters.fetch_sub(1, Ordering::SeqCst);
+                    entry.grant.give();
+                }
+                Err(cap) => {
+                    let refusing = WaitKey::of(cap, &entry.origin).unwrap_or(WaitKey::Total);
+                    if refusing == key {
+                        // Still full for its first waiter: for all of them.
+                        open.iter_mut()
+                            .filter(|open| **open == Some(key))
+                            .for_each(|open| *open = None);
+                    }
+                    maps.queues.insert(refusing, entry);
+                }
+            }
         }
     }
 
@@ -329,12 +399,12 @@ impl CapSet {
         self.total.load(Ordering::SeqCst)
     }
 
-    /// Map entries held: connections, peers and wait queues (for leak
-    /// checks).
+    /// Map entries held: connections, peers, wait queues and queued streams
+    /// (for leak checks).
     #[cfg(any(test, feature = "test-view"))]
     pub(crate) fn entries(&self) -> usize {
         let maps = self.maps();
-        maps.connections.0.len() + maps.peers.0.len() + maps.queues.len()
+        maps.connections.0.len() + maps.peers.0.len() + maps.queues.entries()
     }
 }
 
@@ -343,7 +413,17 @@ impl CapSet {
 pub(crate) struct Refusal {
     pub(crate) cap: StreamCap,
     pub(crate) limit: usize,
-    set: usize,
+    pub(crate) set: usize,
+}
+
+impl Refusal {
+    pub(crate) fn new(sets: &[Arc<CapSet>], set: usize, cap: StreamCap) -> Self {
+        Refusal {
+            cap,
+            limit: sets[set].limits.get(cap).unwrap_or(0),
+            set,
+        }
+    }
 }
 
 /// Takes a slot in every set, or none and says which cap refused.
@@ -360,146 +440,32 @@ pub(crate) fn try_acquire_all(
             Ok(permit) => permits.push(permit),
             Err(cap) => {
                 permits.into_iter().for_each(CapPermit::release);
-                return Err(Refusal {
-                    cap,
-                    limit: caps.limits.get(cap).unwrap_or(0),
-                    set,
-                });
+                return Err(Refusal::new(sets, set, cap));
             }
         }
     }
     Ok(permits)
 }
 
-/// Like [`try_acquire_all`], but waits up to `patience` for slots to come
-/// free. Cancel-safe: dropping it takes nothing.
-///
-/// A waiting stream queues on what refused it (its connection, its peer or
-/// the total, in the refusing set) and is woken only by a release that frees
-/// that: see the module docs.
-pub(crate) async fn acquire_all_within(
-    sets: Vec<Arc<CapSet>>,
-    origin: Origin,
-    patience: Duration,
-) -> Result<Vec<CapPermit>, Refusal> {
-    let mut refused = None;
-    let waited = tokio::time::timeout(patience, acquire_all(&sets, &origin, &mut refused)).await;
-    match (waited, refused) {
-        (Ok(admitted), _) => admitted,
-        (Err(_), Some(refusal)) => Err(refusal),
-        // A wait begins with a refusal: only a zero patience can run out
-        // before the first try.
-        (Err(_), None) => try_acquire_all(&sets, &origin),
-    }
-}
-
-/// Waits, however long it takes, until every set has room, then takes the
-/// slots; refuses only a stream that lacks the key a cap needs. `refused`
-/// is the latest refusal, for the caller that gives up waiting. Without a
-/// timer of its own: the loom models drive it as it is.
-pub(crate) async fn acquire_all(
-    sets: &[Arc<CapSet>],
-    origin: &Origin,
-    refused: &mut Option<Refusal>,
-) -> Result<Vec<CapPermit>, Refusal> {
-    let _waiting = Waiting::new(sets);
-    // The queue a wake-up came from, until it is acted on.
-    let mut woken: Option<(usize, WaitKey)> = None;
-    loop {
-        let refusal = match try_acquire_all(sets, origin) {
-            Ok(permits) => return Ok(permits),
-            Err(refusal) if origin.lacks_key_of(refusal.cap) => return Err(refusal),
-            Err(refusal) => refusal,
-        };
-        *refused = Some(refusal);
-        let key = WaitKey::of(refusal.cap, origin);
-        if let Some((set, woken_key)) = woken.take()
-            && (set, woken_key) != (refusal.set, key)
-            && sets[set].has_room(woken_key)
-        {
-            // Woken for a slot this stream cannot use after all (another cap
-            // refuses it now): the next waiter in that queue may.
-            sets[set].wake_one(woken_key);
-        }
-        let queued = sets[refusal.set].enqueue(key);
-        let freed = queued.notify.notified();
-        tokio::pin!(freed);
-        // Queued, then tried again: a slot given back between the first try
-        // and the queueing is not missed. Dropping a `Notified` that a
-        // release chose passes the wake on to the next in the queue.
-        freed.as_mut().enable();
-        match try_acquire_all(sets, origin) {
-            Ok(permits) => return Ok(permits),
-            Err(again) if (again.set, WaitKey::of(again.cap, origin)) != (refusal.set, key) => {
-                continue;
-            }
-            Err(_) => {}
-        }
-        freed.await;
-        woken = Some((refusal.set, key));
-    }
-}
-
-/// A place in the queue of one [`WaitKey`], left when dropped.
-struct Queued {
-    caps: Arc<CapSet>,
-    key: WaitKey,
-    notify: Arc<Notify>,
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        let mut maps = self.caps.maps();
-        if let Some(queue) = maps.queues.get_mut(&self.key) {
-            queue.waiting -= 1;
-            if queue.waiting == 0 {
-                maps.queues.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// Counts a waiting stream in every set it waits on, while it waits.
-struct Waiting<'a>(&'a [Arc<CapSet>]);
-
-impl<'a> Waiting<'a> {
-    fn new(sets: &'a [Arc<CapSet>]) -> Self {
-        for set in sets {
-            set.waiters.fetch_add(1, Ordering::SeqCst);
-        }
-        // Counted before the first look at the slots: pairs with the fence
-        // in `CapPermit::release` (see `CapSet::take_total`).
-        fence(Ordering::SeqCst);
-        Waiting(sets)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        for set in self.0 {
-            set.waiters.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
 impl CapPermit {
-    /// Gives the slots back and wakes the streams waiting for one of them:
-    /// at most the first waiter on its connection, on its peer and on the
-    /// total.
+    /// Gives the slots back and hands them over to the streams waiting for
+    /// one of them: the first that can use them in the queues of its
+    /// connection, its peer and the total.
     pub(crate) fn release(self) {
+        let caps = &self.caps;
         if self.connection.is_none() && self.peer.is_none() {
-            self.caps.total.fetch_sub(1, Ordering::SeqCst);
+            caps.total.fetch_sub(1, Ordering::SeqCst);
             // Given back before the look at the waiters: pairs with the
-            // fence in `Waiting::new` (found by the loom model
+            // fence in `CapSet::acquire_or_queue` (found by the loom model
             // `loom_slot_released_vs_waiter`, which treats SeqCst accesses
             // alone as acquire-release).
             fence(Ordering::SeqCst);
-            if self.caps.waiters.load(Ordering::SeqCst) > 0 {
-                self.caps.maps().wake(None, None);
+            if caps.waiters.load(Ordering::SeqCst) > 0 {
+                caps.hand_over(&mut caps.maps(), [None, None, Some(WaitKey::Total)]);
             }
             return;
         }
-        let mut maps = self.caps.maps();
+        let mut maps = caps.maps();
         if let Some(key) = self.connection {
             maps.connections.give_back(key);
         }
@@ -508,28 +474,15 @@ impl CapPermit {
         }
         // After the keyed slots: a stream that finds the total free finds
         // them free too.
-        self.caps.total.fetch_sub(1, Ordering::SeqCst);
+        caps.total.fetch_sub(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.caps.waiters.load(Ordering::SeqCst) > 0 {
-            maps.wake(self.connection, self.peer);
-        }
-    }
-}
-
-impl Maps {
-    /// One slot of `connection`, of `peer` and of the total came free: the
-    /// first waiter on each may now proceed. A waiter on any other key could
-    /// not, so it sleeps on.
-    fn wake(&self, connection: Option<ConnectionKey>, peer: Option<IpAddr>) {
-        let keys = [
-            connection.map(WaitKey::Connection),
-            peer.map(WaitKey::Peer),
-            Some(WaitKey::Total),
-        ];
-        for key in keys.into_iter().flatten() {
-            if let Some(queue) = self.queues.get(&key) {
-                queue.notify.notify_one();
-            }
+        if caps.waiters.load(Ordering::SeqCst) > 0 {
+            let keys = [
+                self.connection.map(WaitKey::Connection),
+                self.peer.map(WaitKey::Peer),
+                Some(WaitKey::Total),
+            ];
+            caps.hand_over(&mut maps, keys);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Unit tests of the stream caps.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use super::*;
 use crate::draw::{Draw, for_seeds};
@@ -193,7 +193,7 @@ async fn a_waiting_stream_gets_the_slot_given_back() {
         ..CapLimits::default()
     });
     let held = set.try_acquire(&origin(1, [10, 0, 0, 1])).unwrap();
-    let waiter = tokio::spawn(acquire_all_within(
+    let waiter = tokio::spawn(Admission::within(
         vec![Arc::clone(&set)],
         origin(2, [10, 0, 0, 1]),
         Duration::from_secs(5),
@@ -221,7 +221,7 @@ fn counted_waiter(
     polls: &Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<Result<Vec<CapPermit>, Refusal>> {
     let polls = Arc::clone(polls);
-    let mut waiting = Box::pin(acquire_all_within(vec![Arc::clone(set)], origin, patience));
+    let mut waiting = Box::pin(Admission::within(vec![Arc::clone(set)], origin, patience));
     tokio::spawn(std::future::poll_fn(move |cx| {
         polls.fetch_add(1, Ordering::SeqCst);
         waiting.as_mut().poll(cx)
@@ -380,7 +380,7 @@ fn waiters_case(limits: (usize, usize, usize), steps: Vec<Step>) {
                     let origin = origin_of(conn, peer);
                     pending.push((
                         origin,
-                        tokio::spawn(acquire_all_within(
+                        tokio::spawn(Admission::within(
                             vec![Arc::clone(&set)],
                             origin,
                             Duration::from_secs(patience),
@@ -453,7 +453,7 @@ async fn waiting_gives_up_at_its_deadline() {
     });
     let _held = set.try_acquire(&origin(1, [10, 0, 0, 1])).unwrap();
     let started = tokio::time::Instant::now();
-    let result = acquire_all_within(
+    let result = Admission::within(
         vec![Arc::clone(&set)],
         origin(2, [10, 0, 0, 1]),
         Duration::from_secs(2),
@@ -465,4 +465,42 @@ async fn waiting_gives_up_at_its_deadline() {
     );
     assert_eq!(started.elapsed(), Duration::from_secs(2));
     assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
+}
+
+/// Capped by two sets (a layer's and a route's): the waiter is handed the
+/// first set's slot by the release and takes the second's when it runs; a
+/// newcomer that arrives in between finds both taken or promised.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_in_two_sets_is_handed_one_and_takes_the_other() {
+    let one = || {
+        caps(CapLimits {
+            total: Some(1),
+            ..CapLimits::default()
+        })
+    };
+    let sets = vec![one(), one()];
+    let held = try_acquire_all(&sets, &origin(1, [10, 0, 0, 1])).unwrap();
+    let waiter = tokio::spawn(Admission::within(
+        sets.clone(),
+        origin(2, [10, 0, 0, 2]),
+        Duration::from_secs(60),
+    ));
+    settle().await;
+    assert!(!waiter.is_finished());
+    held.into_iter().for_each(CapPermit::release);
+    // Before the waiter runs: the first set's slot is promised to it.
+    let newcomer = try_acquire_all(&sets, &origin(3, [10, 0, 0, 3]));
+    assert_eq!(
+        newcomer.err().map(|r| (r.set, r.cap)),
+        Some((0, StreamCap::Total))
+    );
+    let permits = waiter.await.unwrap().expect("admitted");
+    assert_eq!(permits.len(), 2);
+    assert!(try_acquire_all(&sets, &origin(3, [10, 0, 0, 3])).is_err());
+    permits.into_iter().for_each(CapPermit::release);
+    for set in &sets {
+        assert_eq!(set.total.load(Ordering::SeqCst), 0);
+        assert_eq!(set.entries(), 0);
+        assert_eq!(set.waiters.load(Ordering::SeqCst), 0);
+    }
 }

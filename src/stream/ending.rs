@@ -16,7 +16,7 @@ use std::{
 use http::{Method, uri::PathAndQuery};
 use tokio::sync::Notify;
 
-use super::{cap::CapPermit, record::Record};
+use super::{cap::CapPermit, origin::Anchor, record::Record};
 use crate::{
     connection::ConnectionHandle,
     end::{EndReason, Ending, StreamCap},
@@ -38,6 +38,10 @@ const BODY_STALLED: u8 = 2;
 /// over HTTP/2 the body is polled on and its end (or trailers) claims the
 /// end as usual. Set only by the body itself, from `BODY_OPEN`.
 const BODY_SENT: u8 = 3;
+/// The stream waits for cap slots (`cap_wait`): it has no response body
+/// yet, is not active and its idle clocks have not started. Left once, for
+/// `BODY_NONE`, by its admission or its end, whichever comes first.
+pub(super) const BODY_WAITING: u8 = 4;
 
 /// The part of a stream's record that only its end reads: what the event
 /// reports, the slots it gives back, the connection it settles.
@@ -91,6 +95,9 @@ struct Late {
     cap_limit: u32,
     /// Woken when the stream ends: there for as long as someone waits.
     waiters: Option<Arc<Notify>>,
+    /// What the stream's connection key is made from, kept while the record
+    /// lives (see `origin`).
+    anchor: Option<Anchor>,
 }
 
 /// The methods [`After`] keeps as a byte.
@@ -302,6 +309,12 @@ impl Record {
         late.get_or_insert_default().permits.extend(permits);
     }
 
+    /// Keeps what the stream's connection key is made from until the record
+    /// goes: no other connection can have the key meanwhile.
+    pub(crate) fn keep_anchor(&self, anchor: Anchor) {
+        lock(&self.after.late).get_or_insert_default().anchor = Some(anchor);
+    }
+
     /// Records the reason the response's `stream-guard-reason` named (a
     /// guard further along: a client's guard reads the server's).
     pub(crate) fn set_server_guard_reason(&self, ending: Ending) {
@@ -347,6 +360,14 @@ impl Record {
         let _ =
             self.body
                 .compare_exchange(BODY_OPEN, BODY_SENT, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether the stream was waiting for cap slots, which it no longer
+    /// does: true for one caller only (`BODY_WAITING`).
+    pub(crate) fn stops_waiting(&self) -> bool {
+        self.body
+            .compare_exchange(BODY_WAITING, BODY_NONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// The response body exists and hyper may poll it.
@@ -445,9 +466,10 @@ impl Record {
         // The one clock read of an end.
         let now_ns = self.shared.timer.now_ns();
         let event = self.event(ending, now_ns);
+        let waiting = self.stops_waiting();
         self.shared
             .report
-            .ended(ending, &event, || self.route_of(), now_ns);
+            .ended(ending, &event, || self.route_of(), now_ns, waiting);
         // Last: the drain task counts the streams still active.
         if let Some(drain) = self.shared.drain() {
             drain.ended_one();
@@ -486,61 +508,5 @@ impl Record {
 }
 
 #[cfg(all(test, not(stream_guard_loom)))]
-mod tests {
-    use std::net::SocketAddr;
-
-    use http::{Method, Request};
-
-    use super::{After, HEAD, METHODS, Source};
-    use crate::peer::ConnectionKey;
-
-    fn after(method: Method, key: Option<ConnectionKey>, peer: Option<SocketAddr>) -> After {
-        let request = Request::builder()
-            .method(method)
-            .uri("/a/b?c")
-            .body(())
-            .unwrap();
-        After::new(&request, key, peer, None)
-    }
-
-    #[test]
-    fn every_method_comes_back_as_it_came() {
-        let others = [Method::from_bytes(b"PROPFIND").unwrap()];
-        for method in METHODS.iter().chain(&others) {
-            let after = after(method.clone(), None, None);
-            assert_eq!(after.method(), *method);
-            assert_eq!(after.is_head(), *method == Method::HEAD);
-        }
-        assert_eq!(METHODS[usize::from(HEAD) - 1], Method::HEAD);
-    }
-
-    #[test]
-    fn where_a_stream_came_from_is_kept_as_it_came() {
-        let bare = after(Method::POST, None, None);
-        assert!(matches!(bare.source, Source::Unknown));
-        assert_eq!(bare.path.as_ref().map(|p| p.as_str()), Some("/a/b?c"));
-        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let key = ConnectionKey::from_id(7);
-        let held = after(Method::GET, Some(key), Some(peer));
-        assert!(matches!(held.source, Source::Held(_)));
-        assert_eq!(
-            (held.connection_key(), held.peer()),
-            (Some(key), Some(peer))
-        );
-        assert!(held.connection().is_none());
-        // tonic's TCP connect info without a connection guard.
-        let local: SocketAddr = "10.0.0.2:50051".parse().unwrap();
-        let tcp = ConnectionKey::from_addrs(local, peer);
-        let keyed = after(Method::POST, Some(tcp), Some(peer));
-        assert!(matches!(keyed.source, Source::Keyed(_)));
-        assert_eq!(
-            (keyed.connection_key(), keyed.peer()),
-            (Some(tcp), Some(peer))
-        );
-        // Behind a proxy: the peer is not the key's remote address.
-        let client: SocketAddr = "192.0.2.7:1234".parse().unwrap();
-        let proxied = after(Method::POST, Some(tcp), Some(client));
-        assert!(matches!(proxied.source, Source::Held(_)));
-        assert_eq!(proxied.peer(), Some(client));
-    }
-}
+#[path = "ending_tests.rs"]
+mod tests;

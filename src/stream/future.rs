@@ -12,7 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use super::{
-    cap::{CapPermit, Refusal},
+    cap::Admission,
     handle::StreamHandle,
     heartbeat::Heartbeat,
     last_word::Word,
@@ -21,14 +21,12 @@ use super::{
 };
 use crate::{end::Ending, grpc};
 
-/// Waiting for cap slots (only with `cap_wait`, only while caps are full).
-pub(crate) type Admission = Pin<Box<dyn Future<Output = Result<Vec<CapPermit>, Refusal>> + Send>>;
-
 /// Whether the service's future may be polled yet.
 pub(crate) enum Gate {
     Open,
-    /// The stream waits for cap slots; the service's future waits with it.
-    Waiting(Admission),
+    /// The stream waits for cap slots (only with `cap_wait`); the service's
+    /// future waits with it. Boxed: most streams never wait.
+    Waiting(Box<Admission>),
 }
 
 pin_project! {
@@ -265,7 +263,7 @@ where
             return self.answer();
         }
         if let Gate::Waiting(admission) = gate {
-            match admission.as_mut().poll(cx) {
+            match Pin::new(&mut **admission).poll(cx) {
                 Poll::Pending => {
                     ticket.response_waker.register(cx.waker());
                     if ticket.is_ended() {
@@ -276,6 +274,7 @@ where
                 Poll::Ready(Ok(permits)) => {
                     *gate = Gate::Open;
                     ticket.hold(permits);
+                    ticket.record().admitted();
                 }
                 Poll::Ready(Err(refusal)) => {
                     ticket.reject(refusal.cap, refusal.limit);

@@ -111,7 +111,9 @@ impl<W> StreamGuardLayer<W> {
         self.shared.report.subscribe()
     }
 
-    /// Streams this guard watches that have not ended yet.
+    /// Streams this guard watches that have not ended yet; a stream waiting
+    /// for a cap slot ([`cap_wait`](StreamGuardBuilder::cap_wait)) counts
+    /// once it is admitted.
     pub fn active_streams(&self) -> usize {
         self.shared.report.active()
     }

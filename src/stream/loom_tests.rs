@@ -8,8 +8,8 @@
 //! record, ticket, bodies, handle and caps; what cannot run under loom is cut
 //! off at the record: the sweeper is its `Record::end(limit)` (what its tick
 //! does with an expired stream), the event channel (tokio's broadcast) is
-//! read once the threads are done, and the cap queue's `Notify` (tokio's) is
-//! polled with a waker that only raises a flag.
+//! read once the threads are done, and a cap waiter is polled with a waker
+//! that only raises a flag.
 
 use std::{
     collections::VecDeque,
@@ -98,7 +98,7 @@ pub(super) fn ok_trailers() -> HeaderMap {
 pub(super) fn start(layer: &StreamGuardLayer, grpc: bool) -> Ticket {
     let request = http::Request::new(());
     let after = After::new(&request, None, None, None);
-    match Ticket::start(layer.shared(), layer.policy(), grpc, after, 0) {
+    match Ticket::start(layer.shared(), layer.policy(), grpc, after, 0, false) {
         Ok(ticket) => ticket,
         Err(_) => panic!("no drain began"),
     }
@@ -323,8 +323,8 @@ fn loom_pending_request_body_vs_limit() {
     });
 }
 
-/// A waker that only raises a flag: tokio's `Notify` (the cap queues') is
-/// not loom's, so it must not call into loom while it holds its own lock.
+/// A waker that only raises a flag: it must not call into loom while the
+/// code that wakes it holds a lock of its own.
 #[derive(Default)]
 struct Flag(AtomicBool);
 
@@ -334,9 +334,10 @@ impl Wake for Flag {
     }
 }
 
-/// (d) A cap slot given back by a stream's end against a stream waiting for
-/// one (`cap_wait`): the waiter takes the slot, or is woken and takes it
-/// then. Never left waiting beside a free slot, never both streams in.
+/// (d) A cap slot given back by a stream's end against a stream arriving
+/// to wait for one (`cap_wait`): the arriving stream takes the slot at once,
+/// or queues and is handed it by the release (woken, it has it). Never left
+/// waiting beside a free slot, never both streams in.
 #[test]
 fn loom_slot_released_vs_waiter() {
     loom::model(|| {
@@ -348,15 +349,21 @@ fn loom_slot_released_vs_waiter() {
         let flag = Arc::new(Flag::default());
         let waker = Waker::from(Arc::clone(&flag));
         let mut cx = Context::from_waker(&waker);
-        let mut refused = None;
-        let mut wait = pin!(cap::acquire_all(&caps, &NOWHERE, &mut refused));
-        let first = wait.as_mut().poll(&mut cx);
+        // What the guard service's `call` does: a first try, then the wait.
+        let (first, mut wait) = match cap::try_acquire_all(&caps, &NOWHERE) {
+            Ok(permits) => (Poll::Ready(Ok(permits)), None),
+            Err(refusal) => {
+                let mut wait = Box::pin(cap::Wait::start(caps.clone(), NOWHERE, refusal));
+                (wait.as_mut().poll(&mut cx), Some(wait))
+            }
+        };
         releaser.join().unwrap();
 
         let permits = match first {
             Poll::Ready(admitted) => admitted.expect("no key is missing"),
             Poll::Pending => {
                 assert!(flag.0.load(Ordering::SeqCst), "lost wake-up");
+                let wait = wait.as_mut().expect("waiting");
                 match wait.as_mut().poll(&mut cx) {
                     Poll::Ready(admitted) => admitted.expect("no key is missing"),
                     Poll::Pending => panic!("woken, yet no slot"),
@@ -368,6 +375,8 @@ fn loom_slot_released_vs_waiter() {
             "two streams in one slot"
         );
         permits.into_iter().for_each(CapPermit::release);
+        drop(wait);
+        assert_one_free_slot(&caps);
     });
 }
 
@@ -386,7 +395,7 @@ fn loom_drain_begins_vs_stream_starts() {
             thread::spawn(move || draining.begin(std::time::Duration::from_secs(1)).is_some());
         let request = http::Request::new(());
         let after = After::new(&request, None, None, None);
-        let started = Ticket::start(layer.shared(), layer.policy(), false, after, 0);
+        let started = Ticket::start(layer.shared(), layer.policy(), false, after, 0, false);
         let refused = started.is_err();
         let ticket = started.unwrap_or_else(|refused| refused);
         assert!(drainer.join().unwrap(), "the drain began once");

@@ -118,6 +118,7 @@
 mod admission;
 pub(crate) mod builder;
 mod cap;
+mod cap_wait;
 mod ending;
 mod future;
 pub(crate) mod handle;

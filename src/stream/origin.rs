@@ -19,7 +19,7 @@
 //! | tonic's `TcpConnectInfo` | both addresses | remote | |
 //! | `TlsConnectInfo<TcpConnectInfo>` (feature `tls`) | both addresses | remote | |
 //! | axum's `ConnectInfo<SocketAddr>` (feature `axum`) | remote address | remote | |
-//! | tonic's `UdsConnectInfo` | none: wrap with a `ConnectionGuard` | none | |
+//! | tonic's `UdsConnectInfo` | the one value tonic builds per connection | none | |
 //!
 //! The peer address is the first of: your [`PeerAddr`]; the remote address
 //! of your [`ConnectionKey`] extension (so a key that a PROXY-protocol layer
@@ -36,9 +36,16 @@
 //! extractor keeps working, and likewise for a Unix socket's address), and
 //! the handle as a [`ConnectionHandle`].
 //!
-//! Costs: a few type-keyed map lookups per request, nothing per frame.
+//! tonic builds a Unix socket's `UdsConnectInfo` once per connection and
+//! clones it into every request: the connection is keyed on its peer
+//! address' `Arc` (see `ConnectionKey::from_shared`), and each stream keeps
+//! a clone of that `Arc` until its record goes, so the key cannot be
+//! reused by another connection while a stream still counts under it.
+//!
+//! Costs: a few type-keyed map lookups per request, nothing per frame; over
+//! tonic's Unix sockets, one reference count more per stream.
 
-use std::net::SocketAddr;
+use std::{any::Any, net::SocketAddr, sync::Arc};
 
 #[cfg(any(feature = "tonic", feature = "axum"))]
 use crate::connection::GuardedConnectInfo;
@@ -61,7 +68,14 @@ pub(crate) struct Found {
     pub(crate) peer: Option<SocketAddr>,
     /// The connection guard's handle, when one wraps the connection.
     pub(crate) handle: Option<ConnectionHandle>,
+    /// What the connection key is made from, to be kept while the stream
+    /// counts under it (see the module docs); `None` unless the key came from
+    /// a connect info shared by the connection's requests.
+    pub(crate) anchor: Option<Anchor>,
 }
+
+/// A value whose address identifies a connection while it lives.
+pub(crate) type Anchor = Arc<dyn Any + Send + Sync>;
 
 /// Works out where the request with `extensions` came from. `fixed` is the
 /// key a guard service was built with for one connection; `extractor` the
@@ -75,11 +89,17 @@ pub(crate) fn identify(
     let extensions = &*extensions;
     let info = connect_info(extensions);
     let explicit = extensions.get::<ConnectionKey>().copied();
+    let mut anchor = None;
     let connection = explicit
         .or_else(|| handle.as_ref().map(ConnectionHandle::key))
         .or(fixed)
         .or_else(|| extractor?(extensions))
-        .or_else(|| info.map(|(key, _)| key));
+        .or_else(|| info.map(|(key, _)| key))
+        .or_else(|| {
+            let (key, shared) = shared_connect_info(extensions)?;
+            anchor = Some(shared);
+            Some(key)
+        });
     let peer = extensions
         .get::<PeerAddr>()
         .map(|PeerAddr(addr)| *addr)
@@ -93,7 +113,31 @@ pub(crate) fn identify(
         connection,
         peer,
         handle,
+        anchor,
     }
+}
+
+/// The connection key of a connect info the server builds once per
+/// connection and shares among its requests, with what it is made from:
+/// tonic's `UdsConnectInfo` (its peer address, an `Arc` made once per
+/// accepted Unix socket).
+fn shared_connect_info(extensions: &http::Extensions) -> Option<(ConnectionKey, Anchor)> {
+    #[cfg(all(feature = "tonic", unix))]
+    if let Some(info) = extensions.get::<tonic::transport::server::UdsConnectInfo>() {
+        let shared = info.peer_addr.as_ref()?;
+        let key = ConnectionKey::from_shared(shared);
+        return Some((key, Arc::clone(shared) as Anchor));
+    }
+    #[cfg(all(feature = "tls", unix))]
+    if let Some(info) = extensions
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::UdsConnectInfo>>()
+    {
+        let shared = info.get_ref().peer_addr.as_ref()?;
+        let key = ConnectionKey::from_shared(shared);
+        return Some((key, Arc::clone(shared) as Anchor));
+    }
+    let _ = extensions;
+    None
 }
 
 /// The connection guard's handle, from a [`ConnectionHandle`] extension or

@@ -175,19 +175,51 @@ mod tonic_infos {
         assert_eq!(found(&mut ext).peer, Some(addr("10.0.0.5:40000")));
     }
 
+    /// tonic's `UdsConnectInfo`, as its own Unix-socket serving makes it:
+    /// once per accepted socket, cloned into each request.
+    #[cfg(unix)]
+    fn uds() -> tonic::transport::server::UdsConnectInfo {
+        let (server_side, _client_side) = tokio::net::UnixStream::pair().expect("a pair");
+        server_side.connect_info()
+    }
+
     #[cfg(unix)]
     #[tokio::test]
-    async fn unix_sockets_need_a_connection_guard() {
+    async fn tonic_unix_sockets_are_told_apart_by_their_connect_info() {
+        let (a, b) = (uds(), uds());
+        let key_of = |info: &tonic::transport::server::UdsConnectInfo| {
+            let mut ext = http::Extensions::new();
+            ext.insert(info.clone());
+            found(&mut ext)
+        };
+        let (a1, a2, b1) = (key_of(&a), key_of(&a), key_of(&b));
+        assert!(a1.connection.is_some(), "identified");
+        assert_eq!(a1.connection, a2.connection, "one connection, one key");
+        assert_ne!(a1.connection, b1.connection, "two connections, two keys");
+        assert_eq!((a1.peer, a1.handle.is_none()), (None, true), "no IP peer");
+        assert!(a1.anchor.is_some(), "the key's source is kept");
+        let key = a1.connection.expect("identified");
+        assert_eq!(key.remote_addr(), None);
+        assert!(key.to_string().starts_with("conn-"), "{key}");
+
+        // Without a peer address tonic's info names nothing.
+        let mut ext = http::Extensions::new();
+        ext.insert(tonic::transport::server::UdsConnectInfo {
+            peer_addr: None,
+            peer_cred: None,
+        });
+        let alone = found(&mut ext);
+        assert_eq!((alone.connection, alone.peer), (None, None));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_connection_guard_around_a_unix_socket_gives_its_handle() {
         use tonic::transport::server::UdsConnectInfo;
         let uds = UdsConnectInfo {
             peer_addr: None,
             peer_cred: None,
         };
-        let mut ext = http::Extensions::new();
-        ext.insert(uds.clone());
-        let alone = found(&mut ext);
-        assert_eq!((alone.connection, alone.peer), (None, None));
-
         let guard = ConnectionGuard::builder().build().expect("valid");
         let (info, handle) = guarded(&guard, uds);
         let mut ext = http::Extensions::new();
@@ -196,6 +228,7 @@ mod tonic_infos {
         assert_eq!(found.connection, Some(handle.key()));
         assert_eq!(found.peer, Some(addr("10.9.9.9:9")), "the IO's own peer");
         assert!(ext.get::<UdsConnectInfo>().is_some(), "unpacked");
+        assert!(found.anchor.is_none(), "the handle is the identity");
     }
 
     // TLS connect infos are checked in `suites/tests/origin_tls.rs` (they

@@ -16,7 +16,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    ending::After,
+    ending::{After, BODY_NONE, BODY_WAITING},
     policy::{MinRate, Policy},
     rate::RateWatch,
     shared::Shared,
@@ -165,18 +165,20 @@ pub(crate) struct Record {
 impl Record {
     /// A stream's record, shared, and whether the layer's drain had begun
     /// when it started (the stream is then to be refused); `route` is the
-    /// tag of the named route it matched (`route::Route::tag`, 0 for none).
-    /// Built inside its `Arc`: the record is moved once.
+    /// tag of the named route it matched (`route::Route::tag`, 0 for none);
+    /// `waiting`, whether it starts waiting for cap slots. Built inside its
+    /// `Arc`: the record is moved once.
     pub(crate) fn new(
         shared: &Arc<Shared>,
         policy: &Policy,
         grpc: bool,
         after: After,
         route: u8,
+        waiting: bool,
     ) -> (Arc<Self>, bool) {
         let start_ns = shared.timer.ns_of(Instant::now());
         shared.timer.note_idle(policy);
-        let draining = shared.report.started();
+        let draining = shared.report.started(waiting);
         let record = Arc::new(Record {
             request: Side::default(),
             request_waker: AtomicWaker::new(),
@@ -193,7 +195,7 @@ impl Record {
             grpc,
             client_deadline: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
-            body: AtomicU8::new(super::ending::BODY_NONE),
+            body: AtomicU8::new(if waiting { BODY_WAITING } else { BODY_NONE }),
             server_guard_reason: AtomicU8::new(0),
             route: AtomicU8::new(route),
             after,
@@ -208,6 +210,21 @@ impl Record {
         #[cfg(feature = "test-view")]
         shared.records.born();
         (record, draining)
+    }
+
+    /// A waiting stream was handed its cap slots: it counts as active, and
+    /// its idle clocks start now. Does nothing if it has ended meanwhile
+    /// (its end counted it as waiting) or was never waiting.
+    pub(crate) fn admitted(self: &Arc<Self>) {
+        if !self.stops_waiting() {
+            return;
+        }
+        self.shared.report.admitted();
+        // No frame moved while it waited: one clock read per admission.
+        let now = self.shared.timer.ns_of(Instant::now());
+        self.request.last.store(now, Ordering::Relaxed);
+        self.response.last.store(now, Ordering::Relaxed);
+        self.shared.timer.arm(self);
     }
 
     /// Brings the lifetime deadline forward to `lifetime` after the start, if
@@ -437,6 +454,11 @@ impl Record {
         };
         consider(self.lifetime_deadline.load(Ordering::Relaxed), lifetime);
         consider(self.shared.drain_deadline(), Ending::Drained);
+        if self.body.load(Ordering::Acquire) == BODY_WAITING {
+            // Not admitted yet: the idle clocks and the rate (about the
+            // peer's reading and sending) have not started.
+            return best;
+        }
         let last_request = late
             .latest(self.request.last.load(Ordering::Relaxed))
             .max(self.start_ns);
@@ -535,42 +557,5 @@ impl Record {
 }
 
 #[cfg(all(test, not(stream_guard_loom), target_pointer_width = "64"))]
-mod size {
-    use std::mem::{offset_of, size_of};
-
-    use super::{Record, Side};
-
-    /// Every open stream costs one `Record`: a field added by accident
-    /// shows here first (see BENCHMARKS.md for the memory per stream).
-    #[test]
-    fn the_record_stays_small() {
-        let size = size_of::<Record>();
-        // 408 until the event's metadata and what only some streams need
-        // went into boxes of their own (`ending::After`).
-        assert!(size <= 264, "Record grew to {size} bytes");
-    }
-
-    /// Bytes `[a, a + len)` and `[b, ..)` with `b` after them share no
-    /// 64-byte cache line wherever the record is placed.
-    fn apart(a: usize, len: usize, b: usize) -> bool {
-        b >= a + len - 1 + 64
-    }
-
-    #[test]
-    fn the_two_sides_and_what_both_read_sit_on_separate_cache_lines() {
-        let request = offset_of!(Record, request);
-        let response = offset_of!(Record, response);
-        let shared = offset_of!(Record, shared);
-        let phase = offset_of!(Record, phase);
-        let side = size_of::<Side>();
-        assert!(
-            apart(request, side, shared),
-            "request side {request}, shared {shared}"
-        );
-        assert!(shared < phase, "shared {shared}, phase {phase}");
-        assert!(
-            apart(phase, 1, response),
-            "phase {phase}, response side {response}"
-        );
-    }
-}
+#[path = "record_tests.rs"]
+mod size;

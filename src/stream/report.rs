@@ -13,25 +13,35 @@ use crate::{
     events::{EndCallback, EndEvent, EventHub},
     meter::{PathLabels, RouteOf},
     stats::{Counters, GuardStats},
-    sync::AtomicUsize,
+    sync::AtomicU64 as Word,
 };
 
 /// How often, at most, a guard logs a summary of the streams its caps refused.
 const SUMMARY_EVERY_NS: u64 = 1_000_000_000;
 
-/// The bit of [`Report`]'s `active` word that the layer's drain sets as it
-/// begins; the rest of the word counts the open streams.
-const DRAINING: usize = 1 << (usize::BITS - 1);
+/// The bit of [`Report`]'s `streams` word that the layer's drain sets as it
+/// begins.
+const DRAINING: u64 = 1 << 63;
+
+/// One stream waiting for cap slots (`cap_wait`), in the `streams` word:
+/// bits 32 to 62 count them.
+const WAITING: u64 = 1 << 32;
+
+/// The bits of the `streams` word that count the open streams.
+const OPEN: u64 = WAITING - 1;
 
 /// One guard layer's reporting: events, counters, logs.
 pub(crate) struct Report {
     events: EventHub,
-    /// The streams started and not yet ended, and (the top bit) whether the
-    /// layer's drain has begun. One word, so that a stream starting and a
-    /// drain beginning are ordered by a single read-modify-write each: the
-    /// stream either saw the bit (and is refused) or was counted by the
-    /// drain (and is admitted); never both, never neither.
-    active: AtomicUsize,
+    /// The streams started and not yet ended (the low 32 bits), those of
+    /// them still waiting for cap slots (the next 31), and (the top bit)
+    /// whether the layer's drain has begun. One word, so that a stream
+    /// starting and a drain beginning are ordered by a single
+    /// read-modify-write each: the stream either saw the bit (and is
+    /// refused) or was counted by the drain (and is admitted); never both,
+    /// never neither. And so that a snapshot never counts a waiter as
+    /// active.
+    streams: Word,
     counters: Counters,
     refusals: RefusalLog,
     /// Which keyed caps already warned that a stream had no key (a bit per
@@ -53,7 +63,7 @@ impl Report {
         Report {
             metrics: path_labels.map(PathLabels::new),
             events: EventHub::new(capacity, callbacks),
-            active: AtomicUsize::new(0),
+            streams: Word::new(0),
             counters: Counters::default(),
             refusals: RefusalLog::default(),
             warned_unidentified: AtomicU8::new(0),
@@ -64,19 +74,30 @@ impl Report {
         self.events.subscribe()
     }
 
-    /// Streams started and not yet ended.
+    /// Streams admitted and not yet ended: started, less those still
+    /// waiting for cap slots.
     pub(crate) fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire) & !DRAINING
+        let streams = self.streams.load(Ordering::Acquire);
+        let waiting = (streams & !DRAINING) / WAITING;
+        ((streams & OPEN) - waiting) as usize
+    }
+
+    /// Streams started and not yet ended, waiting ones included: what a
+    /// drain waits for.
+    pub(crate) fn open(&self) -> usize {
+        (self.streams.load(Ordering::Acquire) & OPEN) as usize
     }
 
     pub(crate) fn stats(&self) -> GuardStats {
         self.counters.snapshot(self.active())
     }
 
-    /// A stream started: counts it, and says whether the layer's drain had
-    /// begun (the stream is then refused; the drain did not count it open).
-    pub(crate) fn started(&self) -> bool {
-        let before = self.active.fetch_add(1, Ordering::Relaxed);
+    /// A stream started, `waiting` for cap slots or not: counts it, and says
+    /// whether the layer's drain had begun (the stream is then refused; the
+    /// drain did not count it open).
+    pub(crate) fn started(&self, waiting: bool) -> bool {
+        let one = if waiting { 1 + WAITING } else { 1 };
+        let before = self.streams.fetch_add(one, Ordering::Relaxed);
         if self.metrics.is_some() {
             crate::meter::stream_started();
         }
@@ -86,12 +107,17 @@ impl Report {
     /// The layer's drain begins: every stream that starts from now on is
     /// refused. Says how many are open (each of them was admitted).
     pub(crate) fn begin_drain(&self) -> usize {
-        self.active.fetch_or(DRAINING, Ordering::AcqRel) & !DRAINING
+        (self.streams.fetch_or(DRAINING, Ordering::AcqRel) & OPEN) as usize
     }
 
-    /// A stream ended as `ending`, `now_ns` on the guard's clock: counts it
-    /// (and records its metrics), hands its event to every subscriber and
-    /// logs it.
+    /// A waiting stream was admitted: it counts as active from now on.
+    pub(crate) fn admitted(&self) {
+        self.streams.fetch_sub(WAITING, Ordering::AcqRel);
+    }
+
+    /// A stream ended as `ending`, `now_ns` on the guard's clock, while
+    /// `waiting` for cap slots or not: counts it (and records its metrics),
+    /// hands its event to every subscriber and logs it.
     /// `route` is asked only when metrics are on.
     pub(crate) fn ended(
         &self,
@@ -99,6 +125,7 @@ impl Report {
         event: &EndEvent,
         route: impl FnOnce() -> RouteOf,
         now_ns: u64,
+        waiting: bool,
     ) {
         if let Some(paths) = &self.metrics {
             crate::meter::stream_ended(event, route(), paths);
@@ -116,7 +143,8 @@ impl Report {
         // by the next stream to end after the second is up.
         self.refusals.summarize(now_ns);
         self.counters.count(ending);
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        let one = if waiting { 1 + WAITING } else { 1 };
+        self.streams.fetch_sub(one, Ordering::AcqRel);
         self.events.emit(event);
         // Last: a tracing layer that panics here (the timer catches it)
         // must not leave the stream uncounted, active and without its event.

@@ -10,16 +10,17 @@ use std::{
 
 use http::{Request, Response};
 use http_body::Body;
+use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::ConnectionKey};
 
 use super::{
-    cap::{self, CapSet, Origin},
+    cap::{self, Admission, CapPermit, CapSet, Origin, Wait},
     ending::After,
     future::{ForResponse, Gate, ResponseFuture},
     handle::StreamHandle,
-    origin,
+    origin::{self, Anchor},
     policy::Policy,
     request_body::RequestBody,
     response_body::ResponseBody,
@@ -233,7 +234,12 @@ impl<S, W> StreamGuard<S, W> {
     fn origin<B>(
         &self,
         request: &mut Request<B>,
-    ) -> (Origin, Option<SocketAddr>, Option<ConnectionHandle>) {
+    ) -> (
+        Origin,
+        Option<SocketAddr>,
+        Option<ConnectionHandle>,
+        Option<Anchor>,
+    ) {
         let found = origin::identify(
             request.extensions_mut(),
             self.connection,
@@ -243,7 +249,7 @@ impl<S, W> StreamGuard<S, W> {
             connection: found.connection,
             peer: found.peer.map(|p| p.ip()),
         };
-        (origin, found.peer, found.handle)
+        (origin, found.peer, found.handle, found.anchor)
     }
 
     /// The wrapped service.
@@ -321,7 +327,7 @@ where
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
-        let (origin, peer, connection) = self.origin(&mut request);
+        let (origin, peer, connection, anchor) = self.origin(&mut request);
         // Empty (no allocation) unless some cap applies.
         let caps: Vec<Arc<CapSet>> = shared
             .admission
@@ -331,6 +337,9 @@ where
             .cloned()
             .collect();
 
+        // Tried before the stream is counted: a stream over a cap is
+        // counted as waiting (or refused) from its start, never as active.
+        let first_try = cap::try_acquire_all(&caps, &origin);
         let after = After::new(&request, origin.connection, peer, connection);
         let grpc = grpc::is_grpc(request.headers());
         let ticket = match Ticket::start(
@@ -339,25 +348,36 @@ where
             grpc,
             after,
             route.map_or(0, |route| route.tag),
+            first_try.is_err(),
         ) {
             Ok(ticket) => ticket,
-            Err(refused) => return ResponseFuture::answered(refused),
+            Err(refused) => {
+                // Refused by the drain: the slots go back at once.
+                first_try.into_iter().flatten().for_each(CapPermit::release);
+                return ResponseFuture::answered(refused);
+            }
         };
+        if let Some(anchor) = anchor {
+            ticket.keep_anchor(anchor);
+        }
         ticket.limit_lifetime(client_deadline, true);
-        let gate = match cap::try_acquire_all(&caps, &origin) {
+        let gate = match first_try {
             Ok(permits) => {
                 ticket.hold(permits);
                 Gate::Open
             }
             Err(refusal) => match shared.admission.cap_wait {
-                None => {
+                // The service is called now, but its future is polled only
+                // once the slots are ours. The stream arrives now: it takes
+                // its place in the queue, and its patience starts.
+                Some(patience) if !origin.lacks_key_of(refusal.cap) => {
+                    let deadline = Instant::now() + patience;
+                    let wait = Wait::start(caps, origin, refusal);
+                    Gate::Waiting(Box::new(Admission::new(wait, deadline)))
+                }
+                _ => {
                     ticket.reject(refusal.cap, refusal.limit);
                     return ResponseFuture::answered(ticket);
-                }
-                // The service is called now, but its future is polled only
-                // once the slots are ours.
-                Some(patience) => {
-                    Gate::Waiting(Box::pin(cap::acquire_all_within(caps, origin, patience)))
                 }
             },
         };

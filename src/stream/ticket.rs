@@ -18,17 +18,18 @@ use crate::end::Ending;
 pub(crate) struct Ticket(Arc<Record>);
 
 impl Ticket {
-    /// Starts a stream of the layer `shared` (see [`Record::new`]): its
-    /// ticket, or `Err` with the ticket of a stream already ended as refused
-    /// because the layer's drain had begun.
+    /// Starts a stream of the layer `shared` (see [`Record::new`]), `waiting`
+    /// for cap slots or not: its ticket, or `Err` with the ticket of a
+    /// stream already ended as refused because the layer's drain had begun.
     pub(crate) fn start(
         shared: &Arc<Shared>,
         policy: &Policy,
         grpc: bool,
         after: After,
         route: u8,
+        waiting: bool,
     ) -> Result<Self, Self> {
-        let (record, draining) = Record::new(shared, policy, grpc, after, route);
+        let (record, draining) = Record::new(shared, policy, grpc, after, route, waiting);
         let ticket = Ticket(record);
         if draining {
             ticket.refuse_draining();

@@ -327,6 +327,55 @@ async fn uds_with_a_connection_guard_caps_each_connection() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// tonic's own Unix-socket serving, no `ConnectionGuard`: tonic builds one
+/// `UdsConnectInfo` per connection, and the guard tells connections apart
+/// by it. Two connections each hold a stream under a per-connection cap of
+/// one; a second stream on the first is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uds_per_connection_cap_counts_each_connection_without_a_connection_guard() {
+    let path = socket_path();
+    let listener = UnixListener::bind(&path).expect("bind the Unix socket");
+    let guard = StreamGuardLayer::builder()
+        .max_streams_per_connection(1)
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    let server = serve(
+        tonic::transport::Server::builder(),
+        &guard,
+        UnixListenerStream::new(listener),
+    );
+    let mut a = uds_client(&path).await;
+    let mut b = uds_client(&path).await;
+    let _on_a = open_stream(&mut a).await;
+    let _on_b = open_stream(&mut b).await;
+    let keys: Vec<ConnectionKey> = guard.connection_streams().iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys.len(), 2, "two connections, one stream each: {keys:?}");
+    assert_ne!(keys[0], keys[1]);
+    assert!(
+        keys.iter().all(|key| key.remote_addr().is_none()),
+        "{keys:?}"
+    );
+    let refused = open(&mut a, 20, 8).await.expect_err("second stream on A");
+    assert_refused(&refused, "per connection");
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::Rejected(StreamCap::PerConnection)
+    );
+    assert!(
+        event.connection().is_some_and(|key| keys.contains(&key)),
+        "{event:?}"
+    );
+    assert_eq!(event.peer(), None, "a Unix socket has no IP peer");
+    // B's connection has its one stream; a third connection gets its own.
+    let mut c = uds_client(&path).await;
+    let _on_c = open_stream(&mut c).await;
+    assert_eq!(guard.connection_streams().len(), 3);
+    server.abort();
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Log lines written through the global subscriber (set by one test only).
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
@@ -342,8 +391,11 @@ impl io::Write for Logs {
     }
 }
 
+/// An IO whose connect info names nothing (tokio's `DuplexStream`: `()`),
+/// served by tonic without a connection guard: a per-connection cap refuses
+/// its streams, naming what is missing, and warns once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uds_without_identity_refuses_loudly_under_a_per_connection_cap() {
+async fn io_without_identity_refuses_loudly_under_a_per_connection_cap() {
     let logs = Logs::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
@@ -351,19 +403,32 @@ async fn uds_without_identity_refuses_loudly_under_a_per_connection_cap() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .init();
-    let path = socket_path();
-    let listener = UnixListener::bind(&path).expect("bind the Unix socket");
     let guard = StreamGuardLayer::builder()
         .max_streams_per_connection(4)
         .build()
         .unwrap();
     let mut events = guard.subscribe();
+    let (accepted, incoming) = mpsc::channel::<io::Result<tokio::io::DuplexStream>>(4);
     let server = serve(
         tonic::transport::Server::builder(),
         &guard,
-        UnixListenerStream::new(listener),
+        ReceiverStream::new(incoming),
     );
-    let mut client = uds_client(&path).await;
+    let channel = Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let accepted = accepted.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                accepted
+                    .send(Ok(server))
+                    .await
+                    .map_err(|_| io::Error::other("server gone"))?;
+                Ok::<_, io::Error>(TokioIo::new(client))
+            }
+        }))
+        .await
+        .expect("connect over the in-memory pipe");
+    let mut client = EchoClient::new(channel);
     for _ in 0..2 {
         let refused = open(&mut client, 20, 8)
             .await
@@ -393,7 +458,6 @@ async fn uds_without_identity_refuses_loudly_under_a_per_connection_cap() {
         "one warning per guard layer: {logs}"
     );
     server.abort();
-    let _ = std::fs::remove_file(&path);
 }
 
 /// Where the connection guard sits under the application's TLS.
