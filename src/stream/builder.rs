@@ -188,6 +188,30 @@ impl StreamGuardBuilder {
     /// after its bytes fell behind. A route can set its own
     /// ([`RoutePolicy::min_response_rate`](crate::RoutePolicy::min_response_rate)).
     ///
+    /// # Large frames
+    ///
+    /// Bytes count when the body hands them to hyper, and hyper's HTTP/2
+    /// sender takes a data frame whole: it holds it until the stream has
+    /// send capacity, hands it to h2, which buffers all of it, and polls
+    /// the body for the next frame only then. A body of 2 MiB frames is
+    /// thus polled once per 2 MiB the reader drains and waits on the reader
+    /// in between. So that a fast reader of large frames is not taken for
+    /// a slow one, the bytes a window did not need count towards the next
+    /// windows (`bytes` per window), up to two frames' worth (hyper's and
+    /// h2's; a frame taken as large as the window's average): a reader
+    /// below the rate is ended once that credit is spent, at most two
+    /// frames' time at the minimum rate later (2 x 2 MiB at 128 KiB/s:
+    /// 32 s).
+    ///
+    /// The guard watches a response until its body hands hyper its last
+    /// part: the stream then ends (`completed`, its cap slots free, its
+    /// event out) while hyper and h2 may still hold that frame and the one
+    /// before it for the reader, and nothing tells the guard when h2 has
+    /// sent them. A response of one 2 MiB frame completes as hyper takes
+    /// it, before the reader has read a byte. Where the rate check or the
+    /// cap must cover a response to its end, keep frames small: gRPC
+    /// messages of tens of KiB, or a body that splits its data.
+    ///
     /// [`build`](Self::build) fails with [`ConfigError::Zero`] for zero
     /// `bytes` or a zero `window`, and with
     /// [`ConfigError::BelowResolution`] for a window shorter than the timer

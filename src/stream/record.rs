@@ -507,8 +507,7 @@ impl Record {
     /// The minimum rate's check, by the timer (see [`RateWatch::too_slow`]).
     fn too_slow(&self, now: u64, late: &LateTicks) -> bool {
         self.rate.as_ref().is_some_and(|watch| {
-            let bytes = self.response.bytes.load(Ordering::Relaxed);
-            watch.too_slow(now, bytes, self.blocked_ns(now, late))
+            watch.too_slow(now, self.response.traffic(), self.blocked_ns(now, late))
         })
     }
 
