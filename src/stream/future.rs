@@ -13,10 +13,11 @@ use pin_project_lite::pin_project;
 
 use super::{
     cap::{CapPermit, Refusal},
+    framing::Follows,
     handle::StreamHandle,
     heartbeat::Heartbeat,
     last_word::Word,
-    response_body::{self, Opened, ResponseBody},
+    response_body::{Opened, ResponseBody},
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};
@@ -46,7 +47,8 @@ pin_project! {
     /// other limits and a cancel. The same when the stream ends while the
     /// service's future is being polled to an answer that nothing follows
     /// (a body already at its end, such as a trailers-only gRPC status or an
-    /// empty `200`; the answer to a `HEAD` request): that answer is dropped
+    /// empty `200`; a `204` or `304`, whatever its body; the answer to a
+    /// `HEAD` request): that answer is dropped
     /// and the peer reads the guard's, whose reason the end event gives. An
     /// answer whose body follows goes out, and its body ends the guard's
     /// way. A stream a cap refuses, or that arrives
@@ -196,16 +198,12 @@ fn service_answer<B: Body>(
     for_response: ForResponse,
 ) -> Response<ResponseBody<B>> {
     // The body's size hint and `is_end_stream` are the service's code.
-    let (declared, at_end) = EndOnUnwind::run(&ticket, || {
-        let declared = response_body::declared_length(&response);
-        (declared, response.body().is_end_stream())
-    });
-    // Nothing follows a head whose body is already at its end, that answers
-    // a `HEAD` request, or that declares no body: hyper sends it alone (with
-    // END_STREAM) and never polls the body. The head is the last word.
-    let last = at_end || ticket.after.is_head() || declared == Some(0);
+    let follows = EndOnUnwind::run(&ticket, || Follows::of(&response, ticket.after.is_head()));
+    // A head that nothing follows is the last word: hyper sends it alone and
+    // never polls the body (see `framing`).
+    let last = follows.nothing();
     let word = if last {
-        ticket.last_word(Ending::Completed)
+        ticket.last_word(follows.ending())
     } else {
         ticket.next_word()
     };
@@ -236,8 +234,7 @@ fn service_answer<B: Body>(
         grpc,
         heartbeat,
         client: for_response.client,
-        declared,
-        last,
+        follows,
     };
     response.map(|body| ResponseBody::guarded(body, ticket, opened))
 }

@@ -119,6 +119,7 @@ mod admission;
 pub(crate) mod builder;
 mod cap;
 mod ending;
+mod framing;
 mod future;
 pub(crate) mod handle;
 pub(crate) mod heartbeat;
