@@ -156,8 +156,9 @@ impl StreamGuardBuilder {
     }
 
     /// Ends a stream when the peer sent no request frame for `timeout` while
-    /// its request body is still open: the client-streaming call whose client
-    /// went silent. The handler's next read fails with `DEADLINE_EXCEEDED`.
+    /// its request body is still open (not at its end, and not dropped by the
+    /// handler): the client-streaming call whose client went silent. The
+    /// handler's next read fails with `DEADLINE_EXCEEDED`.
     pub fn request_idle_timeout(mut self, timeout: Duration) -> Self {
         self.policy.set_idle(IdleDirection::Request, timeout);
         self
