@@ -326,8 +326,11 @@ impl StreamGuardBuilder {
     /// *response* extensions: for clients, whose requests are built before
     /// the guard sees them. A tonic client finds it with
     /// `response.extensions().get::<StreamHandle>()` and can observe the call
-    /// or [`cancel`](crate::StreamHandle::cancel) it. Costs an extension
-    /// insertion per stream, so it is off by default.
+    /// or [`cancel`](crate::StreamHandle::cancel) it. Every response carries
+    /// it, the guard's own answers too (a cap's refusal, a limit that fired
+    /// before the service answered): there it has already ended, and
+    /// [`end_reason`](crate::StreamHandle::end_reason) says why. Costs an
+    /// extension insertion per stream, so it is off by default.
     pub fn response_handle(mut self, enabled: bool) -> Self {
         self.response_handle = enabled;
         self

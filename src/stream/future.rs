@@ -161,25 +161,38 @@ impl<F> ResponseFuture<F> {
             StateTaken::Calling {
                 ticket, response, ..
             } => Some((ticket, response)),
-            StateTaken::Answered { ticket } => Some((ticket, ForResponse::default())),
+            StateTaken::Answered { ticket } => {
+                let goaways_seen = ticket.shared.goaways_seen();
+                Some((
+                    ticket,
+                    ForResponse {
+                        goaways_seen,
+                        ..ForResponse::default()
+                    },
+                ))
+            }
             StateTaken::Done => None,
         }
     }
 
     /// Resolves with the guard's own answer, moving the ticket into its body.
     fn answer<B, E>(self: Pin<&mut Self>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
-        match self.take_ticket() {
-            Some(ticket) => Poll::Ready(Ok(guard_answer(ticket))),
+        match self.take_state() {
+            Some((ticket, for_response)) => {
+                Poll::Ready(Ok(guard_answer(ticket, for_response.goaways_seen)))
+            }
             None => Poll::Pending,
         }
     }
 }
 
-/// The guard's own answer for the stream `ticket` owns, which has ended.
-fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
+/// The guard's own answer for the stream `ticket` owns, which has ended;
+/// with its handle when the layer puts one in responses (a client that
+/// reads the handle finds it on every answer).
+fn guard_answer<B>(ticket: Ticket, goaways_seen: u64) -> Response<ResponseBody<B>> {
     let ending = ticket.ending().unwrap_or(Ending::Cancelled);
     let admission = &ticket.shared.admission;
-    let response = grpc::early_response(
+    let mut response = grpc::early_response(
         ticket.grpc,
         ending,
         &ticket.message(ending),
@@ -187,7 +200,19 @@ fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
         admission.retry_after_secs,
         (),
     );
+    insert_handle(&mut response, &ticket, goaways_seen);
     response.map(|()| ResponseBody::answered(ticket))
+}
+
+/// Puts the stream's handle into `response`'s extensions, when the layer
+/// puts one in responses (see `StreamGuardBuilder::response_handle`).
+fn insert_handle<T>(response: &mut Response<T>, ticket: &Ticket, goaways_seen: u64) {
+    if ticket.shared.admission.handle_in_response {
+        response.extensions_mut().insert(StreamHandle {
+            record: std::sync::Arc::clone(ticket.record()),
+            goaways_seen,
+        });
+    }
 }
 
 /// The service's answer, its body wrapped; or, when the stream ended before
@@ -209,14 +234,9 @@ fn service_answer<B: Body>(
     };
     if word == Word::Guard {
         drop(response);
-        return guard_answer(ticket);
+        return guard_answer(ticket, for_response.goaways_seen);
     }
-    if ticket.shared.admission.handle_in_response {
-        response.extensions_mut().insert(StreamHandle {
-            record: std::sync::Arc::clone(ticket.record()),
-            goaways_seen: for_response.goaways_seen,
-        });
-    }
+    insert_handle(&mut response, &ticket, for_response.goaways_seen);
     let grpc = grpc::is_grpc(response.headers());
     let status = grpc::status_of(response.headers());
     if let Some(code) = status {
