@@ -350,7 +350,11 @@ impl StreamGuardBuilder {
     }
 
     /// Applies `policy` to requests for which `predicate` returns `true`; it
-    /// runs once per request, before the service is called.
+    /// runs once per request, before the service is called and after the
+    /// guard has read where the request came from: behind a
+    /// [`ConnectionGuard`](crate::ConnectionGuard) its extensions hold the
+    /// [`ConnectionHandle`](crate::ConnectionHandle) (and the connect info a
+    /// guarded one wrapped), as the service's will.
     pub fn route_when<F>(self, predicate: F, policy: RoutePolicy) -> Self
     where
         F: Fn(&RouteRequest<'_>) -> bool + Send + Sync + 'static,

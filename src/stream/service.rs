@@ -302,6 +302,10 @@ where
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         let shared = &self.shared;
+        // Before the routes: a `route_when` predicate sees what the origin
+        // unpacks (a guarded connect info's `ConnectionHandle` and inner
+        // connect info).
+        let (origin, peer, connection) = self.origin(&mut request);
         let route = if shared.admission.routes.is_empty() {
             None
         } else {
@@ -321,7 +325,6 @@ where
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
-        let (origin, peer, connection) = self.origin(&mut request);
         // Empty (no allocation) unless some cap applies.
         let caps: Vec<Arc<CapSet>> = shared
             .admission
