@@ -84,6 +84,7 @@ pub struct StreamGuardBuilder {
     pub(super) heartbeat: Option<Heartbeat>,
     pub(super) routes: Vec<RouteSpec>,
     pub(super) connection_key: Option<KeyFn>,
+    pub(super) peer_ipv6_prefix: u8,
     pub(super) honor_grpc_timeout: bool,
     pub(super) track_connections: bool,
     pub(super) response_handle: bool,
@@ -107,6 +108,7 @@ impl Default for StreamGuardBuilder {
             heartbeat: None,
             routes: Vec::new(),
             connection_key: None,
+            peer_ipv6_prefix: 128,
             honor_grpc_timeout: false,
             track_connections: false,
             response_handle: false,
@@ -132,6 +134,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("heartbeat", &self.heartbeat)
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
+            .field("peer_ipv6_prefix", &self.peer_ipv6_prefix)
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
             .field("track_connections", &self.track_connections)
             .field("response_handle", &self.response_handle)
@@ -434,13 +437,20 @@ impl StreamGuardBuilder {
     /// range, when the event
     /// capacity or a cap is zero, or when a route's path does not start with
     /// `/` or its settings laid over the layer's break one of these rules
-    /// ([`ConfigError::Route`] names the route), or when an
-    /// [`early_status`](Self::early_status) is not a `4xx` or `5xx` status.
+    /// ([`ConfigError::Route`] names the route), when an
+    /// [`early_status`](Self::early_status) is not a `4xx` or `5xx` status,
+    /// or when [`peer_ipv6_prefix`](Self::peer_ipv6_prefix) is outside
+    /// 1..=128.
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
         validate_event_capacity(self.capacity)?;
         validate_path_labels(self.path_labels)?;
         validate_caps(&self.caps)?;
+        if !(1..=128).contains(&self.peer_ipv6_prefix) {
+            return Err(ConfigError::PeerIpv6PrefixOutOfRange {
+                bits: self.peer_ipv6_prefix,
+            });
+        }
         if let Some(patience) = self.cap_wait {
             check_duration("cap_wait", patience, None)?;
         }
@@ -469,6 +479,7 @@ impl StreamGuardBuilder {
             caps: (!self.caps.is_empty() || self.track_connections)
                 .then(|| Arc::new(CapSet::new(self.caps, self.track_connections))),
             connection_key: self.connection_key,
+            peer_ipv6_prefix: self.peer_ipv6_prefix,
             honor_grpc_timeout: self.honor_grpc_timeout,
             cap_wait: self.cap_wait,
             handle_in_response: self.response_handle,

@@ -12,7 +12,12 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::ConnectionKey};
+use crate::{
+    connection::ConnectionHandle,
+    error::BoxError,
+    grpc,
+    peer::{self, ConnectionKey},
+};
 
 use super::{
     cap::{self, CapSet, Origin},
@@ -241,7 +246,9 @@ impl<S, W> StreamGuard<S, W> {
         );
         let origin = Origin {
             connection: found.connection,
-            peer: found.peer.map(|p| p.ip()),
+            peer: found
+                .peer
+                .map(|p| peer::cap_key(p.ip(), self.shared.admission.peer_ipv6_prefix)),
         };
         (origin, found.peer, found.handle)
     }
