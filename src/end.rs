@@ -183,7 +183,8 @@ pub enum EndReason {
     IdleTimeout(IdleDirection),
     /// The stream reached its maximum lifetime.
     LifetimeExceeded,
-    /// The service or the response body returned an error.
+    /// The service or the response body returned an error, or the service
+    /// answered with an interim (`1xx`) status, which hyper refuses.
     Error,
     /// The service (its `call` or its future) or the response body panicked
     /// while the guard was polling it. The panic still unwinds to whoever

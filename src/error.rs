@@ -305,6 +305,12 @@ pub enum ConfigError {
         /// The value given.
         value: usize,
     },
+    /// [`peer_ipv6_prefix`](crate::StreamGuardBuilder::peer_ipv6_prefix)
+    /// is 0 (every IPv6 peer would be one) or above 128.
+    PeerIpv6PrefixOutOfRange {
+        /// The value given.
+        bits: u8,
+    },
     /// A stream cap is zero: no stream could ever be admitted.
     ZeroCap {
         /// The setting that was given zero.
@@ -403,6 +409,10 @@ impl fmt::Display for ConfigError {
                 f,
                 "`max_path_labels` is {value}, more than the {} maximum (the table of paths is allocated up front); name the routes to watch beyond it",
                 crate::meter::MAX_PATH_LABELS
+            ),
+            ConfigError::PeerIpv6PrefixOutOfRange { bits } => write!(
+                f,
+                "`peer_ipv6_prefix` is {bits}; an IPv6 prefix length is 1..=128 (64 for one host's /64)"
             ),
             ConfigError::ZeroCap { setting } => write!(
                 f,

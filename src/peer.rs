@@ -2,7 +2,11 @@
 //! connection and a [`PeerAddr`] for the peer. (How the guard finds them in
 //! request extensions is `stream::origin`.)
 
-use std::{fmt, net::SocketAddr, sync::Arc};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 /// What identifies the connection a request arrived on, for
 /// [`max_streams_per_connection`](crate::StreamGuardBuilder::max_streams_per_connection)
@@ -170,3 +174,19 @@ pub(crate) type KeyFn = Arc<dyn Fn(&http::Extensions) -> Option<ConnectionKey> +
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// The address the per-peer caps count `ip` under: an IPv6 address cut to
+/// its first `ipv6_prefix` bits (1..=128), an IPv4 one (also shown as
+/// IPv4-mapped IPv6) whole. With 128, `ip` as it is.
+pub(crate) fn cap_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if ipv6_prefix < 128 => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = u128::MAX << (128 - u32::from(ipv6_prefix.max(1)));
+                IpAddr::V6(Ipv6Addr::from(v6.to_bits() & mask))
+            }
+        },
+        ip => ip,
+    }
+}

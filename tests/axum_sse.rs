@@ -234,3 +234,116 @@ async fn sse_keep_alives_of_a_dead_producer_keep_it_open_without_a_heartbeat() {
     assert_eq!(guard.active_streams(), 1);
     assert!(!reader.is_finished());
 }
+
+// === a request body the handler drops unread ===
+
+/// An event every 100 ms for 1.5 s, then the end. With `body`, the stream
+/// holds the request body unread until it ends.
+fn ticking_events(
+    body: Option<axum::body::Body>,
+) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let _body = body;
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..15 {
+            ticks.tick().await;
+            if tx.send(Ok(Event::default().data("tick"))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+}
+
+/// Serves on `/ignores` a handler that never extracts the request body (axum
+/// drops it before the handler runs), on `/holds` one that keeps it unread;
+/// POSTs a 5-byte body that comes with the head to `path`, and reads the
+/// answer to its end.
+async fn post_beside_events(guard: &StreamGuardLayer, path: &str) {
+    let app = Router::new()
+        .route(
+            "/ignores",
+            axum::routing::post(|| async { ticking_events(None) }),
+        )
+        .route(
+            "/holds",
+            axum::routing::post(|body: axum::body::Body| async { ticking_events(Some(body)) }),
+        )
+        .layer(guard.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0; 1024];
+    // To the last chunk, or to the server's close.
+    while !read.ends_with(b"0\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(n @ 1..) => read.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+}
+
+/// The defect: a request body the handler dropped unread is no open request
+/// side, so `request_idle_timeout` no longer applies to the stream.
+#[tokio::test(start_paused = true)]
+async fn a_request_body_dropped_unread_is_not_cut_by_the_request_idle_timeout() {
+    let guard = StreamGuardLayer::builder()
+        .request_idle_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    post_beside_events(&guard, "/ignores").await;
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Completed, "{event:?}");
+    assert_eq!(event.request().frames, 0);
+    assert_eq!(event.response().frames, 15);
+    assert!(event.duration() >= Duration::from_millis(1400), "{event:?}");
+}
+
+/// The control: a body the handler holds unread is still open, and its
+/// silence cuts the stream at the request idle timeout.
+#[tokio::test(start_paused = true)]
+async fn a_request_body_held_unread_is_cut_by_the_request_idle_timeout() {
+    let idle = Duration::from_millis(400);
+    let guard = StreamGuardLayer::builder()
+        .request_idle_timeout(idle)
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    post_beside_events(&guard, "/holds").await;
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Request),
+        "{event:?}"
+    );
+    let tick = Duration::from_millis(20);
+    assert!(
+        event.duration() >= idle && event.duration() <= idle + tick,
+        "{event:?}"
+    );
+}
+
+/// With the request side closed by the drop, the response side's idle
+/// timeout still applies: events that stop cut the stream there.
+#[tokio::test(start_paused = true)]
+async fn a_request_body_dropped_unread_leaves_the_response_idle_timeout() {
+    let guard = StreamGuardLayer::builder()
+        .request_idle_timeout(Duration::from_millis(400))
+        .response_idle_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let mut events = guard.subscribe();
+    post_beside_events(&guard, "/ignores").await;
+    let event = next_event(&mut events).await;
+    assert_eq!(
+        event.reason(),
+        EndReason::IdleTimeout(IdleDirection::Response),
+        "{event:?}"
+    );
+}

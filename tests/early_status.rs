@@ -207,3 +207,72 @@ fn build_refuses_an_early_status_that_is_not_an_error() {
         .early_status(EndReason::Drained, StatusCode::SERVICE_UNAVAILABLE);
     assert!(builder.build().is_ok());
 }
+
+// === the handle in the guard's own answers ===
+
+/// The handle a response carries; the guard's own answers included.
+fn handle_in(response: &Response<ResponseBody<Empty<Bytes>>>) -> StreamHandle {
+    response
+        .extensions()
+        .get::<StreamHandle>()
+        .cloned()
+        .expect("response_handle(true) puts a handle in every response")
+}
+
+/// With `response_handle(true)`, the answers the guard makes itself carry
+/// the handle too, already ended: a limit before headers (`504`), a cap's
+/// refusal (`503`), in plain HTTP and gRPC.
+#[tokio::test(start_paused = true)]
+async fn the_guards_own_answers_carry_the_handle_when_asked() {
+    for grpc in [false, true] {
+        let guard = guard(
+            StreamGuardLayer::builder()
+                .response_handle(true)
+                .max_lifetime(SECOND)
+                .max_streams(1),
+        );
+        let mut events = guard.subscribe();
+        let first = call(&guard, grpc).await;
+
+        // The second stream is refused at once by the cap.
+        let service = guard.layer(tower::service_fn(
+            |_: Request<RequestBody<Empty<Bytes>>>| {
+                std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
+            },
+        ));
+        let mut request = Request::new(Empty::<Bytes>::new());
+        if grpc {
+            request
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+        }
+        let refused = service.oneshot(request).await.unwrap();
+        let refused_handle = handle_in(&refused);
+        let reason = EndReason::Rejected(tower_stream_guard::StreamCap::Total);
+        assert_eq!(refused_handle.end_reason(), Some(reason), "grpc {grpc}");
+        assert_eq!(refused_handle.cancelled().await, reason);
+        assert_eq!(next_event(&mut events).await.reason(), reason);
+
+        // The first reaches its lifetime before its handler answers.
+        let expired = first.answer().await;
+        let expired_handle = handle_in(&expired);
+        assert!(expired_handle.is_ended());
+        assert_eq!(
+            expired_handle.cancelled().await,
+            EndReason::LifetimeExceeded
+        );
+        assert_eq!(
+            next_event(&mut events).await.reason(),
+            EndReason::LifetimeExceeded
+        );
+    }
+}
+
+/// The control: without `response_handle`, no answer carries one.
+#[tokio::test(start_paused = true)]
+async fn without_response_handle_the_guards_answers_carry_none() {
+    let guard = guard(StreamGuardLayer::builder().max_lifetime(SECOND));
+    let expired = call(&guard, false).await.answer().await;
+    assert_eq!(expired.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(expired.extensions().get::<StreamHandle>().is_none());
+}

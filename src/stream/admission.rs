@@ -145,6 +145,22 @@ impl StreamGuardBuilder {
         self
     }
 
+    /// Counts IPv6 peers by their first `bits` bits for the per-peer caps
+    /// (the layer's and its routes'), instead of by their full address: a
+    /// host holds a whole prefix (usually a /64) and can take a fresh
+    /// address in it for every connection, so keyed by address it gets the
+    /// cap once per address. `64` suits most networks, `56` or `48` a
+    /// provider that hands each customer one of those. IPv4 peers keep
+    /// their address, also when a dual-stack listener shows them as
+    /// IPv4-mapped IPv6 addresses. End events keep the peer's full address;
+    /// [`peer_streams`](crate::StreamGuardLayer::peer_streams) lists the
+    /// prefixes. Default: 128 (the full address); [`build`](Self::build)
+    /// refuses a value outside 1..=128. A few bit operations per request.
+    pub fn peer_ipv6_prefix(mut self, bits: u8) -> Self {
+        self.peer_ipv6_prefix = bits;
+        self
+    }
+
     /// At most `limit` open streams through this guard in total.
     ///
     /// Counts every request through the layer: see [caps](Self#caps).

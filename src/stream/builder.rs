@@ -84,6 +84,7 @@ pub struct StreamGuardBuilder {
     pub(super) heartbeat: Option<Heartbeat>,
     pub(super) routes: Vec<RouteSpec>,
     pub(super) connection_key: Option<KeyFn>,
+    pub(super) peer_ipv6_prefix: u8,
     pub(super) honor_grpc_timeout: bool,
     pub(super) track_connections: bool,
     pub(super) response_handle: bool,
@@ -107,6 +108,7 @@ impl Default for StreamGuardBuilder {
             heartbeat: None,
             routes: Vec::new(),
             connection_key: None,
+            peer_ipv6_prefix: 128,
             honor_grpc_timeout: false,
             track_connections: false,
             response_handle: false,
@@ -132,6 +134,7 @@ impl fmt::Debug for StreamGuardBuilder {
             .field("heartbeat", &self.heartbeat)
             .field("routes", &self.routes)
             .field("connection_key", &self.connection_key.is_some())
+            .field("peer_ipv6_prefix", &self.peer_ipv6_prefix)
             .field("honor_grpc_timeout", &self.honor_grpc_timeout)
             .field("track_connections", &self.track_connections)
             .field("response_handle", &self.response_handle)
@@ -156,8 +159,9 @@ impl StreamGuardBuilder {
     }
 
     /// Ends a stream when the peer sent no request frame for `timeout` while
-    /// its request body is still open: the client-streaming call whose client
-    /// went silent. The handler's next read fails with `DEADLINE_EXCEEDED`.
+    /// its request body is still open (not at its end, and not dropped by the
+    /// handler): the client-streaming call whose client went silent. The
+    /// handler's next read fails with `DEADLINE_EXCEEDED`.
     pub fn request_idle_timeout(mut self, timeout: Duration) -> Self {
         self.policy.set_idle(IdleDirection::Request, timeout);
         self
@@ -349,8 +353,11 @@ impl StreamGuardBuilder {
     /// *response* extensions: for clients, whose requests are built before
     /// the guard sees them. A tonic client finds it with
     /// `response.extensions().get::<StreamHandle>()` and can observe the call
-    /// or [`cancel`](crate::StreamHandle::cancel) it. Costs an extension
-    /// insertion per stream, so it is off by default.
+    /// or [`cancel`](crate::StreamHandle::cancel) it. Every response carries
+    /// it, the guard's own answers too (a cap's refusal, a limit that fired
+    /// before the service answered): there it has already ended, and
+    /// [`end_reason`](crate::StreamHandle::end_reason) says why. Costs an
+    /// extension insertion per stream, so it is off by default.
     pub fn response_handle(mut self, enabled: bool) -> Self {
         self.response_handle = enabled;
         self
@@ -370,7 +377,11 @@ impl StreamGuardBuilder {
     }
 
     /// Applies `policy` to requests for which `predicate` returns `true`; it
-    /// runs once per request, before the service is called.
+    /// runs once per request, before the service is called and after the
+    /// guard has read where the request came from: behind a
+    /// [`ConnectionGuard`](crate::ConnectionGuard) its extensions hold the
+    /// [`ConnectionHandle`](crate::ConnectionHandle) (and the connect info a
+    /// guarded one wrapped), as the service's will.
     pub fn route_when<F>(self, predicate: F, policy: RoutePolicy) -> Self
     where
         F: Fn(&RouteRequest<'_>) -> bool + Send + Sync + 'static,
@@ -450,13 +461,20 @@ impl StreamGuardBuilder {
     /// range, when the event
     /// capacity or a cap is zero, or when a route's path does not start with
     /// `/` or its settings laid over the layer's break one of these rules
-    /// ([`ConfigError::Route`] names the route), or when an
-    /// [`early_status`](Self::early_status) is not a `4xx` or `5xx` status.
+    /// ([`ConfigError::Route`] names the route), when an
+    /// [`early_status`](Self::early_status) is not a `4xx` or `5xx` status,
+    /// or when [`peer_ipv6_prefix`](Self::peer_ipv6_prefix) is outside
+    /// 1..=128.
     pub fn build(self) -> Result<StreamGuardLayer, ConfigError> {
         self.policy.validate(self.resolution)?;
         validate_event_capacity(self.capacity)?;
         validate_path_labels(self.path_labels)?;
         validate_caps(&self.caps)?;
+        if !(1..=128).contains(&self.peer_ipv6_prefix) {
+            return Err(ConfigError::PeerIpv6PrefixOutOfRange {
+                bits: self.peer_ipv6_prefix,
+            });
+        }
         if let Some(patience) = self.cap_wait {
             check_duration("cap_wait", patience, None)?;
         }
@@ -485,6 +503,7 @@ impl StreamGuardBuilder {
             caps: (!self.caps.is_empty() || self.track_connections)
                 .then(|| Arc::new(CapSet::new(self.caps, self.track_connections))),
             connection_key: self.connection_key,
+            peer_ipv6_prefix: self.peer_ipv6_prefix,
             honor_grpc_timeout: self.honor_grpc_timeout,
             cap_wait: self.cap_wait,
             handle_in_response: self.response_handle,

@@ -13,10 +13,11 @@ use pin_project_lite::pin_project;
 
 use super::{
     cap::Admission,
+    framing::Follows,
     handle::StreamHandle,
     heartbeat::Heartbeat,
     last_word::Word,
-    response_body::{self, Opened, ResponseBody},
+    response_body::{Opened, ResponseBody},
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};
@@ -44,7 +45,8 @@ pin_project! {
     /// other limits and a cancel. The same when the stream ends while the
     /// service's future is being polled to an answer that nothing follows
     /// (a body already at its end, such as a trailers-only gRPC status or an
-    /// empty `200`; the answer to a `HEAD` request): that answer is dropped
+    /// empty `200`; a `204` or `304`, whatever its body; the answer to a
+    /// `HEAD` request): that answer is dropped
     /// and the peer reads the guard's, whose reason the end event gives. An
     /// answer whose body follows goes out, and its body ends the guard's
     /// way. A stream a cap refuses, or that arrives
@@ -157,25 +159,38 @@ impl<F> ResponseFuture<F> {
             StateTaken::Calling {
                 ticket, response, ..
             } => Some((ticket, response)),
-            StateTaken::Answered { ticket } => Some((ticket, ForResponse::default())),
+            StateTaken::Answered { ticket } => {
+                let goaways_seen = ticket.shared.goaways_seen();
+                Some((
+                    ticket,
+                    ForResponse {
+                        goaways_seen,
+                        ..ForResponse::default()
+                    },
+                ))
+            }
             StateTaken::Done => None,
         }
     }
 
     /// Resolves with the guard's own answer, moving the ticket into its body.
     fn answer<B, E>(self: Pin<&mut Self>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
-        match self.take_ticket() {
-            Some(ticket) => Poll::Ready(Ok(guard_answer(ticket))),
+        match self.take_state() {
+            Some((ticket, for_response)) => {
+                Poll::Ready(Ok(guard_answer(ticket, for_response.goaways_seen)))
+            }
             None => Poll::Pending,
         }
     }
 }
 
-/// The guard's own answer for the stream `ticket` owns, which has ended.
-fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
+/// The guard's own answer for the stream `ticket` owns, which has ended;
+/// with its handle when the layer puts one in responses (a client that
+/// reads the handle finds it on every answer).
+fn guard_answer<B>(ticket: Ticket, goaways_seen: u64) -> Response<ResponseBody<B>> {
     let ending = ticket.ending().unwrap_or(Ending::Cancelled);
     let admission = &ticket.shared.admission;
-    let response = grpc::early_response(
+    let mut response = grpc::early_response(
         ticket.grpc,
         ending,
         &ticket.message(ending),
@@ -183,7 +198,19 @@ fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
         admission.retry_after_secs,
         (),
     );
+    insert_handle(&mut response, &ticket, goaways_seen);
     response.map(|()| ResponseBody::answered(ticket))
+}
+
+/// Puts the stream's handle into `response`'s extensions, when the layer
+/// puts one in responses (see `StreamGuardBuilder::response_handle`).
+fn insert_handle<T>(response: &mut Response<T>, ticket: &Ticket, goaways_seen: u64) {
+    if ticket.shared.admission.handle_in_response {
+        response.extensions_mut().insert(StreamHandle {
+            record: std::sync::Arc::clone(ticket.record()),
+            goaways_seen,
+        });
+    }
 }
 
 /// The service's answer, its body wrapped; or, when the stream ended before
@@ -194,29 +221,20 @@ fn service_answer<B: Body>(
     for_response: ForResponse,
 ) -> Response<ResponseBody<B>> {
     // The body's size hint and `is_end_stream` are the service's code.
-    let (declared, at_end) = EndOnUnwind::run(&ticket, || {
-        let declared = response_body::declared_length(&response);
-        (declared, response.body().is_end_stream())
-    });
-    // Nothing follows a head whose body is already at its end, that answers
-    // a `HEAD` request, or that declares no body: hyper sends it alone (with
-    // END_STREAM) and never polls the body. The head is the last word.
-    let last = at_end || ticket.after.is_head() || declared == Some(0);
+    let follows = EndOnUnwind::run(&ticket, || Follows::of(&response, ticket.after.is_head()));
+    // A head that nothing follows is the last word: hyper sends it alone and
+    // never polls the body (see `framing`).
+    let last = follows.nothing();
     let word = if last {
-        ticket.last_word(Ending::Completed)
+        ticket.last_word(follows.ending())
     } else {
         ticket.next_word()
     };
     if word == Word::Guard {
         drop(response);
-        return guard_answer(ticket);
+        return guard_answer(ticket, for_response.goaways_seen);
     }
-    if ticket.shared.admission.handle_in_response {
-        response.extensions_mut().insert(StreamHandle {
-            record: std::sync::Arc::clone(ticket.record()),
-            goaways_seen: for_response.goaways_seen,
-        });
-    }
+    insert_handle(&mut response, &ticket, for_response.goaways_seen);
     let grpc = grpc::is_grpc(response.headers());
     let status = grpc::status_of(response.headers());
     if let Some(code) = status {
@@ -234,8 +252,7 @@ fn service_answer<B: Body>(
         grpc,
         heartbeat,
         client: for_response.client,
-        declared,
-        last,
+        follows,
     };
     response.map(|body| ResponseBody::guarded(body, ticket, opened))
 }

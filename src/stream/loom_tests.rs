@@ -109,8 +109,8 @@ pub(super) fn opened(grpc: bool) -> Opened {
     Opened {
         grpc,
         heartbeat: None,
-        declared: None,
-        last: false,
+        client: false,
+        follows: super::framing::Follows::Body,
     }
 }
 

@@ -120,6 +120,7 @@ pub(crate) mod builder;
 mod cap;
 mod cap_wait;
 mod ending;
+mod framing;
 mod future;
 pub(crate) mod handle;
 pub(crate) mod heartbeat;

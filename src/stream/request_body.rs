@@ -29,6 +29,9 @@ pin_project! {
     /// `Streaming::message()` returns `Status::deadline_exceeded` naming the
     /// guard. After the error the body ends. Frames, `is_end_stream` and
     /// `size_hint` of the inner body pass through otherwise unchanged.
+    /// Dropping it closes the stream's request side: from then on
+    /// [`request_idle_timeout`](crate::StreamGuardBuilder::request_idle_timeout)
+    /// no longer applies to the stream.
     ///
     /// A service behind a guard with the default [`PlainBody`](super::PlainBody)
     /// receives `Request<RequestBody<B>>` and reads it like any body:
@@ -64,6 +67,15 @@ pin_project! {
         // The waker last handed to `state.request_waker` (see ResponseBody).
         registered: Option<Waker>,
         done: bool,
+    }
+
+    impl<B> PinnedDrop for RequestBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // A body the handler let go of unread is no open request side:
+            // nobody waits on the peer's next frame, so the request idle
+            // timeout no longer applies (the response side's still does).
+            this.state.mark_request_done();
+        }
     }
 }
 

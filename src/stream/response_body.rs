@@ -19,6 +19,7 @@ use pin_project_lite::pin_project;
 use crate::{end::Ending, error::BoxError, grpc};
 
 use super::{
+    framing::Follows,
     heartbeat::Heartbeat,
     last_word::Word,
     record::Record,
@@ -135,37 +136,30 @@ pub(crate) struct Opened {
     pub(crate) heartbeat: Option<Heartbeat>,
     /// The guard is a client's (see `StreamGuardLayer::for_client`).
     pub(crate) client: bool,
-    /// The body's length as the head or the body's exact size hint declares
-    /// it (see [`declared_length`]).
-    pub(crate) declared: Option<u64>,
-    /// Nothing follows the head: the response future has decided the end
-    /// (see `last_word`), and the body is never polled.
-    pub(crate) last: bool,
-}
-
-/// The length a response declares for its body: its `content-length`, else
-/// its body's exact size hint (which hyper sends as the `content-length`).
-/// Read once per stream.
-pub(crate) fn declared_length<B: Body>(response: &http::Response<B>) -> Option<u64> {
-    match response.headers().get(http::header::CONTENT_LENGTH) {
-        Some(value) => value.to_str().ok()?.trim().parse().ok(),
-        None => response.body().size_hint().exact(),
-    }
+    /// What follows the head (see `framing`): with nothing, the response
+    /// future has decided the end (see `last_word`), and the body is never
+    /// polled.
+    pub(crate) follows: Follows,
 }
 
 impl<B: Body> ResponseBody<B> {
     /// The body of the service's answer. Unless `opened.last`, the stream is
     /// open: the body's parts will claim the end.
     pub(crate) fn guarded(inner: B, ticket: Ticket, opened: Opened) -> Self {
-        // A body at its end is never polled: hyper sends the headers with
-        // END_STREAM and drops it. The answer to a HEAD request, or a head
-        // that declares no body, stays as it is: hyper drops it unread,
-        // and its size hint still goes out as the `content-length` (a poll
-        // would find the stream ended and yield nothing).
-        let closed = opened.last && EndOnUnwind::run(&ticket, || inner.is_end_stream());
-        if !opened.last {
-            ticket.response_opened();
-        }
+        // A body that no byte of follows its head is closed: hyper sends the
+        // head with END_STREAM (HTTP/2 included, which would poll it) and
+        // drops it. The answer to a HEAD request stays as it is: hyper drops
+        // it unread, and its size hint still goes out as the
+        // `content-length` (a poll would find the stream ended and yield
+        // nothing).
+        let closed = match opened.follows {
+            Follows::Nothing | Follows::Interim => true,
+            Follows::HeadOnly => EndOnUnwind::run(&ticket, || inner.is_end_stream()),
+            Follows::Bytes(_) | Follows::Body => {
+                ticket.response_opened();
+                false
+            }
+        };
         ResponseBody {
             inner: Some(inner),
             ticket: Some(ticket),
@@ -175,7 +169,7 @@ impl<B: Body> ResponseBody<B> {
             waiting: false,
             heartbeat: opened.heartbeat,
             finishing: false,
-            remaining: opened.declared,
+            remaining: opened.follows.declared(),
             defer_trailers: !opened.client,
         }
     }

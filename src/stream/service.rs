@@ -13,7 +13,12 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::{connection::ConnectionHandle, error::BoxError, grpc, peer::ConnectionKey};
+use crate::{
+    connection::ConnectionHandle,
+    error::BoxError,
+    grpc,
+    peer::{self, ConnectionKey},
+};
 
 use super::{
     cap::{self, Admission, CapPermit, CapSet, Origin, Wait},
@@ -247,7 +252,9 @@ impl<S, W> StreamGuard<S, W> {
         );
         let origin = Origin {
             connection: found.connection,
-            peer: found.peer.map(|p| p.ip()),
+            peer: found
+                .peer
+                .map(|p| peer::cap_key(p.ip(), self.shared.admission.peer_ipv6_prefix)),
         };
         (origin, found.peer, found.handle, found.anchor)
     }
@@ -308,6 +315,10 @@ where
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         let shared = &self.shared;
+        // Before the routes: a `route_when` predicate sees what the origin
+        // unpacks (a guarded connect info's `ConnectionHandle` and inner
+        // connect info).
+        let (origin, peer, connection, anchor) = self.origin(&mut request);
         let route = if shared.admission.routes.is_empty() {
             None
         } else {
@@ -327,7 +338,6 @@ where
             .honor_grpc_timeout
             .then(|| grpc::timeout_of(request.headers()))
             .flatten();
-        let (origin, peer, connection, anchor) = self.origin(&mut request);
         // Empty (no allocation) unless some cap applies.
         let caps: Vec<Arc<CapSet>> = shared
             .admission

@@ -43,6 +43,9 @@ pub(crate) struct Admission {
     /// The layer's own caps (and connection counts), if it has any.
     pub(crate) caps: Option<Arc<CapSet>>,
     pub(crate) connection_key: Option<KeyFn>,
+    /// How many leading bits of an IPv6 peer's address key the per-peer
+    /// caps (128: all).
+    pub(crate) peer_ipv6_prefix: u8,
     pub(crate) honor_grpc_timeout: bool,
     pub(crate) cap_wait: Option<Duration>,
     /// Put the handle into response extensions too (clients).
