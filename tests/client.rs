@@ -31,36 +31,15 @@ use tonic::{Code, transport::Channel};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_stream_guard::{
     BoxError, EndReason, GuardError, IdleDirection, StreamGuardLayer, StreamHandle,
-    stream::{StreamGuard, TonicBody},
 };
 
 #[allow(dead_code)]
 mod support;
 use support::{PATIENCE, SLACK, next_event, wait_until};
 
-/// A tonic server behind a guard that only watches (no limits), so the test
-/// sees the server side of each call end.
-async fn serve() -> (SocketAddr, StreamGuardLayer) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let guard = StreamGuardLayer::builder().build().unwrap();
-    let router = tonic::transport::Server::builder()
-        .layer(guard.clone())
-        .add_service(EchoServer::new(EchoService::new()));
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
-    (addr, guard)
-}
-
-type GuardedChannel = StreamGuard<Channel, TonicBody>;
-
-async fn guarded_client(addr: SocketAddr, guard: &StreamGuardLayer) -> EchoClient<GuardedChannel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    EchoClient::new(guard.clone().for_tonic_channel().layer(channel))
-}
+#[path = "support/echo_pair.rs"]
+mod echo_pair;
+use echo_pair::{GuardedChannel, guarded_client, serve};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guarded_client_gets_deadline_exceeded_when_the_server_goes_silent() {

@@ -6,48 +6,24 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use common::{
     EchoService,
-    echo::{EchoRequest, StreamRequest, echo_client::EchoClient, echo_server::EchoServer},
+    echo::{EchoRequest, StreamRequest, echo_server::EchoServer},
 };
 use tokio::{net::TcpListener, sync::mpsc, time::timeout};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Code, transport::Channel};
-use tower::Layer;
-use tower_stream_guard::{
-    EndReason, StreamGuardLayer, StreamHandle,
-    stream::{StreamGuard, TonicBody},
-};
+use tonic::Code;
+use tower_stream_guard::{EndReason, StreamGuardLayer, StreamHandle};
 
 #[allow(dead_code)]
 mod support;
 use support::{PATIENCE, QUIET, next_event};
 
-/// A tonic server behind a guard that only watches, so the test sees the
-/// server's side of each call end.
-async fn serve() -> (SocketAddr, StreamGuardLayer) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let guard = StreamGuardLayer::builder().build().unwrap();
-    let router = tonic::transport::Server::builder()
-        .layer(guard.clone())
-        .add_service(EchoServer::new(EchoService::new()));
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
-    (addr, guard)
-}
-
-type Client = EchoClient<StreamGuard<Channel, TonicBody>>;
-
-async fn client(addr: SocketAddr, guard: &StreamGuardLayer) -> Client {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    EchoClient::new(guard.clone().for_tonic_channel().layer(channel))
-}
+#[path = "support/echo_pair.rs"]
+mod echo_pair;
+use echo_pair::{guarded_client, serve};
 
 fn handle_of<T>(response: &tonic::Response<T>) -> StreamHandle {
     response
@@ -65,7 +41,7 @@ async fn a_client_stream_ends_at_the_servers_trailers_while_the_application_hold
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let mut client = client(addr, &guard).await;
+    let mut client = guarded_client(addr, &guard).await;
 
     let response = client
         .server_stream(StreamRequest {
@@ -127,7 +103,7 @@ async fn a_client_stream_ending_with_an_error_status_ends_at_its_trailers() {
     );
     let guard = StreamGuardLayer::builder().build().unwrap();
     let mut events = guard.subscribe();
-    let mut client = client(guarded_addr, &guard).await;
+    let mut client = guarded_client(guarded_addr, &guard).await;
     let mut replies = client
         .server_stream(StreamRequest {
             count: 0,
@@ -160,7 +136,7 @@ async fn a_bidi_producer_under_the_handle_stops_when_the_call_is_over() {
         .response_handle(true)
         .build()
         .unwrap();
-    let mut client = client(addr, &guard).await;
+    let mut client = guarded_client(addr, &guard).await;
     let (tx, rx) = mpsc::channel(4);
     tx.send(EchoRequest {
         message: "one".into(),
@@ -215,7 +191,7 @@ async fn a_client_guard_firing_while_unread_resets_the_stream_at_the_next_read()
         .build()
         .unwrap();
     let mut events = guard.subscribe();
-    let mut client = client(addr, &guard).await;
+    let mut client = guarded_client(addr, &guard).await;
     let response = client
         .server_stream(StreamRequest {
             count: 0,
@@ -275,7 +251,7 @@ async fn a_client_guard_firing_while_read_resets_the_stream_at_once() {
         .max_lifetime(Duration::from_millis(300))
         .build()
         .unwrap();
-    let mut client = client(addr, &guard).await;
+    let mut client = guarded_client(addr, &guard).await;
     let mut replies = client
         .server_stream(StreamRequest {
             count: 0,

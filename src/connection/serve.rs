@@ -188,37 +188,29 @@ trait Graceful: Future<Output = Result<(), BoxError>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<I, S, B> Graceful for auto::Connection<'_, I, S, TokioExecutor>
-where
-    Self: Future<Output = Result<(), BoxError>>,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        auto::Connection::graceful_shutdown(self);
-    }
+/// Both hyper-util connection kinds have the same `graceful_shutdown`.
+macro_rules! graceful {
+    ($connection:ident) => {
+        impl<I, S, B> Graceful for auto::$connection<'_, I, S, TokioExecutor>
+        where
+            Self: Future<Output = Result<(), BoxError>>,
+            S: hyper::service::HttpService<Incoming, ResBody = B>,
+            S::Error: Into<BoxError>,
+            S::Future: Send + 'static,
+            I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+            B: http_body::Body + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<BoxError>,
+        {
+            fn graceful_shutdown(self: Pin<&mut Self>) {
+                auto::$connection::graceful_shutdown(self);
+            }
+        }
+    };
 }
 
-impl<I, S, B> Graceful for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
-where
-    Self: Future<Output = Result<(), BoxError>>,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        auto::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
+graceful!(Connection);
+graceful!(UpgradeableConnection);
 
 /// Drives `connection` to its end, asking hyper for a graceful shutdown
 /// (GOAWAY) when the guard asks for one or a drain begins.
