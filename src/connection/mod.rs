@@ -292,6 +292,7 @@ mod notice;
 mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
+mod takeover;
 mod tonic;
 #[cfg(feature = "test-view")]
 mod view;
@@ -305,6 +306,7 @@ pub(crate) use notice::NoticeShared;
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 #[cfg(any(feature = "tonic", feature = "hyper"))]
 pub use notice::{NoticeConnecting, NoticeConnector};
+pub(crate) use takeover::TakenOver;
 pub use tonic::GuardedConnectInfo;
 
 pub(crate) use event::{ConnectionEnd, ConnectionEvent};

@@ -17,6 +17,7 @@ use super::{
     heartbeat::Heartbeat,
     last_word::Word,
     response_body::{self, Opened, ResponseBody},
+    takeover,
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};
@@ -124,6 +125,9 @@ pub(crate) struct ForResponse {
     pub(crate) heartbeat: Option<Heartbeat>,
     /// The guard is a client's: the body's trailers finish the end at once.
     pub(crate) client: bool,
+    /// The request's HTTP version: an HTTP/1 upgrade's head hands the
+    /// connection to the stream (see `takeover.rs`).
+    pub(crate) version: http::Version,
 }
 
 impl<F> ResponseFuture<F> {
@@ -191,7 +195,7 @@ fn guard_answer<B>(ticket: Ticket) -> Response<ResponseBody<B>> {
 /// The service's answer, its body wrapped; or, when the stream ended before
 /// the answer could go out, the guard's own (the service's is dropped).
 fn service_answer<B: Body>(
-    mut response: Response<B>,
+    response: Response<B>,
     ticket: Ticket,
     for_response: ForResponse,
 ) -> Response<ResponseBody<B>> {
@@ -200,6 +204,12 @@ fn service_answer<B: Body>(
         let declared = response_body::declared_length(&response);
         (declared, response.body().is_end_stream())
     });
+    // An upgrade's head is not the stream's end: the connection, which the
+    // stream takes over, ends it (without a connection guard, the head does).
+    let (mut response, ticket) = match takeover::answer(response, ticket, &for_response) {
+        Ok(taken_over) => return taken_over,
+        Err(not_taken) => not_taken,
+    };
     // Nothing follows a head whose body is already at its end, that answers
     // a `HEAD` request, or that declares no body: hyper sends it alone (with
     // END_STREAM) and never polls the body. The head is the last word.

@@ -232,6 +232,20 @@ impl Record {
         self.request.note(bytes, self.shared.timer.stamp());
     }
 
+    /// Bytes read from the peer on the connection this stream took over
+    /// (see `takeover.rs`): request-side activity.
+    #[inline]
+    pub(crate) fn note_upgraded_read(&self, bytes: usize) {
+        self.request.note(bytes, self.shared.timer.stamp());
+    }
+
+    /// Bytes written to the peer on the connection this stream took over:
+    /// response-side activity (no wait on the reader is measured there).
+    #[inline]
+    pub(crate) fn note_upgraded_write(&self, bytes: usize) {
+        self.response.note(bytes, self.shared.timer.stamp());
+    }
+
     /// A response data frame the body hands to hyper: counted, the idle
     /// clock reset, and the body waits on the reader from now until it is
     /// polled again. The same two stores as a request frame: the stamp,
@@ -451,7 +465,7 @@ impl Record {
             after(last_request.max(last_response), &self.idle_both),
             Ending::IdleBoth,
         );
-        if !self.request_done.load(Ordering::Relaxed) {
+        if !self.request_done.load(Ordering::Relaxed) || self.is_taken_over() {
             consider(after(last_request, &self.idle_request), Ending::IdleRequest);
         }
         consider(

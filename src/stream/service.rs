@@ -333,6 +333,7 @@ where
 
         let after = After::new(&request, origin.connection, peer, connection);
         let grpc = grpc::is_grpc(request.headers());
+        let version = request.version();
         let ticket = match Ticket::start(
             shared,
             &policy,
@@ -383,6 +384,7 @@ where
             goaways_seen,
             heartbeat,
             client: self.client,
+            version,
         };
         ResponseFuture::calling(future, gate, ticket, response)
     }
