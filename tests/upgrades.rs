@@ -494,3 +494,50 @@ async fn the_client_closing_ends_the_upgraded_stream_once() {
         assert_eq!(closed.end(), Some(ConnectionEnd::Closed));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_reset_ends_the_upgraded_stream_as_cancelled() {
+    for server in SERVERS {
+        let mut fixture = Fixture::start(server, StreamGuardLayer::builder(), Echo::Plain).await;
+        let mut client = fixture.upgrade().await.expect("upgraded");
+        client.echo().await;
+        // A zero linger: the client's close is a reset (RST), which the
+        // server's read fails on.
+        socket2::SockRef::from(&client.tcp)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(client);
+        let event = next_event(&mut fixture.events).await;
+        assert_eq!(event.reason(), EndReason::Cancelled, "{server:?}");
+        assert_no_more_events(&mut fixture.events).await;
+        assert_eq!(fixture.guard.active_streams(), 0);
+    }
+}
+
+/// Without a connection guard nothing tells when the upgraded connection
+/// closes: the stream ends at the 101, as documented (a warning says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_connection_guard_the_upgrade_ends_its_stream_at_the_101() {
+    let guard = StreamGuardLayer::builder().build().expect("valid");
+    let mut events = guard.subscribe();
+    let (tell, mut seen) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route("/", get(websocket))
+        .layer(Extension(tell))
+        .layer(Extension(Echo::Plain))
+        .layer(guard.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut client = Client::upgrade(Server::Axum, addr).await.expect("upgraded");
+    let event = next_event(&mut events).await;
+    assert_eq!(event.reason(), EndReason::Completed);
+    assert_eq!(guard.active_streams(), 0);
+    let upgraded = timeout(PATIENCE, seen.recv()).await.expect("in time");
+    assert_eq!(upgraded, Some(Seen::Upgraded { handle_ended: true }));
+    // The connection itself works, unguarded.
+    client.echo().await;
+    client.close().await;
+    assert_no_more_events(&mut events).await;
+}

@@ -182,6 +182,19 @@
 //! hyper's `graceful_shutdown` when
 //! [`goaway`](crate::ConnectionHandle::goaway) resolves.
 //!
+//! # Upgraded connections
+//!
+//! An HTTP/1.1 upgrade (a WebSocket through axum's `WebSocketUpgrade`,
+//! hyper's `upgrade::on`, a `CONNECT` tunnel) hands the connection's IO, a
+//! [`GuardedIo`], to the application. When a
+//! [`StreamGuardLayer`](crate::StreamGuardLayer) found the connection's
+//! handle in the request, its stream takes the connection over at the
+//! `101`: the stream lives until the [`GuardedIo`] is dropped (the
+//! connection closed) and ends then, what the IO reads and writes counts
+//! as its activity, and a guard that ends it closes the connection
+//! ([`ConnectionEnd::UpgradeEnded`]). See the crate README's section on
+//! WebSockets.
+//!
 //! # Under TLS
 //!
 //! With feature `tls`, the guard works on either side of an
@@ -243,7 +256,11 @@
 //! # Costs
 //!
 //! Per read or write of a connection: one atomic load (has the guard closed
-//! it?), and a second one when the IO is pending. The task's waker is
+//! it?), a second one when the IO is pending, and one when it moved bytes
+//! (has a stream taken the connection over?). On a connection an upgraded
+//! stream took over, each read or write that moved bytes also stamps the
+//! stream's activity (a few relaxed loads and stores, through a pointer the
+//! IO fetches once, under a lock). The task's waker is
 //! registered only when the IO is pending with a different waker than the
 //! one registered last time (hyper polls a connection from one task, so
 //! usually once per connection). Per connection: one allocation for its

@@ -70,7 +70,7 @@ impl Side {
     }
 
     #[inline]
-    fn note(&self, bytes: usize, stamp: u64) {
+    pub(super) fn note(&self, bytes: usize, stamp: u64) {
         self.count(bytes);
         self.last.store(stamp, Ordering::Relaxed);
     }
@@ -108,7 +108,7 @@ pub(crate) enum Verdict {
 #[repr(C)]
 pub(crate) struct Record {
     /// Written by the request body on every frame.
-    request: Side,
+    pub(super) request: Side,
     // Only an end takes these wakers out (by waking them): the bodies rely
     // on that to skip registering a waker they already registered.
     pub(crate) request_waker: AtomicWaker,
@@ -152,7 +152,7 @@ pub(crate) struct Record {
     /// the body) the response body's: the two never wait at the same time.
     pub(crate) response_waker: AtomicWaker,
     /// Written by the response body on every frame.
-    response: Side,
+    pub(super) response: Side,
     /// Time the response body waited on the reader, in ns on the coarse
     /// clock, up to the wait in progress (if `response.frames` has
     /// [`WAITING`], since `response.last`). Written by the response body at
@@ -230,20 +230,6 @@ impl Record {
     #[inline]
     pub(crate) fn note_request_frame(&self, bytes: usize) {
         self.request.note(bytes, self.shared.timer.stamp());
-    }
-
-    /// Bytes read from the peer on the connection this stream took over
-    /// (see `takeover.rs`): request-side activity.
-    #[inline]
-    pub(crate) fn note_upgraded_read(&self, bytes: usize) {
-        self.request.note(bytes, self.shared.timer.stamp());
-    }
-
-    /// Bytes written to the peer on the connection this stream took over:
-    /// response-side activity (no wait on the reader is measured there).
-    #[inline]
-    pub(crate) fn note_upgraded_write(&self, bytes: usize) {
-        self.response.note(bytes, self.shared.timer.stamp());
     }
 
     /// A response data frame the body hands to hyper: counted, the idle

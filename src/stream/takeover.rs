@@ -79,12 +79,15 @@ pub(crate) fn takes_over(version: Version, connect: bool, status: StatusCode) ->
 struct Upgraded(Ticket);
 
 impl TakenOver for Upgraded {
+    // The request side is what the peer sends, the response side what it
+    // is sent: the same notes as the bodies' frames (no wait on the reader
+    // is measured here).
     fn read(&self, bytes: usize) {
-        self.0.note_upgraded_read(bytes);
+        self.0.request.note(bytes, self.0.shared.timer.stamp());
     }
 
     fn wrote(&self, bytes: usize) {
-        self.0.note_upgraded_write(bytes);
+        self.0.response.note(bytes, self.0.shared.timer.stamp());
     }
 
     fn closed(&self, clean: bool) {
