@@ -272,8 +272,8 @@ impl<IO: AsyncRead> AsyncRead for GuardedIo<IO> {
         let read = guarded(state, &state.read_waker, this.read_registered, cx, |cx| {
             inner.poll_read(cx, buf)
         });
-        if let Poll::Ready(Ok(())) = read {
-            let bytes = buf.filled().len().saturating_sub(before);
+        let bytes = buf.filled().len().saturating_sub(before);
+        if bytes > 0 {
             takeover::note(this.taker, state, |stream| stream.read(bytes));
         }
         read
@@ -292,7 +292,7 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
         let written = guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
             inner.poll_write(cx, buf)
         });
-        if let Poll::Ready(Ok(bytes)) = written {
+        if let Poll::Ready(Ok(bytes @ 1..)) = written {
             takeover::note(this.taker, state, |stream| stream.wrote(bytes));
         }
         written
@@ -309,7 +309,7 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
         let written = guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
             inner.poll_write_vectored(cx, bufs)
         });
-        if let Poll::Ready(Ok(bytes)) = written {
+        if let Poll::Ready(Ok(bytes @ 1..)) = written {
             takeover::note(this.taker, state, |stream| stream.wrote(bytes));
         }
         written

@@ -109,6 +109,7 @@ pub(super) fn opened(grpc: bool) -> Opened {
     Opened {
         grpc,
         heartbeat: None,
+        client: false,
         declared: None,
         last: false,
     }

@@ -42,8 +42,10 @@ pub(crate) fn answer<B>(
     ticket: Ticket,
     for_response: &ForResponse,
 ) -> Result<Response<ResponseBody<B>>, (Response<B>, Ticket)> {
+    // A client's guard sees the server's 101: the connection is the
+    // client's, no connection guard's.
     let connect = ticket.after.is_connect();
-    if !takes_over(for_response.version, connect, response.status()) {
+    if for_response.client || !takes_over(for_response.version, connect, response.status()) {
         return Err((response, ticket));
     }
     let handle = ticket
