@@ -180,7 +180,10 @@
 //! 2. The [`stream::ResponseFuture`] holds the ticket while the service
 //!    answers; if the stream ends first it answers for the guard (trailers
 //!    only, or `408`/`504`/`503`). Its answer's body, a [`stream::ResponseBody`],
-//!    takes the ticket over.
+//!    takes the ticket over; or, for an HTTP/1.1 upgrade (a `101`) on a
+//!    guarded connection, the connection guard's record of the connection
+//!    does, and the connection's close ends the stream
+//!    (`stream/takeover.rs`).
 //! 3. The bodies count frames and stamp the time of the last one with the
 //!    timer's coarse clock: that is all they do per frame. **Idle timeouts
 //!    and the maximum lifetime are enforced by the timer** (one task per

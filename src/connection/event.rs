@@ -42,12 +42,17 @@ pub enum ConnectionEnd {
     /// route to it. The streams still open on it end with
     /// [`EndReason::PeerUnreachable`](crate::EndReason::PeerUnreachable).
     PeerUnreachable,
+    /// The connection had been taken over by an upgraded stream (a
+    /// WebSocket, any HTTP/1.1 upgrade or `CONNECT` tunnel) whose stream
+    /// guard ended it: a limit fired, a drain cut it, or its handle
+    /// cancelled it. The stream's end event says which.
+    UpgradeEnded,
 }
 
 impl ConnectionEnd {
     /// A short snake-case name, as in [`ConnectionEvent::to_json`]:
-    /// `closed`, `idle`, `stalled`, `max_age`, `drained`, `manual` or
-    /// `peer_unreachable`.
+    /// `closed`, `idle`, `stalled`, `max_age`, `drained`, `manual`,
+    /// `peer_unreachable` or `upgrade_ended`.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionEnd::Closed => "closed",
@@ -57,6 +62,7 @@ impl ConnectionEnd {
             ConnectionEnd::Drained => "drained",
             ConnectionEnd::Manual => "manual",
             ConnectionEnd::PeerUnreachable => "peer_unreachable",
+            ConnectionEnd::UpgradeEnded => "upgrade_ended",
         }
     }
 
@@ -69,6 +75,7 @@ impl ConnectionEnd {
             ConnectionEnd::Drained => 5,
             ConnectionEnd::Manual => 6,
             ConnectionEnd::PeerUnreachable => 7,
+            ConnectionEnd::UpgradeEnded => 8,
         }
     }
 
@@ -81,6 +88,7 @@ impl ConnectionEnd {
             5 => ConnectionEnd::Drained,
             6 => ConnectionEnd::Manual,
             7 => ConnectionEnd::PeerUnreachable,
+            8 => ConnectionEnd::UpgradeEnded,
             _ => return None,
         })
     }

@@ -4,7 +4,7 @@
 use std::{
     fmt,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -20,6 +20,7 @@ use tokio::{
 use super::{
     ConnectionEnd, ConnectionEvent, ConnectionHandle, GuardedIncoming, GuardedIo, PeerOf,
     registry::{ConnState, Connections},
+    takeover::Takeover,
 };
 use crate::{sync::NEVER, ticker::Ticker};
 
@@ -127,6 +128,9 @@ impl ConnectionGuard {
             goaway_sent: AtomicBool::new(false),
             goaway: Notify::new(),
             reported: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            takeover: Mutex::new(Takeover::None),
+            taken_over: AtomicBool::new(false),
         });
         #[cfg(feature = "test-view")]
         connections.live.born();
@@ -169,6 +173,7 @@ impl ConnectionGuard {
             handle: ConnectionHandle { state },
             read_registered: None,
             write_registered: None,
+            taker: None,
         }
     }
 

@@ -174,6 +174,22 @@ impl ConnectionHandle {
         self.state.end() == Some(ConnectionEnd::PeerUnreachable)
     }
 
+    /// The stream that took this connection over was ended by its guard
+    /// (a limit, a drain, its handle's cancel): the connection is that
+    /// stream, so it closes.
+    pub(crate) fn close_taken_over(&self) {
+        self.state.close(ConnectionEnd::UpgradeEnded);
+    }
+
+    /// Hands this connection to `stream` (see `takeover.rs`); gives it back
+    /// when the connection has closed already or was taken over before.
+    pub(crate) fn take_over(
+        &self,
+        stream: Arc<dyn super::TakenOver>,
+    ) -> Result<(), Arc<dyn super::TakenOver>> {
+        self.state.take_over(stream)
+    }
+
     pub(crate) fn stream_started(&self) {
         self.state.streams_open.fetch_add(1, Ordering::Relaxed);
         self.state.streams_total.fetch_add(1, Ordering::Relaxed);

@@ -5,6 +5,7 @@ use std::{
     fmt, io,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
@@ -13,7 +14,11 @@ use futures_core::Stream;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{ConnectionGuard, ConnectionHandle, registry::ConnState};
+use super::{
+    ConnectionGuard, ConnectionHandle,
+    registry::ConnState,
+    takeover::{self, TakenOver},
+};
 
 /// IO objects whose peer address a [`ConnectionGuard`] can read, for its
 /// events and for stream guards' per-peer cap.
@@ -148,6 +153,9 @@ pin_project! {
     ///
     /// Dropping it emits the connection's close event, once, saying why the
     /// guard closed it, or [`ConnectionEnd::Closed`](crate::ConnectionEnd::Closed).
+    /// A stream that took the connection over (an HTTP/1.1 upgrade: the
+    /// upgraded IO is this one) ends then; until then, what it reads and
+    /// writes counts as that stream's activity.
     /// With feature `tonic` it implements tonic's `Connected`, whose connect
     /// info is a [`GuardedConnectInfo`](crate::connection::GuardedConnectInfo).
     ///
@@ -183,6 +191,9 @@ pin_project! {
         pub(crate) handle: ConnectionHandle,
         pub(crate) read_registered: Option<Waker>,
         pub(crate) write_registered: Option<Waker>,
+        // The stream that took the connection over (an upgrade), once one
+        // did: what moves counts as its activity.
+        pub(crate) taker: Option<Arc<dyn TakenOver>>,
     }
 
     impl<IO> PinnedDrop for GuardedIo<IO> {
@@ -257,9 +268,15 @@ impl<IO: AsyncRead> AsyncRead for GuardedIo<IO> {
         let this = self.project();
         let state = &this.handle.state;
         let inner = this.inner;
-        guarded(state, &state.read_waker, this.read_registered, cx, |cx| {
+        let before = buf.filled().len();
+        let read = guarded(state, &state.read_waker, this.read_registered, cx, |cx| {
             inner.poll_read(cx, buf)
-        })
+        });
+        let bytes = buf.filled().len().saturating_sub(before);
+        if bytes > 0 {
+            takeover::note(this.taker, state, |stream| stream.read(bytes));
+        }
+        read
     }
 }
 
@@ -272,9 +289,13 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
         let this = self.project();
         let state = &this.handle.state;
         let inner = this.inner;
-        guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
+        let written = guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
             inner.poll_write(cx, buf)
-        })
+        });
+        if let Poll::Ready(Ok(bytes @ 1..)) = written {
+            takeover::note(this.taker, state, |stream| stream.wrote(bytes));
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -285,9 +306,13 @@ impl<IO: AsyncWrite> AsyncWrite for GuardedIo<IO> {
         let this = self.project();
         let state = &this.handle.state;
         let inner = this.inner;
-        guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
+        let written = guarded(state, &state.write_waker, this.write_registered, cx, |cx| {
             inner.poll_write_vectored(cx, bufs)
-        })
+        });
+        if let Poll::Ready(Ok(bytes @ 1..)) = written {
+            takeover::note(this.taker, state, |stream| stream.wrote(bytes));
+        }
+        written
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

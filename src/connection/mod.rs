@@ -182,6 +182,19 @@
 //! hyper's `graceful_shutdown` when
 //! [`goaway`](crate::ConnectionHandle::goaway) resolves.
 //!
+//! # Upgraded connections
+//!
+//! An HTTP/1.1 upgrade (a WebSocket through axum's `WebSocketUpgrade`,
+//! hyper's `upgrade::on`, a `CONNECT` tunnel) hands the connection's IO, a
+//! [`GuardedIo`], to the application. When a
+//! [`StreamGuardLayer`](crate::StreamGuardLayer) found the connection's
+//! handle in the request, its stream takes the connection over at the
+//! `101`: the stream lives until the [`GuardedIo`] is dropped (the
+//! connection closed) and ends then, what the IO reads and writes counts
+//! as its activity, and a guard that ends it closes the connection
+//! ([`ConnectionEnd::UpgradeEnded`]). See the crate README's section on
+//! WebSockets.
+//!
 //! # Under TLS
 //!
 //! With feature `tls`, the guard works on either side of an
@@ -245,7 +258,11 @@
 //! # Costs
 //!
 //! Per read or write of a connection: one atomic load (has the guard closed
-//! it?), and a second one when the IO is pending. The task's waker is
+//! it?), a second one when the IO is pending, and one when it moved bytes
+//! (has a stream taken the connection over?). On a connection an upgraded
+//! stream took over, each read or write that moved bytes also stamps the
+//! stream's activity (a few relaxed loads and stores, through a pointer the
+//! IO fetches once, under a lock). The task's waker is
 //! registered only when the IO is pending with a different waker than the
 //! one registered last time (hyper polls a connection from one task, so
 //! usually once per connection). Per connection: one allocation for its
@@ -294,6 +311,7 @@ mod notice;
 mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
+mod takeover;
 mod tonic;
 #[cfg(feature = "test-view")]
 mod view;
@@ -307,6 +325,7 @@ pub(crate) use notice::NoticeShared;
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 #[cfg(any(feature = "tonic", feature = "hyper"))]
 pub use notice::{NoticeConnecting, NoticeConnector};
+pub(crate) use takeover::TakenOver;
 pub use tonic::GuardedConnectInfo;
 
 pub(crate) use event::{ConnectionEnd, ConnectionEvent};

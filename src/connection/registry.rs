@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{ConnectionEnd, ConnectionEvent};
+use super::{ConnectionEnd, ConnectionEvent, takeover::Takeover};
 use crate::{
     drain::{DrainShared, Drained},
     sync::{NEVER, lock, nanos},
@@ -97,6 +97,14 @@ pub(crate) struct ConnState {
     pub(crate) goaway_sent: AtomicBool,
     pub(crate) goaway: Notify,
     pub(crate) reported: AtomicBool,
+    /// An IO error was seen (a reset, a broken pipe): the connection did not
+    /// close cleanly. Written on errors only.
+    pub(crate) failed: AtomicBool,
+    /// The stream that took the connection over, if one did (see
+    /// `takeover.rs`).
+    pub(crate) takeover: Mutex<Takeover>,
+    /// `takeover` holds a stream: the IO's reads and writes count for it.
+    pub(crate) taken_over: AtomicBool,
 }
 
 impl ConnState {
@@ -153,13 +161,14 @@ impl ConnState {
         ConnectionEnd::from_code(self.end.load(Ordering::Acquire))
     }
 
-    /// Reads an error of the connection's IO: one that says the peer is
-    /// unreachable (the kernel gave up on it: see `socket.rs`) marks the
+    /// Reads an error of the connection's IO (it did not close cleanly):
+    /// one that says the peer is unreachable (the kernel gave up on it: see `socket.rs`) marks the
     /// connection [`ConnectionEnd::PeerUnreachable`], before hyper drops its
     /// streams, so that they and the close event say so. Reached only on
     /// an IO error, never per read or write.
     #[cold]
     pub(crate) fn note_error(&self, error: &io::Error) {
+        self.failed.store(true, Ordering::Release);
         if crate::socket::is_unreachable(error) {
             self.close(ConnectionEnd::PeerUnreachable);
         }
@@ -170,6 +179,9 @@ impl ConnState {
         if self.reported.swap(true, Ordering::AcqRel) {
             return;
         }
+        // A stream that took the connection over ends with it, before the
+        // connection's event.
+        self.end_takeover();
         // A connection that went away gracefully after the GOAWAY its
         // server sent (for its age, idleness or a drain) went for that
         // reason all the same: recycling stays countable. (Under tonic or

@@ -42,6 +42,10 @@ const BODY_SENT: u8 = 3;
 /// yet, is not active and its idle clocks have not started. Left once, for
 /// `BODY_NONE`, by its admission or its end, whichever comes first.
 pub(super) const BODY_WAITING: u8 = 4;
+/// The stream took its connection over (an HTTP/1.1 upgrade): it has no
+/// response body, and a guard's end closes the connection
+/// (`takeover.rs`).
+pub(super) const BODY_TAKEN_OVER: u8 = 5;
 
 /// The part of a stream's record that only its end reads: what the event
 /// reports, the slots it gives back, the connection it settles.
@@ -55,7 +59,7 @@ pub(crate) struct After {
     source: Source,
     /// Allocated by the first cap slot held, refusal or waiter for the end;
     /// `finish` takes what it gives back under this lock, once.
-    late: Mutex<Option<Box<Late>>>,
+    pub(super) late: Mutex<Option<Box<Late>>>,
     /// The gRPC status the stream ended with, [`NO_STATUS`] while unknown.
     grpc_status: AtomicU32,
     /// The request's method: its place in [`METHODS`] plus one, or 0 for
@@ -88,7 +92,7 @@ struct Held {
 
 /// What only some streams need, allocated when first needed.
 #[derive(Default)]
-struct Late {
+pub(super) struct Late {
     /// Cap slots, given back when the stream ends.
     permits: Vec<CapPermit>,
     /// The limit of the cap that refused this stream.
@@ -115,6 +119,8 @@ const METHODS: [Method; 9] = [
 
 /// `After::method` of a `HEAD` request.
 const HEAD: u8 = 6;
+/// `After::method` of a `CONNECT` request.
+const CONNECT: u8 = 8;
 
 /// `grpc_status` before any status is known.
 const NO_STATUS: u32 = u32::MAX;
@@ -200,6 +206,11 @@ impl After {
     /// body to send, whatever the body says.
     pub(crate) fn is_head(&self) -> bool {
         self.method == HEAD
+    }
+
+    /// Whether this stream's request is a `CONNECT`.
+    pub(crate) fn is_connect(&self) -> bool {
+        self.method == CONNECT
     }
 
     pub(crate) fn set_grpc_status(&self, code: u32) {
@@ -442,15 +453,22 @@ impl Record {
             // An ending with a status of its own (a guard's, a handle's
             // cancel) goes out in place of the body's next part: a peer
             // that is not reading never gets it.
-            if ending.status().is_some()
-                && self
-                    .body
-                    .compare_exchange(BODY_OPEN, BODY_STALLED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                // Until the body is read or dropped, hyper keeps the stream:
-                // the connection guard closes the connection if that lasts.
-                conn.stream_stalled();
+            if ending.status().is_some() {
+                match self.body.compare_exchange(
+                    BODY_OPEN,
+                    BODY_STALLED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    // Until the body is read or dropped, hyper keeps the
+                    // stream: the connection guard closes the connection if
+                    // that lasts.
+                    Ok(_) => conn.stream_stalled(),
+                    // The stream is its connection (an upgrade): read after
+                    // the `late` lock above (see `Record::mark_taken_over`).
+                    Err(BODY_TAKEN_OVER) => conn.close_taken_over(),
+                    Err(_) => {}
+                }
             }
             if ending.is_refusal() {
                 conn.stream_refused();

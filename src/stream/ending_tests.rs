@@ -1,10 +1,11 @@
-//! Unit tests of what a stream's end keeps about where it came from.
+//! Unit tests of `ending.rs`: the method and the origin a stream's end
+//! reports.
 
 use std::net::SocketAddr;
 
 use http::{Method, Request};
 
-use super::{After, HEAD, METHODS, Source};
+use super::{After, CONNECT, HEAD, METHODS, Source};
 use crate::peer::ConnectionKey;
 
 fn after(method: Method, key: Option<ConnectionKey>, peer: Option<SocketAddr>) -> After {
@@ -25,6 +26,7 @@ fn every_method_comes_back_as_it_came() {
         assert_eq!(after.is_head(), *method == Method::HEAD);
     }
     assert_eq!(METHODS[usize::from(HEAD) - 1], Method::HEAD);
+    assert_eq!(METHODS[usize::from(CONNECT) - 1], Method::CONNECT);
 }
 
 #[test]

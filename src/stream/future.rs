@@ -18,6 +18,7 @@ use super::{
     heartbeat::Heartbeat,
     last_word::Word,
     response_body::{Opened, ResponseBody},
+    takeover,
     ticket::{EndOnUnwind, Ticket},
 };
 use crate::{end::Ending, grpc};
@@ -124,6 +125,9 @@ pub(crate) struct ForResponse {
     pub(crate) heartbeat: Option<Heartbeat>,
     /// The guard is a client's: the body's trailers finish the end at once.
     pub(crate) client: bool,
+    /// The request's HTTP version: an HTTP/1 upgrade's head hands the
+    /// connection to the stream (see `takeover.rs`).
+    pub(crate) version: http::Version,
 }
 
 impl<F> ResponseFuture<F> {
@@ -216,12 +220,18 @@ fn insert_handle<T>(response: &mut Response<T>, ticket: &Ticket, goaways_seen: u
 /// The service's answer, its body wrapped; or, when the stream ended before
 /// the answer could go out, the guard's own (the service's is dropped).
 fn service_answer<B: Body>(
-    mut response: Response<B>,
+    response: Response<B>,
     ticket: Ticket,
     for_response: ForResponse,
 ) -> Response<ResponseBody<B>> {
     // The body's size hint and `is_end_stream` are the service's code.
     let follows = EndOnUnwind::run(&ticket, || Follows::of(&response, ticket.after.is_head()));
+    // An upgrade's head is not the stream's end: the connection, which the
+    // stream takes over, ends it (without a connection guard, the head does).
+    let (mut response, ticket) = match takeover::answer(response, ticket, &for_response) {
+        Ok(taken_over) => return taken_over,
+        Err(not_taken) => not_taken,
+    };
     // A head that nothing follows is the last word: hyper sends it alone and
     // never polls the body (see `framing`).
     let last = follows.nothing();

@@ -142,6 +142,7 @@ mod response_body;
 pub(crate) mod route;
 mod service;
 mod shared;
+mod takeover;
 mod ticket;
 mod timer;
 #[cfg(feature = "test-view")]

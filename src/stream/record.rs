@@ -70,7 +70,7 @@ impl Side {
     }
 
     #[inline]
-    fn note(&self, bytes: usize, stamp: u64) {
+    pub(super) fn note(&self, bytes: usize, stamp: u64) {
         self.count(bytes);
         self.last.store(stamp, Ordering::Relaxed);
     }
@@ -108,7 +108,7 @@ pub(crate) enum Verdict {
 #[repr(C)]
 pub(crate) struct Record {
     /// Written by the request body on every frame.
-    request: Side,
+    pub(super) request: Side,
     // Only an end takes these wakers out (by waking them): the bodies rely
     // on that to skip registering a waker they already registered.
     pub(crate) request_waker: AtomicWaker,
@@ -152,7 +152,7 @@ pub(crate) struct Record {
     /// the body) the response body's: the two never wait at the same time.
     pub(crate) response_waker: AtomicWaker,
     /// Written by the response body on every frame.
-    response: Side,
+    pub(super) response: Side,
     /// Time the response body waited on the reader, in ns on the coarse
     /// clock, up to the wait in progress (if `response.frames` has
     /// [`WAITING`], since `response.last`). Written by the response body at
@@ -473,7 +473,7 @@ impl Record {
             after(last_request.max(last_response), &self.idle_both),
             Ending::IdleBoth,
         );
-        if !self.request_done.load(Ordering::Relaxed) {
+        if !self.request_done.load(Ordering::Relaxed) || self.is_taken_over() {
             consider(after(last_request, &self.idle_request), Ending::IdleRequest);
         }
         consider(

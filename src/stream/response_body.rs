@@ -193,6 +193,24 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// The body of a head that handed its connection to the stream (an
+    /// upgrade, see `takeover.rs`): the connection holds the ticket, and
+    /// this body passes through.
+    pub(crate) fn taken_over(inner: B) -> Self {
+        ResponseBody {
+            inner: Some(inner),
+            ticket: None,
+            registered: None,
+            grpc: false,
+            closed: false,
+            waiting: false,
+            heartbeat: None,
+            finishing: false,
+            remaining: None,
+            defer_trailers: false,
+        }
+    }
+
     /// The wrapped body; `None` for a response the guard made itself.
     pub fn get_ref(&self) -> Option<&B> {
         self.inner.as_ref()

@@ -352,6 +352,7 @@ where
         let first_try = cap::try_acquire_all(&caps, &origin);
         let after = After::new(&request, origin.connection, peer, connection);
         let grpc = grpc::is_grpc(request.headers());
+        let version = request.version();
         let ticket = match Ticket::start(
             shared,
             &policy,
@@ -413,6 +414,7 @@ where
             goaways_seen,
             heartbeat,
             client: self.client,
+            version,
         };
         ResponseFuture::calling(future, gate, ticket, response)
     }
