@@ -1,7 +1,12 @@
 //! "Nothing per data frame": once a guarded stream's first frame went by,
 //! its bodies' frames cost no allocation (so no timer filing, no boxed
 //! waker, no event), counted with a counting global allocator. Its own test
-//! target: the allocator counts every thread of the process.
+//! target: the allocator counts every thread of the process, so something
+//! another thread allocates meanwhile (the harness, a runtime's background
+//! threads) counts too: once, on a loaded CI machine, 4 allocations (900
+//! bytes) fell into one run of 20,000 frames. So the frames run three
+//! times: one run with no allocation at all shows there is none per frame,
+//! and an allocation every so many frames shows in every run.
 //!
 //! Clock reads cannot be counted from outside; what was checked by reading
 //! the code instead: a data frame's note (`Record::note_response_frame`,
@@ -81,16 +86,20 @@ async fn a_guarded_streams_data_frames_allocate_nothing_after_the_first() {
     one_frame(response.body_mut());
     one_frame(&mut request_body);
 
-    let region = Region::new(ALLOCATOR);
-    for _ in 0..FRAMES {
-        one_frame(response.body_mut());
-        one_frame(&mut request_body);
-    }
-    let change = region.change();
-    assert_eq!(
-        (change.allocations, change.reallocations),
-        (0, 0),
-        "allocations while {FRAMES} frames went each way: {change:?}"
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let region = Region::new(ALLOCATOR);
+            for _ in 0..FRAMES {
+                one_frame(response.body_mut());
+                one_frame(&mut request_body);
+            }
+            region.change()
+        })
+        .collect();
+    assert!(
+        runs.iter()
+            .any(|change| (change.allocations, change.reallocations) == (0, 0)),
+        "allocations while {FRAMES} frames went each way, three times: {runs:?}"
     );
     drop((response, request_body));
 }
