@@ -308,6 +308,8 @@ mod io;
 #[cfg(feature = "axum")]
 mod listener;
 mod notice;
+#[cfg(any(feature = "tonic", feature = "hyper"))]
+mod notice_connector;
 mod registry;
 #[cfg(feature = "hyper")]
 mod serve;
@@ -324,7 +326,7 @@ pub use listener::GuardedListener;
 pub(crate) use notice::NoticeShared;
 pub use notice::{GoawayNotice, NoticeEvent, NoticedIo};
 #[cfg(any(feature = "tonic", feature = "hyper"))]
-pub use notice::{NoticeConnecting, NoticeConnector};
+pub use notice_connector::{NoticeConnecting, NoticeConnector};
 pub(crate) use takeover::TakenOver;
 pub use tonic::GuardedConnectInfo;
 

@@ -31,7 +31,7 @@ use tokio::{
 };
 
 #[cfg(any(feature = "tonic", feature = "hyper"))]
-use super::PeerOf;
+use super::notice_connector::NoticeConnector;
 use crate::frames::{FrameReader, Goaway};
 
 /// How many connection events a subscriber may fall behind by.
@@ -95,7 +95,7 @@ const EVENT_CAPACITY: usize = 256;
 pub struct GoawayNotice {
     shared: Arc<NoticeShared>,
     /// Set on the TCP socket of each connection the connector makes.
-    dead_peer: Option<Duration>,
+    pub(super) dead_peer: Option<Duration>,
 }
 
 pub(crate) struct NoticeShared {
@@ -171,7 +171,7 @@ impl GoawayNotice {
     /// connection guard's
     /// [`dead_peer_timeout`](crate::ConnectionGuardBuilder::dead_peer_timeout),
     /// set on the TCP socket of each new connection (its IO says where it
-    /// is through [`PeerOf::tcp_stream`]: tokio's `TcpStream`, hyper-util's
+    /// is through [`PeerOf::tcp_stream`](super::PeerOf::tcp_stream): tokio's `TcpStream`, hyper-util's
     /// `TokioIo` of one, rustls' client `TlsStream` over one). A client
     /// streaming an upload to a server whose network vanished sees its call
     /// fail within about `timeout` instead of writing into buffers for
@@ -495,85 +495,5 @@ impl<IO: AsyncWrite> AsyncWrite for NoticedIo<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
-    }
-}
-
-/// hyper-util's client asks its connections what they are (HTTP/2
-/// negotiated, proxied, ...): the wrapped IO answers.
-#[cfg(feature = "hyper")]
-impl<IO: hyper_util::client::legacy::connect::Connection>
-    hyper_util::client::legacy::connect::Connection for NoticedIo<IO>
-{
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.inner.connected()
-    }
-}
-
-/// A connector whose connections report GOAWAY to a [`GoawayNotice`]
-/// ([`GoawayNotice::connector`]).
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "tonic", feature = "hyper"))))]
-#[derive(Clone, Debug)]
-pub struct NoticeConnector<C> {
-    inner: C,
-    notice: GoawayNotice,
-}
-
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-impl<C> tower_service::Service<http::Uri> for NoticeConnector<C>
-where
-    C: tower_service::Service<http::Uri>,
-    C::Response: AsyncRead + AsyncWrite + PeerOf + Unpin,
-{
-    type Response = hyper_util::rt::TokioIo<NoticedIo<C::Response>>;
-    type Error = C::Error;
-    type Future = NoticeConnecting<C::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        NoticeConnecting {
-            future: self.inner.call(uri),
-            notice: self.notice.clone(),
-        }
-    }
-}
-
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-pin_project! {
-    /// A connection being made by a [`NoticeConnector`].
-    pub struct NoticeConnecting<F> {
-        #[pin]
-        future: F,
-        notice: GoawayNotice,
-    }
-}
-
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-impl<F, IO, E> Future for NoticeConnecting<F>
-where
-    F: Future<Output = Result<IO, E>>,
-    IO: PeerOf,
-{
-    type Output = Result<hyper_util::rt::TokioIo<NoticedIo<IO>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let io = ready!(this.future.poll(cx))?;
-        if let (Some(timeout), Some(tcp)) = (this.notice.dead_peer, io.tcp_stream())
-            && let Err(error) = crate::socket::set_dead_peer_timeout(tcp, timeout)
-        {
-            tracing::debug!(target: "tower_stream_guard", %error, "dead-peer socket options not set");
-        }
-        Poll::Ready(Ok(hyper_util::rt::TokioIo::new(this.notice.wrap(io))))
-    }
-}
-
-#[cfg(any(feature = "tonic", feature = "hyper"))]
-impl<F> fmt::Debug for NoticeConnecting<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NoticeConnecting").finish_non_exhaustive()
     }
 }
