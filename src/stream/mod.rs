@@ -125,6 +125,7 @@ mod future;
 pub(crate) mod handle;
 pub(crate) mod heartbeat;
 mod last_word;
+mod late;
 pub(crate) mod layer;
 #[cfg(all(test, stream_guard_loom))]
 mod loom_last_word;

@@ -17,10 +17,10 @@ use tokio::time::Instant;
 
 use super::{
     ending::{After, BODY_NONE, BODY_WAITING},
+    late::LateTicks,
     policy::{MinRate, Policy},
     rate::RateWatch,
     shared::Shared,
-    timer::LateTicks,
 };
 use crate::meter::RouteOf;
 use crate::{
