@@ -39,7 +39,7 @@ use support::{PATIENCE, SLACK, next_event, wait_until};
 
 #[path = "support/echo_pair.rs"]
 mod echo_pair;
-use echo_pair::{GuardedChannel, guarded_client, serve};
+use echo_pair::{GuardedChannel, guarded_client, serve, status_at_end};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guarded_client_gets_deadline_exceeded_when_the_server_goes_silent() {
@@ -123,15 +123,7 @@ async fn a_client_lifetime_bounds_the_whole_call() {
         .await
         .expect("call")
         .into_inner();
-    let status = timeout(PATIENCE, async {
-        loop {
-            if let Err(status) = stream.message().await {
-                return status;
-            }
-        }
-    })
-    .await
-    .expect("the lifetime ends a busy stream too");
+    let status = status_at_end(&mut stream, "the lifetime ends a busy stream too").await;
     let elapsed = started.elapsed();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert!(status.message().contains("max_lifetime"), "{status:?}");
@@ -171,15 +163,7 @@ async fn the_client_handle_observes_and_cancels_the_call() {
 
     assert!(handle.cancel());
     assert!(!handle.cancel(), "only the first cancel ends the stream");
-    let status = timeout(PATIENCE, async {
-        loop {
-            if let Err(status) = stream.message().await {
-                return status;
-            }
-        }
-    })
-    .await
-    .expect("cancel ends the pending read");
+    let status = status_at_end(&mut stream, "cancel ends the pending read").await;
     assert_eq!(status.code(), Code::Cancelled, "{status:?}");
     assert!(
         status.message().contains("StreamHandle::cancel"),

@@ -23,7 +23,7 @@ use support::{PATIENCE, QUIET, next_event};
 
 #[path = "support/echo_pair.rs"]
 mod echo_pair;
-use echo_pair::{guarded_client, serve};
+use echo_pair::{guarded_client, serve, status_at_end};
 
 fn handle_of<T>(response: &tonic::Response<T>) -> StreamHandle {
     response
@@ -113,15 +113,7 @@ async fn a_client_stream_ending_with_an_error_status_ends_at_its_trailers() {
         .await
         .expect("call")
         .into_inner();
-    let status = timeout(PATIENCE, async {
-        loop {
-            if let Err(status) = replies.message().await {
-                return status;
-            }
-        }
-    })
-    .await
-    .expect("the server's guard ends the call");
+    let status = status_at_end(&mut replies, "the server's guard ends the call").await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let event = next_event(&mut events).await;
     assert_eq!(event.grpc_status(), Some(4));
@@ -223,15 +215,7 @@ async fn a_client_guard_firing_while_unread_resets_the_stream_at_the_next_read()
     assert_eq!(server.active_streams(), 1);
 
     // The next read gets the guard's status and resets the stream.
-    let status = timeout(PATIENCE, async {
-        loop {
-            if let Err(status) = replies.message().await {
-                return status;
-            }
-        }
-    })
-    .await
-    .expect("the next read ends");
+    let status = status_at_end(&mut replies, "the next read ends").await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(
         next_event(&mut server_events).await.reason(),

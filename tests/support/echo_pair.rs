@@ -45,3 +45,24 @@ pub async fn guarded_client(
         .expect("connect");
     EchoClient::new(guard.clone().for_tonic_channel().layer(channel))
 }
+
+/// Reads `replies` until they fail, within [`PATIENCE`](crate::support::PATIENCE):
+/// the status they failed with. Fails, saying `what` was expected, if they
+/// end cleanly or nothing fails in time.
+pub async fn status_at_end(
+    replies: &mut tonic::Streaming<crate::common::echo::EchoReply>,
+    what: &str,
+) -> tonic::Status {
+    let read = async {
+        loop {
+            match replies.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the replies ended cleanly: expected {what}"),
+                Err(status) => return status,
+            }
+        }
+    };
+    tokio::time::timeout(crate::support::PATIENCE, read)
+        .await
+        .unwrap_or_else(|_| panic!("nothing failed in time: expected {what}"))
+}
