@@ -82,15 +82,7 @@ async fn max_age_sends_goaway_first_and_closes_hard_after_the_grace() {
         "closed late: {closed_after:?}"
     );
 
-    let closed = loop {
-        let event = timeout(PATIENCE, conn_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if event.end().is_some() {
-            break event;
-        }
-    };
+    let closed = closed(&mut conn_events).await;
     assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
     // Every stream the guard saw ended (the in-flight one cancelled).
     loop {
@@ -361,15 +353,7 @@ async fn max_age_without_grace_still_sends_goaway_before_the_close() {
     let mut in_flight = open(&mut sender).await.expect("stream");
     in_flight.frame().await.unwrap().unwrap();
 
-    let closed = loop {
-        let event = timeout(PATIENCE, conn_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if event.end().is_some() {
-            break event;
-        }
-    };
+    let closed = closed(&mut conn_events).await;
     assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
     // The client's connection task reads until the close: by its end it has
     // read whatever the server sent.
@@ -397,15 +381,7 @@ async fn a_graceful_close_after_the_max_age_goaway_says_max_age() {
     // so hyper closes the connection gracefully, long before the grace.
     goaway_seen(&mut sender).await;
     drop(sender);
-    let closed = loop {
-        let event = timeout(PATIENCE, conn_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if event.end().is_some() {
-            break event;
-        }
-    };
+    let closed = closed(&mut conn_events).await;
     assert_eq!(closed.end(), Some(ConnectionEnd::MaxAge));
     assert!(closed.duration() < Duration::from_secs(30), "{closed:?}");
 }
